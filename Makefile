@@ -1,0 +1,60 @@
+# dyngate make targets. `make demo` and `make test` work on a fresh machine (they run `make setup` first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DYNGATE := $(BIN)/dyngate
+# Data: ../shared/data when it exists (SST-2, CoNLL-2003); override with DATA=folder or DATA=hf:<datasets id>.
+DATA ?= $(if $(DYNGATE_DATA),$(DYNGATE_DATA),$(wildcard ../shared/data))
+DATA_FLAG := $(if $(DATA),--data $(DATA),)
+PRESETS ?= distilbert-tiny vit-tiny deberta-tiny
+TECHNIQUES ?= fp32,torchscript
+REPOSITORY ?= model_repository
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+GATEWAY_PORT ?= 7860
+PYTEST_ARGS ?=
+
+.PHONY: setup browser demo build serve gateway test clean distclean triton-container
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Debian's Chromium for the browser tests (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+build: setup
+	$(DYNGATE) build $(foreach p,$(PRESETS),--model $(p)) --techniques $(TECHNIQUES) --repository $(REPOSITORY) $(DATA_FLAG)
+
+serve: setup
+	$(DYNGATE) serve --repository $(REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+gateway: setup
+	$(DYNGATE) gateway --repository $(REPOSITORY) --triton 127.0.0.1:$(GRPC_PORT) --port $(GATEWAY_PORT)
+
+# Builds the presets' variants, starts Triton in the background and the gateway in the foreground.
+demo: build
+	REPOSITORY=$(REPOSITORY) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
+	GATEWAY_PORT=$(GATEWAY_PORT) DYNGATE=$(DYNGATE) bash scripts/demo.sh
+
+test: setup browser
+	DYNGATE_DATA=$(DATA) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# NVIDIA's tritonserver container on a GPU host, same repository (needs Docker with the NVIDIA runtime).
+triton-container:
+	REPOSITORY=$(abspath $(REPOSITORY)) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
+	bash scripts/triton_container.sh
+
+clean:
+	find $(REPOSITORY) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) .cache

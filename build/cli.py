@@ -1,0 +1,182 @@
+"""`dyngate`: one console command with subcommands build, serve, gateway, predict.
+
+    dyngate build --model distilbert-tiny --techniques fp32,torchscript
+    dyngate serve --repository model_repository
+    dyngate gateway --triton 127.0.0.1:8001
+    dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
+
+Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
+Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from build.errors import ConfigError, DyngateError, InputError
+
+
+def _default(env: str, fallback: str) -> str:
+    return os.environ.get(env, fallback)
+
+
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """`technique.key=value` strings -> {technique: {key: value}}; values parse as JSON when they can."""
+    options: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        technique, dot, name = key.partition(".")
+        if not sep or not dot or not technique or not name:
+            raise ConfigError(f"--option {item!r} must look like technique.name=value (e.g. int8-static.samples=256)")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        options.setdefault(technique, {})[name] = parsed
+    return options
+
+
+def parse_params(items: list[str]) -> dict:
+    """`key=value` request parameters -> dict (numbers and booleans parsed as JSON)."""
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r} must look like key=value (e.g. exit_threshold=0.9)")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def cmd_build(args) -> int:
+    from build.pipeline import BuildOptions, build
+    from build.techniques import TECHNIQUES, known_techniques
+
+    if args.list:
+        known_techniques()
+        for name, technique in TECHNIQUES.items():
+            print(f"{name:16s} {technique.summary}")
+        return 0
+    if not args.model:
+        raise ConfigError("--model is required: a preset (distilbert-tiny, vit-tiny, deberta-tiny), "
+                          "a checkpoint folder or a hub id")
+    techniques = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
+    options = parse_options(args.option)
+    for model in args.model:
+        build(BuildOptions(
+            model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
+            cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
+            threads=args.threads, native=not args.no_native))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from gateway.triton_server import TritonServerConfig, serve_forever
+
+    serve_forever(TritonServerConfig(
+        repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False))
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    from gateway.app import launch
+
+    launch(repository=Path(args.repository), triton_url=args.triton, host=args.host, port=args.port)
+    return 0
+
+
+def read_input(args) -> bytes:
+    """The raw bytes a client sends: --text as UTF-8, or the file at --image."""
+    if (args.text is None) == (args.image is None):
+        raise ConfigError("give exactly one of --text or --image")
+    if args.text is not None:
+        return args.text.encode("utf-8")
+    path = Path(args.image)
+    if not path.is_file():
+        raise ConfigError(f"--image {args.image!r} is not a file")
+    return path.read_bytes()
+
+
+def cmd_predict(args) -> int:
+    from build.repository import triton_name
+    from gateway.client import TritonClient
+
+    raw = read_input(args)
+    client = TritonClient(args.url, protocol=args.protocol)
+    result = client.predict(triton_name(args.model, args.variant), raw, parse_params(args.param))
+    print(json.dumps({"model": result.model, "latency_ms": round(result.latency_ms, 3), **result.answer},
+                     indent=2, ensure_ascii=False))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    repository = _default("DYNGATE_REPOSITORY", "model_repository")
+
+    p = sub.add_parser("build", help="build variants of a model into the Triton model repository")
+    p.add_argument("--model", action="append", help="preset name, checkpoint folder or hub id (repeatable)")
+    p.add_argument("--techniques", default="fp32,torchscript", help="comma-separated technique names")
+    p.add_argument("--option", action="append", default=[], metavar="TECHNIQUE.NAME=VALUE",
+                   help="a technique option (repeatable)")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--cache-dir", default=_default("DYNGATE_CACHE", ".cache"))
+    p.add_argument("--data", default=None, help="data folder or hf:<datasets id> (default: $DYNGATE_DATA, "
+                                                "else ../shared/data)")
+    p.add_argument("--eval-limit", type=int, default=1000, help="dev examples for the metric (0 = all)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads of served variants (0 = default)")
+    p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
+    p.add_argument("--list", action="store_true", help="list the techniques and exit")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="start the embedded Triton Inference Server on the repository")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--models", nargs="*", help="models to load (default: every python-backend model)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("gateway", help="start the Gradio gateway in front of a running Triton")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("predict", help="send one input to a variant through Triton")
+    p.add_argument("--model", required=True)
+    p.add_argument("--variant", default="fp32")
+    p.add_argument("--text")
+    p.add_argument("--image")
+    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"error: bad input: {e}", file=sys.stderr)
+        return 2
+    except DyngateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

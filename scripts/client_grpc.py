@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Call one dyngate variant on Triton over gRPC with the plain tritonclient API (no dyngate import).
+
+    python scripts/client_grpc.py --model distilbert-tiny__fp32 --text "a gripping, funny film"
+    python scripts/client_grpc.py --model vit-tiny__int8 --image cat.png --url 127.0.0.1:8001
+    python scripts/client_grpc.py --model distilbert-tiny__early_exit --text "fine" --param exit_threshold=0.9
+
+Every variant takes one BYTES input, TEXT (UTF-8 text) or IMAGE (the encoded file), shape [batch, 1], and
+returns RESULT (one JSON answer per item) and LOGITS (FP32). `--param key=value` becomes a Triton request
+parameter (numbers and true/false are typed, anything else is a string).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+def parse_param(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param {text!r}: write key=value, e.g. exit_threshold=0.9")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="127.0.0.1:8001", help="host:port of Triton's gRPC endpoint")
+    parser.add_argument("--model", required=True, help="Triton model name, e.g. distilbert-tiny__fp32")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text to classify or tag")
+    source.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...) to classify")
+    parser.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
+                        help="request parameter, repeatable")
+    parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer")
+    args = parser.parse_args()
+
+    raw = args.text.encode("utf-8") if args.text is not None else args.image.read_bytes()
+    client = grpcclient.InferenceServerClient(url=args.url.removeprefix("grpc://"))
+    try:
+        metadata = client.get_model_metadata(args.model, as_json=True, client_timeout=args.timeout)
+        input_name = metadata["inputs"][0]["name"]  # TEXT or IMAGE
+        inputs = [grpcclient.InferInput(input_name, [1, 1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([[raw]], dtype=np.object_))
+        outputs = [grpcclient.InferRequestedOutput(name) for name in ("RESULT", "LOGITS")]
+        started = time.perf_counter()
+        result = client.infer(args.model, inputs, outputs=outputs, parameters=dict(args.param) or None,
+                              client_timeout=args.timeout)
+        latency_ms = (time.perf_counter() - started) * 1000
+    except InferenceServerException as e:
+        print(f"error from Triton at {args.url}: {e.message()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    answer = json.loads(result.as_numpy("RESULT")[0, 0])
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
+    print(f"logits shape {list(result.as_numpy('LOGITS').shape)}; latency {latency_ms:.1f} ms (gRPC round trip)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared fixtures: presets trained once per machine, one built repository and one Triton per test session.
+
+Presets are cached in DYNGATE_CACHE (default: the repository's .cache, shared with `make demo`). The test
+repository is built into a temporary folder with small evaluation counts; Triton runs on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("DYNGATE_DATA") or ROOT.parent / "shared" / "data")
+PRESET_NAMES = ("distilbert-tiny", "vit-tiny", "deberta-tiny")
+BASELINE_VARIANTS = ("fp32", "torchscript")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"test data folder {DATA_DIR} is missing: set DYNGATE_DATA or put shared/ beside the repo")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def data_source(data_dir):
+    """The project's shared data folder (../shared/data beside the repository, or $DYNGATE_DATA)."""
+    from build.data import DataSource
+
+    return DataSource.from_setting(str(data_dir))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    path = Path(os.environ.get("DYNGATE_CACHE", ROOT / ".cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def preset_checkpoint(cache_dir, data_source):
+    """preset_checkpoint(name) -> checkpoint folder, trained on first use and reused afterwards."""
+    from build.presets import ensure_preset
+
+    def get(name: str) -> Path:
+        return ensure_preset(name, cache_dir, data_source)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def preset_checkpoints(preset_checkpoint) -> dict[str, Path]:
+    """Checkpoint folder of every preset."""
+    return {name: preset_checkpoint(name) for name in PRESET_NAMES}
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory, preset_checkpoints, cache_dir, data_dir) -> Path:
+    """A model repository with the baseline variants (python and native flavours) of the three presets."""
+    from build.pipeline import BuildOptions, build
+
+    repository = tmp_path_factory.mktemp("repo") / "model_repository"
+    for name in PRESET_NAMES:
+        build(BuildOptions(model=name, techniques=BASELINE_VARIANTS, repository=repository, cache_dir=cache_dir,
+                           data=str(data_dir), eval_limit=200, check_limit=32, latency_samples=10),
+              log=lambda *a: None)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton(built_repository, tmp_path_factory):
+    """The embedded Triton serving `built_repository` on free ports (python-backend models loaded)."""
+    from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("triton") / "triton.log"
+    server = TritonServer(TritonServerConfig(repository=built_repository, http_port=http, grpc_port=grpc,
+                                             metrics_port=metrics, log_file=log))
+    server.start()
+    yield server
+    server.stop()

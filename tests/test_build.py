@@ -1,0 +1,133 @@
+"""The build step on real torch / ONNX Runtime: exports agree at any batch and length, bad builds write nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from build.errors import ConfigError, ExportError, SourceError
+from build.export import export_onnx, export_torchscript
+from build.pipeline import BuildOptions, build
+from build.techniques import TECHNIQUES, Tolerance, Variant, register
+from tests.conftest import PRESET_NAMES
+
+
+def _snapshot(repository: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repository)): p.read_bytes() for p in sorted(repository.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sources(preset_checkpoints, cache_dir, data_source):
+    from build.sources import load_source
+
+    return {name: load_source(name, cache_dir, data_source) for name in PRESET_NAMES}
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_exports_agree_with_pytorch_at_other_batch_and_sequence_sizes(sources, tmp_path, name):
+    import onnxruntime as ort
+
+    source = sources[name]
+    onnx_path = export_onnx(source.model, source.family, tmp_path / "m.onnx")
+    ts = torch.jit.load(str(export_torchscript(source.model, source.family, tmp_path / "m.pt")))
+    session = ort.InferenceSession(str(onnx_path))
+    shapes = [(1, 1), (1, 5), (3, 17)] if source.family.is_text else [(1,), (5,)]
+    for shape in shapes:
+        if source.family.is_text:
+            ids = torch.randint(5, source.model.config.vocab_size, shape)
+            inputs = (ids, torch.ones_like(ids))
+        else:
+            size = source.model.config.image_size
+            inputs = (torch.randn(shape[0], 3, size, size),)
+        with torch.no_grad():
+            expected = source.model(**dict(zip(source.family.onnx_inputs, inputs))).logits.numpy()
+            traced = ts(*inputs).numpy()
+        onnx_out = session.run(None, {n: t.numpy() for n, t in zip(source.family.onnx_inputs, inputs)})[0]
+        np.testing.assert_allclose(onnx_out, expected, atol=1e-4)
+        np.testing.assert_allclose(traced, expected, atol=1e-4)
+
+
+def test_image_preprocessing_equals_hf_image_processor(preset_checkpoints, data_source, tmp_path):
+    """The served runtime resizes and normalises exactly like the checkpoint's ViTImageProcessor."""
+    from transformers import AutoImageProcessor
+
+    from build.data import load_examples
+    from build.runtime import ImagePreprocessor, RuntimeSpec
+    from build.sources import _image_spec
+
+    processor = AutoImageProcessor.from_pretrained(preset_checkpoints["vit-tiny"])
+    spec = RuntimeSpec(task="image-classification", client_input="IMAGE", engine="onnxruntime",
+                       artifact="-", graph_inputs=["pixel_values"], labels=[], image=_image_spec(processor))
+    pre = ImagePreprocessor(spec)
+    examples, _ = load_examples("image-classification", "dev", data_source, limit=4)
+    images = [pre.decode(ex.raw) for ex in examples]
+    ours = pre.pixels(images)
+    theirs = processor(images=[im.convert("RGB") for im in images], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_missing_checkpoint_fails_before_writing(tmp_path, cache_dir, data_dir):
+    repository = tmp_path / "repo"
+    with pytest.raises(SourceError, match="does not exist"):
+        build(BuildOptions(model=str(tmp_path / "no-such-checkpoint"), repository=repository,
+                           cache_dir=cache_dir, data=str(data_dir)), log=lambda *a: None)
+    assert not any(repository.glob("*")) if repository.exists() else True
+
+
+def test_unreadable_checkpoint_fails_before_writing(tmp_path, cache_dir, data_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(SourceError, match="cannot read the config"):
+        build(BuildOptions(model=str(broken), repository=tmp_path / "repo", cache_dir=cache_dir,
+                           data=str(data_dir)), log=lambda *a: None)
+
+
+def test_unknown_technique_and_option_are_refused_before_work(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="known techniques: .*fp32"):
+        build(BuildOptions(model="distilbert-tiny", techniques=("fp32", "warp-drive"), repository=tmp_path,
+                           cache_dir=cache_dir), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="has no option"):
+        build(BuildOptions(model="distilbert-tiny", techniques=("fp32",), technique_options={"fp32": {"x": 1}},
+                           repository=tmp_path, cache_dir=cache_dir), log=lambda *a: None)
+
+
+@dataclass(frozen=True)
+class _BrokenConfig:
+    """A technique whose graph disagrees with the reference (weights perturbed), to test refusal."""
+
+
+def _broken(context, config):
+    """Perturbed copy of the model exported to ONNX; must be refused by the agreement check."""
+    import copy
+
+    model = copy.deepcopy(context.source.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    path = export_onnx(model, context.source.family, context.work_dir / "broken.onnx")
+    return Variant("broken", "test-broken", {}, "onnxruntime", path, Tolerance(1e-3, 0.99))
+
+
+def test_variant_that_disagrees_is_refused_and_repository_unchanged(built_repository, tmp_path, cache_dir,
+                                                                     data_dir):
+    import shutil
+
+    repository = tmp_path / "repo"
+    shutil.copytree(built_repository, repository)
+    before = _snapshot(repository)
+    if "test-broken" not in TECHNIQUES:
+        register("test-broken", _BrokenConfig)(_broken)
+    try:
+        with pytest.raises(ExportError, match="disagrees with the FP32 PyTorch reference"):
+            build(BuildOptions(model="distilbert-tiny", techniques=("fp32", "test-broken"), repository=repository,
+                               cache_dir=cache_dir, data=str(data_dir), eval_limit=50, latency_samples=2),
+                  log=lambda *a: None)
+    finally:
+        TECHNIQUES.pop("test-broken", None)
+    assert _snapshot(repository) == before
+    assert not list(tmp_path.glob(".repo.staging-*"))

@@ -1,0 +1,237 @@
+"""The embedded Triton server and the client wrapper, against a real tritonserver (no mocks).
+
+The repository is written by hand here: an `echo` python-backend model (upper-cases its TEXT, echoes the
+request parameters, INVALID_ARG on bytes that are not UTF-8), a `broken` one whose initialize raises, and a
+native-flavour `echo__native` config the embedded server must not try to load.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import textwrap
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+
+from build.errors import InputError, ServingError
+from gateway.client import Answer, TritonClient
+from gateway.triton_server import (TritonServer, TritonServerConfig, free_ports, python_backend_models,
+                                   repository_models)
+
+ECHO_MODEL = textwrap.dedent('''
+    import json
+
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                values = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+                params = json.loads(request.parameters() or "{}")
+                try:
+                    texts = [v.decode("utf-8") for v in values]
+                except UnicodeDecodeError as e:
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        f"TEXT is not UTF-8: {e}", pb_utils.TritonError.INVALID_ARG)))
+                    continue
+                result = np.array([[json.dumps({"text": t.upper(), "params": params}).encode()] for t in texts],
+                                  dtype=np.object_)
+                logits = np.array([[len(t), float(params.get("scale", 1.0))] for t in texts], dtype=np.float32)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("RESULT", result), pb_utils.Tensor("LOGITS", logits)]))
+            return responses
+''')
+
+ECHO_CONFIG = '''
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [{{ name: "TEXT" data_type: TYPE_STRING dims: [1] }}]
+output [
+  {{ name: "RESULT" data_type: TYPE_STRING dims: [1] }},
+  {{ name: "LOGITS" data_type: TYPE_FP32 dims: [2] }}
+]
+instance_group [{{ kind: KIND_CPU count: 1 }}]
+dynamic_batching {{}}
+'''
+
+BROKEN_MODEL = textwrap.dedent('''
+    class TritonPythonModel:
+        def initialize(self, args):
+            raise RuntimeError("planted failure in initialize")
+
+        def execute(self, requests):
+            return []
+''')
+
+NATIVE_CONFIG = '''
+name: "echo__native"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [{ name: "input_ids" data_type: TYPE_INT64 dims: [-1] }]
+output [{ name: "LOGITS" data_type: TYPE_FP32 dims: [2] }]
+'''
+
+
+def _write_model(repository, name, model_py, config):
+    (repository / name / "1").mkdir(parents=True)
+    if model_py is not None:
+        (repository / name / "1" / "model.py").write_text(model_py)
+    (repository / name / "config.pbtxt").write_text(config)  # config last, as the repository writer does
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("model_repository")
+    _write_model(repo, "echo", ECHO_MODEL, ECHO_CONFIG.format(name="echo"))
+    _write_model(repo, "broken", BROKEN_MODEL, ECHO_CONFIG.format(name="broken"))
+    _write_model(repo, "echo__native", None, NATIVE_CONFIG)
+    return repo
+
+
+def _config(repository, **kwargs) -> TritonServerConfig:
+    http, grpc, metrics = free_ports(3)
+    return TritonServerConfig(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                              startup_timeout_s=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    """All python-backend models of the repository; `broken` fails to load, which strict=False tolerates."""
+    log = tmp_path_factory.mktemp("logs") / "triton.log"
+    with TritonServer(_config(repository, strict=False, log_file=log)) as server:
+        yield server
+
+
+def _dead(pids) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def test_repository_scan_picks_python_backend_models(repository):
+    assert repository_models(repository) == {"broken": "python", "echo": "python",
+                                             "echo__native": "onnxruntime_onnx"}
+    assert python_backend_models(repository) == ["broken", "echo"]
+
+
+def test_server_ready_over_http_grpc_and_metrics(server):
+    assert server.is_alive()
+    assert server.ready_models() == ["echo"]
+    errors = server.model_errors()
+    assert "planted failure" in errors["broken"]
+    assert "echo__native" not in errors  # never asked to load: explicit model control
+    for protocol in ("http", "grpc"):
+        client = TritonClient(server.endpoints[protocol])
+        assert client.is_ready()
+        assert client.ready_models() == ["echo"]
+        assert client.model_input_name("echo") == "TEXT"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(server.endpoints["metrics"], timeout=10) as response:
+        assert b"nv_inference_count" in response.read()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_predict_and_batch(server, protocol):
+    client = TritonClient(server.endpoints[protocol].split("://")[1], protocol=protocol)
+    answer = client.predict("echo", "héllo".encode(), {"scale": 2.5, "mode": "fast", "steps": 3, "on": True})
+    assert isinstance(answer, Answer) and answer.model == "echo"
+    assert answer.answer == {"text": "HÉLLO", "params": {"scale": 2.5, "mode": "fast", "steps": 3, "on": True}}
+    np.testing.assert_array_equal(answer.logits, np.array([5, 2.5], dtype=np.float32))
+    assert answer.latency_ms > 0
+
+    answers = client.predict_batch("echo", [b"a", b"bb", b"ccc"])
+    assert [a.answer["text"] for a in answers] == ["A", "BB", "CCC"]
+    assert [float(a.logits[0]) for a in answers] == [1, 2, 3]
+    assert len({a.latency_ms for a in answers}) == 1  # one request
+
+    with pytest.raises(InputError, match="max_batch_size 8"):
+        client.predict_batch("echo", [b"x"] * 9)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_input_is_input_error_and_next_request_succeeds(server, protocol):
+    client = TritonClient(server.endpoints[protocol])
+    with pytest.raises(InputError, match="TEXT is not UTF-8"):
+        client.predict("echo", b"\xff\xfe")
+    with pytest.raises(InputError, match="TEXT is not UTF-8"):
+        client.predict_batch("echo", [b"fine", b"\xff"])
+    assert client.predict("echo", b"still here").answer["text"] == "STILL HERE"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unknown_or_unloaded_model_is_serving_error(server, protocol):
+    client = TritonClient(server.endpoints[protocol])
+    for model in ("nope", "echo__native", "broken"):
+        with pytest.raises(ServingError, match=rf"model '{model}' is not ready.*ready models: echo"):
+            client.predict(model, b"x")
+
+
+def test_loading_a_native_model_names_the_reason(server):
+    with pytest.raises(ServingError, match=r"echo__native.*onnxruntime"):
+        server.load_model("echo__native")
+    assert server.ready_models() == ["echo"]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_server(protocol):
+    (port,) = free_ports(1)
+    client = TritonClient(f"127.0.0.1:{port}", protocol=protocol, timeout_s=5)
+    assert client.is_ready() is False
+    with pytest.raises(ServingError, match=rf"Triton at 127.0.0.1:{port} is not reachable"):
+        client.ready_models()
+    with pytest.raises(ServingError, match="is not reachable"):
+        client.predict("echo", b"x")
+
+
+def test_busy_port_is_serving_error(repository, tmp_path):
+    config = _config(repository, models=["echo"], log_file=tmp_path / "triton.log")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", config.grpc_port))
+        busy.listen()
+        server = TritonServer(config)
+        with pytest.raises(ServingError, match=rf"grpc port {config.grpc_port} .*already in use"):
+            server.start()
+        assert not server.is_alive()
+
+
+def test_strict_start_fails_on_a_broken_model_with_the_log_tail(repository, tmp_path):
+    server = TritonServer(_config(repository, models=["broken"], log_file=tmp_path / "triton.log"))
+    with pytest.raises(ServingError, match=r"(?s)failed to load.*broken.*planted failure.*Last lines of"):
+        server.start()
+    assert not server.is_alive()
+
+
+def test_reload_and_stop_leave_no_processes(repository, tmp_path):
+    server = TritonServer(_config(repository, models=["echo"], log_file=tmp_path / "triton.log"))
+    with server:
+        client = TritonClient(server.endpoints["grpc"])
+        assert client.predict("echo", b"one").answer["text"] == "ONE"  # caches the model's signature
+        server.unload_model("echo")
+        with pytest.raises(ServingError, match="model 'echo' is not ready"):
+            client.predict("echo", b"two")
+        server.load_model("echo")
+        assert client.predict("echo", b"three").answer["text"] == "THREE"
+        pids = [server.pid] + [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        names = {psutil.Process(pid).name() for pid in pids}
+        assert {"tritonserver", "triton_python_backend_stub"} <= names
+    assert not server.is_alive()
+    assert _dead(pids)
+    server.stop()  # idempotent
+    assert not TritonClient(server.endpoints["http"]).is_ready()
+
+
+def test_log_file_holds_the_server_output(server):
+    text = server.log_path.read_text()
+    assert "Started GRPCInferenceService" in text
+    assert json.loads(json.dumps(server.endpoints))["grpc"].startswith("grpc://127.0.0.1:")
