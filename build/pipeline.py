@@ -97,17 +97,20 @@ class VariantReport:
     native_name: str | None = None
 
 
-def runtime_spec(source, engine: str, threads: int, overrides: dict | None = None) -> RuntimeSpec:
+def runtime_spec(source, engine: str, threads: int, overrides: dict | None = None,
+                 artifact: str | None = None) -> RuntimeSpec:
     """The RuntimeSpec of a variant of `source` run by `engine` (what model.py and the build's checks load).
 
     overrides: the variant's RuntimeSpec changes (input_dtype, device, extra).
+    artifact: graph file or folder name in the version folder (default: model.onnx / model.pt by engine).
     """
     family = source.family
     extra = {}
     if source.tokenizer is not None:
         extra["pad_token_id"] = int(source.tokenizer.pad_token_id or 0)
     spec = RuntimeSpec(
-        task=family.task, client_input=family.client_input, engine=engine, artifact=ARTIFACT_NAMES[engine], graph_inputs=list(family.onnx_inputs), labels=source.labels,
+        task=family.task, client_input=family.client_input, engine=engine,
+        artifact=artifact or ARTIFACT_NAMES[engine], graph_inputs=list(family.onnx_inputs), labels=source.labels,
         max_length=source.max_length, image=source.image_spec, threads=threads, extra=extra)
     for key, value in (overrides or {}).items():
         if key == "extra":
@@ -201,7 +204,8 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
             staged_repository(options.repository) as staging:
         work_dir = Path(tmp)
         reference = reference_predictor(source, work_dir, options.threads)
-        context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference)
+        context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference,
+                               dev=examples)
         reference_predictions = run_predictor(reference, raws)
         reference_metric = task_metric(task, reference_predictions, examples, source.labels)
         log(f"  PyTorch FP32 reference: {reference_metric.name} {reference_metric.value:.4f}")
@@ -252,13 +256,13 @@ def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict,
                    measure: _Measure) -> VariantReport:
     """Write, check and measure one variant (python flavour, then native), config.pbtxt last."""
     name = triton_name(source.name, variant.name)
-    artifact_name = variant.artifact_name or ARTIFACT_NAMES[variant.engine]
+    artifact_name = variant.artifact_name or ARTIFACT_NAMES.get(variant.engine)
+    if artifact_name is None:
+        raise ValueError(f"variant {variant.name!r} runs engine {variant.engine!r}: set Variant.artifact_name")
     files = {**preprocessing, "model.py": MODEL_PY_SOURCE, "dyngate_runtime.py": RUNTIME_SOURCE}
     version_dir = write_version(staging, name, VERSION, files)
     _copy_artifact(variant.artifact, version_dir / artifact_name)
-    spec = runtime_spec(source, variant.engine, options.threads, variant.runtime)
-    spec.artifact = artifact_name
-    spec.save(str(version_dir))
+    runtime_spec(source, variant.engine, options.threads, variant.runtime, artifact_name).save(str(version_dir))
 
     predictor = Predictor(str(version_dir))
     checked = run_predictor(predictor, measure.check_raws, options=variant.check_options)

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from build.errors import ConfigError
 
 # Modules that register techniques; imported on first lookup so `import build` stays light.
-TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant")
+TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant", "xtc",
+                     "early_exit", "pruned", "sparse")
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,15 @@ class BuildContext:
         work_dir: scratch folder for this build (deleted afterwards).
         calibration: training-split examples (build.data.Example) for techniques that calibrate or train.
         reference: build.runtime.Predictor running the FP32 PyTorch model (its preprocessing is the served one).
+        dev: the dev-split examples the build measures every variant on (techniques that pick a setting
+            against dev accuracy, such as early exit's default threshold, use them).
     """
 
     source: Any
     work_dir: Path
     calibration: list = field(default_factory=list)
     reference: Any = None
+    dev: list = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
     def feeds(self, raws: list[bytes], batch_size: int = 32) -> list[dict]:

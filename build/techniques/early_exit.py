@@ -1,0 +1,221 @@
+"""`early-exit` (ONNX, one graph per segment) and `early-exit-torchscript`: DeeBERT off-ramps, per-sample exit.
+
+Both variants share one set of ramps per build (trained once, backbone frozen, through build.training on
+the DeepSpeed engine) on the training split. The dev split of the build (or, without one, a held-out part
+of the training split: the "tuning split") picks the default threshold — the lowest threshold of the grid
+whose accuracy stays within `max_accuracy_drop` of the full model — and gives the curve threshold ->
+accuracy, mean layers computed, p50 latency, recorded in the variant's `technique_report`. Requests choose
+their own threshold with the `exit_threshold` request parameter (1.0 = never exit = the full model).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from build.errors import ConfigError, check_choice, check_range
+from build.techniques import BuildContext, Tolerance, Variant, register
+
+DEFAULT_GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+ONNX_ENGINE = "early-exit-onnx"
+NEVER_EXIT = {"exit_threshold": 1.0}
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """Settings of the early-exit variants.
+
+    exit_layers: 1-based layers followed by an off-ramp (None = every layer but the last).
+    criterion: "max_prob" or "entropy" (confidence 1 - H/log C); both on [0, 1].
+    threshold: default exit threshold in [0, 1]; None = chosen by the build on the tuning split.
+    grid: thresholds measured for the curve (each in [0, 1]).
+    max_accuracy_drop: accuracy (fraction) the default threshold may lose against the full model.
+    tuning_examples: training examples held out to choose the threshold and draw the curve.
+    epochs, learning_rate, zero_stage, precision, micro_batch_size: ramp training (build.training).
+    latency_samples: batch-1 requests timed per threshold for the curve's p50.
+    """
+
+    exit_layers: tuple | None = None
+    criterion: str = "max_prob"
+    threshold: float | None = None
+    grid: tuple = DEFAULT_GRID
+    max_accuracy_drop: float = 0.01
+    tuning_examples: int = 256
+    epochs: float = 20.0
+    learning_rate: float = 2e-3
+    zero_stage: int = 0
+    precision: str = "fp32"
+    micro_batch_size: int = 32
+    latency_samples: int = 64
+
+    def __post_init__(self):
+        from build.early_exit import CRITERIA, check_threshold
+
+        check_choice("criterion", self.criterion, CRITERIA)
+        if self.threshold is not None:
+            check_threshold("threshold", self.threshold)
+        if not self.grid:
+            raise ConfigError("grid is empty; give thresholds in [0, 1], e.g. 0.6,0.8,0.9,1.0")
+        for value in self.grid:
+            check_threshold("grid", value)
+        check_range("max_accuracy_drop", self.max_accuracy_drop, 0.0, 1.0)
+        if self.exit_layers is not None:
+            if isinstance(self.exit_layers, (str, bytes)) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in self.exit_layers):
+                raise ConfigError(f"exit_layers={self.exit_layers!r} must be a list of 1-based layer numbers")
+        for name in ("tuning_examples", "latency_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 8:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be an integer >= 8")
+        self.training()  # ZeRO stage, precision, lr, epochs checked by TrainingConfig before any work
+
+    def training(self):
+        from build.training import TrainingConfig
+
+        return TrainingConfig(zero_stage=self.zero_stage, precision=self.precision,
+                              micro_batch_size=self.micro_batch_size, learning_rate=self.learning_rate,
+                              epochs=self.epochs, warmup_ratio=0.1, log_every=10**6)
+
+
+def _check(source, config: EarlyExitConfig) -> None:
+    from build.early_exit import check_family, num_layers, resolve_exit_layers
+
+    check_family(source.family.model_type)
+    resolve_exit_layers(config.exit_layers, num_layers(source.model))
+
+
+def _trained(context: BuildContext, config: EarlyExitConfig) -> dict:
+    """Ramps trained once per build and settings (shared by the ONNX and TorchScript variants)."""
+    from build.early_exit import segment_model, train_ramps
+
+    key = ("early-exit", config.exit_layers, config.epochs, config.learning_rate, config.zero_stage,
+           config.precision, config.micro_batch_size, config.tuning_examples)
+    if key in context._cache:
+        return context._cache[key]
+    examples = context.calibration
+    if len(examples) < config.tuning_examples + 32:
+        raise ConfigError(f"early exit needs ≥{config.tuning_examples + 32} training examples "
+                          f"({config.tuning_examples} held out for the threshold); the data gave {len(examples)}; "
+                          f"lower tuning_examples or give more data")
+    train_part, tuning = examples[:-config.tuning_examples], examples[-config.tuning_examples:]
+    source = context.source
+    segments = segment_model(source.model, source.family.model_type,
+                             list(config.exit_layers) if config.exit_layers is not None else None)
+    feeds = context.feeds([ex.raw for ex in train_part], batch_size=config.micro_batch_size)
+    training = train_ramps(segments, feeds, [int(ex.target) for ex in train_part], config.training())
+    result = {"segments": segments, "tuning": tuning, "training": training, "train_examples": len(train_part)}
+    context._cache[key] = result
+    return result
+
+
+def _variant_folder(context: BuildContext, name: str, engine: str, artifact: Path, artifact_name: str,
+                    extra: dict) -> Path:
+    """A servable folder (runtime.json, tokenizer, graph) to measure the curve through the real runtime."""
+    from build.pipeline import runtime_spec
+
+    folder = context.work_dir / f"{name}-measure"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    reference = Path(context.reference.folder)
+    for item in reference.iterdir():
+        if item.name != "runtime.json":
+            shutil.copyfile(item, folder / item.name)
+    target = folder / artifact_name
+    if artifact.is_dir():
+        shutil.copytree(artifact, target)
+    else:
+        shutil.copyfile(artifact, target)
+    spec = runtime_spec(context.source, engine, 0, {"extra": extra}, artifact_name)
+    spec.save(str(folder))
+    return folder
+
+
+def measure_curve(predictor, examples: list, labels: list[str], grid, latency_samples: int) -> list[dict]:
+    """Per threshold: accuracy, mean layers computed, exit histogram and batch-1 p50 (ms) through `predictor`."""
+    import numpy as np
+
+    from build.evaluate import latency, run_predictor
+
+    raws = [ex.raw for ex in examples]
+    rows = []
+    for threshold in sorted(set(float(t) for t in grid)):
+        options = {"exit_threshold": threshold}
+        predictions = run_predictor(predictor, raws, options=options)
+        correct = sum(p.answer["label"] == labels[int(ex.target)] for p, ex in zip(predictions, examples))
+        layers = np.array([p.answer["exit_layer"] for p in predictions])
+        lat = latency(predictor, raws[:latency_samples], options=options)
+        rows.append({"threshold": threshold, "accuracy": round(correct / len(examples), 4),
+                     "mean_layers": round(float(layers.mean()), 4),
+                     "exits": {int(k): int(v) for k, v in zip(*np.unique(layers, return_counts=True))},
+                     "p50_ms": round(lat.p50_ms, 4)})
+    return rows
+
+
+def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: str) -> Variant:
+    from build.early_exit import default_threshold, export_onnx_segments, export_torchscript
+    from build.runtime import Predictor
+
+    trained = _trained(context, config)
+    segments, source = trained["segments"], context.source
+    task = source.family.task
+    if flavour == "onnx":
+        artifact = export_onnx_segments(segments, context.work_dir / f"{name}-segments", config.criterion,
+                                        config.threshold if config.threshold is not None else 1.0, task)
+        engine, artifact_name, extra = ONNX_ENGINE, "early_exit", {}
+    else:
+        artifact = export_torchscript(segments, context.work_dir / f"{name}.pt", config.criterion)
+        engine, artifact_name, extra = "torchscript", "model.pt", {"threshold_input": True}
+    folder = _variant_folder(context, name, engine, artifact, artifact_name, {**extra, "exit_threshold": 1.0})
+    predictor = Predictor(str(folder))
+    tuning = context.dev or trained["tuning"]  # the issue's rule is on dev; held-out training data otherwise
+    curve = measure_curve(predictor, tuning, source.labels, tuple(config.grid) + (1.0,), config.latency_samples)
+    full = next(row for row in curve if row["threshold"] >= 1.0)
+    chosen = config.threshold if config.threshold is not None else default_threshold(
+        curve, full["accuracy"], config.max_accuracy_drop)
+    layers = len(segments.layers)
+    at = min(curve, key=lambda row: abs(row["threshold"] - chosen))
+    report = {
+        "criterion": config.criterion, "exit_layers": sorted(segments.ramps), "layers": layers,
+        "default_threshold": chosen, "threshold_chosen_by": "build" if config.threshold is None else "config",
+        "rule": f"lowest threshold with accuracy ≥ full model - {config.max_accuracy_drop:g} on the tuning split",
+        "tuning_split": (f"{len(tuning)} dev examples" if context.dev else
+                         f"{len(tuning)} held-out training examples (not used for ramp training)"),
+        "ramp_training": {**trained["training"], "examples": trained["train_examples"],
+                          "backbone": "frozen", "zero_stage": config.zero_stage, "precision": config.precision},
+        "curve": curve,
+        "at_default": {"accuracy": at["accuracy"], "full_accuracy": full["accuracy"],
+                       "mean_layers": at["mean_layers"], "layers_saved_factor": round(layers / at["mean_layers"], 3),
+                       "p50_ms": at["p50_ms"], "full_p50_ms": full["p50_ms"]},
+        "request_parameter": "exit_threshold (float; ≥1.0 = never exit)",
+    }
+    if flavour == "onnx":
+        import json
+
+        manifest_path = artifact / "early_exit.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["default_threshold"] = chosen
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return Variant(
+        name=name, technique=name,
+        params={"criterion": config.criterion, "exit_layers": sorted(segments.ramps), "threshold": chosen},
+        engine=engine, artifact=artifact,
+        artifact_name=artifact_name,
+        tolerance=Tolerance(max_abs_logit=max(source.family.fp32_tolerance, 1e-3), min_top1_agreement=0.99),
+        runtime={"extra": {**extra, "exit_threshold": chosen}},
+        check_options=dict(NEVER_EXIT), report=report,
+        notes=[f"exits after layers {sorted(segments.ramps)} of {layers} when confidence ≥ exit_threshold "
+               f"(default {chosen:g}; request parameter exit_threshold, 1.0 = never exit)",
+               "agreement checked at exit_threshold=1.0 (never exit); accuracy and latency at the default"])
+
+
+@register("early-exit", EarlyExitConfig, needs_calibration=True, check=_check)
+def apply(context: BuildContext, config: EarlyExitConfig) -> Variant:
+    """Early exit with trained off-ramps, one ONNX graph per segment chained by the runtime (per-sample exit)."""
+    return _build(context, config, "early-exit", "onnx")
+
+
+@register("early-exit-torchscript", EarlyExitConfig, needs_calibration=True, check=_check)
+def apply_torchscript(context: BuildContext, config: EarlyExitConfig) -> Variant:
+    """Early exit with trained off-ramps as scripted TorchScript (loop over traced layers, per-sample exit)."""
+    return _build(context, config, "early-exit-torchscript", "torchscript")
