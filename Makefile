@@ -16,7 +16,7 @@ METRICS_PORT ?= 8002
 GATEWAY_PORT ?= 7860
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo build serve gateway test clean distclean triton-container
+.PHONY: setup browser demo build serve gateway test bench clean distclean triton-container
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ demo: build
 test: setup browser
 	DYNGATE_DATA=$(DATA) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Latency of every built variant in process and through Triton HTTP/gRPC, interleaved in one run.
+bench: setup
+	$(BIN)/python -m gateway.benchmark --repository $(REPOSITORY) $(DATA_FLAG) --requests 200
+
 # NVIDIA's tritonserver container on a GPU host, same repository (needs Docker with the NVIDIA runtime).
 triton-container:
 	REPOSITORY=$(abspath $(REPOSITORY)) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
@@ -58,3 +62,8 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) .cache
+
+# ZeRO stages 0-3 with 2 ranks (torchrun, gloo, CPU) on the distilbert-tiny preset: per-rank bytes measured.
+.PHONY: zero-report
+zero-report: setup
+	DYNGATE_DATA=$(DATA) $(BIN)/python -m build.zero_report --cache-dir $(or $(DYNGATE_CACHE),.cache)

@@ -236,7 +236,9 @@ class TorchScriptEngine:
         if self.threshold_input:
             threshold = exit_threshold(options, self.default_threshold)
             args.append(torch.tensor([threshold], dtype=torch.float32, device=self.device))
-        with torch.inference_mode():
+        # The profiling executor re-specialises the graph for every new input shape (each sentence length);
+        # measured here it costs more than it gains for these graphs, so it is off.
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
             out = self.module(*args)
         if isinstance(out, dict):
             items = out.items()

@@ -163,13 +163,17 @@ class TrainingResult:
 
 def train(model: torch.nn.Module, batches: "Callable[[], Iterable[Batch]] | Iterable[Batch]",
           config: TrainingConfig, loss_fn: "Callable[[torch.nn.Module, Batch], torch.Tensor] | None" = None,
-          desc: str = "train") -> TrainingResult:
+          desc: str = "train", inspect_engine: "Callable[[object, int], None] | None" = None) -> TrainingResult:
     """Train `model` in place with DeepSpeed; afterwards it is a plain module in eval mode with fp32 weights.
 
     batches: micro-batches (dicts of tensors); a callable is called once per epoch (to reshuffle), an
     iterable is iterated once per epoch. Floating tensors are cast to the engine's precision.
     loss_fn(model, batch) -> scalar loss; default `model(**batch).loss`. The engine's module is passed, so a
     distillation loss can call a frozen teacher itself.
+    inspect_engine(engine, step): optional hook, called after the backward pass of every micro-batch, before
+    `engine.step()`, while gradients, optimizer state and ZeRO partitions are live; `step` is the 1-based
+    optimizer step the micro-batch belongs to (`engine.is_gradient_accumulation_boundary()` tells whether
+    it is the last). build/zero_report.py measures per-rank memory there.
     """
     import deepspeed
     from tqdm.auto import tqdm
@@ -201,6 +205,8 @@ def train(model: torch.nn.Module, batches: "Callable[[], Iterable[Batch]] | Iter
                 batch = {k: _to_device(v, engine.device, dtype) for k, v in batch.items()}
                 loss = loss_fn(engine, batch)
                 engine.backward(loss)
+                if inspect_engine is not None:
+                    inspect_engine(engine, len(losses) + 1)
                 engine.step()
                 pending.append(float(loss.detach().float()))
                 micro += 1

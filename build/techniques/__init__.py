@@ -18,8 +18,8 @@ from typing import Any, Callable
 from build.errors import ConfigError
 
 # Modules that register techniques; imported on first lookup so `import build` stays light.
-TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant", "xtc",
-                     "early_exit", "pruned", "sparse")
+TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant",
+                     "early_exit", "pruned", "sparse", "stacked")
 
 
 @dataclass(frozen=True)

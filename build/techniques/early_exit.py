@@ -84,11 +84,15 @@ def _check(source, config: EarlyExitConfig) -> None:
     resolve_exit_layers(config.exit_layers, num_layers(source.model))
 
 
-def _trained(context: BuildContext, config: EarlyExitConfig) -> dict:
-    """Ramps trained once per build and settings (shared by the ONNX and TorchScript variants)."""
+def _trained(context: BuildContext, config: EarlyExitConfig, model=None, tag: str = "early-exit") -> dict:
+    """Ramps trained once per build and settings (shared by the ONNX and TorchScript variants).
+
+    model: the backbone to cut (default: the source model; `stacked` passes its pruned model); `tag` keys
+    the cache so ramps of different backbones are never mixed.
+    """
     from build.early_exit import segment_model, train_ramps
 
-    key = ("early-exit", config.exit_layers, config.epochs, config.learning_rate, config.zero_stage,
+    key = (tag, config.exit_layers, config.epochs, config.learning_rate, config.zero_stage,
            config.precision, config.micro_batch_size, config.tuning_examples)
     if key in context._cache:
         return context._cache[key]
@@ -99,7 +103,7 @@ def _trained(context: BuildContext, config: EarlyExitConfig) -> dict:
                           f"lower tuning_examples or give more data")
     train_part, tuning = examples[:-config.tuning_examples], examples[-config.tuning_examples:]
     source = context.source
-    segments = segment_model(source.model, source.family.model_type,
+    segments = segment_model(source.model if model is None else model, source.family.model_type,
                              list(config.exit_layers) if config.exit_layers is not None else None)
     feeds = context.feeds([ex.raw for ex in train_part], batch_size=config.micro_batch_size)
     training = train_ramps(segments, feeds, [int(ex.target) for ex in train_part], config.training())
@@ -152,16 +156,22 @@ def measure_curve(predictor, examples: list, labels: list[str], grid, latency_sa
     return rows
 
 
-def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: str) -> Variant:
+def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: str, trained: dict | None = None,
+           transform=None, tolerance: Tolerance | None = None, report_extra: dict | None = None,
+           notes: list[str] | None = None) -> Variant:
+    """The early-exit variant `name`. `stacked` passes its own `trained` ramps (on a pruned backbone), a
+    `transform(folder) -> folder` applied to the exported ONNX segments (INT8), its tolerance and report."""
     from build.early_exit import default_threshold, export_onnx_segments, export_torchscript
     from build.runtime import Predictor
 
-    trained = _trained(context, config)
+    trained = trained if trained is not None else _trained(context, config)
     segments, source = trained["segments"], context.source
     task = source.family.task
     if flavour == "onnx":
         artifact = export_onnx_segments(segments, context.work_dir / f"{name}-segments", config.criterion,
                                         config.threshold if config.threshold is not None else 1.0, task)
+        if transform is not None:
+            artifact = transform(artifact)
         engine, artifact_name, extra = ONNX_ENGINE, "early_exit", {}
     else:
         artifact = export_torchscript(segments, context.work_dir / f"{name}.pt", config.criterion)
@@ -188,6 +198,7 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
                        "mean_layers": at["mean_layers"], "layers_saved_factor": round(layers / at["mean_layers"], 3),
                        "p50_ms": at["p50_ms"], "full_p50_ms": full["p50_ms"]},
         "request_parameter": "exit_threshold (float; ≥1.0 = never exit)",
+        **(report_extra or {}),
     }
     if flavour == "onnx":
         import json
@@ -201,12 +212,14 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
         params={"criterion": config.criterion, "exit_layers": sorted(segments.ramps), "threshold": chosen},
         engine=engine, artifact=artifact,
         artifact_name=artifact_name,
-        tolerance=Tolerance(max_abs_logit=max(source.family.fp32_tolerance, 1e-3), min_top1_agreement=0.99),
+        tolerance=tolerance or Tolerance(max_abs_logit=max(source.family.fp32_tolerance, 1e-3),
+                                         min_top1_agreement=0.99),
         runtime={"extra": {**extra, "exit_threshold": chosen}},
         check_options=dict(NEVER_EXIT), report=report,
         notes=[f"exits after layers {sorted(segments.ramps)} of {layers} when confidence ≥ exit_threshold "
                f"(default {chosen:g}; request parameter exit_threshold, 1.0 = never exit)",
-               "agreement checked at exit_threshold=1.0 (never exit); accuracy and latency at the default"])
+               "agreement checked at exit_threshold=1.0 (never exit); accuracy and latency at the default",
+               *(notes or [])])
 
 
 @register("early-exit", EarlyExitConfig, needs_calibration=True, check=_check)
