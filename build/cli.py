@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,7 +88,11 @@ def cmd_serve(args) -> int:
 
 def cmd_gateway(args) -> int:
     from gateway.app import launch
+    from gateway.triton_server import port_is_free
 
+    if not port_is_free(args.port, args.host):
+        raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
+                          "choose another with --port")
     launch(repository=Path(args.repository), triton_url=args.triton, host=args.host, port=args.port)
     return 0
 
@@ -97,7 +102,7 @@ def read_input(args) -> bytes:
     if (args.text is None) == (args.image is None):
         raise ConfigError("give exactly one of --text or --image")
     if args.text is not None:
-        return args.text.encode("utf-8")
+        return args.text.encode("utf-8", "surrogateescape")  # bytes that are not UTF-8 reach the server as-is
     path = Path(args.image)
     if not path.is_file():
         raise ConfigError(f"--image {args.image!r} is not a file")
@@ -109,8 +114,14 @@ def cmd_predict(args) -> int:
     from gateway.client import TritonClient
 
     raw = read_input(args)
-    client = TritonClient(args.url, protocol=args.protocol)
-    result = client.predict(triton_name(args.model, args.variant), raw, parse_params(args.param))
+    client = TritonClient(args.url, protocol=args.protocol or (None if "://" in args.url else "grpc"))
+    name = triton_name(args.model, args.variant)
+    expected = client.model_input_name(name)
+    given = "TEXT" if args.text is not None else "IMAGE"
+    if expected != given:
+        flag = "--text" if expected == "TEXT" else "--image"
+        raise ConfigError(f"{name} takes {'text' if expected == 'TEXT' else 'an image'}; use {flag}")
+    result = client.predict(name, raw, parse_params(args.param))
     print(json.dumps({"model": result.model, "latency_ms": round(result.latency_ms, 3), **result.answer},
                      indent=2, ensure_ascii=False))
     return 0
@@ -158,13 +169,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--text")
     p.add_argument("--image")
     p.add_argument("--url", default="127.0.0.1:8001")
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--protocol", choices=("grpc", "http"), default=None,
+                   help="default: from the url's scheme (http://, grpc://), else grpc")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
     p.set_defaults(func=cmd_predict)
     return parser
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: staging folders and temporary files are removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)

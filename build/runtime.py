@@ -159,8 +159,9 @@ class ImagePreprocessor:
         try:
             image = Image.open(io.BytesIO(raw))
             image.load()
-        except Exception as e:  # PIL raises many types for broken files
-            raise InputError(f"IMAGE is not a readable image ({type(e).__name__}: {e})") from None
+        except Exception as e:  # PIL raises many types for broken files; its messages name memory addresses
+            raise InputError(f"IMAGE is not a readable image file ({type(e).__name__}); send the bytes of a "
+                             "PNG, JPEG, BMP or GIF file") from None
         if image.mode not in spec.modes:
             raise InputError(f"IMAGE has mode {image.mode!r}; accepted modes: {', '.join(spec.modes)}")
         w, h = image.size
@@ -479,6 +480,8 @@ class Predictor:
         else:
             row_logits = logits[row]
             answer = classification_answer(row_logits, labels)
+        if encodings is not None and encodings[row].overflowing:
+            answer["truncated_to_tokens"] = self.spec.max_length  # the text was longer; the rest was not read
         if exit_layers is not None:
             answer["exit_layer"] = int(np.asarray(exit_layers).reshape(-1)[row])
         if not np.all(np.isfinite(row_logits)):

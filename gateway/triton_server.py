@@ -497,7 +497,7 @@ def serve_forever(config: TritonServerConfig, out=None) -> None:
         for name, url in server.endpoints.items():
             print(f"  {name:8s} {url}", file=out)
         ready = server.ready_models()
-        print(f"  models   {', '.join(ready) if ready else 'none (load with load_model or --model)'}", file=out)
+        print(f"  models   {', '.join(ready) if ready else 'none: run `dyngate build` first, or name them with --models'}", file=out)
         for name, reason in server.model_errors().items():
             print(f"  FAILED   {name}: {reason}", file=out)
         print("Ctrl-C stops the server.", file=out, flush=True)

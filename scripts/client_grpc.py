@@ -2,8 +2,8 @@
 """Call one dyngate variant on Triton over gRPC with the plain tritonclient API (no dyngate import).
 
     python scripts/client_grpc.py --model distilbert-tiny__fp32 --text "a gripping, funny film"
-    python scripts/client_grpc.py --model vit-tiny__int8 --image cat.png --url 127.0.0.1:8001
-    python scripts/client_grpc.py --model distilbert-tiny__early_exit --text "fine" --param exit_threshold=0.9
+    python scripts/client_grpc.py --model vit-tiny__int8-dynamic --image digit.png --url 127.0.0.1:8001
+    python scripts/client_grpc.py --model distilbert-tiny__early-exit --text "fine" --param exit_threshold=0.9
 
 Every variant takes one BYTES input, TEXT (UTF-8 text) or IMAGE (the encoded file), shape [batch, 1], and
 returns RESULT (one JSON answer per item) and LOGITS (FP32). `--param key=value` becomes a Triton request

@@ -7,6 +7,9 @@ REPOSITORY=${REPOSITORY:-model_repository}
 HTTP_PORT=${HTTP_PORT:-8000}; GRPC_PORT=${GRPC_PORT:-8001}; METRICS_PORT=${METRICS_PORT:-8002}
 GATEWAY_PORT=${GATEWAY_PORT:-7860}
 
+if curl -s -o /dev/null "http://127.0.0.1:$HTTP_PORT/"; then
+  echo "something already listens on port $HTTP_PORT; stop it or run with HTTP_PORT=<free port>" >&2; exit 1
+fi
 "$DYNGATE" serve --repository "$REPOSITORY" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" \
   --metrics-port "$METRICS_PORT" &
 SERVER=$!
@@ -18,6 +21,8 @@ for _ in $(seq 1 240); do
   sleep 0.5
 done
 curl -sf "http://127.0.0.1:$HTTP_PORT/v2/health/ready" >/dev/null || { echo "Triton did not become ready" >&2; exit 1; }
+sleep 1
+kill -0 $SERVER 2>/dev/null || { echo "our Triton exited (is another server on these ports?)" >&2; exit 1; }
 
 echo
 echo "Triton   HTTP http://127.0.0.1:$HTTP_PORT  gRPC 127.0.0.1:$GRPC_PORT  metrics http://127.0.0.1:$METRICS_PORT/metrics"

@@ -25,7 +25,7 @@ def shared() -> DataSource:
 def test_default_source_is_shared_data(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     source = DataSource.from_setting(None)
-    assert source.kind == "folder" and Path(source.location) == SHARED.resolve() and source.origin == "default"
+    assert source.kind == "folder" and Path(source.location).resolve() == SHARED.resolve() and source.origin == "default"
 
 
 def test_env_var_and_hf_setting(monkeypatch, tmp_path):
