@@ -16,7 +16,7 @@ METRICS_PORT ?= 8002
 GATEWAY_PORT ?= 7860
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo build serve gateway test bench clean distclean triton-container
+.PHONY: setup browser demo build serve gateway test bench report clean distclean triton-container
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,13 @@ test: setup browser
 # Latency of every built variant in process and through Triton HTTP/gRPC, interleaved in one run.
 bench: setup
 	$(BIN)/python -m gateway.benchmark --repository $(REPOSITORY) $(DATA_FLAG) --requests 200
+
+# Every built variant through Triton gRPC at batch 1 and 8 with accuracy, size, server CPU/RSS: reports/ (md, json, png).
+REPORT_DIR ?= reports
+REPORT_REQUESTS ?= 100
+BUDGET_PT ?= 1.0
+report: setup
+	$(DYNGATE) report --repository $(REPOSITORY) $(DATA_FLAG) --requests $(REPORT_REQUESTS) --budget-pt $(BUDGET_PT) --out $(REPORT_DIR)
 
 # NVIDIA's tritonserver container on a GPU host, same repository (needs Docker with the NVIDIA runtime).
 triton-container:

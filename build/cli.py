@@ -127,6 +127,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from gateway.report import markdown, options_from_args, run_report
+
+    options = options_from_args(args)
+    report = run_report(options)
+    print(markdown(report))
+    print(f"written: {options.out / 'report.md'}, {options.out / 'report.json'} and the PNG charts", file=sys.stderr)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +183,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="default: from the url's scheme (http://, grpc://), else grpc")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="measure every variant through Triton: Markdown, JSON and PNG charts")
+    from gateway.report import add_arguments as add_report_arguments
+
+    add_report_arguments(p)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -15,9 +15,11 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
+from build.errors import ConfigError
 from build.evaluate import Latency, summarize_ms
 from build.repository import list_models
 
@@ -26,10 +28,13 @@ PATHS = ("in-process", "http", "grpc")
 
 @dataclass
 class Row:
-    """One variant's latency per path (ms)."""
+    """One variant's latency per path (ms); `times` keeps every timed request's ms per path, and `answers` the
+    parsed answers of every timed request per path when `measure(..., keep_answers=True)` (Triton paths)."""
 
     model: str
     latencies: dict[str, Latency]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    answers: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def _predictor(entry):
@@ -39,39 +44,64 @@ def _predictor(entry):
     return Predictor(str(versions[-1]))
 
 
-def measure(entries, raws: list[bytes], endpoints: dict[str, str], warmup: int = 5) -> list[Row]:
-    """Time every entry on every path for every raw input, interleaved; returns one Row per entry."""
+def measure(entries, raws: list[bytes], endpoints: dict[str, str], warmup: int = 5,
+            paths: Sequence[str] = PATHS, batch_size: int = 1, keep_answers: bool = False,
+            progress: Callable[[int], None] | None = None) -> list[Row]:
+    """Time every entry on every path for every request, interleaved; returns one Row per entry.
+
+    batch_size 1 sends each raw input as its own request; batch_size n > 1 sends consecutive groups of n raw
+    inputs as ONE request of n items (`TritonClient.predict_batch`, `Predictor.predict` in process), so the
+    number of timed requests is len(raws) // n. `paths` chooses among "in-process", "http" and "grpc".
+    `progress(k)` is called after each timed request with the number of calls just timed."""
     from gateway.client import TritonClient
 
-    clients = {"http": TritonClient(endpoints["http"], "http"), "grpc": TritonClient(endpoints["grpc"], "grpc")}
-    predictors = {e.name: _predictor(e) for e in entries}
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise ConfigError(f"paths={list(paths)!r}: choose one or more of {', '.join(PATHS)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be >= 1")
+    requests = [raws[i:i + batch_size] for i in range(0, len(raws) - batch_size + 1, batch_size)]
+    if not requests:
+        raise ConfigError(f"{len(raws)} inputs make no request of batch_size {batch_size}; give more inputs")
+    clients = {p: TritonClient(endpoints[p], p) for p in paths if p != "in-process"}
+    predictors = {e.name: _predictor(e) for e in entries} if "in-process" in paths else {}
 
-    def call(name: str, path: str, raw: bytes) -> None:
+    def call(name: str, path: str, batch: list[bytes]):
         if path == "in-process":
-            predictors[name].predict([raw])
-        else:
-            clients[path].predict(name, raw)
+            return predictors[name].predict(batch)
+        return clients[path].predict_batch(name, batch)
 
-    pairs = [(e.name, path) for e in entries for path in PATHS]
-    for raw in raws[:warmup]:
+    pairs = [(e.name, path) for e in entries for path in paths]
+    for batch in requests[:warmup]:
         for name, path in pairs:
-            call(name, path, raw)
+            call(name, path, batch)
     times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
-    for i, raw in enumerate(raws):
+    answers: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
+    for i, batch in enumerate(requests):
         rotation = pairs[i % len(pairs):] + pairs[: i % len(pairs)]
         for name, path in rotation:
             start = time.perf_counter()
-            call(name, path, raw)
+            out = call(name, path, batch)
             times[(name, path)].append((time.perf_counter() - start) * 1000)
-    return [Row(e.name, {path: summarize_ms(times[(e.name, path)]) for path in PATHS}) for e in entries]
+            if keep_answers and path != "in-process":
+                answers[(name, path)].extend(a.answer for a in out)
+        if progress is not None:
+            progress(len(rotation))
+    for client in clients.values():
+        client.close()
+    return [Row(e.name, {path: summarize_ms(times[(e.name, path)]) for path in paths},
+                times={path: times[(e.name, path)] for path in paths},
+                answers={path: answers[(e.name, path)] for path in paths if keep_answers and path != "in-process"})
+            for e in entries]
 
 
 def markdown(rows: list[Row], title: str) -> str:
     """Table: variant | p50 (p99) per path, and each path's p50 over the first row's."""
-    header = "| variant | " + " | ".join(f"{p} p50 ms (p99)" for p in PATHS) + " |"
-    lines = [f"**{title}**", "", header, "|" + " --- |" * (len(PATHS) + 1)]
+    paths = [p for p in PATHS if p in rows[0].latencies]
+    header = "| variant | " + " | ".join(f"{p} p50 ms (p99)" for p in paths) + " |"
+    lines = [f"**{title}**", "", header, "|" + " --- |" * (len(paths) + 1)]
     for row in rows:
-        cells = [f"{row.latencies[p].p50_ms:.2f} ({row.latencies[p].p99_ms:.2f})" for p in PATHS]
+        cells = [f"{row.latencies[p].p50_ms:.2f} ({row.latencies[p].p99_ms:.2f})" for p in paths]
         lines.append(f"| {row.model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -27,7 +27,19 @@ from gateway.client import TritonClient
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
-STATUS_TIMEOUT_S = 3.0
+STATUS_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 10.0  # a predict fails after this, never hangs (a restarting Triton answers at once)
+
+
+@dataclass
+class Limits:
+    """Caps on what one request may ask of the gateway (DYNGATE_GATEWAY_MAX_* environment variables)."""
+
+    max_text_chars: int = 10_000
+    max_image_bytes: int = 5 * 1024 * 1024
+    max_bench_requests: int = 2_000
+    max_bench_concurrency: int = 16
+    max_bench_batch: int = 32
 
 
 # ---------------------------------------------------------------------------------------------- the models
@@ -101,7 +113,7 @@ class ClientPool:
     Gradio runs handlers on a thread pool; each worker thread gets and keeps its own client.
     """
 
-    def __init__(self, url: str, protocol: str | None = None, timeout_s: float = 30):
+    def __init__(self, url: str, protocol: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
         self.url, self.timeout_s = url, timeout_s
         self.protocol = protocol or ("http" if url.startswith("http://") else "grpc")
         self._local = threading.local()
@@ -113,6 +125,14 @@ class ClientPool:
             self._local.client = client
         return client
 
+    def reset(self) -> None:
+        """Drop this thread's client (after Triton went away: the next call opens a fresh connection instead of
+        waiting out a stale channel's reconnect back-off)."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            client.close()
+
     def status_client(self) -> TritonClient:
         """A short-timeout client for health checks (a new one: cheap, and never blocks a predict)."""
         return TritonClient(self.url, protocol=self.protocol, timeout_s=STATUS_TIMEOUT_S)
@@ -123,8 +143,9 @@ def triton_status(clients: ClientPool, catalog: dict[str, ModelView]) -> tuple[b
     client = clients.status_client()
     try:
         if not client.is_ready():
-            return False, (f"**Triton is not reachable** at `{clients.url}`: predictions will fail until it "
-                           "runs: start it with `dyngate serve` (or `make serve`) and reload this page.")
+            return False, (f"⚠️ **Triton is not reachable** at `{clients.url}` (down or restarting): requests "
+                           "fail at once until it is back; start it with `dyngate serve` (or `make serve`). "
+                           "The gateway reconnects by itself: no restart or reload needed.")
         try:
             ready = set(client.ready_models())
         except ServingError as e:
@@ -167,21 +188,33 @@ def summarize(answer: dict) -> tuple[str, float | None]:
     return label, (round(float(score), 4) if score is not None else None)
 
 
-def read_input(view: ModelView, text: str | None, image: str | bytes | None) -> bytes:
+def read_input(view: ModelView, text: str | None, image: str | bytes | None, limits: Limits | None = None) -> bytes:
     """The raw bytes to send for `view`: UTF-8 text for text models, the uploaded file's bytes for image models.
 
-    image: a file path (what Gradio hands over) or the bytes themselves.
+    image: a file path (what Gradio hands over) or the bytes themselves. Longer text or bigger images than
+    `limits` allows raise InputError naming the limit.
     """
+    limits = limits or Limits()
     if view.is_text:
         if text is None or not str(text).strip():
             raise InputError(f"the text is empty: {view.name} is a text model, type a sentence to classify")
+        if len(str(text)) > limits.max_text_chars:
+            raise InputError(f"the text has {len(str(text))} characters; the gateway's limit is "
+                             f"{limits.max_text_chars} (max_text_chars): send a shorter text")
         return str(text).encode("utf-8")
     if image is None or image == "" or image == b"":
         raise InputError(f"no image: {view.name} is an image model, upload a PNG, JPEG, BMP or GIF file")
     if isinstance(image, (bytes, bytearray)):
+        if len(image) > limits.max_image_bytes:
+            raise InputError(f"the image has {len(image)} bytes; the gateway's limit is {limits.max_image_bytes} "
+                             "(max_image_bytes): send a smaller file")
         return bytes(image)
     path = Path(image)
     try:
+        size = path.stat().st_size
+        if size > limits.max_image_bytes:
+            raise InputError(f"the image {path.name} has {size} bytes; the gateway's limit is "
+                             f"{limits.max_image_bytes} (max_image_bytes): upload a smaller file")
         raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read the uploaded image {path.name}: {e}") from e
@@ -204,13 +237,13 @@ def check_variants(view: ModelView, variants: list[str] | None) -> list[str]:
 
 
 def compare_variants(clients: ClientPool, view: ModelView, text: str | None, image, variants: list[str] | None,
-                     params: dict | None = None) -> Comparison:
+                     params: dict | None = None, limits: Limits | None = None) -> Comparison:
     """Send one input to each chosen variant of `view`, one after the other (so timings do not compete).
 
     InputError (bad input; every variant would refuse it) and an unreachable Triton stop the whole request.
     A variant that fails on its own (e.g. not loaded) gets an error row; if all fail, ServingError.
     """
-    raw = read_input(view, text, image)
+    raw = read_input(view, text, image, limits)
     chosen = check_variants(view, variants)
     client = clients.get()
     rows, answers, failures = [], {}, []
@@ -222,6 +255,7 @@ def compare_variants(clients: ClientPool, view: ModelView, text: str | None, ima
             raise
         except ServingError as e:
             if "not reachable" in str(e):
+                clients.reset()
                 raise
             failures.append(str(e))
             rows.append([variant, name, f"error: {e}", None, None])

@@ -1,0 +1,271 @@
+"""Routing policies with real variants on the embedded Triton, through the Router, the JSON route
+(POST /api/predict) and gradio_client (api_name "route"). No mocks; no timing assertions.
+
+Fixtures from tests/conftest.py: `built_repository` and `triton` (fp32 + torchscript of each preset).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build.errors import InputError
+from gateway import app as gateway_app
+from gateway.client import TritonClient
+from gateway.config import GatewayConfig
+from gateway.handlers import ClientPool, Limits, load_catalog
+from gateway.routing import Router, RoutingConfig, confidence
+from gateway.triton_server import free_port
+
+TEXT_MODEL, IMAGE_MODEL = "distilbert-tiny", "vit-tiny"
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@pytest.fixture(scope="module")
+def catalog(built_repository):
+    catalog = load_catalog(Path(built_repository))
+    if TEXT_MODEL not in catalog or len(catalog[TEXT_MODEL].variants) < 2:
+        pytest.skip(f"the repository needs two variants of {TEXT_MODEL}")
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def clients(triton):
+    return ClientPool(triton.endpoints["grpc"])
+
+
+@pytest.fixture(scope="module")
+def sentences(data_source):
+    from build.data import load_examples
+
+    examples, _ = load_examples("text-classification", "dev", data_source, limit=24)
+    return [ex.raw.decode() for ex in examples]
+
+
+@pytest.fixture(scope="module")
+def gateway(built_repository, triton):
+    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], server_pid=triton.pid,
+                           limits=Limits(max_text_chars=2000))
+    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/api/predict", data=data, method="POST",
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with _DIRECT.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# ------------------------------------------------------------------------------------------- policies
+
+def test_named_variant_and_most_accurate(catalog, clients):
+    router = Router(catalog, clients)
+    view = catalog[TEXT_MODEL]
+    for variant in view.variant_names:
+        answer = router.route(TEXT_MODEL, "a gripping film", variant)  # a variant name as the policy
+        assert answer["served_by"] == variant and answer["policy"] == "variant"
+        assert [s["variant"] for s in answer["route"]] == [variant]
+    candidates = router.candidates(view)
+    best = max(c["accuracy"] for c in candidates.values())
+    answer = router.route(TEXT_MODEL, "a gripping film", "most-accurate")
+    assert candidates[answer["served_by"]]["accuracy"] == best
+    assert "highest accuracy" in answer["reason"]
+
+
+def test_fastest_uses_live_p50_within_the_accuracy_budget(catalog, clients):
+    view = copy.deepcopy(catalog[TEXT_MODEL])
+    fast, slow = view.variant_names[:2]
+    best = max(float(e.metadata["accuracy"]["value"]) for e in view.variants.values())
+    view.variants[fast].metadata["accuracy"]["value"] = best - 0.05  # fast but 5 points worse
+    view.variants[slow].metadata["accuracy"]["value"] = best
+    router = Router({TEXT_MODEL: view}, clients)
+    for _ in range(5):
+        router.live.record(view.variants[fast].name, 1.0)
+        router.live.record(view.variants[slow].name, 50.0)
+
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=0.01)
+    assert answer["served_by"] == slow, answer["reason"]
+    assert fast in answer["reason"]  # named as outside the budget
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=0.1)
+    assert answer["served_by"] == fast and "live p50" in answer["reason"]
+
+
+def test_fastest_skips_variants_that_are_not_ready(catalog, clients, triton):
+    view = catalog[TEXT_MODEL]
+    fast, slow = view.variant_names[:2]
+    router = Router(catalog, clients)
+    for _ in range(5):
+        router.live.record(view.variants[fast].name, 1.0)
+        router.live.record(view.variants[slow].name, 50.0)
+    assert router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=1.0)["served_by"] == fast
+    triton.unload_model(view.variants[fast].name)
+    try:
+        for _ in range(150):  # Triton answers an unload before the model has stopped
+            if view.variants[fast].name not in triton.ready_models():
+                break
+            time.sleep(0.2)
+        router.ready_models(fresh=True)
+        answer = router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=1.0)
+        assert answer["served_by"] == slow
+    finally:
+        triton.load_model(view.variants[fast].name)
+        router.ready_models(fresh=True)
+
+
+def test_ab_split_follows_the_seeded_weights(catalog, clients):
+    view = catalog[TEXT_MODEL]
+    a, b = view.variant_names[:2]
+    weights = {a: 3.0, b: 1.0}
+    router = Router(catalog, clients, RoutingConfig(ab_weights={TEXT_MODEL: weights}, seed=7))
+    served = [router.route(TEXT_MODEL, "a fine film", "ab")["served_by"] for _ in range(24)]
+    rng = random.Random(7)
+    expected = [rng.choices([a, b], weights=[3.0, 1.0])[0] for _ in range(24)]
+    assert served == expected
+    assert set(served) == {a, b}
+
+    only_b = Router(catalog, clients, RoutingConfig(ab_weights={TEXT_MODEL: {a: 0, b: 1}}, seed=1))
+    assert {only_b.route(TEXT_MODEL, "fine", "ab")["served_by"] for _ in range(5)} == {b}
+
+
+def test_cascade_escalates_exactly_the_low_confidence_inputs(catalog, clients, triton, sentences):
+    router = Router(catalog, clients)
+    view = catalog[TEXT_MODEL]
+    order = router.cascade_order(view, router.ready_models())
+    assert len(order) >= 2
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        first = [confidence(client.predict(view.variants[order[0]].name, s.encode()).answer) for s in sentences]
+    # a threshold half-way between two neighbouring confidences near the median: no input sits on it
+    values = sorted(first)
+    middle = len(values) // 2
+    threshold = (values[middle - 1] + values[middle]) / 2
+    expected = {i for i, c in enumerate(first) if c < threshold}
+    assert 0 < len(expected) < len(sentences)
+
+    escalated = set()
+    for i, sentence in enumerate(sentences):
+        answer = router.route(TEXT_MODEL, sentence, "cascade", threshold=threshold)
+        steps = [s["variant"] for s in answer["route"]]
+        assert steps == order[:len(steps)]
+        assert answer["route"][0]["confidence"] == pytest.approx(first[i], abs=1e-5)
+        if len(steps) > 1:
+            escalated.add(i)
+            assert answer["served_by"] == order[1] and f"escalated from {order[0]}" in answer["reason"]
+        else:
+            assert answer["served_by"] == order[0]
+    assert escalated == expected
+
+
+def test_exit_threshold_is_passed_to_triton_and_checked(catalog, clients):
+    router = Router(catalog, clients)
+    answer = router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=0.5)
+    assert answer["parameters"] == {"exit_threshold": 0.5}
+    for bad in (1.5, -0.1, "high"):
+        with pytest.raises(InputError, match="exit_threshold"):
+            router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=bad)
+
+
+def test_bad_policy_and_limits_are_input_errors(catalog, clients):
+    router = Router(catalog, clients, limits=Limits(max_text_chars=50))
+    with pytest.raises(InputError, match="policy='fastestest'.*fastest"):
+        router.route(TEXT_MODEL, "fine", "fastestest")
+    with pytest.raises(InputError, match="60 characters.*limit is 50"):
+        router.route(TEXT_MODEL, "x" * 60, "fastest")
+    with pytest.raises(InputError, match="unknown model"):
+        router.route("gpt-17", "fine", "fastest")
+
+
+# ------------------------------------------------------------------------------------- JSON and gradio
+
+def test_json_route_answers_and_says_why(gateway, catalog, triton):
+    view = catalog[TEXT_MODEL]
+    variant = view.variant_names[0]
+    status, answer = post(gateway.url, {"model": TEXT_MODEL, "text": "a gripping film", "policy": "variant",
+                                        "variant": variant})
+    assert status == 200, answer
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        direct = client.predict(view.variants[variant].name, b"a gripping film").answer
+    assert answer["served_by"] == variant and answer["answer"]["label"] == direct["label"]
+    assert answer["reason"] and answer["route"][0]["triton_model"] == view.variants[variant].name
+
+    status, answer = post(gateway.url, {"model": TEXT_MODEL, "text": "dull", "policy": "cascade", "threshold": 1.0})
+    assert status == 200 and len(answer["route"]) == len(view.variants)  # nobody reaches 1.0: all tried
+
+    if IMAGE_MODEL in catalog:
+        from build.data import encode_png, load_digit_images
+
+        images, _ = load_digit_images("dev", limit=1)
+        png = encode_png(images[0])
+        status, answer = post(gateway.url, {"model": IMAGE_MODEL, "image_base64": base64.b64encode(png).decode(),
+                                            "policy": "most-accurate"})
+        assert status == 200, answer
+        with TritonClient(triton.endpoints["grpc"]) as client:
+            direct = client.predict(catalog[IMAGE_MODEL].variants[answer["served_by"]].name, png).answer
+        assert answer["answer"]["label"] == direct["label"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"model": "gpt-17", "text": "x"}, 404, "unknown model"),
+    ({"model": TEXT_MODEL, "text": ""}, 400, "text is empty"),
+    ({"model": TEXT_MODEL, "text": "x" * 3000}, 400, "limit is 2000"),
+    ({"model": TEXT_MODEL, "text": "x", "policy": "cheapest"}, 400, "policy='cheapest'"),
+    ({"model": TEXT_MODEL, "text": "x", "policy": "variant", "variant": "int3"}, 400, "unknown variant 'int3'"),
+    ({"model": TEXT_MODEL, "text": "x", "exit_threshold": 2}, 400, "exit_threshold"),
+    ({"model": TEXT_MODEL, "text": "x", "colour": "red"}, 400, "unknown field"),
+    ({"model": IMAGE_MODEL, "image_base64": "***"}, 400, "base64"),
+])
+def test_json_route_bad_input_is_a_4xx_with_the_message(gateway, body, status, message):
+    code, answer = post(gateway.url, body)
+    assert code == status and message in answer["error"], answer
+
+
+def test_gradio_route_endpoint(gateway, catalog):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    api = Client(gateway.url, verbose=False)
+    view = catalog[TEXT_MODEL]
+    answer = api.predict(TEXT_MODEL, "a gripping film", None, "cascade", None, 0.01, 0.0, None, api_name="/route")
+    assert answer["served_by"] == view.variant_names[0] or answer["served_by"] in view.variants
+    assert len(answer["route"]) == 1  # threshold 0: the cheapest answers
+    with pytest.raises(AppError, match="policy 'variant' needs a variant"):
+        api.predict(TEXT_MODEL, "fine", None, "variant", None, 0.01, 0.9, None, api_name="/route")
+
+
+def test_login_guards_page_and_json_route(built_repository, triton):
+    from gradio_client import Client
+
+    config = GatewayConfig.load(env={"DYNGATE_GATEWAY_USER": "ada", "DYNGATE_GATEWAY_PASSWORD": "s3cret"})
+    config.metrics_url = triton.endpoints["metrics"]
+    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
+    try:
+        body = {"model": TEXT_MODEL, "text": "fine", "policy": "most-accurate"}
+        assert post(running.url, body)[0] == 401
+        token = base64.b64encode(b"ada:wrong").decode()
+        assert post(running.url, body, {"authorization": f"Basic {token}"})[0] == 401
+        token = base64.b64encode(b"ada:s3cret").decode()
+        status, answer = post(running.url, body, {"authorization": f"Basic {token}"})
+        assert status == 200 and answer["served_by"]
+        api = Client(running.url, auth=("ada", "s3cret"), verbose=False)
+        assert "is ready" in api.predict(api_name="/triton_status")
+    finally:
+        running.close()
+    assert running.host == "127.0.0.1"

@@ -1,0 +1,282 @@
+"""Every tab of the gateway driven in Debian's Chromium (type, click, read), one screenshot per tab
+(/tmp/gateway_<tab>.png), plus Triton stopped and restarted under a running gateway. Real Triton, real
+Gradio, no mocks, no timing assertions (only "fails fast" is bounded, by the client timeout).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway import app as gateway_app
+from gateway.client import TritonClient
+from gateway.config import GatewayConfig
+from gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
+from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+TEXT_MODEL = "distilbert-tiny"
+TIMEOUT_MS = 90_000
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+_READ_TABLE = """(id) => {
+  const rows = [];
+  for (const cell of document.querySelectorAll('#' + id + ' [role=gridcell][data-row][data-col]')) {
+    const r = +cell.dataset.row, c = +cell.dataset.col;
+    (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
+  }
+  return rows.filter(Boolean);
+}"""
+
+
+@pytest.fixture(scope="module")
+def catalog(built_repository):
+    catalog = load_catalog(Path(built_repository))
+    if TEXT_MODEL not in catalog:
+        pytest.skip(f"the repository has no {TEXT_MODEL}")
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def gateway(built_repository, triton):
+    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], status_interval_s=1, metrics_interval_s=1)
+    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#triton-status') && "
+                           "document.querySelector('#triton-status').innerText.includes('Triton')")
+    return page
+
+
+def _screenshot(page, tmp_path: Path, tab: str) -> None:
+    shot = tmp_path / f"gateway_{tab}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    try:
+        shutil.copyfile(shot, f"/tmp/gateway_{tab}.png")
+    except OSError:
+        pass
+
+
+def _rows(page, elem_id: str) -> list[list[str]]:
+    return page.evaluate(_READ_TABLE, elem_id)
+
+
+def _wait_rows(page, elem_id: str, n: int) -> list[list[str]]:
+    page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {n}", arg=elem_id, timeout=TIMEOUT_MS)
+    return _rows(page, elem_id)
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+# ------------------------------------------------------------------------------------------------ tabs
+
+def test_predict_tab_routes_by_policy(browser, gateway, catalog, triton, tmp_path):
+    view = catalog[TEXT_MODEL]
+    page = _page(browser, gateway.url)
+    _pick(page, "model", TEXT_MODEL)
+    sentence = "unflinchingly bleak and desperate "
+    page.locator("#text textarea").fill(sentence)
+    _pick(page, "policy", "cascade")
+    page.locator("#threshold input").fill("1")  # nobody reaches 1: the request walks the whole cascade
+    page.click("#route")
+    page.wait_for_function("document.querySelector('#route-line').innerText.includes('served by')")
+    line = page.locator("#route-line").inner_text()
+    order = gateway.state.router.cascade_order(view)
+    assert f"served by {order[-1]}" in line and all(v in line for v in order)
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        direct = client.predict(view.variants[order[-1]].name, sentence.encode()).answer["label"]
+    assert direct in line
+    assert "exit_threshold" not in page.locator("#route-json").inner_text()  # blank: the variant's default
+    _screenshot(page, tmp_path, "predict")
+    page.close()
+
+
+def test_compare_tab_benchmarks_variants(browser, gateway, catalog, tmp_path):
+    view = catalog[TEXT_MODEL]
+    page = _page(browser, gateway.url)
+    _open_tab(page, "Compare")
+    _pick(page, "cmp-model", TEXT_MODEL)
+    page.locator("#cmp-requests input").fill("12")
+    page.locator("#cmp-concurrency textarea, #cmp-concurrency input").first.fill("1,2")
+    page.click("#cmp-run")
+    rows = _wait_rows(page, "cmp-table", 2 * len(view.variants))
+    assert sorted((r[0], r[1]) for r in rows) == sorted((v, c) for v in view.variant_names for c in ("1", "2"))
+    for row in rows:
+        assert row[3] == "12" and row[4] == "0"  # requests, errors
+        assert float(row[5]) > 0 and float(row[9]) > 0  # p50, throughput
+    server = _wait_rows(page, "cmp-server", len(view.variants))
+    assert {r[0]: r[1] for r in server} == {v: "24" for v in view.variant_names}  # 12 requests x 2 levels
+    page.locator("#cmp-csv a, #cmp-csv .file-preview").first.wait_for()
+    page.wait_for_timeout(500)  # let the plots draw for the screenshot
+    _screenshot(page, tmp_path, "compare")
+    page.close()
+
+
+def test_compare_api_files_and_caps(gateway, catalog):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    api = Client(gateway.url, verbose=False)
+    variants = catalog[TEXT_MODEL].variant_names[:1]
+    table, server, _, _, csv_path, json_path = api.predict(TEXT_MODEL, variants, 6, "1", 2, api_name="/compare")
+    data = json.loads(Path(json_path).read_text())
+    assert data["settings"]["batch_size"] == 2 and data["rows"][0]["requests"] == 6
+    assert len(data["latencies_ms"][f"{variants[0]}@1"]) == 6
+    assert data["server"][0]["requests"] == 6
+    assert Path(csv_path).read_text().splitlines()[0].startswith("variant,concurrency,batch")
+    limits = gateway.state.config.limits
+    for args, message in [((limits.max_bench_requests + 1, "1", 1), "max_bench_requests"),
+                          ((5, str(limits.max_bench_concurrency + 1), 1), "max_bench_concurrency"),
+                          ((5, "1", limits.max_bench_batch + 1), "max_bench_batch"),
+                          ((5, "one", 1), "not a whole number")]:
+        with pytest.raises(AppError, match=message):
+            api.predict(TEXT_MODEL, variants, *args, api_name="/compare")
+
+
+def test_metrics_tab_shows_triton_and_process(browser, gateway, catalog, triton, tmp_path):
+    view = catalog[TEXT_MODEL]
+    name = view.variants[view.variant_names[0]].name
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        for _ in range(3):
+            client.predict(name, b"a fine film")
+    page = _page(browser, gateway.url)
+    _open_tab(page, "Metrics")
+    page.wait_for_function("document.querySelector('#metrics-summary').innerText.includes('Server process')")
+    summary = page.locator("#metrics-summary").inner_text()
+    assert f"pid {triton.pid}" in summary  # found from the metrics port's owner
+    assert "no GPU" in summary or "GPU 0" in summary
+    rows = _wait_rows(page, "metrics-table", 1)
+    by_model = {r[0]: r for r in rows}
+    assert int(by_model[name][1]) >= 3 and by_model[name][2] == "0"  # success, failure
+    assert float(by_model[name][5]) >= 1.0  # batching ratio = inferences / executions
+    before = int(by_model[name][1])
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        for _ in range(2):
+            client.predict(name, b"another fine film")
+    page.wait_for_function(f"""(id) => ({_READ_TABLE})(id).some(r => r[0] === {json.dumps(name)}
+                               && +r[1] >= {before + 2})""", arg="metrics-table")  # the timer refreshed it
+    _screenshot(page, tmp_path, "metrics")
+    page.close()
+
+
+def test_models_tab_unloads_and_loads(browser, gateway, catalog, triton, tmp_path):
+    view = catalog[TEXT_MODEL]
+    name = view.variants[view.variant_names[-1]].name
+    page = _page(browser, gateway.url)
+    _open_tab(page, "Models")
+    rows = _wait_rows(page, "models-table", len(triton.repository_index()))
+    states = {r[0]: r[8] for r in rows}
+    assert states[name] == "READY"
+    assert all(states[e.name] == "READY" for v in catalog.values() for e in v.variants.values())
+    _pick(page, "models-name", name)
+    try:
+        page.click("#models-unload")
+        page.wait_for_function("document.querySelector('#models-message').innerText.trim().startsWith('unloaded')")
+        page.wait_for_function(f"""(id) => ({_READ_TABLE})(id).some(r => r[0] === {json.dumps(name)}
+                                   && r[8].startsWith('UNAVAILABLE'))""", arg="models-table")
+        assert name not in triton.ready_models()
+        page.click("#models-load")
+        page.wait_for_function("document.querySelector('#models-message').innerText.trim().startsWith('loaded')")
+        page.wait_for_function(f"""(id) => ({_READ_TABLE})(id).some(r => r[0] === {json.dumps(name)}
+                                   && r[8] === 'READY')""", arg="models-table")
+        assert name in triton.ready_models()
+        _screenshot(page, tmp_path, "models")
+    finally:
+        if name not in triton.ready_models():
+            triton.load_model(name)
+        page.close()
+
+
+# ----------------------------------------------------------------------------------------------- faults
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/api/predict", data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    try:
+        with _DIRECT.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_triton_stopped_and_restarted_under_the_gateway(browser, built_repository, catalog, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    view = catalog[TEXT_MODEL]
+    variant = view.variant_names[0]
+    http, grpc, metrics = free_ports(3)
+    config = TritonServerConfig(repository=Path(built_repository), http_port=http, grpc_port=grpc,
+                                metrics_port=metrics, models=[view.variants[variant].name],
+                                log_file=tmp_path / "triton.log")
+    server = TritonServer(config).start()
+    running = gateway_app.serve(Path(built_repository), server.endpoints["grpc"], port=free_port(),
+                                config=GatewayConfig(metrics_url=server.endpoints["metrics"], status_interval_s=1))
+    body = {"model": TEXT_MODEL, "text": "a fine film", "policy": "variant", "variant": variant}
+    page = None
+    try:
+        api = Client(running.url, verbose=False)
+        assert _post(running.url, body)[0] == 200
+        page = _page(browser, running.url)
+        page.wait_for_function("document.querySelector('#triton-status').innerText.includes('is ready')")
+
+        server.stop()
+        page.wait_for_function("document.querySelector('#triton-status').innerText.includes('not reachable')")
+        assert "reconnects by itself" in page.locator("#triton-status").inner_text()
+        _screenshot(page, tmp_path, "triton_down")
+        started = time.monotonic()
+        status, answer = _post(running.url, body)
+        assert status == 503 and "not reachable" in answer["error"]
+        with pytest.raises(AppError, match="not reachable"):
+            api.predict(TEXT_MODEL, "a fine film", None, "variant", variant, 0.01, 0.9, None, api_name="/route")
+        assert time.monotonic() - started < REQUEST_TIMEOUT_S  # failed fast, not after a hanging timeout
+
+        server = TritonServer(config).start()  # same ports: the gateway is not restarted
+        page.wait_for_function("document.querySelector('#triton-status').innerText.includes('is ready')")
+        status, answer = _post(running.url, body)
+        assert status == 200 and answer["served_by"] == variant
+        answer = api.predict(TEXT_MODEL, "a fine film", None, "variant", variant, 0.01, 0.9, None, api_name="/route")
+        assert answer["served_by"] == variant
+    finally:
+        if page is not None:
+            page.close()
+        running.close()
+        server.stop()
