@@ -187,20 +187,25 @@ class ImagePreprocessor:
 
 # ---------------------------------------------------------------------------------------------- engines
 
+def onnx_session(path: str, spec: RuntimeSpec):
+    """An ONNX Runtime session for `path` with the spec's threads; CUDA first when asked for and available."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if spec.threads:
+        options.intra_op_num_threads = spec.threads
+        options.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if spec.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(path, options, providers=providers)
+
+
 class OnnxEngine:
     """An ONNX Runtime session over `artifact`; `run(feeds)` returns {"logits": array, ...} by output name."""
 
     def __init__(self, folder: str, spec: RuntimeSpec):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if spec.threads:
-            options.intra_op_num_threads = spec.threads
-            options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if spec.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(os.path.join(folder, spec.artifact), options, providers=providers)
+        self.session = onnx_session(os.path.join(folder, spec.artifact), spec)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -287,19 +292,10 @@ class EarlyExitOnnxEngine:
     """
 
     def __init__(self, folder: str, spec: RuntimeSpec):
-        import onnxruntime as ort
-
         root = os.path.join(folder, spec.artifact)
         with open(os.path.join(root, "early_exit.json")) as f:
             self.manifest = json.load(f)
-        options = ort.SessionOptions()
-        if spec.threads:
-            options.intra_op_num_threads = spec.threads
-            options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if spec.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.sessions = {name: ort.InferenceSession(os.path.join(root, file), options, providers=providers)
+        self.sessions = {name: onnx_session(os.path.join(root, file), spec)
                          for name, file in self.manifest["segments"].items()}
         self.layers = int(self.manifest["layers"])
         self.exit_layers = set(int(x) for x in self.manifest["exit_layers"])
