@@ -277,3 +277,24 @@ def test_bad_option_leaves_the_repository_as_it_was(tmp_path, checkpoint, data_d
                   log=lambda *a: None)
         assert sorted(p.relative_to(repository) for p in repository.rglob("*")) == before
 
+
+
+def test_smoothing_a_linear_that_reads_two_tensors_keeps_the_function():
+    """DeBERTa-v2 (share_att_key) calls query_proj/key_proj on the hidden states and on the relative position
+    embeddings: each Linear must get one scale (its first group), or the weights are scaled twice."""
+    from transformers import DebertaV2Config, DebertaV2ForTokenClassification
+
+    from build.techniques.smoothquant import prove_equivalent, smooth
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                             position_buckets=8, share_att_key=True, pos_att_type=["p2c", "c2p"],
+                             position_biased_input=False, norm_rel_ebd="layer_norm", num_labels=3)
+    model = DebertaV2ForTokenClassification(config).eval()
+    feeds = [{"input_ids": np.random.default_rng(i).integers(5, 100, (2, 7)).astype(np.int64),
+              "attention_mask": np.ones((2, 7), dtype=np.int64)} for i in range(4)]
+    smoothed, groups = smooth(model, feeds, 0.5)
+    layers = [n for g in groups for n in g["layers"]]
+    assert len(layers) == len(set(layers)) == len(quantizable_linears(model))
+    assert prove_equivalent(model, smoothed, feeds) <= 1e-4

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from build.errors import ConfigError
 
 # Modules that register techniques; imported on first lookup so `import build` stays light.
-TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant",
+TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant", "xtc",
                      "early_exit", "pruned", "sparse", "stacked")
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from build.errors import ConfigError
 from build.techniques import BuildContext, Tolerance, Variant, register
 
-TOLERANCE = Tolerance(max_abs_logit=0.05, min_top1_agreement=0.98)
+# Measured on the trained presets: max |Δlogit| 5e-4 distilbert, 2e-3 vit, 4e-3 deberta; top-1 100%.
+TOLERANCE = Tolerance(max_abs_logit=0.03, min_top1_agreement=0.99)
 
 
 @dataclass(frozen=True)

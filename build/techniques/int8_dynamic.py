@@ -15,8 +15,9 @@ from build.techniques import BuildContext, Tolerance, Variant, register
 from build.techniques.quantization_common import quiet_ort_quantization
 
 WEIGHT_TYPES = ("int8", "uint8")
-# Measured on the distilbert-tiny preset and random tiny DistilBERTs (see the issue 3 report).
-TOLERANCE = Tolerance(max_abs_logit=1.0, min_top1_agreement=0.9)
+# Measured on the trained presets (first 64 dev inputs): max |Δlogit| 0.024 distilbert, 0.092 vit, 0.096 deberta
+# (NER, per token); top-1 agreement 100% on all three. Tolerance = about 3x that, and 97%.
+TOLERANCE = Tolerance(max_abs_logit=0.3, min_top1_agreement=0.97)
 
 
 @dataclass(frozen=True)

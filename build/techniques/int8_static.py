@@ -18,7 +18,9 @@ from build.techniques.quantization_common import (calibration_feeds, make_reader
 
 METHODS = ("minmax", "percentile", "entropy")
 MAX_SAMPLES = 1024  # what the build loads into BuildContext.calibration
-TOLERANCE = Tolerance(max_abs_logit=1.0, min_top1_agreement=0.9)
+# Measured on the trained presets (minmax, 128 samples): max |Δlogit| 0.047 distilbert, 0.148 vit, 0.229 deberta;
+# top-1 agreement 100%, 100%, 99.76%. Tolerance = 2.5x-10x that margin, and 97%.
+TOLERANCE = Tolerance(max_abs_logit=0.6, min_top1_agreement=0.97)
 
 
 @dataclass(frozen=True)

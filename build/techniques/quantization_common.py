@@ -93,7 +93,8 @@ def check_group_size(field: str, group_size: int, model) -> None:
     bad = {name: k for name, k in linear_in_features(model).items() if k % group_size}
     if bad:
         name, k = next(iter(bad.items()))
-        divisors = sorted({g for g in (16, 32, 64, 128, 256) if all(v % g == 0 for v in linear_in_features(model).values())})
+        widths = linear_in_features(model).values()
+        divisors = sorted({g for g in (16, 32, 64, 128, 256) if all(v % g == 0 for v in widths)})
         raise ConfigError(f"{field}={group_size} does not divide layer {name!r} (in_features={k}) "
                           f"nor {len(bad) - 1} other layer(s); group sizes dividing every layer of this model: "
                           f"{', '.join(map(str, divisors)) or 'none'}")
@@ -108,8 +109,10 @@ def relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------------------- fake quantization + KD
 
-def quantize_groups(weight, bits: int | str, group_size: int):
+def quantize_groups(weight, bits: int | str, group_size: int | None):
     """Symmetric group-wise quantization of a [out, in] weight along `in`: returns (codes int8, scales).
+
+    group_size: inputs per scale; None = one scale per output row (per-channel). scales: [out, in/group].
 
     bits 8/4: absmax scale per group of `group_size` inputs, codes in [-(2^(b-1)-1), 2^(b-1)-1].
     bits "ternary": codes in {-1, 0, 1}, scale = mean |w| of the group's weights above 0.7·mean|w| (TWN).
@@ -118,6 +121,7 @@ def quantize_groups(weight, bits: int | str, group_size: int):
     import torch
 
     out_features, in_features = weight.shape
+    group_size = group_size or in_features
     w = weight.reshape(out_features, in_features // group_size, group_size)
     if bits == "ternary":
         delta = 0.7 * w.abs().mean(dim=-1, keepdim=True)
@@ -134,9 +138,10 @@ def quantize_groups(weight, bits: int | str, group_size: int):
     return codes.reshape(out_features, in_features).to(torch.int8), scale.squeeze(-1)
 
 
-def dequantize_groups(codes, scales, group_size: int):
+def dequantize_groups(codes, scales, group_size: int | None):
     """Inverse of `quantize_groups`: [out, in] float weight."""
     out_features, in_features = codes.shape
+    group_size = group_size or in_features
     w = codes.float().reshape(out_features, in_features // group_size, group_size) * scales.unsqueeze(-1)
     return w.reshape(out_features, in_features)
 
@@ -165,8 +170,11 @@ def quantizable_linears(model) -> list:
             if isinstance(m, torch.nn.Linear) and not any(part in head for part in n.split("."))]
 
 
-def distill(teacher, feeds: list[dict], bits, group_size: int, steps: int, learning_rate: float):
+def distill(teacher, feeds: list[dict], bits, group_size: int | None, steps: int, learning_rate: float):
     """Knowledge distillation of a fake-quantized copy of `teacher` on unlabeled `feeds` (numpy batches).
+
+    The encoder Linears' weights pass through `FakeQuant(bits, group_size)` (straight-through estimator:
+    the forward pass sees the quantized weight, the gradient reaches the FP weight unchanged).
 
     Loss: MSE of every hidden state (layer-by-layer targets) plus MSE of the logits, against the frozen FP32
     teacher. Runs through build.training.train (DeepSpeed engine). Returns the student with its trained FP

@@ -28,7 +28,9 @@ from build.techniques.int8_static import check_static_options, pad_id, quantize_
 from build.techniques.quantization_common import calibration_feeds, quantizable_linears, relative_error
 
 EQUIVALENCE_LIMIT = 1e-4
-TOLERANCE = Tolerance(max_abs_logit=1.0, min_top1_agreement=0.9)
+# Measured on the trained presets (alpha 0.5, minmax, 128 samples): max |Δlogit| 0.035 distilbert, 0.244 vit,
+# 0.204 deberta; top-1 agreement 100%, 100%, 99.76%. Tolerance as int8-static's.
+TOLERANCE = Tolerance(max_abs_logit=0.6, min_top1_agreement=0.97)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def _torch_inputs(feed: dict) -> dict:
 
 
 def activation_maxima(model, feeds: list[dict]) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
-    """Per encoder Linear name: max|X| per input channel over `feeds`; and the groups of Linears sharing an input."""
+    """Per encoder Linear name: max|X| per input channel over `feeds` (every call of it); and the groups of
+    Linears sharing an input (each Linear in exactly one group)."""
     maxima: dict[str, torch.Tensor] = {}
     groups: dict[int, list[str]] = {}
     hooks = []
@@ -78,13 +81,18 @@ def activation_maxima(model, feeds: list[dict]) -> tuple[dict[str, torch.Tensor]
             x = args[0].detach()
             m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
             maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
-            if first[0]:  # keep the tensor alive so its id is not reused within the pass
+            # group by the first tensor each Linear reads (keep it alive so its id is not reused within the
+            # pass). A Linear called again on another tensor (DeBERTa's query/key projections also read the
+            # relative position embeddings) stays in its first group only: one Linear, one smoothing scale.
+            if first[0] and name not in grouped:
                 keep.append(args[0])
+                grouped.add(name)
                 groups.setdefault(id(args[0]), []).append(name)
         return record
 
     first = [True]
     keep: list = []
+    grouped: set[str] = set()
     for name, linear in quantizable_linears(model):
         hooks.append(linear.register_forward_pre_hook(hook(name)))
     try:

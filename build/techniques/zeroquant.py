@@ -31,8 +31,10 @@ from build.techniques.quantization_common import (calibration_feeds, check_group
 BITS = (4, 8)
 GROUP_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes: powers of two >= 16
 KERNELS = ("matmulinteger", "matmulnbits")
-TOLERANCES = {8: Tolerance(max_abs_logit=1.0, min_top1_agreement=0.9),
-              4: Tolerance(max_abs_logit=2.0, min_top1_agreement=0.8)}
+# Measured on the trained presets: W8A8 (MatMulInteger) as int8-dynamic (0.024 / 0.092 / 0.096, top-1 100%);
+# W4A8 group 32: max |Δlogit| 0.059 distilbert, 0.263 vit, 0.601 deberta; top-1 100%, 100%, 99.68%.
+TOLERANCES = {8: Tolerance(max_abs_logit=0.3, min_top1_agreement=0.97),
+              4: Tolerance(max_abs_logit=1.2, min_top1_agreement=0.95)}
 
 
 @dataclass(frozen=True)

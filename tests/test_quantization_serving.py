@@ -1,0 +1,83 @@
+"""End to end for the quantization variants: build the distilbert-tiny preset with every quantization technique
+into a temporary repository, serve it with the embedded Triton, and ask every variant over gRPC.
+
+Each variant's labels on 16 SST-2 dev sentences must agree with the fp32 variant's on at least the share its
+build tolerance demands (`min_top1_agreement` in its metadata). Small evaluation counts and a 3-step XTC
+distillation keep the build short; no timings are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+QUANTIZATION_VARIANTS = ("fp16", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8",
+                         "xtc")
+MODEL = "distilbert-tiny"
+
+
+@pytest.fixture(scope="module")
+def quantized_repository(tmp_path_factory, preset_checkpoint, cache_dir, data_dir):
+    from build.pipeline import BuildOptions, build
+
+    preset_checkpoint(MODEL)
+    repository = tmp_path_factory.mktemp("qrepo") / "model_repository"
+    reports = build(BuildOptions(
+        model=MODEL, techniques=("fp32", *QUANTIZATION_VARIANTS), repository=repository, cache_dir=cache_dir,
+        data=str(data_dir), eval_limit=32, check_limit=16, latency_samples=3, native=False,
+        technique_options={"int8-static": {"samples": 32}, "smoothquant": {"samples": 32},
+                           "xtc": {"kd_steps": 3, "kd_samples": 48, "kd_batch_size": 16}}),
+        log=lambda *a: None)
+    return repository, {r.variant: r for r in reports}
+
+
+@pytest.fixture(scope="module")
+def server(quantized_repository, tmp_path_factory):
+    from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+
+    repository, _ = quantized_repository
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("triton-q") / "triton.log"
+    triton = TritonServer(TritonServerConfig(repository=repository, http_port=http, grpc_port=grpc,
+                                             metrics_port=metrics, log_file=log))
+    triton.start()
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_texts(data_source):
+    from build.data import load_examples
+
+    examples, _ = load_examples("text-classification", "dev", data_source, limit=16)
+    return [ex.raw for ex in examples]
+
+
+def test_every_quantization_variant_answers_over_grpc_like_fp32(quantized_repository, server, dev_texts):
+    from build.repository import triton_name
+    from gateway.client import TritonClient
+
+    repository, reports = quantized_repository
+    assert set(reports) == {"fp32", *QUANTIZATION_VARIANTS}
+    with TritonClient(server.endpoints["grpc"]) as client:
+        ready = set(client.ready_models())
+        names = {v: triton_name(MODEL, v) for v in reports}
+        assert set(names.values()) <= ready, f"not ready: {set(names.values()) - ready}"
+        fp32 = [a.answer["label"] for a in client.predict_batch(names["fp32"], dev_texts)]
+        for variant in QUANTIZATION_VARIANTS:
+            answers = client.predict_batch(names[variant], dev_texts)
+            assert len(answers) == len(dev_texts) and all(a.logits.shape == (2,) for a in answers)
+            metadata = json.loads((repository / names[variant] / "metadata.json").read_text())
+            required = metadata["tolerance"]["min_top1_agreement"]
+            agree = sum(a.answer["label"] == f for a, f in zip(answers, fp32)) / len(fp32)
+            assert agree >= required, f"{variant}: {agree:.0%} of labels agree with fp32, tolerance {required:.0%}"
+            assert metadata["technique"] == variant and metadata["size_bytes"] > 0
+
+
+def test_quantized_files_are_smaller_than_fp32(quantized_repository):
+    _, reports = quantized_repository
+    fp32 = reports["fp32"].size_bytes
+    for variant in ("int8-dynamic", "zeroquant-w8a8", "zeroquant-w4a8", "xtc"):
+        assert reports[variant].size_bytes < 0.35 * fp32, variant
+    assert reports["xtc"].size_bytes < reports["zeroquant-w8a8"].size_bytes
