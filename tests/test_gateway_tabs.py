@@ -143,7 +143,9 @@ def test_compare_tab_benchmarks_variants(browser, gateway, catalog, tmp_path):
         assert row[3] == "12" and row[4] == "0"  # requests, errors
         assert float(row[5]) > 0 and float(row[9]) > 0  # p50, throughput
     server = _wait_rows(page, "cmp-server", len(view.variants))
-    assert {r[0]: r[1] for r in server} == {v: "24" for v in view.variant_names}  # 12 requests x 2 levels
+    # 12 requests x 2 levels; the session's Triton is shared, so a late request of an earlier test may land in
+    # the window (the exact count is asserted through the API in test_compare_api_files_and_caps)
+    assert {r[0] for r in server} == set(view.variant_names) and all(int(r[1]) >= 24 for r in server)
     page.locator("#cmp-csv a, #cmp-csv .file-preview").first.wait_for()
     page.wait_for_timeout(500)  # let the plots draw for the screenshot
     _screenshot(page, tmp_path, "compare")
