@@ -16,7 +16,7 @@ from build.techniques import BuildContext, get_technique, make_config
 from build.techniques.quantization_common import (check_group_size, dequantize_groups, op_counts,
                                                   quantizable_linears, quantize_groups)
 
-QUANTIZATION_TECHNIQUES = ("fp16", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")
+QUANTIZATION_TECHNIQUES = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")
 
 
 def _tiny_checkpoint(folder, data_source, seed=0, outliers=False):
@@ -108,6 +108,22 @@ def test_fp16(context, dev_feeds):
     assert any("GPU" in note for note in variant.notes)
     max_diff, _, top1 = _errors(variant.artifact, context.fp32_onnx(), dev_feeds)
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
+
+
+def test_fp16_torchscript(context, dev_feeds):
+    import torch
+
+    variant = _apply(context, "fp16-torchscript")
+    module = torch.jit.load(str(variant.artifact))
+    assert {p.dtype for p in module.parameters()} == {torch.float16}  # weights really are half precision
+    assert variant.runtime["input_dtype"] == "float16" and any("GPU" in note for note in variant.notes)
+    reference = _run(context.fp32_onnx(), dev_feeds)
+    with torch.no_grad():
+        got = [module(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).float().numpy()
+               for f in dev_feeds]
+    diff = max(float(np.abs(g - r).max()) for g, r in zip(got, reference))
+    top1 = np.mean(np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, reference)]))
+    assert diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
 
 
 def test_int8_dynamic(context, dev_feeds):

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-QUANTIZATION_VARIANTS = ("fp16", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8",
+QUANTIZATION_VARIANTS = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8",
                          "xtc")
 MODEL = "distilbert-tiny"
 

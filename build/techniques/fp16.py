@@ -48,3 +48,35 @@ def apply(context: BuildContext, config: Fp16Config) -> Variant:
         runtime={"device": "cuda"},
         notes=["targets GPUs: FP16 weights and compute; on a CPU-only server it is built and checked for "
                "correctness only (ONNX Runtime's CPU kernels gain little or nothing from FP16)"])
+
+
+@dataclass(frozen=True)
+class Fp16TorchScriptConfig:
+    """No settings: the model's weights in half precision, traced."""
+
+
+@register("fp16-torchscript", Fp16TorchScriptConfig)
+def apply_torchscript(context: BuildContext, config: Fp16TorchScriptConfig) -> Variant:
+    """Half-precision TorchScript (weights and compute FP16, logits returned as FP32), meant for GPUs."""
+    import copy
+
+    import torch
+
+    from build.errors import ExportError
+    from build.export import _quiet, example_inputs, logits_module
+
+    source = context.source
+    module = logits_module(copy.deepcopy(source.model).half(), source.family)
+    inputs = tuple(t.half() if t.is_floating_point() else t for t in example_inputs(source.model, source.family))
+    out = context.work_dir / "fp16.pt"
+    try:
+        with _quiet(), torch.no_grad():
+            torch.jit.trace(module, inputs, check_trace=False).save(str(out))
+    except Exception as e:
+        raise ExportError(f"half-precision TorchScript export failed: {type(e).__name__}: {e}") from e
+    return Variant(
+        name="fp16-torchscript", technique="fp16-torchscript", params={}, engine="torchscript", artifact=out,
+        tolerance=TOLERANCE, native_platform="pytorch_libtorch",
+        runtime={"device": "cuda", "input_dtype": "float16"},
+        notes=["targets GPUs: FP16 weights and compute; on a CPU-only server torch runs it for the correctness "
+               "check only (CPU FP16 kernels are slow)"])
