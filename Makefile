@@ -37,7 +37,8 @@ serve: setup
 	$(DYNGATE) serve --repository $(REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 gateway: setup
-	$(DYNGATE) gateway --repository $(REPOSITORY) --triton 127.0.0.1:$(GRPC_PORT) --port $(GATEWAY_PORT)
+	$(DYNGATE) gateway --repository $(REPOSITORY) --triton 127.0.0.1:$(GRPC_PORT) --port $(GATEWAY_PORT) \
+	  --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics
 
 # Builds the presets' variants, starts Triton in the background and the gateway in the foreground.
 demo: build

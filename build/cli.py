@@ -93,7 +93,14 @@ def cmd_gateway(args) -> int:
     if not port_is_free(args.port, args.host):
         raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
                           "choose another with --port")
-    launch(repository=Path(args.repository), triton_url=args.triton, host=args.host, port=args.port)
+    from dataclasses import replace
+
+    from gateway.config import GatewayConfig
+
+    config = GatewayConfig.load(args.config)
+    if args.metrics_url:
+        config = replace(config, metrics_url=args.metrics_url)
+    launch(repository=Path(args.repository), triton_url=args.triton, host=args.host, port=args.port, config=config)
     return 0
 
 
@@ -171,6 +178,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--config", help="gateway JSON config: limits, routing, login (default: "
+                                    "$DYNGATE_GATEWAY_CONFIG)")
+    p.add_argument("--metrics-url", help="Triton's Prometheus metrics URL (default: the gRPC port + 1)")
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("predict", help="send one input to a variant through Triton")

@@ -18,9 +18,6 @@ from gateway.client import TritonClient
 from gateway.handlers import load_catalog
 from gateway.triton_server import free_port
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 SCREENSHOT_COPY = Path("/tmp/gateway_page.png")
 # SST-2 dev sentences
 SENTENCES = ["it 's a charming and often affecting journey . ",
@@ -78,20 +75,6 @@ def api(gateway_url):
     from gradio_client import Client
 
     return Client(gateway_url, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _direct_labels(grpc_url: str, view, raw: bytes, variants: list[str]) -> dict[str, str]:

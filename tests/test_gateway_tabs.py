@@ -21,9 +21,6 @@ from gateway.config import GatewayConfig
 from gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
 from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 TEXT_MODEL = "distilbert-tiny"
 TIMEOUT_MS = 90_000
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -54,20 +51,6 @@ def gateway(built_repository, triton):
         yield running
     finally:
         running.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _page(browser, url: str):
