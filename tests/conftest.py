@@ -6,6 +6,7 @@ repository is built into a temporary folder with small evaluation counts; Triton
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -73,18 +74,23 @@ def built_repository(tmp_path_factory, preset_checkpoints, cache_dir, data_dir) 
     return repository
 
 
-@pytest.fixture(scope="session")
-def triton(built_repository, tmp_path_factory):
-    """The embedded Triton serving `built_repository` on free ports (python-backend models loaded)."""
+@contextlib.contextmanager
+def running_triton(repository: Path, log_file: Path, models: list[str] | None = None):
+    """An embedded Triton on free loopback ports serving `repository` (default: every python-backend model)."""
     from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
 
     http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("triton") / "triton.log"
-    server = TritonServer(TritonServerConfig(repository=built_repository, http_port=http, grpc_port=grpc,
-                                             metrics_port=metrics, log_file=log))
-    server.start()
-    yield server
-    server.stop()
+    config = TritonServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                models=models, log_file=log_file)
+    with TritonServer(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def triton(built_repository, tmp_path_factory):
+    """The embedded Triton serving `built_repository` on free ports (python-backend models loaded)."""
+    with running_triton(built_repository, tmp_path_factory.mktemp("triton") / "triton.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from build.early_exit import (confidence, export_onnx_segments, export_torchscri
 from build import errors
 from build.errors import ConfigError
 from build.runtime import EarlyExitOnnxEngine, InputError, RuntimeSpec, TorchScriptEngine
+from tests.conftest import running_triton
 
 LAYERS = 3
 
@@ -205,18 +206,13 @@ def test_triton_serves_early_exit_with_per_request_threshold(early_exit_reposito
     from build.data import load_examples
     from build.repository import triton_name
     from gateway.client import TritonClient
-    from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
-
     repository, _ = early_exit_repository
     name = triton_name("distilbert-tiny", variant)
     examples, _ = load_examples("text-classification", "dev", data_source, limit=6)
-    http, grpc, metrics = free_ports(3)
-    config = TritonServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                                models=[name], log_file=tmp_path / "triton.log")
     from build.runtime import Predictor
 
     local = Predictor(str(repository / name / "1"))
-    with TritonServer(config) as server:
+    with running_triton(repository, tmp_path / "triton.log", models=[name]) as server:
         client = TritonClient(server.endpoints["grpc"], protocol="grpc")
         for example in examples:
             never = client.predict(name, example.raw, params={"exit_threshold": 1.0})

@@ -12,6 +12,8 @@ import json
 
 import pytest
 
+from tests.conftest import running_triton
+
 QUANTIZATION_VARIANTS = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8",
                          "xtc")
 MODEL = "distilbert-tiny"
@@ -34,16 +36,9 @@ def quantized_repository(tmp_path_factory, preset_checkpoint, cache_dir, data_di
 
 @pytest.fixture(scope="module")
 def server(quantized_repository, tmp_path_factory):
-    from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
-
     repository, _ = quantized_repository
-    http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("triton-q") / "triton.log"
-    triton = TritonServer(TritonServerConfig(repository=repository, http_port=http, grpc_port=grpc,
-                                             metrics_port=metrics, log_file=log))
-    triton.start()
-    yield triton
-    triton.stop()
+    with running_triton(repository, tmp_path_factory.mktemp("triton-q") / "triton.log") as triton:
+        yield triton
 
 
 @pytest.fixture(scope="module")
