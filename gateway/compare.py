@@ -102,6 +102,19 @@ def server_stats(client: TritonClient, model: str) -> dict[str, tuple[int, int]]
     return out
 
 
+def settled_stats(client: TritonClient, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
+    """server_stats once Triton has counted the `answered` requests sent since `before` (or after `wait_s` s).
+
+    Triton records a request's statistics when it releases the request, which can be just after the client has
+    its response: read at once, the last request or two of a run may be missing from the counts."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = server_stats(client, model)
+        if after["success"][0] - before["success"][0] >= answered or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def split_row(variant: str, before: dict, after: dict) -> list:
     """One SERVER_HEADERS row from two statistics snapshots: mean ms per request of each phase."""
     n = after["success"][0] - before["success"][0]
@@ -200,7 +213,9 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
                 result.rows.append([label, level, batch_size, requests, len(errors), *cells, round(throughput, 2)])
         result.rows.sort(key=lambda r: (labels.index(r[0]), r[1]))
         for label in labels:
-            result.server.append(split_row(label, before[label], server_stats(control, variants[label])))
+            answered = sum(len(result.latencies[f"{label}@{level}"]) for level in concurrency)
+            after = settled_stats(control, variants[label], before[label], answered)
+            result.server.append(split_row(label, before[label], after))
     finally:
         control.close()
     return result
