@@ -1,21 +1,27 @@
-"""Gateway overhead: the gateway's JSON predict route vs a direct tritonclient gRPC call, same variant.
+"""Gateway checks against plain tritonclient, same variant, same Triton, one run.
 
     python scripts/bench_gateway.py --repository model_repository --variant distilbert-tiny__fp32 --requests 300
 
-Starts an embedded Triton and the gateway (page + JSON routes) on free loopback ports, then for each SST-2
-dev sentence at natural length, batch 1, times both paths in alternating order:
-- direct: gateway.client.TritonClient.predict over gRPC (what the gateway itself calls);
-- gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
-  (one kept-alive connection, as a real client would hold).
-Prints p50/p90/p99 of each and the p50 overhead (gateway minus direct) in ms.
+Starts an embedded Triton and the gateway (page + JSON routes) on free loopback ports and runs two checks on
+SST-2 dev sentences at natural length, batch 1:
+1. Overhead: for each sentence, both paths in alternating order:
+   - direct: gateway.client.TritonClient.predict over gRPC (what the gateway itself calls);
+   - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
+     (one kept-alive connection, as a real client would hold).
+   Prints p50/p90/p99 of each and the p50 overhead (gateway minus direct) in ms.
+2. Compare tab vs a plain loop: the Compare tab's driver (gateway.compare.run_benchmark, concurrency 1) and a
+   loop written directly on tritonclient.grpc (InferInput / infer, nothing of dyngate's), alternating in
+   `--rounds` blocks of `--requests` requests. Prints both p50s per round, their median ratio, and whether
+   they agree within 10%.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import http.client
+import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--variant", default="distilbert-tiny__fp32", help="Triton model name")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of the Compare-vs-loop check")
     parser.add_argument("--data", default=None)
     args = parser.parse_args(argv)
 
@@ -79,6 +86,8 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     paths[name](text)
                     times[name].append((time.perf_counter() - start) * 1000)
+            agreement = compare_with_plain_loop(server.endpoints["grpc"], entry.name,
+                                                [t.encode() for t in texts], args.rounds)
         finally:
             gateway.close()
     stats = {name: summarize_ms(values) for name, values in times.items()}
@@ -88,7 +97,56 @@ def main(argv=None) -> int:
         print(f"| {name} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | {s.p99_ms:.2f} |")
     overhead = stats["gateway JSON"].p50_ms - stats["direct gRPC"].p50_ms
     print(f"gateway overhead at p50: {overhead:.2f} ms")
+    print(f"\nCompare tab driver vs plain tritonclient.grpc loop, {len(texts)} requests per block, concurrency 1")
+    print("| round | Compare p50 ms | plain loop p50 ms | ratio |\n| --- | --- | --- | --- |")
+    for i, (ours, plain) in enumerate(agreement):
+        print(f"| {i + 1} | {ours:.3f} | {plain:.3f} | {ours / plain:.3f} |")
+    ratio = statistics.median(ours / plain for ours, plain in agreement)
+    verdict = "agree" if abs(ratio - 1) <= 0.10 else "DISAGREE"
+    print(f"median ratio {ratio:.3f}: the two {verdict} within 10%")
     return 0
+
+
+def plain_loop_p50_ms(url: str, model: str, raws: list[bytes]) -> float:
+    """p50 round trip (ms) of `raws` sent one by one to `url` ("[grpc://]host:port") with tritonclient.grpc alone (no dyngate code on the path)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from build.evaluate import summarize_ms
+
+    client = grpcclient.InferenceServerClient(url.removeprefix("grpc://"))
+    try:
+        times = []
+        for raw in raws:
+            tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
+            start = time.perf_counter()
+            client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("RESULT"),
+                                                   grpcclient.InferRequestedOutput("LOGITS")])
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        client.close()
+    return summarize_ms(times).p50_ms
+
+
+def compare_with_plain_loop(url: str, model: str, raws: list[bytes], rounds: int) -> list[tuple[float, float]]:
+    """(Compare tab p50 ms, plain loop p50 ms) per round; the order of the two alternates between rounds."""
+    from gateway.compare import run_benchmark
+
+    def ours() -> float:
+        result = run_benchmark(url, "grpc", {"v": model}, raws, requests=len(raws), concurrency=[1])
+        return result.rows[0][5]  # HEADERS: p50 ms
+
+    out = []
+    for i in range(rounds):
+        if i % 2:
+            plain = plain_loop_p50_ms(url, model, raws)
+            mine = ours()
+        else:
+            mine = ours()
+            plain = plain_loop_p50_ms(url, model, raws)
+        out.append((mine, plain))
+    return out
 
 
 if __name__ == "__main__":
