@@ -15,6 +15,20 @@ import numpy as np
 from build.errors import ConfigError
 
 
+def check_distillation(config) -> None:
+    """ConfigError unless the knowledge-distillation fields of a ZeroQuant/XTC config are valid: `kd` a bool,
+    `kd_steps`, `kd_samples`, `kd_batch_size` integers >= 1, `kd_learning_rate` in (0, 1]."""
+    if not isinstance(config.kd, bool):
+        raise ConfigError(f"kd={config.kd!r} must be true or false")
+    for name in ("kd_steps", "kd_samples", "kd_batch_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+    rate = config.kd_learning_rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
+        raise ConfigError(f"kd_learning_rate={rate!r} is outside (0, 1]")
+
+
 def calibration_feeds(context, samples: int, batch_size: int = 1) -> list[dict]:
     """`samples` calibration examples in batches of `batch_size`, as served; ConfigError when there are none."""
     if not context.calibration:

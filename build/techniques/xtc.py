@@ -30,7 +30,7 @@ import numpy as np
 
 from build.errors import ConfigError, ExportError, check_choice
 from build.techniques import BuildContext, Tolerance, Variant, register
-from build.techniques.quantization_common import (calibration_feeds, dequantize_groups, distill,
+from build.techniques.quantization_common import (calibration_feeds, check_distillation, dequantize_groups, distill,
                                                   quantizable_linears, quantize_groups)
 
 BITS = ("ternary", "binary")
@@ -68,14 +68,7 @@ class XtcConfig:
                                             or self.group_size < 8 or self.group_size % 8):
             raise ConfigError(f"group_size={self.group_size!r} must be a multiple of 8 (≥8), or None for one scale "
                               f"per output row")
-        if not isinstance(self.kd, bool):
-            raise ConfigError(f"kd={self.kd!r} must be true or false")
-        for name in ("kd_steps", "kd_samples", "kd_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
-        if not isinstance(self.kd_learning_rate, (int, float)) or not 0 < self.kd_learning_rate <= 1:
-            raise ConfigError(f"kd_learning_rate={self.kd_learning_rate!r} is outside (0, 1]")
+        check_distillation(self)
 
 
 def check(source, config: XtcConfig) -> None:

@@ -25,7 +25,7 @@ from build.errors import ConfigError, ExportError, check_choice
 from build.export import export_onnx
 from build.techniques import BuildContext, Tolerance, Variant, register
 from build.techniques.int8_dynamic import quantize_dynamic_int8
-from build.techniques.quantization_common import (calibration_feeds, check_group_size, distill,
+from build.techniques.quantization_common import (calibration_feeds, check_distillation, check_group_size, distill,
                                                   quiet_ort_quantization)
 
 BITS = (4, 8)
@@ -57,14 +57,7 @@ class ZeroQuantConfig:
         check_choice("bits", self.bits, BITS)
         check_choice("group_size", self.group_size, GROUP_SIZES)
         check_choice("kernel", self.kernel, KERNELS)
-        if not isinstance(self.kd, bool):
-            raise ConfigError(f"kd={self.kd!r} must be true or false")
-        for name in ("kd_steps", "kd_samples", "kd_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
-        if not 0 < self.kd_learning_rate <= 1:
-            raise ConfigError(f"kd_learning_rate={self.kd_learning_rate!r} is outside (0, 1]")
+        check_distillation(self)
 
 
 @dataclass(frozen=True)
