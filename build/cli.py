@@ -1,7 +1,9 @@
-"""`dyngate`: one console command with subcommands build, serve, gateway, predict.
+"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, report.
 
     dyngate build --model distilbert-tiny --techniques fp32,torchscript
     dyngate serve --repository model_repository
+    dyngate build --model distilbert-tiny --techniques fp32 --triton-url http://127.0.0.1:8000   # hot rebuild
+    dyngate reload --model distilbert-tiny --variant fp32 --triton-url http://127.0.0.1:8000
     dyngate gateway --triton 127.0.0.1:8001
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
 
@@ -73,7 +75,23 @@ def cmd_build(args) -> int:
         build(BuildOptions(
             model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
             cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-            threads=args.threads, native=not args.no_native))
+            threads=args.threads, native=not args.no_native, triton_url=args.triton_url))
+    return 0
+
+
+def cmd_reload(args) -> int:
+    """Make a running Triton serve the newest version folder of one variant, then delete the older ones."""
+    from build.repository import CONFIG_FILE, triton_name
+    from gateway.triton_server import ModelControl, roll_out
+
+    name = triton_name(args.model, args.variant, native=args.native)
+    folder = Path(args.repository) / name
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"{name} is not in the repository {args.repository} (no {folder / CONFIG_FILE}); "
+                          "build it first with `dyngate build`")
+    result = roll_out(ModelControl(args.triton_url), folder)
+    print(f"{name}: Triton serves version {result.version}"
+          + (f"; removed version(s) {', '.join(map(str, result.removed))}" if result.removed else ""))
     return 0
 
 
@@ -82,7 +100,8 @@ def cmd_serve(args) -> int:
 
     serve_forever(TritonServerConfig(
         repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False))
+        metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False),
+        max_restarts=args.max_restarts, restart_window_s=args.restart_window)
     return 0
 
 
@@ -162,6 +181,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of served variants (0 = default)")
     p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
     p.add_argument("--list", action="store_true", help="list the techniques and exit")
+    p.add_argument("--triton-url", default=None, metavar="http://HOST:PORT",
+                   help="a running Triton's HTTP endpoint: load the rebuilt variants there (new version in, old "
+                        "one out once the new is ready) and delete the old version folders")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="start the embedded Triton Inference Server on the repository")
@@ -171,7 +193,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--models", nargs="*", help="models to load (default: every python-backend model)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restart a Triton that died at most this many times within --restart-window (0: never)")
+    p.add_argument("--restart-window", type=float, default=300.0, metavar="SECONDS",
+                   help="the window --max-restarts counts in (default 300 s)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("reload", help="make a running Triton serve a variant's newest version, remove the old")
+    p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
+    p.add_argument("--variant", required=True, help="variant name (e.g. fp32)")
+    p.add_argument("--native", action="store_true", help="the native flavour (<model>__<variant>__native)")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--triton-url", default="http://127.0.0.1:8000", help="Triton's HTTP endpoint")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("gateway", help="start the Gradio gateway in front of a running Triton")
     p.add_argument("--repository", default=repository)

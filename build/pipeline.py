@@ -8,7 +8,14 @@ For one model:
    loaded with the very runtime Triton will use; it must agree with the reference within its tolerance
    (else ExportError), then its dev metric, size and in-process p50 latency are measured;
 5. metadata and config.pbtxt are written last, and the staging repository moves into place only when every
-   variant succeeded.
+   variant succeeded: a new variant's folder moves in whole, a rebuilt one gets the next version folder
+   (`<model>__<variant>/2/` beside `1/`; see build/repository.py), never a replaced folder;
+6. with `triton_url`, the running Triton loads every rebuilt variant it was serving (and every new
+   python-backend variant): it moves traffic to the new version once that is ready, then the old version
+   folders are deleted (`gateway.triton_server.roll_out`). A variant whose new version Triton refuses is put
+   back as it was (Triton never stopped serving the old one) and the build fails with Triton's reason.
+   Without `triton_url` the previous version folder stays beside the new one for a Triton that still serves
+   it (`dyngate reload` switches it over and removes it); older ones are deleted.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from build import __version__
-from build.errors import ConfigError, ExportError
+from build.errors import ConfigError, ExportError, ServingError
 from build.evaluate import (Agreement, Latency, Metric, TorchReferenceEngine, agreement, latency,
                             run_predictor, task_metric)
-from build.repository import (MODEL_PY_SOURCE, RUNTIME_SOURCE, ServingOptions, directory_size, finish_model,
-                              native_config, python_config, staged_repository, triton_name, write_version)
+from build.repository import (MODEL_PY_SOURCE, RUNTIME_SOURCE, Published, ServingOptions, directory_size,
+                              finish_model, native_config, python_config, remove_versions, staged_repository,
+                              triton_name, write_version)
 from build.runtime import TOKENIZER_FILE, Predictor, RuntimeSpec
 from build.techniques import BuildContext, Variant, get_technique, make_config
 
@@ -55,6 +63,8 @@ class BuildOptions:
         threads: intra-op threads of served variants (0 = library default).
         native: also write the native flavour (onnxruntime_onnx / pytorch_libtorch) where a variant has one.
         serving: Triton scheduling settings.
+        triton_url: HTTP endpoint of a running Triton (explicit model control) to roll the new versions out
+            to, e.g. "http://127.0.0.1:8000"; None: only write the repository.
     """
 
     model: str
@@ -69,6 +79,7 @@ class BuildOptions:
     threads: int = 0
     native: bool = True
     serving: ServingOptions = field(default_factory=ServingOptions)
+    triton_url: str | None = None
 
     def __post_init__(self):
         if not self.techniques:
@@ -175,11 +186,20 @@ def _check(variant: Variant, agree: Agreement) -> None:
 def build(options: BuildOptions, log=print) -> list[VariantReport]:
     """Run one build (see module docstring). Returns one report per variant.
 
-    Raises ConfigError/SourceError before anything is written; ExportError when a variant fails its check
-    (the repository is then left as it was).
+    Raises ConfigError/SourceError before anything is written; ExportError when a variant fails its check or
+    its exported file cannot be loaded (the repository is then left as it was); ServingError when
+    `options.triton_url` is set and Triton cannot be reached (before any work) or refuses a new version (that
+    variant is then put back as it was, Triton still serving its previous version).
     """
     from build.data import DataSource, load_examples
     from build.sources import load_source
+
+    control = None
+    if options.triton_url:
+        from gateway.triton_server import ModelControl
+
+        control = ModelControl(options.triton_url)
+        control.index()  # unreachable: fail now, not after the work
 
     configs = {name: make_config(name, options.technique_options.get(name)) for name in options.techniques}
     data_source = DataSource.from_setting(options.data)
@@ -201,7 +221,7 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
 
     reports: list[VariantReport] = []
     with tempfile.TemporaryDirectory(prefix="dyngate-build-") as tmp, \
-            staged_repository(options.repository) as staging:
+            staged_repository(options.repository, _after_publish(control, log)) as staging:
         work_dir = Path(tmp)
         reference = reference_predictor(source, work_dir, options.threads)
         context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference,
@@ -221,6 +241,42 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
                 f"{report.size_bytes / 1e6:.2f} MB, p50 {report.latency.p50_ms:.2f} ms")
     log(summary_table(source.name, reference_metric, reports))
     return reports
+
+
+def _after_publish(control, log):
+    """What happens once the build's models are in the repository (see the module docstring, step 6)."""
+
+    def keep_one_previous(p: Published) -> None:
+        removed = remove_versions(p.folder, p.previous[:-1])
+        if p.previous:
+            log(f"  {p.name}: version {p.version} written; version {p.previous[-1]} kept for a Triton that may still "
+                f"serve it (`dyngate reload` or `dyngate build --triton-url` switches over and removes it)"
+                + (f"; removed older version(s) {removed}" if removed else ""))
+
+    def after(published: list[Published]) -> None:
+        if control is None:
+            for p in published:
+                keep_one_previous(p)
+            return
+        from gateway.triton_server import roll_out
+
+        pending = list(published)
+        try:
+            loaded = control.ready_models()
+            while pending:
+                p = pending[0]
+                if p.name in loaded or (p.is_new and p.backend == "python"):
+                    roll_out(control, p.folder, log)
+                else:  # not served by this Triton (e.g. a native flavour on the embedded server)
+                    keep_one_previous(p)
+                pending.pop(0)
+        except ServingError as e:
+            for p in pending:
+                p.undo()
+            names = ", ".join(p.name for p in pending)
+            raise ServingError(f"{e}. The repository keeps {names} as before this build") from e
+
+    return after
 
 
 @dataclass
@@ -264,7 +320,7 @@ def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict,
     _copy_artifact(variant.artifact, version_dir / artifact_name)
     runtime_spec(source, variant.engine, options.threads, variant.runtime, artifact_name).save(str(version_dir))
 
-    predictor = Predictor(str(version_dir))
+    predictor = _load_checked(version_dir, artifact_name, variant)
     checked = run_predictor(predictor, measure.check_raws, options=variant.check_options)
     agree = agreement(checked, measure.reference_predictions[: len(checked)])
     _check(variant, agree)
@@ -291,6 +347,23 @@ def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict,
                                serving)
         finish_model(native_dir.parent, config, {**metadata, "triton_name": native_name, "flavour": "native"})
     return VariantReport(name, variant.name, variant.technique, size, metric, agree, lat, native_name)
+
+
+def _load_checked(version_dir: Path, artifact_name: str, variant: Variant) -> Predictor:
+    """Load the written version folder with the serving runtime; ExportError when its graph cannot be loaded
+    (a corrupt or truncated export), so it never reaches the repository."""
+    path = version_dir / artifact_name
+    size = directory_size(path) if path.exists() else 0
+    if size == 0:
+        raise ExportError(f"variant {variant.name!r}: the exported {artifact_name} is empty or missing "
+                          f"(technique {variant.technique}); nothing was written")
+    try:
+        return Predictor(str(version_dir))
+    except Exception as e:  # onnxruntime / torch.jit raise their own types for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"variant {variant.name!r}: the exported {artifact_name} ({size} bytes) cannot be "
+                          f"loaded by {variant.engine} ({type(e).__name__}: {first}); the export is corrupt or "
+                          "truncated; nothing was written") from e
 
 
 def _copy_artifact(artifact: Path, target: Path) -> None:

@@ -3,11 +3,14 @@
 Layout of one variant (python-backend flavour, served by the embedded Triton and NVIDIA's container):
 
     <repository>/<model>__<variant>/config.pbtxt
-    <repository>/<model>__<variant>/metadata.json        source, technique, params, size, accuracy, agreement
-    <repository>/<model>__<variant>/1/model.py           build/triton_model.py
-    <repository>/<model>__<variant>/1/dyngate_runtime.py build/runtime.py
-    <repository>/<model>__<variant>/1/runtime.json       RuntimeSpec
-    <repository>/<model>__<variant>/1/model.onnx|model.pt, tokenizer.json
+    <repository>/<model>__<variant>/metadata.json        source, technique, params, size, accuracy, agreement,
+                                                         version (the version folder it describes)
+    <repository>/<model>__<variant>/<N>/model.py           build/triton_model.py
+    <repository>/<model>__<variant>/<N>/dyngate_runtime.py build/runtime.py
+    <repository>/<model>__<variant>/<N>/runtime.json       RuntimeSpec
+    <repository>/<model>__<variant>/<N>/model.onnx|model.pt, tokenizer.json
+
+<N> is 1 for a first build and one more for every rebuild (see below).
 
 and, when the variant has one, the native flavour `<model>__<variant>__native` (platform onnxruntime_onnx or
 pytorch_libtorch, token-id / pixel inputs, for NVIDIA's tritonserver container).
@@ -16,6 +19,14 @@ Configs are built as data, parsed into `model_config_pb2.ModelConfig` and writte
 text_format (as Model Navigator does), so a bad field fails at build time. Model files are written first and
 config.pbtxt last. A whole build is staged beside the repository and moved in only when every variant
 succeeded (`staged_repository`), so a failed build leaves the repository as it was.
+
+Rebuilding a variant that already exists never replaces its folder under a running Triton: the new build
+becomes the next version folder (`<model>__<variant>/2/` beside `1/`, one rename from the staging folder),
+then metadata.json and config.pbtxt are replaced with `os.replace`. Every config says
+`version_policy: { latest { num_versions: 1 } }`, so a Triton asked to load the model (explicit model control)
+loads the new version, moves traffic to it once it is ready and unloads the old one; the old folder is removed
+once Triton no longer serves it (`gateway.triton_server.roll_out`, `dyngate build --triton-url`), or, without a
+Triton to ask, kept as the one previous version until the next build.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -51,7 +62,7 @@ def check_name(field: str, value: str) -> str:
 
     Allowed: letters, digits, '.', '-' (starting with a letter or digit); no '..', no '__', no path separators.
     """
-    if not _NAME.match(value or "") or ".." in value:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:  # fullmatch: "$" allows "\n"
         raise ConfigError(f"{field}={value!r} is not a valid name: use letters, digits, '.' and '-' only "
                           "(no '/', '..' or '__'), starting with a letter or digit")
     return value
@@ -190,12 +201,131 @@ def finish_model(folder: Path, config: dict, metadata: dict) -> model_config_pb2
     return write_config(folder, config)
 
 
+def version_numbers(folder: Path) -> list[int]:
+    """The version folders (positive integer names) of one model folder, ascending; [] when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def latest_version_dir(folder: Path) -> Path:
+    """The newest version folder of a model folder (what `latest { num_versions: 1 }` makes Triton serve).
+
+    Raises RepositoryError when the model folder has no version folder.
+    """
+    versions = version_numbers(folder)
+    if not versions:
+        raise RepositoryError(f"{folder} has no version folder (1/, 2/, ...): rebuild it with `dyngate build`")
+    return Path(folder) / str(versions[-1])
+
+
+def remove_versions(folder: Path, versions) -> list[int]:
+    """Delete the given version folders of a model folder (each renamed away first, then removed).
+
+    Returns the versions removed. Refuses (RepositoryError) to remove the newest version: a model folder
+    always keeps one version Triton can load.
+    """
+    folder = Path(folder)
+    existing = version_numbers(folder)
+    doomed = sorted(v for v in set(versions) if v in existing)
+    if existing and existing[-1] in doomed:
+        raise RepositoryError(f"refusing to remove version {existing[-1]} of {folder.name}: it is the newest; "
+                              "a model folder keeps at least one version")
+    for version in doomed:
+        away = folder / f".removing-{version}-{os.getpid()}"
+        (folder / str(version)).rename(away)  # gone from Triton's view at once, deleted below
+        shutil.rmtree(away, ignore_errors=True)
+    return doomed
+
+
+@dataclass
+class Published:
+    """One model folder that a build moved into the repository.
+
+    name: Triton model name. folder: its folder in the repository. version: the version folder the build
+    added. previous: the versions that were there before (empty for a new model). backend: "python" or the
+    native platform. `undo()` puts the repository back as it was for this model.
+    """
+
+    name: str
+    folder: Path
+    version: int
+    previous: list[int]
+    backend: str
+    _backup: Path | None = field(default=None, repr=False)
+    _trash: Path | None = field(default=None, repr=False)
+
+    @property
+    def is_new(self) -> bool:
+        return not self.previous
+
+    def undo(self) -> None:
+        """Remove what the build added for this model and restore its previous config and metadata."""
+        if self.is_new:
+            if self.folder.exists():
+                self.folder.rename(self._trash / f"{self.name}.undo")
+            return
+        for file in (METADATA_FILE, CONFIG_FILE):
+            if (self._backup / file).exists():
+                os.replace(self._backup / file, self.folder / file)
+        new = self.folder / str(self.version)
+        if new.exists():
+            new.rename(self._trash / f"{self.name}.v{self.version}.undo")
+
+
+def publish_model(staged: Path, repository: Path, trash: Path) -> Published:
+    """Move one fully written staged model folder (`staged/1/`, metadata.json, config.pbtxt) into `repository`.
+
+    A new model's folder moves in by one rename. For a model that is already there, the staged version folder
+    becomes the next version (one rename), then metadata.json (with "version") and config.pbtxt (last) are
+    replaced with os.replace; the old files are kept in `trash` so `Published.undo()` can restore them.
+    `staging`, `trash` and `repository` must be on one filesystem. Raises RepositoryError when the staged folder
+    is incomplete.
+    """
+    staged_versions = version_numbers(staged)
+    if len(staged_versions) != 1 or not (staged / CONFIG_FILE).exists():
+        raise RepositoryError(f"staged model {staged} must hold exactly one version folder and a config.pbtxt")
+    target = Path(repository) / staged.name
+    previous = version_numbers(target) if (target / CONFIG_FILE).exists() else []
+    version = (previous[-1] + 1) if previous else staged_versions[0]
+    meta_path = staged / METADATA_FILE
+    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    metadata["version"] = version
+    meta_path.write_text(json.dumps(metadata, indent=2, default=str))
+    backend = read_config(staged)
+    published = Published(staged.name, target, version, previous, backend.backend or backend.platform,
+                          _trash=trash)
+    if not previous:
+        if target.exists():  # a folder without config.pbtxt is not a model: set it aside, as before
+            target.rename(trash / f"{staged.name}.incomplete")
+        if version != staged_versions[0]:
+            (staged / str(staged_versions[0])).rename(staged / str(version))
+        staged.rename(target)
+        return published
+    backup = trash / f"{staged.name}.previous"
+    backup.mkdir()
+    published._backup = backup
+    for file in (METADATA_FILE, CONFIG_FILE):
+        if (target / file).exists():
+            shutil.copy2(target / file, backup / file)
+    (staged / str(staged_versions[0])).rename(target / str(version))
+    os.replace(meta_path, target / METADATA_FILE)
+    os.replace(staged / CONFIG_FILE, target / CONFIG_FILE)  # last: the folder is complete again
+    return published
+
+
 @contextlib.contextmanager
-def staged_repository(repository: Path):
+def staged_repository(repository: Path, after_publish=None):
     """Yield a staging folder beside `repository`; on success move every model folder in it into place.
 
-    On any exception the staging folder is deleted and the repository is untouched. Existing model folders
-    of the same names are replaced (each by two renames on the same filesystem).
+    New models move in whole; models already in the repository get a new version folder (see
+    `publish_model`), so nothing Triton is serving is replaced in place. On any exception before or while
+    moving, the repository is put back as it was and the staging folder is deleted.
+
+    after_publish: called with the list of `Published` models once all are in place (e.g. to make a running
+    Triton load them, `gateway.triton_server.roll_out`); it may call `Published.undo()` for a model it gives
+    up on. An exception it raises propagates after the staging folder is cleaned up.
     """
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
@@ -204,11 +334,16 @@ def staged_repository(repository: Path):
     try:
         yield staging
         trash.mkdir()
-        for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
-            target = repository / folder.name
-            if target.exists():
-                target.rename(trash / folder.name)
-            folder.rename(target)
+        published: list[Published] = []
+        try:
+            for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+                published.append(publish_model(folder, repository, trash))
+        except BaseException:
+            for done in reversed(published):
+                done.undo()
+            raise
+        if after_publish is not None:
+            after_publish(published)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(trash, ignore_errors=True)
@@ -236,6 +371,11 @@ class RepositoryEntry:
     @property
     def native(self) -> bool:
         return self.name.endswith(SEPARATOR + NATIVE_SUFFIX)
+
+    @property
+    def versions(self) -> list[int]:
+        """Its version folders on disk, ascending (the newest is what Triton loads)."""
+        return version_numbers(self.folder)
 
 
 def list_models(repository: Path) -> list[RepositoryEntry]:

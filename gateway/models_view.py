@@ -8,28 +8,71 @@ import time
 from pathlib import Path
 
 from build.errors import InputError, ServingError
-from build.repository import list_models
+from build.repository import list_models, version_numbers
 from gateway.client import TritonClient
 from gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
 HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
-           "state"]
+           "state", "version", "reason"]
 CONTROL_TIMEOUT_S = 180.0
 SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while
 
 
-def repository_index(clients: ClientPool) -> dict[str, dict]:
-    """Triton's repository index by model name ({} entries' state "UNREACHABLE" when Triton is down)."""
+def repository_index(clients: ClientPool) -> dict[str, list[dict]]:
+    """Triton's repository index by model name: one entry per version Triton knows (a model it never loaded has
+    one bare entry). ServingError when Triton is unreachable."""
     client = TritonClient(clients.url, clients.protocol, timeout_s=STATUS_TIMEOUT_S)
     try:
         index = client._call(client._client.get_model_repository_index, json=True)
     finally:
         client.close()
     models = index.get("models", []) if isinstance(index, dict) else index
-    return {m["name"]: m for m in models}
+    by_name: dict[str, list[dict]] = {}
+    for m in models:
+        by_name.setdefault(m["name"], []).append(m)
+    return by_name
+
+
+def served_state(entries: list[dict]) -> str:
+    """One model's state from its index entries: READY when a version is served, else the newest version's."""
+    if any(e.get("state") == "READY" for e in entries):
+        return "READY"
+    versioned = [e for e in entries if str(e.get("version") or "").isdigit()]
+    newest = max(versioned, key=lambda e: int(e["version"])) if versioned else (entries[0] if entries else {})
+    return newest.get("state") or "UNAVAILABLE"
+
+
+def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
+    """(state, version, reason) of one model folder as Triton serves it.
+
+    state: READY (a version is served; `version` says which, and names a newer one on disk that Triton has not
+    loaded yet), FAILED (the newest version on disk failed to load;
+    when an older version is still READY, Triton keeps serving it and `version` says so), LOADING, UNLOADING or
+    UNAVAILABLE (not loaded). reason: Triton's load error (without its traceback) for FAILED, else "".
+    Failures of versions no longer on disk are history and ignored.
+    """
+    from gateway.triton_server import short_reason
+
+    on_disk = version_numbers(folder)
+    newest = on_disk[-1] if on_disk else None
+    versions = {int(e["version"]): e for e in entries if str(e.get("version") or "").isdigit()}
+    ready = sorted(v for v, e in versions.items() if e.get("state") == "READY")
+    latest = versions.get(newest, {})
+    failed = (latest.get("state") == "UNAVAILABLE" and latest.get("reason") not in (None, "", "unloaded"))
+    if failed and (not ready or ready[-1] < newest):
+        version = f"{newest} failed; serving {ready[-1]}" if ready else f"{newest} failed"
+        return "FAILED", version, short_reason(latest["reason"])
+    if ready:
+        version = str(ready[-1])
+        if newest is not None and newest > ready[-1]:
+            version += f" ({newest} on disk, not loaded)"
+        return "READY", version, ""
+    state = served_state(entries) if entries else "UNAVAILABLE"
+    return state, "" if newest is None else f"{newest} on disk", ""
 
 
 def model_rows(repository: Path, clients: ClientPool) -> list[list]:
+    """One row per model folder (HEADERS): the build's numbers from metadata.json and Triton's state."""
     try:
         index, down = repository_index(clients), False
     except ServingError:
@@ -38,15 +81,15 @@ def model_rows(repository: Path, clients: ClientPool) -> list[list]:
     for entry in list_models(Path(repository)):
         meta = entry.metadata
         accuracy = meta.get("accuracy") or {}
-        state = "Triton unreachable" if down else (index.get(entry.name, {}).get("state") or "UNAVAILABLE")
-        reason = index.get(entry.name, {}).get("reason")
-        if reason and state != "READY" and reason != "unloaded":
-            state += f" ({reason})"
+        if down:
+            state, version, reason = "Triton unreachable", "", ""
+        else:
+            state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
         rows.append([entry.name, entry.model, entry.variant, meta.get("technique", entry.variant),
                      "native" if entry.native else entry.backend, meta.get("size_mb"),
                      None if accuracy.get("value") is None else f"{accuracy.get('name', 'accuracy')} "
                                                                 f"{accuracy['value']:.4f}",
-                     (meta.get("latency_in_process") or {}).get("p50_ms"), state])
+                     (meta.get("latency_in_process") or {}).get("p50_ms"), state, version, reason])
     return rows
 
 
@@ -71,14 +114,16 @@ def control(clients: ClientPool, repository: Path, name: str | None, action: str
 
         if _unreachable(e):
             raise ServingError(f"Triton at {clients.url} is not reachable: {_message(e)}") from e
-        raise ServingError(f"Triton could not {action} {name}: {_message(e)}") from e
+        from gateway.triton_server import short_reason
+
+        raise ServingError(f"Triton could not {action} {name}: {short_reason(_message(e))}") from e
     finally:
         client.close()
     # Triton answers an unload before the model's instances have stopped: wait until the index agrees
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         try:
-            state = repository_index(clients).get(name, {}).get("state")
+            state = served_state(repository_index(clients).get(name, []))
         except ServingError:
             break
         if state not in ("LOADING", "UNLOADING") and (state == "READY") == (action == "load"):

@@ -17,6 +17,12 @@ the user lists).
 
 The server listens on 127.0.0.1 unless `host` says otherwise. Its stdout and stderr (including what a
 `model.py` prints) go to `log_file`; errors raised here end with the tail of that log.
+
+Life cycle of a served variant (explicit model control, `version_policy: { latest { num_versions: 1 } }`):
+`roll_out` asks a running Triton to load the newest version folder of a model, checks that version is READY
+(Triton keeps serving the old one until then, and keeps it when the new one fails to load), waits until the
+old versions are unloaded and deletes their folders. `dyngate build --triton-url` and `dyngate reload` use it.
+`Supervisor` (behind `dyngate serve`) restarts a Triton process that died, a bounded number of times.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from build.errors import ConfigError, ServingError
-from build.repository import list_models, python_backend_models
+from build.repository import list_models, python_backend_models, remove_versions, version_numbers
 
 PYTHON_BACKEND = "python"
 STUB_NAME = "triton_python_backend_stub"
@@ -254,7 +260,11 @@ class TritonServer:
 
     # ---- life cycle
 
-    def start(self) -> "TritonServer":
+    def start(self, append_log: bool = False) -> "TritonServer":
+        """Start the server and wait until it and its models are ready (see the class docstring).
+
+        append_log: add to the log file instead of truncating it (a restart keeps the log of the run before).
+        """
         if self.is_alive():
             raise ServingError(f"this Triton server is already running (pid {self.pid}); stop() it first")
         c = self.config
@@ -274,7 +284,7 @@ class TritonServer:
             os.close(fd)
             self.log_path = Path(name)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_handle = open(self.log_path, "wb")
+        self._log_handle = open(self.log_path, "ab" if append_log else "wb")
         self._process = subprocess.Popen(
             command, env=self.environment(), stdin=subprocess.DEVNULL, stdout=self._log_handle,
             stderr=subprocess.STDOUT, start_new_session=True,  # own process group: stop() can reap the stubs
@@ -324,6 +334,7 @@ class TritonServer:
             _kill_group(pgid)
             if process.poll() is None:
                 process.wait(5)
+            _remove_shared_memory(process.args)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -432,18 +443,7 @@ class TritonServer:
         return {"http": c.http_port, "grpc": c.grpc_port, "metrics": c.metrics_port}
 
     def _request(self, method: str, path: str, payload: dict | None = None, timeout_s: float = 30):
-        url = f"http://{self.config.host}:{self.config.http_port}{path}"
-        data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(url, data=data, method=method)
-        try:
-            with _DIRECT.open(request, timeout=timeout_s) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        try:
-            return status, json.loads(raw) if raw else None
-        except ValueError:
-            return status, raw.decode(errors="replace")
+        return _http_json(method, f"http://{self.config.host}:{self.config.http_port}{path}", payload, timeout_s)
 
     def _died(self) -> ServingError:
         code = self._process.returncode if self._process is not None else None
@@ -458,6 +458,21 @@ class TritonServer:
         return f"\nLast lines of {self.log_path}:\n{tail}" if tail else ""
 
 
+def _http_json(method: str, url: str, payload: dict | None = None, timeout_s: float = 30):
+    """(HTTP status, parsed JSON body or text) of one request to Triton; OSError when it cannot be reached."""
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with _DIRECT.open(request, timeout=timeout_s) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
 def _error_text(body) -> str:
     return body.get("error", str(body)) if isinstance(body, dict) else str(body)
 
@@ -468,6 +483,20 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _remove_shared_memory(args) -> None:
+    """Delete the python backend's /dev/shm regions of a server whose processes are all gone (a SIGKILLed
+    Triton leaves them behind; a clean exit has removed them already). The prefix is this server's own."""
+    flag = "--backend-config=python,shm-region-prefix-name="
+    for arg in args if isinstance(args, (list, tuple)) else []:
+        prefix = arg[len(flag):] if isinstance(arg, str) and arg.startswith(flag) else ""
+        if prefix.startswith("dyngate"):
+            for path in Path("/dev/shm").glob(prefix + "*"):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -475,34 +504,244 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+# ---------------------------------------------------------------------------------------- model control
+
+ROLL_OUT_SETTLE_S = 120.0  # how long roll_out waits for Triton to finish unloading the old versions
+_ACTIVE = ("READY", "LOADING", "UNLOADING")
+
+
+class ModelControl:
+    """Triton's HTTP repository and model-control API (`/v2/repository/...`) of a server started anywhere.
+
+    url: Triton's HTTP endpoint, "http://host:port" or "host:port" (the server must run with
+    `--model-control-mode=explicit`, as `dyngate serve` does). timeout_s: per request, in seconds; a load
+    answers only once the model is ready or has failed, so keep it long.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 600):
+        address = url if "://" in url else f"http://{url}"
+        if not address.startswith("http://"):
+            raise ConfigError(f"triton url={url!r}: model control goes through Triton's HTTP endpoint; give "
+                              "http://host:port (e.g. http://127.0.0.1:8000), not the gRPC one")
+        self.url, self.timeout_s = address.rstrip("/"), timeout_s
+
+    def request(self, method: str, path: str, payload: dict | None = None, timeout_s: float | None = None):
+        """(status, body) of one request; ServingError when Triton cannot be reached."""
+        try:
+            return _http_json(method, self.url + path, payload, timeout_s or self.timeout_s)
+        except OSError as e:
+            raise ServingError(f"Triton at {self.url} is not reachable: {e}; start it (`dyngate serve`) or give "
+                               "the right --triton-url") from e
+
+    def index(self) -> list[dict]:
+        """Triton's repository index: one entry per model version it knows ({"name", "version", "state",
+        "reason"}), plus one bare {"name"} per model folder it never loaded."""
+        status, body = self.request("POST", "/v2/repository/index", {}, timeout_s=30)
+        if status != 200:
+            raise ServingError(f"Triton at {self.url}: repository index failed (HTTP {status}): {_error_text(body)}")
+        return body or []
+
+    def versions(self, name: str) -> dict[int, dict]:
+        """Version -> its index entry, for the versions of `name` Triton knows."""
+        return {int(m["version"]): m for m in self.index() if m.get("name") == name and m.get("version")}
+
+    def ready_models(self) -> set[str]:
+        """Names of the models with a READY version."""
+        return {m["name"] for m in self.index() if m.get("state") == "READY"}
+
+    def load(self, name: str) -> None:
+        """Load (or reload: newest version in, old out once it is ready) one model; ServingError with Triton's
+        reason when it fails (Triton then keeps serving the versions it had)."""
+        status, body = self.request("POST", f"/v2/repository/models/{name}/load", {})
+        if status != 200:
+            raise ServingError(f"Triton at {self.url} could not load {name!r}: {short_reason(_error_text(body))}")
+
+
+def short_reason(reason: str, limit: int = 400) -> str:
+    """Triton's load-failure reason without the python traceback it appends ("\n\nAt:\n  ..."), one line."""
+    text = str(reason or "").split("\n\nAt:")[0].strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class RollOut:
+    """What `roll_out` did: the version Triton now serves and the old version folders deleted."""
+
+    name: str
+    version: int
+    removed: list[int]
+
+
+def roll_out(control: ModelControl, folder: Path, log=print, settle_s: float = ROLL_OUT_SETTLE_S) -> RollOut:
+    """Make Triton serve the newest version folder of the model folder `folder`, then delete the older ones.
+
+    Triton (explicit model control, `latest { num_versions: 1 }`) loads the newest version and unloads the old
+    one only once the new one is READY, so requests never find the model missing. The old version folders are
+    deleted once the index shows them neither READY, LOADING nor UNLOADING; if that takes longer than
+    `settle_s` seconds they stay on disk (logged) for the next roll-out.
+
+    Raises ServingError naming the version and Triton's reason when the new version does not load; Triton then
+    still serves what it served before and nothing is deleted.
+    """
+    folder = Path(folder)
+    name = folder.name
+    on_disk = version_numbers(folder)
+    if not on_disk:
+        raise ServingError(f"{folder} has no version folder to load; run `dyngate build` first")
+    newest, older = on_disk[-1], on_disk[:-1]
+    try:
+        control.load(name)
+    except ServingError as e:
+        served = sorted(v for v, m in control.versions(name).items() if m.get("state") == "READY")
+        keeps = f"it keeps serving version {served[-1]}" if served else "it serves no version of it"
+        raise ServingError(f"Triton refused version {newest} of {name}: {e}; {keeps}") from e
+    state = control.versions(name).get(newest, {})
+    if state.get("state") != "READY":
+        raise ServingError(f"Triton loaded {name} but version {newest} is {state.get('state') or 'unknown'}: "
+                           f"{short_reason(state.get('reason', ''))}")
+    log(f"  {name}: Triton serves version {newest}")
+    deadline = time.monotonic() + settle_s
+    while True:
+        versions = control.versions(name)
+        busy = [v for v in older if versions.get(v, {}).get("state") in _ACTIVE]
+        if not busy:
+            break
+        if time.monotonic() > deadline:
+            log(f"  {name}: Triton still holds version(s) {busy} after {settle_s:.0f} s; their folders stay "
+                "until the next roll-out")
+            older = [v for v in older if v not in busy]
+            break
+        time.sleep(_POLL_S)
+    removed = remove_versions(folder, older)
+    if removed:
+        log(f"  {name}: removed old version folder(s) {', '.join(map(str, removed))}")
+    return RollOut(name, newest, removed)
+
+
+# ---------------------------------------------------------------------------------------------- supervision
+
+class Supervisor:
+    """Keeps one embedded Triton serving: when its process dies, restart it (bounded), else give up loudly.
+
+    max_restarts: restarts allowed within any `window_s` seconds; one more death in that window raises
+    ServingError. Every death is reported on `out` with the exit code and the tail of the log; a restart
+    appends to the same log file and loads the models that were ready before the death (re-read every
+    `poll_s` seconds), or the configured ones. `run()` blocks until `stop()` (any thread), Ctrl-C, or giving up.
+    """
+
+    def __init__(self, config: TritonServerConfig, max_restarts: int = 3, window_s: float = 300.0, out=None,
+                 poll_s: float = 2.0):
+        if max_restarts < 0:
+            raise ConfigError(f"max_restarts={max_restarts} must be ≥0 (0: never restart)")
+        if window_s <= 0:
+            raise ConfigError(f"restart window_s={window_s} must be > 0 seconds")
+        self.config, self.max_restarts, self.window_s, self.poll_s = config, max_restarts, window_s, poll_s
+        self.out = out or sys.stdout
+        self.server = TritonServer(replace(config))  # its own copy: a restart changes `models`
+        self.restarts = 0
+        self._deaths: list[float] = []
+        self._loaded: list[str] | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        """Start Triton (a start-up failure raises at once), then `watch()` it."""
+        self.start()
+        self.watch()
+
+    def watch(self) -> None:
+        """Wait on the started server and restart it when it dies, until stopped; stops the server on return."""
+        try:
+            while not self._stop.is_set():
+                code = self._wait_for_exit()
+                if code is None:
+                    return
+                self._died(f"Triton {self.server.pid} exited on its own (exit code {code})")
+                while not self._stop.is_set():
+                    try:
+                        self.start(append_log=True)
+                        self.restarts += 1
+                        break
+                    except ServingError as e:
+                        self._died(f"restarting Triton failed: {e}", with_log=False)  # e has the log tail
+        finally:
+            self.server.stop()
+
+    def stop(self) -> None:
+        """Ask `run()` to return; it stops the server."""
+        self._stop.set()
+
+    def start(self, append_log: bool = False) -> None:
+        """Start the server (after a death: with the models that were ready before it) and say so on `out`.
+
+        Raises ServingError (with the log tail) when it does not come up.
+        """
+        if self._loaded is not None:
+            known = repository_models(self.config.repository)
+            self.server.config.models = [m for m in self._loaded if m in known]
+        started = time.monotonic()
+        self.server.start(append_log=append_log)
+        print(f"Triton {self.server.pid} ready in {time.monotonic() - started:.1f} s (log: {self.server.log_path})",
+              file=self.out, flush=True)
+        self._loaded = self.server.ready_models()
+
+    def _wait_for_exit(self) -> int | None:
+        """The exit code once the process dies; None when stop() was called first."""
+        process = self.server._process
+        while not self._stop.is_set():
+            try:
+                return process.wait(self.poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                self._loaded = self.server.ready_models()
+            except (ServingError, OSError):
+                pass  # busy or dying: keep the last answer
+        return None
+
+    def _died(self, what: str, with_log: bool = True) -> None:
+        """Count one death; raise ServingError past the budget, else report it and pause before the restart."""
+        tail = self.server.log_tail() if with_log else ""
+        self.server.stop()  # reap the stubs of the dead server and close its log
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t <= self.window_s] + [now]
+        log = f"\nLast lines of {self.server.log_path}:\n{tail}" if tail else ""
+        if len(self._deaths) > self.max_restarts:
+            raise ServingError(f"{what}; it died {len(self._deaths)} times within {self.window_s:.0f} s, more than "
+                               f"the {self.max_restarts} restart(s) allowed (--max-restarts / --restart-window): "
+                               f"giving up. Look at the log for the cause." + log)
+        print(f"{what}; restarting it ({len(self._deaths)}/{self.max_restarts} within {self.window_s:.0f} s)"
+              + log, file=self.out, flush=True)
+        time.sleep(min(0.5 * len(self._deaths), 5.0))  # let the ports and shared memory go
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 
-def serve_forever(config: TritonServerConfig, out=None) -> None:
+def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, restart_window_s: float = 300.0) -> None:
     """Start Triton, print its endpoints and models, serve until Ctrl-C or SIGTERM, then stop it cleanly.
 
-    Raises ServingError when the server cannot start or dies on its own.
+    A Triton process that dies on its own is restarted (`Supervisor`): at most `max_restarts` times within
+    `restart_window_s` seconds. Raises ServingError when the server cannot start, or dies once more than that.
     """
     out = out or sys.stdout
-    server = TritonServer(config)
+    supervisor = Supervisor(config, max_restarts, restart_window_s, out)
+    server = supervisor.server
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
-    started = time.monotonic()
     try:
-        server.start()
-        print(f"Triton {server.pid} ready in {time.monotonic() - started:.1f} s (log: {server.log_path})", file=out)
+        supervisor.start()
         for name, url in server.endpoints.items():
             print(f"  {name:8s} {url}", file=out)
         ready = server.ready_models()
         print(f"  models   {', '.join(ready) if ready else 'none: run `dyngate build` first, or name them with --models'}", file=out)
         for name, reason in server.model_errors().items():
-            print(f"  FAILED   {name}: {reason}", file=out)
-        print("Ctrl-C stops the server.", file=out, flush=True)
-        code = server._process.wait()
-        raise ServingError(f"Triton exited on its own (exit code {code})." + server._tail())
+            print(f"  FAILED   {name}: {short_reason(reason)}", file=out)
+        print(f"Ctrl-C stops the server; if it dies it is restarted (at most {max_restarts} times within "
+              f"{restart_window_s:.0f} s).", file=out, flush=True)
+        supervisor.watch()
     except KeyboardInterrupt:
         print("stopping Triton ...", file=out, flush=True)
     finally:

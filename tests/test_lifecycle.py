@@ -1,0 +1,404 @@
+"""Life cycle of served variants on a real Triton: hot rebuilds, refused corrupt files, a supervised server.
+
+- A variant rebuilt while a steady stream of requests hits it becomes version 2 beside version 1; Triton moves
+  traffic to it, the old folder is deleted, and no request fails.
+- A truncated ONNX or TorchScript export is refused by the build; a truncated file that reaches the repository
+  anyway is refused by Triton, which keeps serving the previous version, and the gateway shows why.
+- `dyngate serve` restarts a Triton killed with SIGKILL (the gateway recovers on its own) and gives up, with
+  the exit code and log in its error, once the restart budget is spent.
+
+Each test serves a copy of the session's `built_repository` holding only the model it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from build.errors import ConfigError, ExportError, RepositoryError, ServingError
+from build.pipeline import BuildOptions, build
+from build.repository import (CONFIG_FILE, METADATA_FILE, ServingOptions, finish_model, python_config,
+                              staged_repository, version_numbers, write_version)
+from build.techniques import TECHNIQUES, Tolerance, Variant, register
+from gateway.client import TritonClient
+from gateway.triton_server import ModelControl, free_port, free_ports, roll_out
+from tests.conftest import ROOT, running_triton
+
+MODEL = "distilbert-tiny"
+NAME = f"{MODEL}__fp32"
+SENTENCES = [b"a gripping, beautifully shot film", b"dull and far too long", b"it was fine"]
+WAIT_S = 240  # upper bound for a start or restart on a loaded 2-core machine (a bound, never an assertion)
+
+
+def _snapshot(repository: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repository)): p.read_bytes() for p in sorted(repository.rglob("*")) if p.is_file()}
+
+
+def _copy_model(built_repository: Path, target: Path, name: str = NAME) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(built_repository / name, target / name)
+    return target
+
+
+def _wait_for(condition, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"gave up waiting {timeout_s:.0f} s for {what}")
+
+
+@dataclass
+class _Traffic:
+    """A steady stream of requests to one model from `threads` threads, each with its own tritonclient."""
+
+    url: str
+    model: str
+    threads: int = 3
+    protocol: str = "grpc"
+
+    def __post_init__(self):
+        self.sent, self.failed, self.errors, self.labels = [0] * self.threads, 0, [], {}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
+
+    def _run(self, index: int) -> None:
+        client = TritonClient(self.url, protocol=self.protocol, timeout_s=30)
+        i = 0
+        while not self._stop.is_set():
+            raw = SENTENCES[i % len(SENTENCES)]
+            i += 1
+            try:
+                label = client.predict(self.model, raw).answer["label"]
+            except Exception as e:  # any failure counts: that is what the tests measure
+                with self._lock:
+                    self.failed += 1
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                continue
+            with self._lock:
+                self.sent[index] += 1
+                self.labels.setdefault(raw, set()).add(label)
+        client.close()
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent) + self.failed
+
+    def __enter__(self) -> "_Traffic":
+        for w in self._workers:
+            w.start()
+        _wait_for(lambda: all(n > 0 for n in self.sent) or self.failed, "every client's first answer")
+        return self
+
+    def at_least(self, more: int) -> None:
+        """Wait until every thread answered `more` more requests than now (so the stream covers what came before)."""
+        marks = list(self.sent)
+        _wait_for(lambda: all(n >= m + more for n, m in zip(self.sent, marks)) or self.failed > 100,
+                  f"{more} more answers per client")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(60)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _shm_prefix(pid: int) -> str:
+    flag = "--backend-config=python,shm-region-prefix-name="
+    return next(a[len(flag):] for a in psutil.Process(pid).cmdline() if a.startswith(flag))
+
+
+def _served_versions(server) -> list[str]:
+    status, body = server._request("GET", f"/v2/models/{NAME}")
+    assert status == 200, body
+    return body["versions"]
+
+
+# ----------------------------------------------------------------------------------------- hot rebuild
+
+def test_rebuild_while_serving_moves_traffic_to_the_new_version_without_a_failed_request(
+        built_repository, tmp_path, cache_dir, data_dir):
+    repository = _copy_model(built_repository, tmp_path / "repo")
+    with running_triton(repository, tmp_path / "triton.log", models=[NAME]) as server:
+        assert _served_versions(server) == ["1"]
+        log: list[str] = []
+        with _Traffic(server.endpoints["grpc"], NAME) as grpc_traffic, \
+                _Traffic(server.endpoints["http"], NAME, threads=1, protocol="http") as http_traffic:
+            build(BuildOptions(model=MODEL, techniques=("fp32",), repository=repository, cache_dir=cache_dir,
+                               data=str(data_dir), eval_limit=50, check_limit=16, latency_samples=2, native=False,
+                               triton_url=server.endpoints["http"]), log=log.append)
+            grpc_traffic.at_least(20)
+            http_traffic.at_least(20)
+        print(f"\nrebuild under load: {grpc_traffic.total + http_traffic.total} requests, "
+              f"{grpc_traffic.failed + http_traffic.failed} failed")
+        assert grpc_traffic.failed == 0 and http_traffic.failed == 0, (grpc_traffic.errors + http_traffic.errors)[:5]
+        assert _served_versions(server) == ["2"]
+        # the same weights before and after: every sentence kept its one label across the switch
+        assert all(len(labels) == 1 for labels in grpc_traffic.labels.values())
+    folder = repository / NAME
+    assert version_numbers(folder) == [2]
+    assert (folder / "2" / "model.onnx").is_file()
+    assert json.loads((folder / METADATA_FILE).read_text())["version"] == 2
+    assert any("serves version 2" in line for line in log) and any("removed old version" in line for line in log)
+    assert not list(tmp_path.glob(".repo.staging-*")) and not list(tmp_path.glob(".repo.trash-*"))
+
+
+def _staged_model(staging: Path, name: str, marker: str) -> None:
+    version = write_version(staging, name, 1, {})
+    (version / "model.onnx").write_text(marker)
+    finish_model(version.parent, python_config(name, "TEXT", 1, ServingOptions()), {"marker": marker})
+
+
+def test_without_triton_a_rebuild_adds_a_version_and_keeps_only_the_one_before(tmp_path):
+    from build.pipeline import _after_publish
+
+    repository, log = tmp_path / "repo", []
+    for build_number in range(1, 4):
+        with staged_repository(repository, _after_publish(None, log.append)) as staging:
+            _staged_model(staging, "m__v", f"build {build_number}")
+    folder = repository / "m__v"
+    assert version_numbers(folder) == [2, 3]  # 2 may still be served by a Triton nobody told; 1 is gone
+    assert "version 2 kept for a Triton that may still serve it" in log[-1]
+    assert json.loads((folder / METADATA_FILE).read_text()) == {"marker": "build 3", "version": 3}
+    assert (folder / "3" / "model.onnx").read_text() == "build 3"
+
+    before = _snapshot(repository)
+    with pytest.raises(RuntimeError, match="planted"):
+        with staged_repository(repository) as staging:
+            _staged_model(staging, "m__v", "build 4")
+            _staged_model(staging, "m__new", "build 4")
+            raise RuntimeError("planted failure after staging")
+    assert _snapshot(repository) == before
+
+    def refuse(published):  # what the pipeline does when Triton refuses the new version
+        for p in published:
+            p.undo()
+        raise ServingError("planted refusal")
+
+    with pytest.raises(ServingError, match="planted refusal"):
+        with staged_repository(repository, after_publish=refuse) as staging:
+            _staged_model(staging, "m__v", "build 5")
+            _staged_model(staging, "m__new", "build 5")
+    assert _snapshot(repository) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+# ----------------------------------------------------------------------------------- corrupt model files
+
+@dataclass(frozen=True)
+class _TruncatedConfig:
+    """A technique whose export is cut short (what a full disk or a killed exporter leaves behind)."""
+
+
+def _truncated(engine: str):
+    def apply(context, config):
+        from build.export import export_onnx, export_torchscript
+
+        source = context.source
+        if engine == "onnxruntime":
+            path = export_onnx(source.model, source.family, context.work_dir / "cut.onnx")
+        else:
+            path = export_torchscript(source.model, source.family, context.work_dir / "cut.pt")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return Variant("truncated", f"test-truncated-{engine}", {}, engine, path, Tolerance(1e-3, 0.99))
+
+    return apply
+
+
+@pytest.mark.parametrize("engine,artifact", [("onnxruntime", "model.onnx"), ("torchscript", "model.pt")])
+def test_truncated_export_is_refused_and_the_repository_is_unchanged(built_repository, tmp_path, cache_dir,
+                                                                     data_dir, engine, artifact):
+    repository = tmp_path / "repo"
+    shutil.copytree(built_repository, repository)
+    before = _snapshot(repository)
+    technique = f"test-truncated-{engine}"
+    register(technique, _TruncatedConfig)(_truncated(engine))
+    try:
+        with pytest.raises(ExportError, match=rf"exported {re.escape(artifact)} \(\d+ bytes\) cannot be loaded "
+                                              r".*corrupt or truncated; nothing was written"):
+            build(BuildOptions(model=MODEL, techniques=("fp32", technique), repository=repository,
+                               cache_dir=cache_dir, data=str(data_dir), eval_limit=20, check_limit=8,
+                               latency_samples=2), log=lambda *a: None)
+    finally:
+        TECHNIQUES.pop(technique, None)
+    assert _snapshot(repository) == before
+    assert not list(tmp_path.glob(".repo.staging-*"))
+
+
+def test_corrupt_version_in_the_repository_keeps_the_old_one_serving_and_the_gateway_says_why(
+        built_repository, tmp_path, capsys):
+    from build.cli import main
+    from gateway import models_view
+    from gateway.app import serve as serve_gateway
+    from gateway.handlers import ClientPool
+
+    repository = _copy_model(built_repository, tmp_path / "repo")
+    folder = repository / NAME
+    with running_triton(repository, tmp_path / "triton.log", models=[NAME]) as server:
+        shutil.copytree(folder / "1", folder / "2")
+        onnx = folder / "2" / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 3])
+        reload = ["reload", "--model", MODEL, "--variant", "fp32", "--repository", str(repository),
+                  "--triton-url", server.endpoints["http"]]
+        with _Traffic(server.endpoints["grpc"], NAME, threads=2) as traffic:
+            capsys.readouterr()
+            assert main(reload) == 2
+            assert re.search(r"error: Triton refused version 2 of distilbert-tiny__fp32: .*Protobuf parsing failed.*; "
+                             r"it keeps serving version 1", capsys.readouterr().err)
+            traffic.at_least(10)
+        with capsys.disabled():
+            print(f"\ncorrupt version 2 under load: {traffic.total} requests, {traffic.failed} failed")
+        assert traffic.failed == 0, traffic.errors[:5]
+        assert _served_versions(server) == ["1"]
+        assert version_numbers(folder) == [1, 2]  # nothing deleted: the operator sees and fixes it
+
+        clients = ClientPool(server.endpoints["grpc"])
+        row = dict(zip(models_view.HEADERS, models_view.model_rows(repository, clients)[0]))
+        assert row["state"] == "FAILED" and row["version"] == "2 failed; serving 1"
+        assert "Protobuf parsing failed" in row["reason"] and "At:" not in row["reason"]
+
+        gateway = serve_gateway(repository, server.endpoints["grpc"], port=free_port())
+        try:
+            with urllib.request.urlopen(f"{gateway.url}/api/models", timeout=30) as response:
+                api_rows = json.loads(response.read())
+            assert [(r["triton model"], r["state"]) for r in api_rows] == [(NAME, "FAILED")]
+            assert "Protobuf parsing failed" in api_rows[0]["reason"]
+            answer = _post(f"{gateway.url}/api/predict", {"model": MODEL, "text": "a fine film"})
+            assert answer[0] == 200, answer
+
+            shutil.copyfile(folder / "1" / "model.onnx", onnx)  # the operator repairs version 2 and reloads
+            assert main(reload) == 0
+            assert "Triton serves version 2; removed version(s) 1" in capsys.readouterr().out
+            assert _served_versions(server) == ["2"] and version_numbers(folder) == [2]
+            with urllib.request.urlopen(f"{gateway.url}/api/models", timeout=30) as response:
+                row = json.loads(response.read())[0]
+            assert (row["state"], row["version"], row["reason"]) == ("READY", "2", "")
+        finally:
+            gateway.close()
+
+
+def test_models_view_names_the_served_version_and_ignores_failures_no_longer_on_disk(tmp_path):
+    from gateway.models_view import variant_state
+
+    folder = tmp_path / NAME
+    (folder / "1").mkdir(parents=True)
+    (folder / "2").mkdir()
+    ready_1 = {"name": NAME, "version": "1", "state": "READY"}
+    assert variant_state(folder, [ready_1]) == ("READY", "1 (2 on disk, not loaded)", "")
+    failed_2 = {"name": NAME, "version": "2", "state": "UNAVAILABLE", "reason": "Internal: bad file\n\nAt:\n  x.py"}
+    assert variant_state(folder, [ready_1, failed_2]) == ("FAILED", "2 failed; serving 1", "Internal: bad file")
+    shutil.rmtree(folder / "2")  # the operator removed the bad version: Triton's index still remembers it
+    assert variant_state(folder, [ready_1, failed_2]) == ("READY", "1", "")
+
+
+def test_build_with_an_unreachable_triton_fails_before_any_work(tmp_path, cache_dir):
+    repository = tmp_path / "repo"
+    with pytest.raises(ServingError, match=r"Triton at http://127.0.0.1:\d+ is not reachable: .*--triton-url"):
+        build(BuildOptions(model=MODEL, techniques=("fp32",), repository=repository, cache_dir=cache_dir,
+                           triton_url=f"127.0.0.1:{free_port()}"), log=lambda *a: None)
+    assert not repository.exists()
+    with pytest.raises(ConfigError, match="HTTP endpoint"):
+        ModelControl("grpc://127.0.0.1:8001")
+
+
+def test_reload_refuses_a_folder_without_versions(tmp_path):
+    folder = tmp_path / "repo" / NAME
+    folder.mkdir(parents=True)
+    with pytest.raises(ServingError, match="has no version folder"):
+        roll_out(ModelControl("http://127.0.0.1:9"), folder)
+    with pytest.raises(RepositoryError, match="refusing to remove version 3"):
+        from build.repository import remove_versions
+
+        (folder / "3").mkdir()
+        remove_versions(folder, [3])
+
+
+# ------------------------------------------------------------------------------------------- supervision
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_past_its_budget(
+        built_repository, tmp_path):
+    from gateway.app import serve as serve_gateway
+
+    repository = _copy_model(built_repository, tmp_path / "repo")
+    http, grpc, metrics = free_ports(3)
+    out_path = tmp_path / "serve.out"
+    command = [sys.executable, "-m", "build.cli", "serve", "--repository", str(repository), "--http-port", str(http),
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--models", NAME, "--max-restarts", "1"]
+    with open(out_path, "wb") as out:
+        serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def pids() -> list[int]:
+        return [int(p) for p in re.findall(r"Triton (\d+) ready", out_path.read_text(errors="replace"))]
+
+    gateway = None
+    try:
+        _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
+        assert serve.poll() is None, out_path.read_text()
+        first = pids()[0]
+        gateway = serve_gateway(repository, f"127.0.0.1:{grpc}", port=free_port())
+        body = {"model": MODEL, "text": "a fine film"}
+        assert _post(f"{gateway.url}/api/predict", body)[0] == 200
+
+        prefix = _shm_prefix(first)
+        assert list(Path("/dev/shm").glob(prefix + "*"))  # the python backend's regions of this server
+        os.kill(first, signal.SIGKILL)  # fault 1: survived by a restart
+        second = _wait_for(lambda: len(pids()) >= 2 and pids()[1], "the restarted Triton")
+        assert second != first and _gone(first)
+        assert not list(Path("/dev/shm").glob(prefix + "*"))  # what the killed server left is cleaned up
+        attempts = []
+        _wait_for(lambda: attempts.append(_post(f"{gateway.url}/api/predict", body)) or attempts[-1][0] == 200,
+                  "the gateway's first answer after the restart", poll_s=0.5)
+        print(f"\nkill -9 of Triton {first}: restarted as {second}; gateway answered again after "
+              f"{len(attempts)} attempt(s)")
+        text = out_path.read_text()
+        assert f"Triton {first} exited on its own (exit code -9); restarting it (1/1 within 300 s)" in text
+
+        os.kill(second, signal.SIGKILL)  # fault 2: past the budget of one restart
+        code = serve.wait(WAIT_S)
+        text = out_path.read_text()
+        assert code == 2, text
+        assert f"error: Triton {second} exited on its own (exit code -9); it died 2 times within 300 s" in text
+        assert "giving up" in text and "Last lines of" in text
+        assert len(pids()) == 2 and _gone(second)
+        status, answer = _post(f"{gateway.url}/api/predict", body)
+        assert status == 503 and "not reachable" in answer["error"], answer
+    finally:
+        if gateway is not None:
+            gateway.close()
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
