@@ -75,3 +75,15 @@ distclean: clean
 .PHONY: zero-report
 zero-report: setup
 	DYNGATE_DATA=$(DATA) $(BIN)/python -m build.zero_report --cache-dir $(or $(DYNGATE_CACHE),.cache)
+
+# Load test: LOAD_CLIENTS concurrent clients for LOAD_SECONDS each against Triton (asyncio gRPC) and the gateway's
+# POST /api/predict, with Triton's batching ratio; needs `make serve` and `make gateway` running. reports/load.{md,json}
+LOAD_CLIENTS ?= 100
+LOAD_SECONDS ?= 60
+LOAD_MODEL ?= distilbert-tiny
+LOAD_VARIANT ?= fp32
+.PHONY: load
+load: setup
+	$(BIN)/python -m gateway.load_test --triton 127.0.0.1:$(GRPC_PORT) --gateway http://127.0.0.1:$(GATEWAY_PORT) \
+	  --model $(LOAD_MODEL) --variant $(LOAD_VARIANT) --clients $(LOAD_CLIENTS) --duration $(LOAD_SECONDS) \
+	  $(DATA_FLAG) --out $(REPORT_DIR)

@@ -39,7 +39,7 @@ class ImageSpec:
 
     size: (height, width) in pixels fed to the graph; mean/std: per channel, after rescaling by
     `rescale_factor`; resample: PIL filter name. Accepted input: PIL modes in `modes`, each side within
-    [min_side, max_side] pixels.
+    [min_side, max_side] pixels, at most `max_bytes` bytes encoded, in one of the PIL `formats`.
     """
 
     size: tuple[int, int]
@@ -50,6 +50,9 @@ class ImageSpec:
     modes: tuple[str, ...] = ("L", "RGB", "RGBA", "P", "LA")
     min_side: int = 8
     max_side: int = 4096
+    max_bytes: int = 20 * 1024 * 1024  # encoded file size; larger inputs are refused before decoding
+    # decoders PIL may use: never EPS (Ghostscript), PSD, ICO, ... for bytes from the network
+    formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 
 
 @dataclass
@@ -118,7 +121,14 @@ class TextPreprocessor:
         self.max_text_chars = spec.max_text_chars
 
     def decode(self, raw: bytes) -> str:
-        """Return the text in `raw`; InputError when it is not UTF-8, empty or too long."""
+        """Return the text in `raw`; InputError when it is not UTF-8, empty or too long.
+
+        Inputs over 4 bytes per allowed character are refused before decoding (UTF-8 needs at most 4 bytes
+        per character), so a huge request costs no decode.
+        """
+        if len(raw) > 4 * self.max_text_chars:
+            raise InputError(f"TEXT has {len(raw)} bytes; the limit is {self.max_text_chars} characters "
+                             f"({4 * self.max_text_chars} bytes of UTF-8)")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -152,22 +162,33 @@ class ImagePreprocessor:
         self.dtype = np.dtype(spec.input_dtype)
 
     def decode(self, raw: bytes):
-        """Open `raw` as an image; InputError for bytes that are no image, or a mode or size not accepted."""
+        """Open `raw` as an image; InputError for bytes that are no image (of an accepted format), over
+        `max_bytes`, or of a mode or size not accepted. Mode and size are checked from the header, before any
+        pixel is decoded, so a small file that declares huge dimensions costs no memory."""
         Image, spec = self.Image, self.spec
         if not raw:
             raise InputError("IMAGE is empty; send the bytes of a PNG, JPEG, BMP or GIF file")
+        if len(raw) > spec.max_bytes:
+            raise InputError(f"IMAGE has {len(raw)} bytes; the limit is {spec.max_bytes} bytes")
         try:
-            image = Image.open(io.BytesIO(raw))
-            image.load()
+            image = Image.open(io.BytesIO(raw), formats=list(spec.formats))
+        except Image.DecompressionBombError as e:
+            raise InputError(f"IMAGE is too large: {e}") from None
         except Exception as e:  # PIL raises many types for broken files; its messages name memory addresses
             raise InputError(f"IMAGE is not a readable image file ({type(e).__name__}); send the bytes of a "
-                             "PNG, JPEG, BMP or GIF file") from None
+                             f"{', '.join(spec.formats)} file") from None
         if image.mode not in spec.modes:
             raise InputError(f"IMAGE has mode {image.mode!r}; accepted modes: {', '.join(spec.modes)}")
         w, h = image.size
         if min(w, h) < spec.min_side or max(w, h) > spec.max_side:
             raise InputError(
                 f"IMAGE is {w}x{h} pixels; each side must be within [{spec.min_side}, {spec.max_side}]")
+        try:
+            image.load()
+            image = image.convert("RGB")  # here, not in pixels(): a broken palette fails this item only
+        except Exception as e:
+            raise InputError(f"IMAGE is not a readable {image.format} file ({type(e).__name__}: truncated or "
+                             "corrupt); send the bytes of a complete image file") from None
         return image
 
     def pixels(self, images) -> np.ndarray:

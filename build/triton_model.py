@@ -7,7 +7,9 @@ the writer generated from the same spec, so they are never typed twice.
 Input: one BYTES tensor (TEXT: UTF-8 text, IMAGE: encoded image), shape [batch, 1].
 Outputs: RESULT (BYTES [batch, 1], one JSON answer each) and LOGITS (FP32, [batch, C] or [batch, L, C]).
 `execute` merges all requests Triton hands it (dynamic batching) into one engine run, then splits.
-A request with bad input gets an INVALID_ARG error response; its neighbours are answered normally.
+A request with bad input gets an INVALID_ARG error response; its neighbours are answered normally. An
+unexpected failure of the engine on one group of requests answers that group with INTERNAL errors (naming the
+exception) and leaves the model up for the next requests.
 Request parameters (e.g. `exit_threshold`) reach the engine as options.
 """
 
@@ -39,6 +41,8 @@ class TritonPythonModel:
                 params = json.loads(request.parameters() or "{}")
             except ValueError:
                 params = {}
+            if not isinstance(params, dict):
+                params = {}
             values = tensor.as_numpy().reshape(-1)
             for value in values:
                 raws.append(value if isinstance(value, bytes) else str(value).encode())
@@ -54,6 +58,8 @@ class TritonPythonModel:
                 results = self.predictor.predict([raws[p] for p in positions], json.loads(key))
             except InputError as e:
                 results = [e] * len(positions)
+            except Exception as e:  # a bug or an engine failure: fail these requests, keep serving
+                results = [RuntimeError(f"{type(e).__name__}: {e}")] * len(positions)
             per_request: dict[int, list] = {i: [] for i in indices}
             for p, result in zip(positions, results):
                 per_request[owners[p]].append(result)
@@ -65,8 +71,10 @@ class TritonPythonModel:
         errors = [(i, r) for i, r in enumerate(items) if isinstance(r, Exception)]
         if errors:
             where = "" if len(items) == 1 else f"item {errors[0][0]}: "
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(where + str(errors[0][1]), pb_utils.TritonError.INVALID_ARG))
+            error = errors[0][1]
+            code = (pb_utils.TritonError.INVALID_ARG if isinstance(error, InputError)
+                    else getattr(pb_utils.TritonError, "INTERNAL", pb_utils.TritonError.UNKNOWN))
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(where + str(error), code))
         answers = np.array([[json.dumps(r.answer, default=json_default).encode()] for r in items],
                            dtype=np.object_)
         shapes = [r.logits.shape for r in items]

@@ -1,6 +1,7 @@
 """The gateway's settings: limits, routing defaults, login, where Triton's metrics are. JSON file and environment.
 
-    {"limits": {"max_text_chars": 10000, "max_bench_requests": 2000, "max_bench_concurrency": 16},
+    {"limits": {"max_text_chars": 10000, "max_image_bytes": 5242880, "max_body_bytes": 8388608,
+                "max_bench_requests": 2000, "max_bench_concurrency": 16},
      "routing": {"accuracy_budget": 0.01, "cascade_threshold": 0.9, "seed": 0,
                  "ab_weights": {"distilbert-tiny": {"fp32": 3, "torchscript": 1}}},
      "auth": {"user": "me", "password": "..."},

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from build.errors import DyngateError, InputError, ServingError
+from build.errors import ConfigError, DyngateError, InputError, ServingError
 from build.repository import RepositoryEntry, list_models
 from gateway.client import TritonClient
 
@@ -33,13 +33,34 @@ REQUEST_TIMEOUT_S = 10.0  # a predict fails after this, never hangs (a restartin
 
 @dataclass
 class Limits:
-    """Caps on what one request may ask of the gateway (DYNGATE_GATEWAY_MAX_* environment variables)."""
+    """Caps on what one request may ask of the gateway (the "limits" object of the gateway config).
+
+    max_text_chars: characters of one text. max_image_bytes: bytes of one encoded image (also Gradio's upload
+    limit). max_body_bytes: bytes of any HTTP request body (JSON route, Gradio's own routes and uploads);
+    larger ones get 413 before they are read; must leave room for a max_image_bytes image in base64 JSON.
+    max_bench_*: the Compare tab's caps.
+
+    Raises ConfigError when max_body_bytes cannot hold a max_image_bytes image as base64 JSON.
+    """
 
     max_text_chars: int = 10_000
     max_image_bytes: int = 5 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024
     max_bench_requests: int = 2_000
     max_bench_concurrency: int = 16
     max_bench_batch: int = 32
+
+    def __post_init__(self):
+        needed = base64_json_bytes(self.max_image_bytes)
+        if self.max_body_bytes < needed:
+            raise ConfigError(f"limits.max_body_bytes={self.max_body_bytes} cannot hold an image of "
+                              f"max_image_bytes={self.max_image_bytes} sent as base64 JSON ({needed} bytes); "
+                              f"raise max_body_bytes to ≥{needed} or lower max_image_bytes")
+
+
+def base64_json_bytes(image_bytes: int) -> int:
+    """Bytes of a POST /api/predict body carrying an image of `image_bytes` bytes (base64 + 1 KiB of fields)."""
+    return 4 * ((image_bytes + 2) // 3) + 1024
 
 
 # ---------------------------------------------------------------------------------------------- the models
@@ -201,7 +222,12 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
         if len(str(text)) > limits.max_text_chars:
             raise InputError(f"the text has {len(str(text))} characters; the gateway's limit is "
                              f"{limits.max_text_chars} (max_text_chars): send a shorter text")
-        return str(text).encode("utf-8")
+        try:
+            return str(text).encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (e.g. "\ud800" in JSON) is no Unicode character
+            bad = str(text)[e.start]
+            raise InputError(f"the text holds U+{ord(bad):04X} at character {e.start}, a lone surrogate that is "
+                             "not a Unicode character; send valid Unicode text") from None
     if image is None or image == "" or image == b"":
         raise InputError(f"no image: {view.name} is an image model, upload a PNG, JPEG, BMP or GIF file")
     if isinstance(image, (bytes, bytearray)):

@@ -1,0 +1,85 @@
+"""The load test (gateway/load_test.py, `make load`) with small numbers against the embedded Triton and a real
+gateway: no errors, and the report's counts agree with Triton's statistics API. No timing assertions.
+
+Fixtures from tests/conftest.py: `built_repository` and `triton`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from build.errors import ConfigError
+from gateway import app as gateway_app
+from gateway import load_test
+from gateway.config import GatewayConfig
+from gateway.triton_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL, VARIANT = "distilbert-tiny", "fp32"
+CLIENTS, SECONDS = 20, 5
+
+
+@pytest.fixture(scope="module")
+def gateway(built_repository, triton):
+    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], server_pid=triton.pid)
+    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_load_run_against_triton_and_gateway(triton, gateway, data_dir, tmp_path):
+    from gateway.client import TritonClient
+    from gateway.compare import server_stats  # the Compare tab's reader of the statistics API, as a cross-check
+
+    name = f"{MODEL}__{VARIANT}"
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        before = server_stats(client, name)["success"][0]
+    command = [sys.executable, "-m", "gateway.load_test", "--triton", triton.endpoints["grpc"], "--gateway",
+               gateway.url, "--model", MODEL, "--variant", VARIANT, "--clients", str(CLIENTS), "--duration",
+               str(SECONDS), "--max-requests", "5000", "--data", str(data_dir), "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "load.json").read_text())
+    markdown = (tmp_path / "load.md").read_text()
+    runs = {r["target"]: r for r in report["runs"]}
+    assert set(runs) == {"triton", "gateway"}
+    for target, run in runs.items():
+        assert run["clients"] == CLIENTS and run["triton_model"] == name
+        assert run["errors"] == 0, run["error_messages"]
+        assert run["requests"] == run["ok"] > 0
+        assert run["p50_ms"] <= run["p99_ms"]
+        stats = run["triton"]
+        # every answered request reached Triton exactly once (policy "variant": one Triton request per gateway
+        # request), one item each; executions can only merge requests, never add any
+        assert stats["success_count"] == run["ok"], (target, stats)
+        assert stats["inference_count"] == run["ok"], (target, stats)
+        assert 1 <= stats["execution_count"] <= stats["inference_count"]
+        assert stats["batching_ratio"] == pytest.approx(stats["inference_count"] / stats["execution_count"], abs=1e-3)
+        assert f"| {target} | {CLIENTS} |" in markdown
+    # the two runs (plus 5 warm-up requests each) are all of this variant's traffic in the meantime
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        after = server_stats(client, name)["success"][0]
+    assert after - before == sum(r["ok"] for r in runs.values()) + 2 * 5
+
+
+def test_load_test_refuses_other_hosts_and_bad_bounds():
+    with pytest.raises(ConfigError, match="only targets servers on this machine"):
+        load_test.run_load("10.1.2.3:8001", MODEL, targets=("triton",), clients=1, duration_s=1)
+    with pytest.raises(ConfigError, match="only targets servers on this machine"):
+        load_test.run_load("127.0.0.1:8001", MODEL, gateway_url="http://example.com:7860", clients=1, duration_s=1)
+    with pytest.raises(ConfigError, match="needs --gateway"):
+        load_test.run_load("127.0.0.1:8001", MODEL, targets=("gateway",), clients=1, duration_s=1)
+    with pytest.raises(ConfigError, match="clients=0"):
+        load_test.run_load("127.0.0.1:8001", MODEL, clients=0)
+    with pytest.raises(ConfigError, match="duration"):
+        load_test.run_load("127.0.0.1:8001", MODEL, duration_s=0)
+    done = subprocess.run([sys.executable, "-m", "gateway.load_test", "--triton", "192.0.2.1:8001"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "only targets servers on this machine" in done.stderr
