@@ -9,17 +9,26 @@ A threshold of 1.0 or above never exits: the answer is then the full model's (sa
 Confidence (`criterion`):
 - "max_prob": the largest softmax probability;
 - "entropy": 1 - H(p) / log(C) (1 = one-hot, 0 = uniform), so both criteria share the [0, 1] scale.
-Token classification (DeBERTa NER; Li et al. 2021) exits a sentence when EVERY real token is confident
-(minimum over the attention mask).
+Token classification (DeBERTa NER; Li et al. 2021, sentence-level exit for sequence labelling) exits a
+sentence when EVERY real token is confident: the minimum over the attention mask (padding ignored).
 
-Families: DistilBERT (ramp on the [CLS] state: Linear-ReLU-Linear like its own head) and ViT (ramp on the
-CLS token: LayerNorm-Linear like its own head). DeBERTa-v2 is refused by `check_family` before any work
-starts. Its relative attention is not the obstacle: a segment wrapping one DebertaV2Layer that rebuilds the
-4-D mask, `encoder.get_rel_pos(hidden)` and `encoder.get_rel_embedding()` itself equals the encoder's hidden
-state exactly and exports (dynamo, dynamic batch and sequence) with |Δ| ~1e-6 in ONNX Runtime (checked on the
-deberta-tiny preset). What is missing is the token-level plumbing: its embeddings take the attention mask
-(the engines feed embeddings the first input only), ramps and `predict_with_exit` are per sequence, and ramp
-training caches the [CLS] state with one label per example instead of per-token labels.
+Segments pass named tensors along (the engines chain them by name, nothing is family-specific there):
+the embeddings segment takes graph inputs (`embed_inputs`) and returns `hidden` plus `state` tensors that
+every layer takes again (`layer_inputs`); `shared` names have no batch axis and are not sliced when rows
+exit. One cut per HF `model_type`, in the flat table `CUTS`:
+- distilbert: embeddings(input_ids); layer(hidden, attention_mask); ramp/head on [CLS]
+  (Linear-ReLU-Linear, like its own head).
+- vit: embeddings(pixel_values); layer(hidden); ramp/head on the CLS token (LayerNorm-Linear).
+- deberta-v2 (token classification): embeddings(input_ids, attention_mask) also computes what its encoder
+  computes once — the pairwise mask `extended_mask` [B, 1, L, L], `relative_pos` [1, L, L] and the
+  (LayerNorm-ed) `rel_embeddings` [2k, D] — and each layer takes (hidden, extended_mask, relative_pos,
+  rel_embeddings); ramps are per-token Linear layers shaped like its own classifier. Checkpoints with a
+  convolution after the first layer (`conv_kernel_size`), `z_steps` or without relative attention are
+  refused by `check_model`.
+
+Ramp training: the frozen backbone runs once over the training batches, the ramp inputs are cached and
+DeepSpeed (build.training) trains only the ramps: one label per sequence, or for token tasks one label per
+token (`token_labels`: every real token labelled, padding ignored).
 
 Exports (same segments, same decision rule as build/runtime.py's engines):
 - ONNX: one graph per segment in a folder with `early_exit.json`; `runtime.EarlyExitOnnxEngine` chains them.
@@ -32,21 +41,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from build.errors import ConfigError, ExportError, check_choice, check_range
+from build.errors import ConfigError, ExportError, check_range
 
 log = logging.getLogger("dyngate.early_exit")
 
 CRITERIA = ("max_prob", "entropy")
 MANIFEST = "early_exit.json"
-SUPPORTED = ("distilbert", "vit")
+IGNORE = -100  # token label ignored by the ramp loss (padding)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -57,10 +66,25 @@ def num_layers(model: nn.Module) -> int:
 
 
 def check_family(model_type: str) -> None:
-    if model_type not in SUPPORTED:
-        raise ConfigError(f"early exit supports model types {', '.join(SUPPORTED)}; {model_type!r} is not wired "
-                          f"yet (token-level ramps, per-token ramp training and a masked embeddings segment are "
-                          f"missing; see build/early_exit.py); drop early-exit/stacked for it")
+    if model_type not in CUTS:
+        raise ConfigError(f"early exit supports model types {', '.join(CUTS)}; {model_type!r} has no segment "
+                          f"cut in build/early_exit.py (CUTS); drop early-exit/stacked for it")
+
+
+def check_model(model: nn.Module, model_type: str) -> None:
+    """Refuse checkpoints of a supported family whose forward the segments do not reproduce."""
+    check_family(model_type)
+    if model_type != "deberta-v2":
+        return
+    config = model.config
+    if not getattr(config, "relative_attention", False):
+        raise ConfigError("early exit for deberta-v2 needs relative_attention=True (every DeBERTa-v2/v3 "
+                          "checkpoint has it); this config has none")
+    if getattr(config, "conv_kernel_size", 0) > 0:
+        raise ConfigError(f"early exit for deberta-v2 does not cut models with a convolution after the first "
+                          f"layer (conv_kernel_size={config.conv_kernel_size}); drop early-exit for this checkpoint")
+    if getattr(getattr(model, "deberta", None), "z_steps", 0) > 1:
+        raise ConfigError("early exit for deberta-v2 does not cut models with z_steps > 1")
 
 
 def resolve_exit_layers(exit_layers, layers: int) -> list[int]:
@@ -133,6 +157,36 @@ class ImageLayer(nn.Module):
         return self.layer(hidden)
 
 
+class DebertaEmbed(nn.Module):
+    """DeBERTa-v2 embeddings (masked) plus what its encoder computes once for all layers.
+
+    forward(input_ids, attention_mask) -> (hidden [B, L, D], extended_mask [B, 1, L, L] int64,
+    relative_pos [1, L, L] int64, rel_embeddings [2k, D]), exactly as DebertaV2Model.forward and
+    DebertaV2Encoder.forward compute them.
+    """
+
+    def __init__(self, embeddings: nn.Module, encoder: nn.Module):
+        super().__init__()
+        self.embeddings, self.encoder = embeddings, encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        hidden = self.embeddings(input_ids=input_ids, mask=attention_mask)
+        return (hidden, self.encoder.get_attention_mask(attention_mask), self.encoder.get_rel_pos(hidden),
+                self.encoder.get_rel_embedding())
+
+
+class DebertaLayer(nn.Module):
+    """One DebertaV2Layer fed the encoder's precomputed mask and relative positions."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, extended_mask: torch.Tensor, relative_pos: torch.Tensor,
+                rel_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layer(hidden, extended_mask, relative_pos=relative_pos, rel_embeddings=rel_embeddings)[0]
+
+
 class DistilBertHead(nn.Module):
     """DistilBERT's classifier on [CLS]: pre_classifier -> ReLU -> classifier (the model's own weights)."""
 
@@ -155,16 +209,28 @@ class ViTHead(nn.Module):
         return self.classifier(self.layernorm(hidden[:, 0]))
 
 
-def new_ramp(model_type: str, hidden: int, num_labels: int) -> nn.Module:
-    """A fresh off-ramp shaped like the family's own head."""
-    if model_type == "distilbert":
-        return DistilBertHead(nn.Linear(hidden, hidden), nn.Linear(hidden, num_labels))
-    return ViTHead(nn.LayerNorm(hidden, eps=1e-12), nn.Linear(hidden, num_labels))
+class TokenHead(nn.Module):
+    """A token classifier: one Linear over every position, [B, L, D] -> [B, L, C] (DeBERTa's own head shape)."""
+
+    def __init__(self, classifier: nn.Linear):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)
 
 
 @dataclass
 class Segments:
-    """A model cut for early exit. layers[i] is layer i+1; ramps maps layer number -> ramp module."""
+    """A model cut for early exit. layers[i] is layer i+1; ramps maps layer number -> ramp module.
+
+    inputs: graph inputs in order; embed_inputs: those the embeddings segment takes; state: tensors the
+    embeddings segment returns after `hidden`; layer_inputs: what every layer takes, in order ("hidden",
+    graph inputs, state names); shared: state names without a batch axis; axes: per tensor name, axis ->
+    "batch" | "sequence" (dynamic axes of the exports); token_level: per-token logits, sentence-level exit.
+    example: example graph inputs (batch and sequence ≥2) for tracing and export.
+    ramp_factory: makes a fresh off-ramp shaped like the family's own head.
+    """
 
     model_type: str
     inputs: tuple[str, ...]
@@ -174,6 +240,14 @@ class Segments:
     ramps: dict[int, nn.Module]
     num_labels: int
     hidden_size: int
+    embed_inputs: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()
+    layer_inputs: tuple[str, ...] = ("hidden",)
+    shared: tuple[str, ...] = ()
+    axes: dict = field(default_factory=dict)
+    token_level: bool = False
+    example: dict = field(default_factory=dict)
+    ramp_factory: Callable[[], nn.Module] | None = None
 
     @property
     def uses_mask(self) -> bool:
@@ -187,22 +261,30 @@ class Segments:
             m.eval()
         return self
 
-    def embed_inputs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        first = inputs[self.inputs[0]]
-        return self.embed(first), inputs.get("attention_mask") if self.uses_mask else None
+    def start(self, inputs: dict) -> dict:
+        """Run the embeddings segment: {graph inputs, "hidden", state...} (the tensors layers pick from)."""
+        env = {name: inputs[name] for name in self.inputs}
+        out = self.embed(*[env[name] for name in self.embed_inputs])
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        env["hidden"] = outs[0]
+        env.update(zip(self.state, outs[1:]))
+        return env
 
-    def run_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        layer = self.layers[index]
-        return layer(hidden, mask) if self.uses_mask else layer(hidden)
+    def run_layer(self, index: int, env: dict) -> torch.Tensor:
+        return self.layers[index](*[env[name] for name in self.layer_inputs])
+
+    def keep(self, env: dict, rows: torch.Tensor) -> dict:
+        """`env` restricted to `rows` (a bool mask or indices over the batch); shared tensors stay whole."""
+        return {k: (v if k in self.shared else v[rows]) for k, v in env.items()}
 
     @torch.no_grad()
     def hidden_states(self, inputs: dict) -> list[torch.Tensor]:
         """Hidden states after every layer (index i = after layer i+1), no exit."""
-        hidden, mask = self.embed_inputs(inputs)
+        env = self.start(inputs)
         states = []
         for i in range(len(self.layers)):
-            hidden = self.run_layer(i, hidden, mask)
-            states.append(hidden)
+            env["hidden"] = self.run_layer(i, env)
+            states.append(env["hidden"])
         return states
 
     @torch.no_grad()
@@ -210,30 +292,64 @@ class Segments:
         return self.head(self.hidden_states(inputs)[-1])
 
 
+def _cut_distilbert(model: nn.Module) -> Segments:
+    dim, labels = int(model.config.dim), int(model.config.num_labels)
+    return Segments("distilbert", ("input_ids", "attention_mask"), TextEmbed(model.distilbert.embeddings),
+                    [MaskedLayer(l) for l in model.distilbert.transformer.layer],
+                    DistilBertHead(model.pre_classifier, model.classifier), {}, labels, dim,
+                    embed_inputs=("input_ids",), layer_inputs=("hidden", "attention_mask"),
+                    ramp_factory=lambda: DistilBertHead(nn.Linear(dim, dim), nn.Linear(dim, labels)))
+
+
+def _cut_vit(model: nn.Module) -> Segments:
+    dim, labels = int(model.config.hidden_size), int(model.config.num_labels)
+    return Segments("vit", ("pixel_values",), ImageEmbed(model.vit.embeddings),
+                    [ImageLayer(l) for l in model.vit.layers], ViTHead(model.vit.layernorm, model.classifier), {},
+                    labels, dim, embed_inputs=("pixel_values",),
+                    ramp_factory=lambda: ViTHead(nn.LayerNorm(dim, eps=1e-12), nn.Linear(dim, labels)))
+
+
+def _cut_deberta(model: nn.Module) -> Segments:
+    encoder = model.deberta.encoder
+    dim, labels = int(model.config.hidden_size), int(model.config.num_labels)
+    state = ("extended_mask", "relative_pos", "rel_embeddings")
+    return Segments("deberta-v2", ("input_ids", "attention_mask"), DebertaEmbed(model.deberta.embeddings, encoder),
+                    [DebertaLayer(l) for l in encoder.layer], TokenHead(model.classifier), {}, labels, dim,
+                    ramp_factory=lambda: TokenHead(nn.Linear(dim, labels)),
+                    embed_inputs=("input_ids", "attention_mask"), state=state, layer_inputs=("hidden", *state),
+                    shared=("relative_pos", "rel_embeddings"), token_level=True,
+                    axes={"extended_mask": {0: "batch", 2: "sequence", 3: "sequence"},
+                          "relative_pos": {1: "sequence", 2: "sequence"}, "rel_embeddings": {}})
+
+
+# One cut per HF model_type (what differs between families lives here and nowhere else).
+CUTS = {"distilbert": _cut_distilbert, "vit": _cut_vit, "deberta-v2": _cut_deberta}
+SUPPORTED = tuple(CUTS)
+
+_DEFAULT_AXES = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                 "pixel_values": {0: "batch"}}
+
+
 def segment_model(model: nn.Module, model_type: str, exit_layers: list[int] | None = None,
                   seed: int = 0) -> Segments:
     """Cut an HF model (a deep copy; eager attention) into segments with fresh ramps after `exit_layers`."""
-    check_family(model_type)
+    from build.export import example_inputs
+    from build.families import family_for
+
+    check_model(model, model_type)
     model = copy.deepcopy(model).float().eval()
     model.config._attn_implementation = "eager"  # explicit additive mask; exports to ONNX and TorchScript
     for p in model.parameters():
         p.requires_grad_(False)
-    layers_n = num_layers(model)
-    positions = resolve_exit_layers(exit_layers, layers_n)
-    num_labels = int(model.config.num_labels)
+    positions = resolve_exit_layers(exit_layers, num_layers(model))
+    segments = CUTS[model_type](model)
+    family = family_for(model_type)
+    segments.example = dict(zip(family.onnx_inputs, example_inputs(model, family)))
+    sequence_axis = {1: "sequence"} if segments.uses_mask else {}
+    segments.axes = {**_DEFAULT_AXES, "hidden": {0: "batch", **sequence_axis}, **segments.axes}
     torch.manual_seed(seed)
-    if model_type == "distilbert":
-        hidden = int(model.config.dim)
-        segments = Segments(model_type, ("input_ids", "attention_mask"), TextEmbed(model.distilbert.embeddings),
-                            [MaskedLayer(l) for l in model.distilbert.transformer.layer],
-                            DistilBertHead(model.pre_classifier, model.classifier), {}, num_labels, hidden)
-    else:
-        hidden = int(model.config.hidden_size)
-        segments = Segments(model_type, ("pixel_values",), ImageEmbed(model.vit.embeddings),
-                            [ImageLayer(l) for l in model.vit.layers],
-                            ViTHead(model.vit.layernorm, model.classifier), {}, num_labels, hidden)
     for position in positions:
-        segments.ramps[position] = new_ramp(model_type, hidden, num_labels)
+        segments.ramps[position] = segments.ramp_factory()
     return segments.eval()
 
 
@@ -248,138 +364,188 @@ def confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
     return 1.0 - entropy / float(np.log(logits.shape[-1]))
 
 
+def sentence_confidence(logits: torch.Tensor, attention_mask: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Token logits [B, L, C] -> [B]: the least confident real token of each sentence (padding ignored)."""
+    conf = confidence(logits, criterion)
+    return torch.where(attention_mask.bool(), conf, torch.full_like(conf, float("inf"))).amin(dim=1)
+
+
 @torch.no_grad()
 def predict_with_exit(segments: Segments, inputs: dict, threshold: float, criterion: str = "max_prob",
                       calls: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the engines: (logits, exit_layer) with per-sample exit; `calls` counts segments."""
-    hidden, mask = segments.embed_inputs(inputs)
+    env = segments.start(inputs)
+    hidden = env["hidden"]
     batch = hidden.shape[0]
-    out = torch.zeros(batch, segments.num_labels)
+    shape = (batch, hidden.shape[1], segments.num_labels) if segments.token_level else (batch, segments.num_labels)
+    out = torch.zeros(shape)
     exit_layer = torch.full((batch,), len(segments.layers), dtype=torch.long)
     active = torch.arange(batch)
     for i in range(len(segments.layers)):
-        hidden = segments.run_layer(i, hidden, mask)
+        env["hidden"] = segments.run_layer(i, env)
         if calls is not None:
             calls[f"layer_{i + 1}"] = calls.get(f"layer_{i + 1}", 0) + 1
         ramp = segments.ramps.get(i + 1)
         if ramp is None or threshold >= 1.0:
             continue
-        logits = ramp(hidden)
-        done = confidence(logits, criterion) >= threshold
+        logits = ramp(env["hidden"])
+        conf = (sentence_confidence(logits, env["attention_mask"], criterion) if segments.token_level
+                else confidence(logits, criterion))
+        done = conf >= threshold
         if bool(done.any()):
             out[active[done]] = logits[done]
             exit_layer[active[done]] = i + 1
             keep = ~done
-            active, hidden = active[keep], hidden[keep]
-            mask = mask[keep] if mask is not None else None
+            active, env = active[keep], segments.keep(env, keep)
             if active.numel() == 0:
                 return out, exit_layer
-    out[active] = segments.head(hidden)
+    out[active] = segments.head(env["hidden"])
     return out, exit_layer
 
 
 # ---------------------------------------------------------------------------------------------- training
 
+def token_labels(encoding, spans, labels: list[str]) -> list[int]:
+    """Per-token ramp labels of one sentence from its gold entity spans `(type, start_char, end_char)`.
+
+    Every real token is labelled, since the exit rule looks at every real token: a token starting an entity
+    takes B-X, a later token inside it I-X (a word's continuation sub-tokens included), tokens outside
+    entities and special tokens ([CLS], [SEP]) "O". `encoding` is a `tokenizers.Encoding` (char offsets).
+    """
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for position, word_id in enumerate(encoding.word_ids):
+        tag = "O"
+        if word_id is not None:
+            start = encoding.offsets[position][0]
+            for kind, span_start, span_end in spans:
+                if span_start <= start < span_end:
+                    tag = f"{'B' if start == span_start else 'I'}-{kind}"
+                    break
+        if tag not in index:
+            raise ConfigError(f"gold tag {tag!r} is not among the model's labels {labels}; the data and the "
+                              f"checkpoint's id2label disagree")
+        out.append(index[tag])
+    return out
+
+
 class RampTrainer(nn.Module):
     """The ramps as one trainable module: loss = mean cross-entropy of every ramp on cached hidden states.
 
-    Batches hold `h<k>` (the ramp input after layer k: the [CLS]/CLS position only, [B, 1, D]) and `labels`.
+    Batches hold `h<k>` (the ramp input after layer k: the [CLS]/CLS position only, [B, 1, D], or every
+    position for token tasks, [B, L, D]) and `labels` ([B], or [B, L] with IGNORE at padding).
     """
 
-    def __init__(self, ramps: dict[int, nn.Module]):
+    def __init__(self, ramps: dict[int, nn.Module], token_level: bool = False):
         super().__init__()
         self.positions = sorted(ramps)
         self.ramps = nn.ModuleList([ramps[p] for p in self.positions])
+        self.token_level = token_level
 
     def forward(self, labels: torch.Tensor, **hidden) -> torch.Tensor:
-        losses = [nn.functional.cross_entropy(ramp(hidden[f"h{p}"]).float(), labels)
-                  for p, ramp in zip(self.positions, self.ramps)]
+        losses = []
+        for p, ramp in zip(self.positions, self.ramps):
+            logits = ramp(hidden[f"h{p}"]).float()
+            losses.append(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                      ignore_index=IGNORE))
         return torch.stack(losses).mean()
 
 
-def train_ramps(segments: Segments, feeds: list[dict], labels: list[int], training_config) -> dict:
+def train_ramps(segments: Segments, feeds: list[dict], labels: list, training_config) -> dict:
     """Train the ramps on `feeds` (graph-input batches) with labels, backbone frozen, through build.training.
 
-    The frozen backbone runs once: the ramp inputs are cached, then DeepSpeed trains only the ramps.
-    Returns {"steps", "final_loss", "seconds"}.
+    labels: one class id per example, or for token tasks one list of per-token ids per example (as long as
+    its tokens; see `token_labels`). The frozen backbone runs once: the ramp inputs are cached, then
+    DeepSpeed trains only the ramps. Returns {"steps", "final_loss", "seconds"} (+ "tokens" for token tasks).
     """
     from build.training import train
 
     cached: list[dict] = []
-    offset = 0
+    offset = tokens = 0
     for feed in feeds:
         inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
         states = segments.hidden_states(inputs)
         size = states[0].shape[0]
-        batch = {f"h{p}": states[p - 1][:, :1].clone() for p in segments.ramps}
-        batch["labels"] = torch.tensor(labels[offset:offset + size], dtype=torch.long)
+        if segments.token_level:
+            batch = {f"h{p}": states[p - 1].clone() for p in segments.ramps}
+            target = torch.full(inputs["attention_mask"].shape, IGNORE, dtype=torch.long)
+            for row, ids in enumerate(labels[offset:offset + size]):
+                target[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            target[inputs["attention_mask"] == 0] = IGNORE
+            tokens += int((target != IGNORE).sum())
+            batch["labels"] = target
+        else:
+            batch = {f"h{p}": states[p - 1][:, :1].clone() for p in segments.ramps}
+            batch["labels"] = torch.tensor(labels[offset:offset + size], dtype=torch.long)
         offset += size
         cached.append(batch)
     if offset != len(labels):
         raise ConfigError(f"{len(labels)} labels for {offset} training inputs; they must match")
-    trainer = RampTrainer(segments.ramps)
+    trainer = RampTrainer(segments.ramps, segments.token_level)
     result = train(trainer, cached, training_config, loss_fn=lambda model, batch: model(**batch),
                    desc="early-exit ramps")
     segments.eval()
-    return {"steps": result.steps, "final_loss": round(result.final_loss, 4), "seconds": round(result.seconds, 1)}
+    report = {"steps": result.steps, "final_loss": round(result.final_loss, 4), "seconds": round(result.seconds, 1)}
+    if segments.token_level:
+        report["tokens"] = tokens
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- ONNX export
 
-def _example(segments: Segments, batch: int = 2, sequence: int = 8) -> dict:
-    embed = segments.embed.embeddings
-    if segments.uses_mask:
-        vocab = embed.word_embeddings.num_embeddings
-        return {"input_ids": torch.randint(5, vocab, (batch, sequence)),
-                "attention_mask": torch.ones(batch, sequence, dtype=torch.long)}
-    size = embed.patch_embeddings.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return {"pixel_values": torch.randn(batch, embed.patch_embeddings.num_channels, size, size)}
-
-
-def _export(module: nn.Module, args: tuple, names: list[str], shapes: dict, path: Path) -> None:
+def _export(module: nn.Module, args: tuple, names: list[str], shapes: dict, path: Path,
+            outputs: list[str] | None = None) -> None:
     from build.export import ONNX_OPSET, _quiet
 
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(module, args, dynamo=True, opset_version=ONNX_OPSET, input_names=names,
-                                        output_names=["output"], dynamic_shapes=shapes, optimize=True)
+                                        output_names=outputs or ["output"], dynamic_shapes=shapes, optimize=True)
             program.save(str(path), external_data=False)
     except Exception as e:
         raise ExportError(f"ONNX export of early-exit segment {path.name} failed: {type(e).__name__}: {e}") from e
 
 
+def _dims(segments: Segments, names) -> dict:
+    """torch.export dynamic shapes of `names` from `segments.axes` (one Dim object per axis name)."""
+    dims = {"batch": torch.export.Dim("batch", min=1, max=1024),
+            "sequence": torch.export.Dim("sequence", min=1, max=4096)}
+    return {name: ({axis: dims[kind] for axis, kind in segments.axes[name].items()} or None) for name in names}
+
+
 def export_onnx_segments(segments: Segments, folder: Path, criterion: str, default_threshold: float,
                          task: str) -> Path:
-    """Write one ONNX graph per segment into `folder` plus `early_exit.json` (what the engine chains)."""
+    """Write one ONNX graph per segment into `folder` plus `early_exit.json` (what the engine chains).
+
+    embeddings: graph inputs `embed_inputs` -> ("hidden", *state); layer_<i>: `layer_inputs` -> hidden;
+    ramp_<k>, head: hidden -> logits. The manifest names the state and the shared (unbatched) tensors.
+    `task` must agree with the segments (token-classification <-> per-token ramps).
+    """
+    if (task == "token-classification") != segments.token_level:
+        raise ExportError(f"task {task!r} does not match the {segments.model_type} segments "
+                          f"({'per-token' if segments.token_level else 'per-sequence'} ramps)")
     folder.mkdir(parents=True, exist_ok=True)
-    example = _example(segments)
-    batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
-        hidden = segments.embed(example[segments.inputs[0]])
-    files: dict[str, str] = {}
-    first = segments.inputs[0]
-    first_shape = {0: batch, 1: torch.export.Dim("sequence", min=1, max=4096)} if segments.uses_mask else {0: batch}
-    _export(segments.embed, (example[first],), [first], {first: first_shape}, folder / "embeddings.onnx")
-    files["embeddings"] = "embeddings.onnx"
-    seq = torch.export.Dim("sequence", min=1, max=4096) if segments.uses_mask else None
-    hidden_shape = {0: batch, 1: seq} if seq is not None else {0: batch}
+        env = segments.start(segments.example)
+    embed_in = list(segments.embed_inputs)
+    _export(segments.embed, tuple(env[n] for n in embed_in), embed_in, _dims(segments, embed_in),
+            folder / "embeddings.onnx", outputs=["hidden", *segments.state])
+    files: dict[str, str] = {"embeddings": "embeddings.onnx"}
+    layer_in = list(segments.layer_inputs)
     for i, layer in enumerate(segments.layers, start=1):
-        if segments.uses_mask:
-            _export(layer, (hidden, example["attention_mask"]), ["hidden", "attention_mask"],
-                    {"hidden": hidden_shape, "attention_mask": {0: batch, 1: seq}}, folder / f"layer_{i}.onnx")
-        else:
-            _export(layer, (hidden,), ["hidden"], {"hidden": hidden_shape}, folder / f"layer_{i}.onnx")
+        _export(layer, tuple(env[n] for n in layer_in), layer_in, _dims(segments, layer_in), folder / f"layer_{i}.onnx")
         files[f"layer_{i}"] = f"layer_{i}.onnx"
+    hidden = (env["hidden"],)
     for position, ramp in segments.ramps.items():
-        _export(ramp, (hidden,), ["hidden"], {"hidden": hidden_shape}, folder / f"ramp_{position}.onnx")
+        _export(ramp, hidden, ["hidden"], _dims(segments, ["hidden"]), folder / f"ramp_{position}.onnx")
         files[f"ramp_{position}"] = f"ramp_{position}.onnx"
-    _export(segments.head, (hidden,), ["hidden"], {"hidden": hidden_shape}, folder / "head.onnx")
+    _export(segments.head, hidden, ["hidden"], _dims(segments, ["hidden"]), folder / "head.onnx")
     files["head"] = "head.onnx"
     manifest = {"inputs": list(segments.inputs), "layers": len(segments.layers),
                 "exit_layers": sorted(segments.ramps), "criterion": criterion,
-                "default_threshold": default_threshold, "level": "token" if task == "token-classification"
-                else "sequence", "num_labels": segments.num_labels, "segments": files}
+                "default_threshold": default_threshold, "level": "token" if segments.token_level else "sequence",
+                "num_labels": segments.num_labels, "state": list(segments.state),
+                "shared": list(segments.shared), "segments": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
 
@@ -391,53 +557,98 @@ class NoRamp(nn.Module):
         return hidden[:, 0, :0]
 
 
+class EmbedStep(nn.Module):
+    """Scripted around the traced embeddings: (first input, attention mask) -> (hidden, state list).
+
+    with_mask: the layers take the 2-D attention mask as their state (DistilBERT); else no state (ViT).
+    """
+
+    def __init__(self, traced: nn.Module, with_mask: bool):
+        super().__init__()
+        self.traced = traced
+        self.with_mask = with_mask
+
+    def forward(self, first: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        hidden = self.traced(first)
+        if self.with_mask:
+            return hidden, [mask]
+        return hidden, []
+
+
+class DebertaEmbedStep(EmbedStep):
+    """The traced DeBERTa embeddings return four tensors; TorchScript needs the tuple's arity statically."""
+
+    def forward(self, first: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        hidden, extended_mask, relative_pos, rel_embeddings = self.traced(first, mask)
+        return hidden, [extended_mask, relative_pos, rel_embeddings]
+
+
 class Step(nn.Module):
-    """One layer and its (optional) ramp, as scripted code around traced graphs."""
+    """One layer and its (optional) ramp, as scripted code around traced graphs; layer(hidden, *state)."""
 
     def __init__(self, layer: nn.Module, ramp: nn.Module, has_ramp: bool):
         super().__init__()
         self.layer, self.ramp = layer, ramp
         self.has_ramp = has_ramp
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layer(hidden, mask)
+    def forward(self, hidden: torch.Tensor, state: List[torch.Tensor]) -> torch.Tensor:
+        return self.layer(hidden, state[0])
 
 
 class ImageStep(Step):
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: List[torch.Tensor]) -> torch.Tensor:
         return self.layer(hidden)
 
 
-class ScriptedEarlyExit(nn.Module):
-    """forward(*graph inputs, threshold) -> (logits, exit_layer); samples that exit leave the batch."""
+class DebertaStep(Step):
+    def forward(self, hidden: torch.Tensor, state: List[torch.Tensor]) -> torch.Tensor:
+        return self.layer(hidden, state[0], state[1], state[2])
 
-    def __init__(self, embed: nn.Module, steps: List[Step], head: nn.Module, entropy: bool, num_labels: int,
-                 uses_mask: bool):
+
+class ScriptedEarlyExit(nn.Module):
+    """forward(*graph inputs, threshold) -> (logits, exit_layer); samples that exit leave the batch.
+
+    batched[j] says whether state[j] has a batch axis (sliced when rows exit) or is shared by all rows.
+    token_level: logits [B, L, C] and a sentence exits when its least confident real token is confident.
+    """
+
+    def __init__(self, embed: EmbedStep, steps: List[Step], head: nn.Module, entropy: bool, num_labels: int,
+                 uses_mask: bool, batched: List[bool], token_level: bool):
         super().__init__()
         self.embed, self.steps, self.head = embed, nn.ModuleList(steps), head
         self.entropy, self.num_labels, self.layers, self.uses_mask = entropy, num_labels, len(steps), uses_mask
+        self.batched = torch.jit.Attribute(list(batched), List[bool])  # typed even when empty (ViT)
+        self.token_level = token_level
 
-    def _confidence(self, logits: torch.Tensor) -> torch.Tensor:
+    def _confidence(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)
         if not self.entropy:
-            return probs.max(dim=-1).values
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
-        return 1.0 - entropy / torch.log(torch.tensor(float(logits.shape[-1])))
+            conf = probs.max(dim=-1).values
+        else:
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+            conf = 1.0 - entropy / torch.log(torch.tensor(float(logits.shape[-1])))
+        if self.token_level:
+            conf = torch.where(mask != 0, conf, torch.full_like(conf, float("inf"))).amin(dim=1)
+        return conf
 
-    def run(self, first: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.embed(first)
+    def run(self, first: torch.Tensor, mask: torch.Tensor,
+            threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden, state = self.embed(first, mask)
         batch = first.shape[0]
-        out = torch.zeros(batch, self.num_labels, dtype=torch.float32, device=first.device)
+        if self.token_level:
+            out = torch.zeros([batch, hidden.shape[1], self.num_labels], dtype=torch.float32, device=first.device)
+        else:
+            out = torch.zeros([batch, self.num_labels], dtype=torch.float32, device=first.device)
         exit_layer = torch.full([batch], self.layers, dtype=torch.long, device=first.device)
         active = torch.arange(batch, device=first.device)
         may_exit = bool(threshold.reshape(-1)[0] < 1.0)
         number = 0
         for step in self.steps:
             number += 1
-            hidden = step(hidden, mask)
+            hidden = step(hidden, state)
             if step.has_ramp and may_exit:
                 logits = step.ramp(hidden)
-                done = self._confidence(logits) >= threshold.reshape(-1)[0]
+                done = self._confidence(logits, mask) >= threshold.reshape(-1)[0]
                 if bool(done.any()):
                     rows = active[done]
                     out[rows] = logits[done].float()
@@ -447,6 +658,10 @@ class ScriptedEarlyExit(nn.Module):
                     hidden = hidden[keep]
                     if self.uses_mask:
                         mask = mask[keep]
+                    kept: List[torch.Tensor] = []
+                    for j in range(len(state)):
+                        kept.append(state[j][keep] if self.batched[j] else state[j])
+                    state = kept
                     if active.numel() == 0:
                         return out, exit_layer
         out[active] = self.head(hidden).float()
@@ -464,27 +679,43 @@ class ScriptedImageEarlyExit(ScriptedEarlyExit):
         return self.run(pixel_values, torch.zeros(0), threshold)
 
 
+# How each layer_inputs signature is scripted: (embeddings step class, step class). A new signature needs a
+# pair here; everything else in the scripted loop is shared.
+_SCRIPTED = {
+    ("hidden",): (EmbedStep, ImageStep),
+    ("hidden", "attention_mask"): (EmbedStep, Step),
+    ("hidden", "extended_mask", "relative_pos", "rel_embeddings"): (DebertaEmbedStep, DebertaStep),
+}
+
+
 def export_torchscript(segments: Segments, path: Path, criterion: str) -> Path:
     """Trace each segment, script the exit loop around them, save to `path`."""
     from build.export import _quiet
 
-    example = _example(segments)
-    first = example[segments.inputs[0]]
+    if tuple(segments.layer_inputs) not in _SCRIPTED:
+        raise ExportError(f"TorchScript early exit has no scripted step for layer inputs {segments.layer_inputs}; "
+                          f"add one to build/early_exit.py _SCRIPTED or serve the ONNX early-exit variant")
+    embed_class, step_class = _SCRIPTED[tuple(segments.layer_inputs)]
+    example = segments.example
     try:
         with _quiet(), torch.no_grad():
-            embed = torch.jit.trace(segments.embed, (first,), check_trace=False)
-            hidden = segments.embed(first)
+            embed_args = tuple(example[n] for n in segments.embed_inputs)
+            traced_embed = torch.jit.trace(segments.embed, embed_args, check_trace=False)
+            embed = embed_class(traced_embed, "attention_mask" in segments.layer_inputs)
+            env = segments.start(example)
+            hidden = env["hidden"]
+            layer_args = tuple(env[n] for n in segments.layer_inputs)
             steps = []
             for i, layer in enumerate(segments.layers, start=1):
-                args = (hidden, example["attention_mask"]) if segments.uses_mask else (hidden,)
-                traced = torch.jit.trace(layer, args, check_trace=False)
+                traced = torch.jit.trace(layer, layer_args, check_trace=False)
                 ramp = segments.ramps.get(i)
                 traced_ramp = torch.jit.trace(ramp, (hidden,), check_trace=False) if ramp is not None else NoRamp()
-                step_class = Step if segments.uses_mask else ImageStep
                 steps.append(step_class(traced, traced_ramp, ramp is not None))
             head = torch.jit.trace(segments.head, (hidden,), check_trace=False)
             cls = ScriptedTextEarlyExit if segments.uses_mask else ScriptedImageEarlyExit
-            module = cls(embed, steps, head, criterion == "entropy", segments.num_labels, segments.uses_mask)
+            batched = [name not in segments.shared for name in segments.layer_inputs[1:]]
+            module = cls(embed, steps, head, criterion == "entropy", segments.num_labels, segments.uses_mask,
+                         batched, segments.token_level)
             scripted = torch.jit.script(module.eval())
             scripted.save(str(path))
     except Exception as e:
@@ -494,7 +725,7 @@ def export_torchscript(segments: Segments, path: Path, criterion: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- curve
 
-def default_threshold(curve: list[dict], full_accuracy: float, max_drop: float = 0.01) -> float:
-    """Lowest threshold whose accuracy is within `max_drop` of the full model's (1.0 when none is)."""
-    ok = [row["threshold"] for row in curve if row["accuracy"] >= full_accuracy - max_drop - 1e-12]
+def default_threshold(curve: list[dict], full_value: float, max_drop: float = 0.01, metric: str = "accuracy") -> float:
+    """Lowest threshold whose `metric` is within `max_drop` of the full model's (1.0 when none is)."""
+    ok = [row["threshold"] for row in curve if row[metric] >= full_value - max_drop - 1e-12]
     return min(ok) if ok else 1.0

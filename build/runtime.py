@@ -310,6 +310,12 @@ class EarlyExitOnnxEngine:
     run. Token tasks (`level` "token") exit a row when every real token is confident. Returns
     {"logits", "exit_layer"} (int64, layers computed per row). `calls` counts segment runs and `rows` the
     rows each segment computed.
+
+    Segments are chained by tensor name, with nothing family-specific here: the graph inputs, the
+    embeddings' outputs (its first output is `hidden`, the others are named in the manifest's `state`) and
+    the last layer's output form one set of named tensors; each segment is fed the ones its graph inputs
+    name. When rows exit, every tensor is cut to the remaining rows except the manifest's `shared` ones
+    (no batch axis, e.g. DeBERTa's relative positions).
     """
 
     def __init__(self, folder: str, spec: RuntimeSpec):
@@ -324,34 +330,38 @@ class EarlyExitOnnxEngine:
         self.default = float(spec.extra.get("exit_threshold", self.manifest.get("default_threshold", 1.0)))
         self.token_level = self.manifest.get("level") == "token"
         self.inputs = list(self.manifest["inputs"])
+        self.state = list(self.manifest.get("state", []))
+        self.shared = set(self.manifest.get("shared", []))
         self.calls: dict[str, int] = {}
         self.rows: dict[str, int] = {}
 
-    def _run(self, name: str, feeds: dict) -> np.ndarray:
+    def _run_all(self, name: str, tensors: dict, rows: int) -> list:
+        """Run segment `name` on the tensors its graph inputs name; all of its outputs, in order."""
         self.calls[name] = self.calls.get(name, 0) + 1
-        self.rows[name] = self.rows.get(name, 0) + int(next(iter(feeds.values())).shape[0])
+        self.rows[name] = self.rows.get(name, 0) + rows
         session = self.sessions[name]
-        return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+        return session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})
+
+    def _run(self, name: str, tensors: dict, rows: int) -> np.ndarray:
+        return self._run_all(name, tensors, rows)[0]
 
     def run(self, feeds: dict[str, np.ndarray], options: dict) -> dict[str, np.ndarray]:
         threshold = exit_threshold(options, self.default)
-        mask = feeds.get("attention_mask")
-        hidden = self._run("embeddings", {self.inputs[0]: feeds[self.inputs[0]]})
-        batch = hidden.shape[0]
+        tensors = {name: feeds[name] for name in self.inputs}
+        batch = int(tensors[self.inputs[0]].shape[0])
+        hidden, *state = self._run_all("embeddings", tensors, batch)
+        tensors.update(zip(self.state, state), hidden=hidden)
         out = None
         exit_layer = np.full(batch, self.layers, dtype=np.int64)
         active = np.arange(batch)
         for number in range(1, self.layers + 1):
-            layer_feeds = {"hidden": hidden}
-            if mask is not None:
-                layer_feeds["attention_mask"] = mask
-            hidden = self._run(f"layer_{number}", layer_feeds)
+            tensors["hidden"] = self._run(f"layer_{number}", tensors, active.size)
             if number not in self.exit_layers or threshold >= 1.0 or number == self.layers:
                 continue
-            logits = self._run(f"ramp_{number}", {"hidden": hidden}).astype(np.float32)
+            logits = self._run(f"ramp_{number}", tensors, active.size).astype(np.float32)
             conf = exit_confidence(logits, self.criterion)
-            if self.token_level:
-                conf = np.where(mask.astype(bool), conf, np.inf).min(axis=1)
+            if self.token_level:  # the sentence's least confident real token decides
+                conf = np.where(tensors["attention_mask"].astype(bool), conf, np.inf).min(axis=1)
             done = conf >= threshold
             if done.any():
                 if out is None:
@@ -359,11 +369,11 @@ class EarlyExitOnnxEngine:
                 out[active[done]] = logits[done]
                 exit_layer[active[done]] = number
                 keep = ~done
-                active, hidden = active[keep], hidden[keep]
-                mask = mask[keep] if mask is not None else None
+                active = active[keep]
+                tensors = {k: (v if k in self.shared else v[keep]) for k, v in tensors.items()}
                 if active.size == 0:
                     return {"logits": out, "exit_layer": exit_layer}
-        final = self._run("head", {"hidden": hidden}).astype(np.float32)
+        final = self._run("head", tensors, active.size).astype(np.float32)
         if out is None:
             out = np.zeros((batch,) + final.shape[1:], dtype=np.float32)
         out[active] = final

@@ -1,9 +1,10 @@
 """Early exit: exact at "never exit", real layer skipping, per-sample exit, bad settings, Triton over gRPC.
 
-Unit tests run a random 3-layer DistilBERT (two off-ramps) through the real exports (ONNX segments chained by
-runtime.EarlyExitOnnxEngine, scripted TorchScript); the end-to-end test builds the distilbert-tiny preset's
-early-exit variants with `dyngate build` code, serves them with the embedded Triton and asks over gRPC with a
-per-request `exit_threshold`.
+Unit tests run a random 3-layer DistilBERT (two off-ramps) and a random 3-layer DeBERTa-v2 token classifier
+(per-token ramps, sentence-level exit) through the real exports (ONNX segments chained by
+runtime.EarlyExitOnnxEngine, scripted TorchScript); the end-to-end tests build the distilbert-tiny and
+deberta-tiny presets' early-exit variants with `dyngate build` code, serve them with the embedded Triton and
+ask over gRPC with a per-request `exit_threshold`.
 """
 
 from __future__ import annotations
@@ -163,11 +164,15 @@ def test_bad_settings_raise_before_training(model, options, message):
         get_technique("early-exit").check(source, config)
 
 
-def test_unsupported_family_is_named():
-    from build.early_exit import check_family
+def test_unsupported_family_and_checkpoint_are_named(ner_model):
+    from build.early_exit import check_family, check_model
 
-    with pytest.raises(ConfigError, match="deberta-v2"):
-        check_family("deberta-v2")
+    with pytest.raises(ConfigError, match="deberta-v2; 'bert'"):
+        check_family("bert")
+    check_model(ner_model, "deberta-v2")
+    conv = type("M", (), {"config": type("C", (), {"relative_attention": True, "conv_kernel_size": 3})()})()
+    with pytest.raises(ConfigError, match="conv_kernel_size=3"):
+        check_model(conv, "deberta-v2")
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -226,3 +231,283 @@ def test_triton_serves_early_exit_with_per_request_threshold(early_exit_reposito
         with pytest.raises(errors.InputError, match="exit_threshold"):
             client.predict(name, examples[0].raw, params={"exit_threshold": -1.0})
         assert client.predict(name, examples[0].raw).answer["label"]
+
+
+# ---------------------------------------------------------------------------------------------- DeBERTa NER
+# A random 3-layer DeBERTa-v2 token classifier shaped like the deberta-tiny preset (relative attention with
+# log buckets, c2p+p2c, shared keys): per-token ramps, a sentence exits when every real token is confident.
+
+NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+
+
+@pytest.fixture(scope="module")
+def ner_model():
+    from transformers import DebertaV2Config, DebertaV2ForTokenClassification
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=200, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                             position_buckets=8, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                             position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True,
+                             type_vocab_size=0, num_labels=len(NER_LABELS))
+    return DebertaV2ForTokenClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ner_segments(ner_model):
+    seg = segment_model(ner_model, "deberta-v2")
+    torch.manual_seed(3)
+    for ramp in seg.ramps.values():  # confident ramps with spread confidences, so a mid threshold splits
+        for p in ramp.parameters():
+            p.data.normal_(0, 2.0)
+    return seg
+
+
+@pytest.fixture(scope="module")
+def ner_feeds():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, 200, size=(8, 14)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[2, 9:] = 0
+    mask[6, 4:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _ner_spec(artifact: str, engine: str, extra: dict | None = None) -> RuntimeSpec:
+    return RuntimeSpec(task="token-classification", client_input="TEXT", engine=engine, artifact=artifact,
+                       graph_inputs=["input_ids", "attention_mask"], labels=NER_LABELS, extra=extra or {})
+
+
+@pytest.fixture(scope="module")
+def ner_onnx(ner_segments, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ee-ner-onnx")
+    export_onnx_segments(ner_segments, folder / "early_exit", "max_prob", 0.9, "token-classification")
+    return EarlyExitOnnxEngine(str(folder), _ner_spec("early_exit", "early-exit-onnx"))
+
+
+@pytest.fixture(scope="module")
+def ner_ts(ner_segments, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ee-ner-ts")
+    export_torchscript(ner_segments, folder / "model.pt", "max_prob")
+    return TorchScriptEngine(str(folder), _ner_spec("model.pt", "torchscript", {"threshold_input": True,
+                                                                             "exit_threshold": 0.9}))
+
+
+def _ner_inputs(feeds):
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+
+def _real(feeds, logits):
+    """Logits at real tokens only (padding positions carry no answer)."""
+    return logits[feeds["attention_mask"].astype(bool)]
+
+
+def test_ner_segments_pass_mask_and_relative_positions(ner_segments, ner_onnx):
+    import onnxruntime  # noqa: F401  (the engine's sessions)
+
+    assert ner_segments.token_level and ner_segments.embed_inputs == ("input_ids", "attention_mask")
+    assert ner_segments.layer_inputs == ("hidden", "extended_mask", "relative_pos", "rel_embeddings")
+    names = {name: [i.name for i in s.get_inputs()] for name, s in ner_onnx.sessions.items()}
+    assert names["embeddings"] == ["input_ids", "attention_mask"]
+    assert names["layer_2"] == ["hidden", "extended_mask", "relative_pos", "rel_embeddings"]
+    assert [o.name for o in ner_onnx.sessions["embeddings"].get_outputs()] == [
+        "hidden", "extended_mask", "relative_pos", "rel_embeddings"]
+    assert ner_onnx.shared == {"relative_pos", "rel_embeddings"} and ner_onnx.token_level
+
+
+def test_ner_never_exit_equals_full_model(ner_model, ner_onnx, ner_ts, ner_feeds):
+    expected = _full_logits(ner_model, ner_feeds)
+    ner_onnx.calls.clear()
+    for engine in (ner_onnx, ner_ts):
+        out = engine.run(ner_feeds, {"exit_threshold": 1.0})
+        assert out["logits"].shape == expected.shape  # [B, L, C]
+        np.testing.assert_allclose(_real(ner_feeds, out["logits"]), _real(ner_feeds, expected), atol=1e-5)
+        assert out["exit_layer"].tolist() == [LAYERS] * len(expected)
+    assert ner_onnx.calls == {"embeddings": 1, "layer_1": 1, "layer_2": 1, "layer_3": 1, "head": 1}
+
+
+def test_ner_low_threshold_really_skips_layers(ner_segments, ner_onnx, ner_ts, ner_feeds):
+    ner_onnx.calls.clear()
+    out = ner_onnx.run(ner_feeds, {"exit_threshold": 0.0})
+    assert out["exit_layer"].tolist() == [1] * 8
+    assert ner_onnx.calls == {"embeddings": 1, "layer_1": 1, "ramp_1": 1}
+    calls: dict = {}
+    reference, _ = predict_with_exit(ner_segments, _ner_inputs(ner_feeds), 0.0, calls=calls)
+    assert calls == {"layer_1": 1}
+    np.testing.assert_allclose(out["logits"], reference.numpy(), atol=1e-5)
+    ts = ner_ts.run(ner_feeds, {"exit_threshold": 0.0})
+    assert ts["exit_layer"].tolist() == [1] * 8
+    np.testing.assert_allclose(ts["logits"], reference.numpy(), atol=1e-5)
+
+
+def test_ner_sentence_exits_when_every_real_token_is_confident(ner_model, ner_segments, ner_onnx, ner_ts,
+                                                               ner_feeds):
+    from build.early_exit import sentence_confidence
+
+    inputs = _ner_inputs(ner_feeds)
+    with torch.no_grad():
+        logits = ner_segments.ramps[1](ner_segments.hidden_states(inputs)[0])
+    per_token = confidence(logits, "max_prob").numpy()
+    mask = ner_feeds["attention_mask"].astype(bool)
+    sentence = sentence_confidence(logits, inputs["attention_mask"], "max_prob").numpy()
+    np.testing.assert_allclose(sentence, [per_token[r][mask[r]].min() for r in range(8)], rtol=1e-6)
+    # padding is ignored: uniform (least confident) logits at padded positions change nothing
+    flat = logits.clone()
+    flat[~inputs["attention_mask"].bool()] = 0.0
+    np.testing.assert_array_equal(sentence_confidence(flat, inputs["attention_mask"], "max_prob").numpy(), sentence)
+    threshold = float(np.sort(sentence)[4] - 1e-6)  # about half the sentences exit at layer 1
+    ref_logits, ref_exit = predict_with_exit(ner_segments, inputs, threshold)
+    assert (ref_exit == 1).tolist() == [bool(s >= threshold) for s in sentence]  # the rest may leave at ramp 2
+    assert 0 < int((ref_exit == 1).sum()) < 8
+    ner_onnx.rows.clear()
+    for engine in (ner_onnx, ner_ts):
+        out = engine.run(ner_feeds, {"exit_threshold": threshold})
+        assert out["exit_layer"].tolist() == ref_exit.tolist()
+        np.testing.assert_allclose(_real(ner_feeds, out["logits"]), _real(ner_feeds, ref_logits.numpy()),
+                                   atol=1e-5)
+    stayed = int((ref_exit > 1).sum())
+    assert ner_onnx.rows["layer_1"] == 8 and ner_onnx.rows["layer_2"] == stayed
+    # sentences that went the whole way equal the full model on them, though their neighbours left
+    full = _full_logits(ner_model, ner_feeds)
+    for row in np.where(ref_exit.numpy() == LAYERS)[0]:
+        np.testing.assert_allclose(out["logits"][row][mask[row]], full[row][mask[row]], atol=1e-5)
+
+
+def test_token_labels_from_spans():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from build.early_exit import token_labels
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "Peter": 3, "Black": 4, "##burn": 5, "works": 6, "at": 7,
+             "EU": 8}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    text = "Peter Blackburn works at EU"
+    encoding = tokenizer.encode(text)
+    assert encoding.tokens == ["[CLS]", "Peter", "Black", "##burn", "works", "at", "EU", "[SEP]"]
+    ids = token_labels(encoding, [("PER", 0, 15), ("ORG", 25, 27)], NER_LABELS)
+    assert [NER_LABELS[i] for i in ids] == ["O", "B-PER", "I-PER", "I-PER", "O", "O", "B-ORG", "O"]
+    with pytest.raises(ConfigError, match="B-LOC"):
+        token_labels(encoding, [("LOC", 0, 5)], NER_LABELS)
+
+
+
+# ---------------------------------------------------------------------------------------------- every family
+
+FAMILY_CASES = {"distilbert": "test_per_sample_exit_in_a_mixed_batch",
+                "deberta-v2": "test_ner_sentence_exits_when_every_real_token_is_confident",
+                "vit": "test_vit_exports_equal_full_model_and_exit"}
+
+
+def test_every_cut_family_has_a_case():
+    from build.early_exit import CUTS
+
+    assert set(CUTS) == set(FAMILY_CASES)
+    assert all(callable(globals()[name]) for name in FAMILY_CASES.values())
+
+
+def test_vit_exports_equal_full_model_and_exit(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)
+    model = ViTForImageClassification(config).eval()
+    seg = segment_model(model, "vit")
+    for ramp in seg.ramps.values():
+        for p in ramp.parameters():
+            p.data.normal_(0, 1.0)
+    export_onnx_segments(seg, tmp_path / "early_exit", "entropy", 0.9, "image-classification")
+    export_torchscript(seg, tmp_path / "model.pt", "entropy")
+    spec = dict(task="image-classification", client_input="IMAGE", graph_inputs=["pixel_values"],
+                labels=["a", "b", "c"])
+    onnx_engine = EarlyExitOnnxEngine(str(tmp_path), RuntimeSpec(engine="early-exit-onnx", artifact="early_exit",
+                                                                 **spec))
+    ts_engine = TorchScriptEngine(str(tmp_path), RuntimeSpec(engine="torchscript", artifact="model.pt",
+                                                             extra={"threshold_input": True}, **spec))
+    pixels = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        full = model(pixel_values=torch.from_numpy(pixels)).logits.numpy()
+    ref_logits, ref_exit = predict_with_exit(seg, {"pixel_values": torch.from_numpy(pixels)}, 0.5, "entropy")
+    for engine in (onnx_engine, ts_engine):
+        np.testing.assert_allclose(engine.run({"pixel_values": pixels}, {"exit_threshold": 1.0})["logits"], full,
+                                   atol=1e-5)
+        out = engine.run({"pixel_values": pixels}, {"exit_threshold": 0.5})
+        assert out["exit_layer"].tolist() == ref_exit.tolist()
+        np.testing.assert_allclose(out["logits"], ref_logits.numpy(), atol=1e-5)
+        assert engine.run({"pixel_values": pixels}, {"exit_threshold": 0.0})["exit_layer"].tolist() == [1] * 5
+
+
+# ---------------------------------------------------------------------------------------------- DeBERTa end to end
+
+@pytest.fixture(scope="module")
+def ner_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory):
+    from build.pipeline import BuildOptions, build
+
+    preset_checkpoint("deberta-tiny")
+    repository = tmp_path_factory.mktemp("ee-ner-repo")
+    settings = {"epochs": 5.0, "latency_samples": 16, "grid": (0.5, 0.7, 0.9, 1.0)}
+    options = BuildOptions(model="deberta-tiny", techniques=("early-exit", "early-exit-torchscript"),
+                           repository=repository, cache_dir=cache_dir, data=data_source.location,
+                           eval_limit=200, check_limit=32, latency_samples=20, native=False,
+                           technique_options={"early-exit": dict(settings), "early-exit-torchscript": dict(settings)})
+    reports = build(options, log=lambda *_: None)
+    return repository, reports
+
+
+def test_ner_build_records_f1_curve_and_default(ner_repository):
+    repository, reports = ner_repository
+    assert [r.variant for r in reports] == ["early-exit", "early-exit-torchscript"]
+    for report in reports:
+        meta = json.loads((repository / report.triton_name / "metadata.json").read_text())
+        tr = meta["technique_report"]
+        assert tr["metric"] == "entity_f1" and tr["layers"] == 2 and tr["exit_layers"] == [1]
+        assert [row["threshold"] for row in tr["curve"]] == [0.5, 0.7, 0.9, 1.0]
+        assert all(set(row) >= {"entity_f1", "mean_layers", "p50_ms", "exits"} for row in tr["curve"])
+        full = tr["curve"][-1]
+        assert full["mean_layers"] == 2 and full["entity_f1"] > 0.5  # the preset's F1 is ~0.86
+        at = tr["at_default"]
+        assert at["full_entity_f1"] == full["entity_f1"] and at["entity_f1"] >= full["entity_f1"] - 0.01 - 1e-9
+        assert tr["ramp_training"]["tokens"] > tr["ramp_training"]["examples"]  # per-token labels
+        assert meta["agreement"]["max_abs_logit"] < 1e-3  # checked at never-exit
+        assert meta["accuracy"]["name"] == "entity_f1"
+    # the ramps are shared by both flavours, so both draw the same curve
+    curves = [json.loads((repository / r.triton_name / "metadata.json").read_text())["technique_report"]["curve"]
+              for r in reports]
+    assert [row["entity_f1"] for row in curves[0]] == pytest.approx([row["entity_f1"] for row in curves[1]], abs=0.005)
+
+
+@pytest.mark.parametrize("variant", ["early-exit", "early-exit-torchscript"])
+def test_triton_serves_ner_early_exit_with_per_request_threshold(ner_repository, data_source, variant, tmp_path):
+    from build.data import load_examples
+    from build.repository import triton_name
+    from build.runtime import Predictor
+    from gateway.client import TritonClient
+
+    repository, _ = ner_repository
+    name = triton_name("deberta-tiny", variant)
+    examples, _ = load_examples("token-classification", "dev", data_source, limit=6)
+    local = Predictor(str(repository / name / "1"))
+    with running_triton(repository, tmp_path / "triton.log", models=[name]) as server:
+        client = TritonClient(server.endpoints["grpc"], protocol="grpc")
+        for example in examples:
+            for threshold, layer in ((1.0, 2), (0.0, 1)):
+                got = client.predict(name, example.raw, params={"exit_threshold": threshold})
+                expected = local.predict([example.raw], {"exit_threshold": threshold})[0]
+                assert got.answer["exit_layer"] == layer
+                spans = [(e["entity"], e["start"], e["end"], e["text"]) for e in got.answer["entities"]]
+                assert spans == [(e["entity"], e["start"], e["end"], e["text"]) for e in expected.answer["entities"]]
+                assert [e["score"] for e in got.answer["entities"]] == pytest.approx(
+                    [e["score"] for e in expected.answer["entities"]], abs=1e-5)
+                np.testing.assert_allclose(got.logits.reshape(expected.logits.shape), expected.logits, atol=1e-5)
+                text = example.raw.decode()
+                assert all(text[e["start"]:e["end"]] == e["text"] for e in got.answer["entities"])
+            assert client.predict(name, example.raw).answer["exit_layer"] in (1, 2)
+        # at never-exit the answers are the full model's entities
+        full = [client.predict(name, ex.raw, params={"exit_threshold": 1.0}).answer["entities"] for ex in examples]
+        assert any(full)  # CoNLL dev sentences name entities
+        with pytest.raises(errors.InputError, match="exit_threshold"):
+            client.predict(name, examples[0].raw, params={"exit_threshold": -1.0})

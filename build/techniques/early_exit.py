@@ -3,9 +3,14 @@
 Both variants share one set of ramps per build (trained once, backbone frozen, through build.training on
 the DeepSpeed engine) on the training split. The dev split of the build (or, without one, a held-out part
 of the training split: the "tuning split") picks the default threshold — the lowest threshold of the grid
-whose accuracy stays within `max_accuracy_drop` of the full model — and gives the curve threshold ->
-accuracy, mean layers computed, p50 latency, recorded in the variant's `technique_report`. Requests choose
-their own threshold with the `exit_threshold` request parameter (1.0 = never exit = the full model).
+whose task metric (accuracy; entity F1 for NER) stays within `max_accuracy_drop` of the full model — and
+gives the curve threshold -> metric, mean layers computed, p50 latency, recorded in the variant's
+`technique_report`. Requests choose their own threshold with the `exit_threshold` request parameter
+(1.0 = never exit = the full model).
+
+Token classification (DeBERTa NER): per-token ramps trained on per-token labels derived from the gold
+entity spans (every real token labelled, build/early_exit.py `token_labels`); a sentence exits when every
+real token is confident (Li et al. 2021). Both flavours serve it (the DeBERTa layers trace exactly).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class EarlyExitConfig:
     criterion: "max_prob" or "entropy" (confidence 1 - H/log C); both on [0, 1].
     threshold: default exit threshold in [0, 1]; None = chosen by the build on the tuning split.
     grid: thresholds measured for the curve (each in [0, 1]).
-    max_accuracy_drop: accuracy (fraction) the default threshold may lose against the full model.
+    max_accuracy_drop: task metric (fraction: accuracy, or entity F1 for NER) the default threshold may lose
+        against the full model (0.01 = 1 point).
     tuning_examples: training examples held out to choose the threshold and draw the curve.
     epochs, learning_rate, zero_stage, precision, micro_batch_size: ramp training (build.training).
     latency_samples: batch-1 requests timed per threshold for the curve's p50.
@@ -78,9 +84,9 @@ class EarlyExitConfig:
 
 
 def _check(source, config: EarlyExitConfig) -> None:
-    from build.early_exit import check_family, num_layers, resolve_exit_layers
+    from build.early_exit import check_model, num_layers, resolve_exit_layers
 
-    check_family(source.family.model_type)
+    check_model(source.model, source.family.model_type)
     resolve_exit_layers(config.exit_layers, num_layers(source.model))
 
 
@@ -105,11 +111,31 @@ def _trained(context: BuildContext, config: EarlyExitConfig, model=None, tag: st
     source = context.source
     segments = segment_model(source.model if model is None else model, source.family.model_type,
                              list(config.exit_layers) if config.exit_layers is not None else None)
-    feeds = context.feeds([ex.raw for ex in train_part], batch_size=config.micro_batch_size)
-    training = train_ramps(segments, feeds, [int(ex.target) for ex in train_part], config.training())
+    if segments.token_level:
+        feeds, labels = _token_batches(context, train_part, config.micro_batch_size)
+    else:
+        feeds = context.feeds([ex.raw for ex in train_part], batch_size=config.micro_batch_size)
+        labels = [int(ex.target) for ex in train_part]
+    training = train_ramps(segments, feeds, labels, config.training())
     result = {"segments": segments, "tuning": tuning, "training": training, "train_examples": len(train_part)}
     context._cache[key] = result
     return result
+
+
+def _token_batches(context: BuildContext, examples: list, batch_size: int) -> tuple[list[dict], list[list[int]]]:
+    """Graph-input batches of `examples` (preprocessed as served) and per-token labels from their spans."""
+    from build.early_exit import token_labels
+
+    feeds, labels = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch, encodings, decoded = context.reference.features([ex.raw for ex in chunk])
+        if batch is None:
+            continue
+        valid = [ex for ex, item in zip(chunk, decoded) if not isinstance(item, Exception)]
+        feeds.append(batch)
+        labels.extend(token_labels(enc, ex.target, context.source.labels) for enc, ex in zip(encodings, valid))
+    return feeds, labels
 
 
 def _variant_folder(context: BuildContext, name: str, engine: str, artifact: Path, artifact_name: str,
@@ -135,21 +161,23 @@ def _variant_folder(context: BuildContext, name: str, engine: str, artifact: Pat
     return folder
 
 
-def measure_curve(predictor, examples: list, labels: list[str], grid, latency_samples: int) -> list[dict]:
-    """Per threshold: accuracy, mean layers computed, exit histogram and batch-1 p50 (ms) through `predictor`."""
+def measure_curve(predictor, examples: list, labels: list[str], grid, latency_samples: int,
+                  task: str = "text-classification") -> list[dict]:
+    """Per threshold: the task metric (accuracy, or entity_f1 for NER), mean layers computed, exit histogram
+    and batch-1 p50 (ms) through `predictor`."""
     import numpy as np
 
-    from build.evaluate import latency, run_predictor
+    from build.evaluate import latency, run_predictor, task_metric
 
     raws = [ex.raw for ex in examples]
     rows = []
     for threshold in sorted(set(float(t) for t in grid)):
         options = {"exit_threshold": threshold}
         predictions = run_predictor(predictor, raws, options=options)
-        correct = sum(p.answer["label"] == labels[int(ex.target)] for p, ex in zip(predictions, examples))
+        metric = task_metric(task, predictions, examples, labels)
         layers = np.array([p.answer["exit_layer"] for p in predictions])
         lat = latency(predictor, raws[:latency_samples], options=options)
-        rows.append({"threshold": threshold, "accuracy": round(correct / len(examples), 4),
+        rows.append({"threshold": threshold, metric.name: round(metric.value, 4),
                      "mean_layers": round(float(layers.mean()), 4),
                      "exits": {int(k): int(v) for k, v in zip(*np.unique(layers, return_counts=True))},
                      "p50_ms": round(lat.p50_ms, 4)})
@@ -179,22 +207,29 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
     folder = _variant_folder(context, name, engine, artifact, artifact_name, {**extra, "exit_threshold": 1.0})
     predictor = Predictor(str(folder))
     tuning = context.dev or trained["tuning"]  # the issue's rule is on dev; held-out training data otherwise
-    curve = measure_curve(predictor, tuning, source.labels, tuple(config.grid) + (1.0,), config.latency_samples)
+    curve = measure_curve(predictor, tuning, source.labels, tuple(config.grid) + (1.0,), config.latency_samples,
+                          task)
+    metric = "entity_f1" if task == "token-classification" else "accuracy"
     full = next(row for row in curve if row["threshold"] >= 1.0)
     chosen = config.threshold if config.threshold is not None else default_threshold(
-        curve, full["accuracy"], config.max_accuracy_drop)
+        curve, full[metric], config.max_accuracy_drop, metric)
     layers = len(segments.layers)
     at = min(curve, key=lambda row: abs(row["threshold"] - chosen))
     report = {
         "criterion": config.criterion, "exit_layers": sorted(segments.ramps), "layers": layers,
         "default_threshold": chosen, "threshold_chosen_by": "build" if config.threshold is None else "config",
-        "rule": f"lowest threshold with accuracy ≥ full model - {config.max_accuracy_drop:g} on the tuning split",
+        "metric": metric,
+        "rule": f"lowest threshold with {metric} ≥ full model - {config.max_accuracy_drop:g} on the tuning split",
         "tuning_split": (f"{len(tuning)} dev examples" if context.dev else
                          f"{len(tuning)} held-out training examples (not used for ramp training)"),
         "ramp_training": {**trained["training"], "examples": trained["train_examples"],
-                          "backbone": "frozen", "zero_stage": config.zero_stage, "precision": config.precision},
+                          "backbone": "frozen", "zero_stage": config.zero_stage, "precision": config.precision,
+                          **({"labels": "per token: every real token (B-X/I-X from the gold spans, O elsewhere "
+                                        "and on [CLS]/[SEP]); padding ignored",
+                              "exit_rule": "a sentence exits when its least confident real token is confident"}
+                             if segments.token_level else {})},
         "curve": curve,
-        "at_default": {"accuracy": at["accuracy"], "full_accuracy": full["accuracy"],
+        "at_default": {metric: at[metric], f"full_{metric}": full[metric],
                        "mean_layers": at["mean_layers"], "layers_saved_factor": round(layers / at["mean_layers"], 3),
                        "p50_ms": at["p50_ms"], "full_p50_ms": full["p50_ms"]},
         "request_parameter": "exit_threshold (float; ≥1.0 = never exit)",
