@@ -48,9 +48,20 @@ demo: build
 test: setup browser
 	DYNGATE_DATA=$(DATA) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Latency of every built variant in process and through Triton HTTP/gRPC, interleaved in one run.
+# PyTorch eager / ONNX Runtime FP32 / ONNX Runtime INT8 baselines and every built variant (in process and
+# through Triton gRPC), batch 1 and 8, interleaved, BENCH_REPEATS runs; plus the DistilBERT-base architecture
+# section (BENCH_BASE=0 skips it). BENCH_THREADS: in-process intra-op threads (1: on small hosts torch's pool
+# collapses beside Triton's processes; 0 = library default). Writes $(BENCH_OUT)/bench.md and bench.json.
+BENCH_REQUESTS ?= 100
+BENCH_REPEATS ?= 3
+BENCH_BASE ?= 1
+BENCH_BASE_REQUESTS ?= 30
+BENCH_THREADS ?= 1
+BENCH_OUT ?= reports
 bench: setup
-	$(BIN)/python -m gateway.benchmark --repository $(REPOSITORY) $(DATA_FLAG) --requests 200
+	$(BIN)/python -m gateway.benchmark --repository $(REPOSITORY) $(DATA_FLAG) --requests $(BENCH_REQUESTS) \
+	  --repeats $(BENCH_REPEATS) --threads $(BENCH_THREADS) --out $(BENCH_OUT) \
+	  $(if $(filter 1,$(BENCH_BASE)),--base --base-requests $(BENCH_BASE_REQUESTS),)
 
 # Every built variant through Triton gRPC at batch 1 and 8 with accuracy, size, server CPU/RSS: reports/ (md, json, png).
 REPORT_DIR ?= reports

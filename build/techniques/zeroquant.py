@@ -10,7 +10,7 @@ the FP32 teacher on unlabeled training inputs, stored and run with real low-bit 
 - 8 bits: kernel `"matmulinteger"` (default): ONNX Runtime's per-output-channel INT8 weights with
   DynamicQuantizeLinear activations (MatMulInteger) and an INT8 embedding table. That is per channel, not
   group-wise, and per-tensor dynamic, not token-wise activation scales: chosen because MatMulNBits' 8-bit
-  mode measured slower than FP32 here (DESIGN.md; scripts/bench_quantization.py). Kernel `"matmulnbits"`
+  mode measured slower than FP32 here (DESIGN.md; `make bench`, DistilBERT-base section). Kernel `"matmulnbits"`
   gives the true group-wise 8-bit layout (MatMulNBits bits=8, accuracy_level=4) for comparison.
 - The classifier head (Gemm) stays FP32 in every case.
 """
