@@ -1,4 +1,5 @@
-"""Early exit (DeeBERT, Xin et al. 2020): off-ramps after transformer layers, trained with the backbone frozen.
+"""Early exit (DeeBERT, Xin et al. 2020): off-ramps after transformer layers, trained with the backbone frozen
+(or, as an option, jointly with it).
 
 A model is cut into segments: `embeddings`, one `layer_<i>` per transformer layer (1-based), one `ramp_<i>`
 (off-ramp classifier) after each layer listed in `exit_layers`, and `head` (the model's own classifier after
@@ -26,9 +27,16 @@ exit. One cut per HF `model_type`, in the flat table `CUTS`:
   convolution after the first layer (`conv_kernel_size`), `z_steps` or without relative attention are
   refused by `check_model`.
 
-Ramp training: the frozen backbone runs once over the training batches, the ramp inputs are cached and
-DeepSpeed (build.training) trains only the ramps: one label per sequence, or for token tasks one label per
-token (`token_labels`: every real token labelled, padding ignored).
+Ramp training (`train_ramps`, through build.training on the DeepSpeed engine), one label per sequence, or for
+token tasks one label per token (`token_labels`: every real token labelled, padding ignored):
+- "frozen" (DeeBERT's second stage, the default): the backbone runs once over the training batches, the ramp
+  inputs are cached and only the ramps train; loss = mean cross-entropy of the ramps. The full model (never
+  exit) stays the source model.
+- "joint" (Kaya et al. 2019 shallow-deep networks; Zhou et al. 2020 PABEE): embeddings, layers, the model's own
+  head and the ramps train together on loss = sum_k w_k CE_k over every exit k (the ramps and the head after
+  the last layer), w_k proportional to k ("depth") or equal ("uniform"), normalised to sum 1. The backbone
+  and head take their own (smaller) learning rate. The full model changes: it is a different model from the
+  source, and what "never exit" answers is this jointly trained full model.
 
 Exports (same segments, same decision rule as build/runtime.py's engines):
 - ONNX: one graph per segment in a folder with `early_exit.json`; `runtime.EarlyExitOnnxEngine` chains them.
@@ -49,13 +57,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from build.errors import ConfigError, ExportError, check_range
+from build.errors import ConfigError, ExportError, check_choice, check_range
 
 log = logging.getLogger("dyngate.early_exit")
 
 CRITERIA = ("max_prob", "entropy")
 MANIFEST = "early_exit.json"
 IGNORE = -100  # token label ignored by the ramp loss (padding)
+TRAINING_MODES = ("frozen", "joint")
+JOINT_WEIGHTS = ("depth", "uniform")
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -451,41 +461,117 @@ class RampTrainer(nn.Module):
         return torch.stack(losses).mean()
 
 
-def train_ramps(segments: Segments, feeds: list[dict], labels: list, training_config) -> dict:
-    """Train the ramps on `feeds` (graph-input batches) with labels, backbone frozen, through build.training.
+def exit_weights(positions: list[int], scheme: str) -> dict[int, float]:
+    """Loss weight of each exit (1-based layer numbers, the last being the head), normalised to sum 1.
+
+    "depth": w_k proportional to k (deeper exits weigh more; Kaya et al. 2019, Zhou et al. 2020);
+    "uniform": all equal.
+    """
+    if scheme not in JOINT_WEIGHTS:
+        raise ConfigError(f"joint_weights={scheme!r} is not supported; choose one of: {', '.join(JOINT_WEIGHTS)}")
+    raw = {k: float(k) if scheme == "depth" else 1.0 for k in sorted(positions)}
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()}
+
+
+class JointTrainer(nn.Module):
+    """Backbone, head and ramps as one trainable module: loss = sum_k w_k CE_k over every exit.
+
+    Batches hold the graph inputs and `labels` ([B], or [B, L] with IGNORE at padding); `weights` maps exit
+    layer -> weight, the last layer's exit being the model's own head.
+    """
+
+    def __init__(self, segments: Segments, weights: dict[int, float]):
+        super().__init__()
+        self.embed, self.layers, self.head = segments.embed, nn.ModuleList(segments.layers), segments.head
+        self.ramps = nn.ModuleDict({str(p): ramp for p, ramp in segments.ramps.items()})
+        self.segments, self.weights = segments, dict(weights)
+
+    def forward(self, labels: torch.Tensor, **inputs) -> torch.Tensor:
+        env = self.segments.start(inputs)
+        last = len(self.layers)
+        loss = torch.zeros((), device=labels.device)
+        for i in range(last):
+            env["hidden"] = self.segments.run_layer(i, env)
+            layer = i + 1
+            if layer != last and str(layer) not in self.ramps:
+                continue
+            logits = (self.head if layer == last else self.ramps[str(layer)])(env["hidden"]).float()
+            loss = loss + self.weights[layer] * nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        return loss
+
+
+def _targets(segments: Segments, inputs: dict, labels: list) -> torch.Tensor:
+    """Training targets of one batch: [B] class ids, or [B, L] per-token ids with IGNORE at padding."""
+    if not segments.token_level:
+        return torch.tensor(labels, dtype=torch.long)
+    target = torch.full(inputs["attention_mask"].shape, IGNORE, dtype=torch.long)
+    for row, ids in enumerate(labels):
+        target[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    target[inputs["attention_mask"] == 0] = IGNORE
+    return target
+
+
+def train_ramps(segments: Segments, feeds: list[dict], labels: list, training_config, training: str = "frozen",
+                joint_weights: str = "depth", backbone_learning_rate: float | None = None) -> dict:
+    """Train the ramps on `feeds` (graph-input batches) with labels through build.training.
 
     labels: one class id per example, or for token tasks one list of per-token ids per example (as long as
-    its tokens; see `token_labels`). The frozen backbone runs once: the ramp inputs are cached, then
-    DeepSpeed trains only the ramps. Returns {"steps", "final_loss", "seconds"} (+ "tokens" for token tasks).
+    its tokens; see `token_labels`).
+    training="frozen": the backbone runs once, the ramp inputs are cached, DeepSpeed trains only the ramps
+    (loss: mean CE of the ramps). training="joint": embeddings, layers, head and ramps train together on the
+    graph inputs (loss: sum_k w_k CE_k over the ramps and the head, `exit_weights(..., joint_weights)`); the
+    ramps at `training_config.learning_rate`, the backbone and head at `backbone_learning_rate` (None = the
+    same). The segments are changed in place and left in eval mode, the backbone's requires_grad off again.
+    Returns {"steps", "final_loss", "seconds", "backbone"} (+ "weights" when joint, "tokens" for token tasks).
     """
     from build.training import train
 
-    cached: list[dict] = []
+    check_choice("training", training, TRAINING_MODES)
+    batches: list[dict] = []
     offset = tokens = 0
     for feed in feeds:
         inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
-        states = segments.hidden_states(inputs)
-        size = states[0].shape[0]
+        size = next(iter(inputs.values())).shape[0]
+        target = _targets(segments, inputs, labels[offset:offset + size])
         if segments.token_level:
-            batch = {f"h{p}": states[p - 1].clone() for p in segments.ramps}
-            target = torch.full(inputs["attention_mask"].shape, IGNORE, dtype=torch.long)
-            for row, ids in enumerate(labels[offset:offset + size]):
-                target[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            target[inputs["attention_mask"] == 0] = IGNORE
             tokens += int((target != IGNORE).sum())
-            batch["labels"] = target
+        if training == "joint":
+            batch = {name: inputs[name] for name in segments.inputs}
         else:
-            batch = {f"h{p}": states[p - 1][:, :1].clone() for p in segments.ramps}
-            batch["labels"] = torch.tensor(labels[offset:offset + size], dtype=torch.long)
+            states = segments.hidden_states(inputs)
+            batch = {f"h{p}": (states[p - 1] if segments.token_level else states[p - 1][:, :1]).clone()
+                     for p in segments.ramps}
+        batch["labels"] = target
         offset += size
-        cached.append(batch)
+        batches.append(batch)
     if offset != len(labels):
         raise ConfigError(f"{len(labels)} labels for {offset} training inputs; they must match")
-    trainer = RampTrainer(segments.ramps, segments.token_level)
-    result = train(trainer, cached, training_config, loss_fn=lambda model, batch: model(**batch),
-                   desc="early-exit ramps")
+    report: dict = {"backbone": training}
+    if training == "joint":
+        weights = exit_weights([*segments.ramps, len(segments.layers)], joint_weights)
+        trainer: nn.Module = JointTrainer(segments, weights)
+        ramp_ids = {id(p) for ramp in segments.ramps.values() for p in ramp.parameters()}
+        for p in trainer.parameters():
+            p.requires_grad_(True)
+        backbone = [p for p in trainer.parameters() if id(p) not in ramp_ids]
+        ramps = [p for ramp in segments.ramps.values() for p in ramp.parameters()]
+        groups = [{"params": ramps},
+                  {"params": backbone, **({"lr": backbone_learning_rate} if backbone_learning_rate else {})}]
+        report.update(weights={str(k): round(v, 4) for k, v in weights.items()}, joint_weights=joint_weights,
+                      backbone_learning_rate=backbone_learning_rate or training_config.learning_rate)
+        desc = "early-exit joint"
+    else:
+        trainer, groups, desc = RampTrainer(segments.ramps, segments.token_level), None, "early-exit ramps"
+    try:
+        result = train(trainer, batches, training_config, loss_fn=lambda model, batch: model(**batch), desc=desc,
+                       param_groups=groups)
+    finally:
+        for p in (backbone if training == "joint" else ()):
+            p.requires_grad_(False)  # frozen again, as segment_model left it
     segments.eval()
-    report = {"steps": result.steps, "final_loss": round(result.final_loss, 4), "seconds": round(result.seconds, 1)}
+    report.update(steps=result.steps, final_loss=round(result.final_loss, 4), seconds=round(result.seconds, 1))
     if segments.token_level:
         report["tokens"] = tokens
     return report

@@ -163,7 +163,8 @@ class TrainingResult:
 
 def train(model: torch.nn.Module, batches: "Callable[[], Iterable[Batch]] | Iterable[Batch]",
           config: TrainingConfig, loss_fn: "Callable[[torch.nn.Module, Batch], torch.Tensor] | None" = None,
-          desc: str = "train", inspect_engine: "Callable[[object, int], None] | None" = None) -> TrainingResult:
+          desc: str = "train", inspect_engine: "Callable[[object, int], None] | None" = None,
+          param_groups: "list[dict] | None" = None) -> TrainingResult:
     """Train `model` in place with DeepSpeed; afterwards it is a plain module in eval mode with fp32 weights.
 
     batches: micro-batches (dicts of tensors); a callable is called once per epoch (to reshuffle), an
@@ -174,6 +175,9 @@ def train(model: torch.nn.Module, batches: "Callable[[], Iterable[Batch]] | Iter
     `engine.step()`, while gradients, optimizer state and ZeRO partitions are live; `step` is the 1-based
     optimizer step the micro-batch belongs to (`engine.is_gradient_accumulation_boundary()` tells whether
     it is the last). build/zero_report.py measures per-rank memory there.
+    param_groups: optional AdamW parameter groups ({"params": [...], "lr": ...}; a group without "lr" uses
+    `config.learning_rate`) that must cover every trainable parameter exactly once, e.g. a small learning
+    rate for a pretrained backbone and a larger one for fresh heads; the schedule scales every group alike.
     """
     import deepspeed
     from tqdm.auto import tqdm
@@ -187,7 +191,8 @@ def train(model: torch.nn.Module, batches: "Callable[[], Iterable[Batch]] | Iter
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters (all requires_grad=False)")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    groups = params if param_groups is None else _checked_groups(param_groups, params)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -266,6 +271,26 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _checked_groups(param_groups: list[dict], trainable: list) -> list[dict]:
+    """`param_groups` restricted to trainable parameters; ConfigError unless they cover each exactly once."""
+    groups, seen = [], set()
+    for group in param_groups:
+        if not isinstance(group, dict) or "params" not in group:
+            raise ConfigError(f"param_groups entries must be dicts with 'params' (and optionally 'lr'); got {group!r}")
+        params = [p for p in group["params"] if p.requires_grad]
+        twice = [p for p in params if id(p) in seen]
+        if twice:
+            raise ConfigError(f"{len(twice)} parameter(s) appear in more than one of param_groups; list each once")
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({**group, "params": params})
+    missing = sum(id(p) not in seen for p in trainable)
+    if missing:
+        raise ConfigError(f"{missing} trainable parameter(s) are in none of param_groups; add them to a group "
+                          f"or set requires_grad=False on them")
+    return groups
 
 
 def _default_loss(model, batch: Batch) -> torch.Tensor:

@@ -154,6 +154,13 @@ def test_default_threshold_and_bad_request_thresholds(onnx_engine, ts_engine, fe
     ({"grid": (0.5, -1.0)}, "grid"),
     ({"zero_stage": 4}, "zero_stage"),
     ({"criterion": "margin"}, "criterion"),
+    ({"training": "both"}, "training='both' is not supported; choose one of: frozen, joint"),
+    ({"joint_weights": "uniform"}, "joint_weights='uniform' applies to training='joint' only"),
+    ({"backbone_learning_rate": 1e-4}, "backbone_learning_rate=0.0001 applies to training='joint' only"),
+    ({"training": "joint", "joint_weights": "linear"}, "joint_weights='linear' is not supported; choose one of: "
+                                                        "depth, uniform"),
+    ({"training": "joint", "backbone_learning_rate": 0.0}, r"backbone_learning_rate=0.0 is outside \(0.0, 1.0\]"),
+    ({"training": "joint", "backbone_learning_rate": "fast"}, "backbone_learning_rate='fast' must be a number"),
 ])
 def test_bad_settings_raise_before_training(model, options, message):
     from build.techniques import get_technique, make_config
@@ -162,6 +169,99 @@ def test_bad_settings_raise_before_training(model, options, message):
         config = make_config("early-exit", options)
         source = type("S", (), {"model": model, "family": type("F", (), {"model_type": "distilbert"})})
         get_technique("early-exit").check(source, config)
+
+
+def test_exit_weights_grow_with_depth_and_sum_to_one():
+    from build.early_exit import exit_weights
+
+    assert exit_weights([1, 2, 3], "depth") == pytest.approx({1: 1 / 6, 2: 2 / 6, 3: 3 / 6})
+    assert exit_weights([3, 1], "uniform") == pytest.approx({1: 0.5, 3: 0.5})
+    with pytest.raises(ConfigError, match="joint_weights='log'"):
+        exit_weights([1, 2], "log")
+
+
+def _train_small(model, feeds, training: str):
+    """Segments of `model` with ramps trained on 4 small labelled batches (a few steps) in `training` mode."""
+    from build.early_exit import train_ramps
+    from build.training import TrainingConfig
+
+    segments = segment_model(model, "distilbert")
+    rng = np.random.default_rng(2)
+    batches = [{k: v[rng.permutation(8)] for k, v in feeds.items()} for _ in range(4)]
+    labels = [int(i % 2) for b in batches for i in b["input_ids"][:, 1]]
+    report = train_ramps(segments, batches, labels, TrainingConfig(micro_batch_size=8, learning_rate=1e-2, epochs=2.0,
+                                                                   log_every=10**6),
+                         training, **({"joint_weights": "depth", "backbone_learning_rate": 1e-3}
+                                      if training == "joint" else {}))
+    return segments, report
+
+
+def test_joint_training_changes_the_backbone_frozen_does_not(model, feeds, tmp_path):
+    source_state = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen, frozen_report = _train_small(model, feeds, "frozen")
+    joint, joint_report = _train_small(model, feeds, "joint")
+    assert frozen_report["backbone"] == "frozen" and "weights" not in frozen_report
+    assert joint_report["backbone"] == "joint" and joint_report["weights"] == pytest.approx(
+        {"1": 1 / 6, "2": 2 / 6, "3": 0.5}, abs=1e-4)
+
+    def backbone(segments):
+        return [p for m in (segments.embed, *segments.layers, segments.head) for p in m.parameters()]
+
+    source = segment_model(model, "distilbert")
+    moved = [float((a - b).abs().max()) for a, b in zip(backbone(joint), backbone(source))]
+    assert all(m == 0.0 for m in (float((a - b).abs().max()) for a, b in zip(backbone(frozen), backbone(source))))
+    assert min(moved[1:]) > 0  # every layer and the head moved (embeddings too, bar untouched rows)
+    assert not any(p.requires_grad for p in backbone(joint))  # frozen again after training
+    # the source model itself is never touched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source_state.items())
+
+    # the jointly trained variant at never-exit is its own full model, not the source
+    inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    own = joint.full_logits(inputs).numpy()
+    assert np.abs(own - _full_logits(model, feeds)).max() > 1e-3
+    export_onnx_segments(joint, tmp_path / "early_exit", "max_prob", 0.9, "text-classification")
+    export_torchscript(joint, tmp_path / "model.pt", "max_prob")
+    engines = [EarlyExitOnnxEngine(str(tmp_path), _spec("early_exit", "early-exit-onnx")),
+               TorchScriptEngine(str(tmp_path), _spec("model.pt", "torchscript", {"threshold_input": True}))]
+    for engine in engines:
+        out = engine.run(feeds, {"exit_threshold": 1.0})
+        np.testing.assert_allclose(out["logits"], own, atol=1e-5)
+        assert out["exit_layer"].tolist() == [LAYERS] * 8
+        reference, exits = predict_with_exit(joint, inputs, 0.0)
+        low = engine.run(feeds, {"exit_threshold": 0.0})
+        assert low["exit_layer"].tolist() == exits.tolist() == [1] * 8
+        np.testing.assert_allclose(low["logits"], reference.numpy(), atol=1e-5)
+
+
+def test_joint_training_runs_for_token_and_image_families(ner_model, ner_feeds):
+    """The joint loop is shared: per-token ramps (DeBERTa NER) and ViT train their backbone too."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from build.early_exit import train_ramps
+    from build.training import TrainingConfig
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=LAYERS,
+                                              num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    pixels = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    ner_labels = [[int(t) % len(NER_LABELS) for t in ids[:int(m.sum())]]
+                  for ids, m in zip(ner_feeds["input_ids"], ner_feeds["attention_mask"])]
+    cases = [(ner_model, "deberta-v2", ner_feeds, ner_labels),
+             (vit, "vit", {"pixel_values": pixels}, [0, 1, 2, 0, 1, 2, 0, 1])]
+    for model, model_type, feed, labels in cases:
+        segments = segment_model(model, model_type)
+        before = [p.clone() for p in segments.layers[0].parameters()]
+        report = train_ramps(segments, [feed], labels, TrainingConfig(micro_batch_size=8, learning_rate=1e-2,
+                                                                      max_steps=3, log_every=10**6),
+                             "joint", joint_weights="uniform", backbone_learning_rate=1e-3)
+        assert report["backbone"] == "joint" and report["steps"] == 3
+        assert ("tokens" in report) == (model_type == "deberta-v2")  # per-token labels
+        assert report["weights"] == pytest.approx({"1": 1 / 3, "2": 1 / 3, "3": 1 / 3}, abs=1e-4)
+        assert any(not torch.equal(a, b) for a, b in zip(before, segments.layers[0].parameters()))
+        inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
+        out, exits = predict_with_exit(segments, inputs, 1.0)
+        assert exits.tolist() == [LAYERS] * 8
+        torch.testing.assert_close(out, segments.full_logits(inputs))
 
 
 def test_unsupported_family_and_checkpoint_are_named(ner_model):
@@ -203,6 +303,46 @@ def test_build_records_curve_and_default(early_exit_repository):
         assert tr["at_default"]["accuracy"] >= full["accuracy"] - 0.01 - 1e-9
         assert all(set(row) >= {"accuracy", "mean_layers", "p50_ms"} for row in tr["curve"])
         assert meta["agreement"]["max_abs_logit"] < 1e-3  # checked at never-exit
+
+
+@pytest.fixture(scope="module")
+def joint_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory):
+    from build.pipeline import BuildOptions, build
+
+    preset_checkpoint("distilbert-tiny")
+    repository = tmp_path_factory.mktemp("ee-joint-repo")
+    settings = {"training": "joint", "epochs": 2.0, "latency_samples": 8, "grid": (0.6, 0.9, 1.0)}
+    options = BuildOptions(model="distilbert-tiny", techniques=("early-exit",), repository=repository,
+                           cache_dir=cache_dir, data=data_source.location, eval_limit=120, check_limit=32,
+                           latency_samples=8, native=False, technique_options={"early-exit": settings})
+    reports = build(options, log=lambda *_: None)
+    return repository, reports
+
+
+def test_joint_build_records_its_own_full_model_and_loose_agreement(joint_repository):
+    from build.techniques.early_exit import DEFAULT_BACKBONE_LR, JOINT_TOLERANCE, OWN_MODEL_MAX_ABS_LOGIT
+
+    repository, (report,) = joint_repository
+    meta = json.loads((repository / report.triton_name / "metadata.json").read_text())
+    tr = meta["technique_report"]
+    assert meta["params"]["training"] == "joint" and meta["params"]["joint_weights"] == "depth"
+    assert meta["params"]["backbone_learning_rate"] == DEFAULT_BACKBONE_LR
+    assert tr["ramp_training"]["backbone"] == "joint"
+    assert tr["ramp_training"]["weights"] == pytest.approx({"1": 1 / 3, "2": 2 / 3}, abs=1e-4)
+    assert meta["tolerance"]["min_top1_agreement"] == JOINT_TOLERANCE.min_top1_agreement
+    assert meta["agreement"]["top1"] >= JOINT_TOLERANCE.min_top1_agreement
+    # at threshold 1.0 the export equals its own (jointly trained) full model ...
+    assert tr["joint"]["own_full_model_max_abs_logit"] < OWN_MODEL_MAX_ABS_LOGIT
+    # ... whose accuracy is the curve's threshold-1.0 point, beside the source model's on the same examples
+    full = tr["curve"][-1]
+    assert full["threshold"] == 1.0 and full["mean_layers"] == 2
+    assert tr["joint"]["full_accuracy_after_joint"] == full["accuracy"] == tr["at_default"]["full_accuracy"]
+    assert 0.5 < tr["joint"]["source_accuracy"] <= 1.0
+    # the default threshold is held to the source model, not to the (possibly weaker) jointly trained one
+    assert "source (FP32) model" in tr["rule"]
+    assert (tr["default_threshold"] == 1.0
+            or tr["at_default"]["accuracy"] >= tr["joint"]["source_accuracy"] - 0.01 - 1e-9)
+    assert any("joint training" in note for note in meta["notes"])
 
 
 @pytest.mark.parametrize("variant", ["early-exit", "early-exit-torchscript"])
