@@ -58,7 +58,14 @@ def test_agreement_checked_at_never_exit_and_accuracy_recorded(stacked_build):
     tr = meta["technique_report"]
     full = tr["curve"][-1]
     assert full["threshold"] == 1.0 and full["mean_layers"] == 2
-    assert tr["at_default"]["accuracy"] >= full["accuracy"] - 0.01 - 1e-9
+    # one budget for pruning, INT8 and exits: the default keeps accuracy within 1 pt of the source FP32 model,
+    # or is 1.0 (never exit) when no lower threshold does
+    assert "source (FP32)" in tr["rule"]
+    baseline = tr["baseline_accuracy"]
+    if tr["default_threshold"] < 1.0:
+        assert tr["at_default"]["accuracy"] >= baseline - 0.01 - 1e-9
+    else:
+        assert all(row["accuracy"] < baseline - 0.01 for row in tr["curve"] if row["threshold"] < 1.0)
     assert report.metric.value > 0.6  # SST-2 accuracy well above chance after pruning + INT8
 
 

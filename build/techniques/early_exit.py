@@ -249,24 +249,31 @@ def _joint_report(context: BuildContext, config: EarlyExitConfig, predictor, seg
                   metric: str, full: dict) -> dict:
     """Joint training's check and comparison: never-exit equals the variant's own full model (else
     ExportError), and the source model's metric on the same tuning split beside the jointly trained one."""
-    from build.evaluate import run_predictor, task_metric
-
     gap = own_full_model_gap(predictor, segments, context.feeds([ex.raw for ex in tuning[:64]]))
     if gap > OWN_MODEL_MAX_ABS_LOGIT:
         raise ExportError(f"the jointly trained early-exit export differs from its own full model at "
                           f"exit_threshold=1.0 by max |Δlogit| {gap:.3g} > {OWN_MODEL_MAX_ABS_LOGIT:g}")
-    source = task_metric(task, run_predictor(context.reference, [ex.raw for ex in tuning]), tuning,
-                         context.source.labels)
     return {**config.joint(), "own_full_model_max_abs_logit": round(gap, 8),
-            f"source_{metric}": round(source.value, 4), f"full_{metric}_after_joint": full[metric],
+            f"source_{metric}": source_metric(context, tuning, task), f"full_{metric}_after_joint": full[metric],
             "note": "never-exit runs the jointly trained backbone and head, not the source model"}
+
+
+def source_metric(context: BuildContext, examples: list, task: str) -> float:
+    """The source (FP32 reference) model's task metric on `examples` (accuracy, or entity F1), 4 decimals."""
+    from build.evaluate import run_predictor, task_metric
+
+    result = task_metric(task, run_predictor(context.reference, [ex.raw for ex in examples]), examples,
+                         context.source.labels)
+    return round(result.value, 4)
 
 
 def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: str, trained: dict | None = None,
            transform=None, tolerance: Tolerance | None = None, report_extra: dict | None = None,
-           notes: list[str] | None = None) -> Variant:
+           notes: list[str] | None = None, budget_vs_source: bool = False) -> Variant:
     """The early-exit variant `name`. `stacked` passes its own `trained` ramps (on a pruned backbone), a
-    `transform(folder) -> folder` applied to the exported ONNX segments (INT8), its tolerance and report."""
+    `transform(folder) -> folder` applied to the exported ONNX segments (INT8), its tolerance and report, and
+    `budget_vs_source=True`: the default threshold keeps the metric within `max_accuracy_drop` of the source
+    (FP32) model rather than of the variant's own full model (joint training does the same)."""
     from build.early_exit import default_threshold, export_onnx_segments, export_torchscript
     from build.runtime import Predictor
 
@@ -291,9 +298,14 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
     full = next(row for row in curve if row["threshold"] >= 1.0)
     joint = config.training == "joint"
     joint_report = _joint_report(context, config, predictor, segments, tuning, task, metric, full) if joint else {}
-    # a jointly trained full model may lose against the source; the bar stays the model the user gave
-    baseline, baseline_name = ((joint_report[f"source_{metric}"], "the source (FP32) model") if joint
-                               else (full[metric], "full model"))
+    # a jointly trained (or pruned and quantized) full model may lose against the source; the bar stays the
+    # model the user gave
+    if joint:
+        baseline, baseline_name = joint_report[f"source_{metric}"], "the source (FP32) model"
+    elif budget_vs_source:
+        baseline, baseline_name = source_metric(context, tuning, task), "the source (FP32) model"
+    else:
+        baseline, baseline_name = full[metric], "full model"
     chosen = config.threshold if config.threshold is not None else default_threshold(
         curve, baseline, config.max_accuracy_drop, metric)
     layers = len(segments.layers)
@@ -304,6 +316,7 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
         "metric": metric,
         "rule": f"lowest threshold with {metric} ≥ {baseline_name} - {config.max_accuracy_drop:g} on the tuning "
                 f"split",
+        f"baseline_{metric}": baseline,
         "tuning_split": (f"{len(tuning)} dev examples" if context.dev else
                          f"{len(tuning)} held-out training examples (not used for ramp training)"),
         "ramp_training": {**trained["training"], "examples": trained["train_examples"],

@@ -8,7 +8,9 @@
    `quantize_dynamic`: MatMul -> MatMulInteger, embedding Gather stored INT8).
 
 Served by `runtime.EarlyExitOnnxEngine` like `early-exit` (per-sample exit, `exit_threshold` request
-parameter, default threshold chosen on the tuning split through the INT8 segments themselves). The agreement
+parameter, default threshold chosen on the tuning split through the INT8 segments themselves: the lowest one
+keeping accuracy within `max_accuracy_drop` of the source FP32 model, so pruning, INT8 and exits share one
+budget; 1.0 when pruning and INT8 already spent it). The agreement
 check runs at "never exit" against the FP32 reference; a pruned and quantized model is a different model,
 so its tolerance is loose (like `pruned`): compare accuracy.
 """
@@ -138,7 +140,8 @@ def apply(context: BuildContext, config: StackedConfig) -> Variant:
     variant = _build(context, early, "stacked", "onnx", trained=trained, transform=transform, tolerance=TOLERANCE,
                      report_extra={"stacked": stages},
                      notes=["pruned (structured, KD-recovered) + early exit + INT8 dynamic: a different model "
-                            "from FP32, agreement is loose by design; compare accuracy"])
+                            "from FP32, agreement is loose by design; compare accuracy"],
+                     budget_vs_source=True)
     variant.report["stacked"]["int8"]["matmul_integer_per_segment"] = quantized["matmul_integer"]
     variant.params = {**{f.name: getattr(config, f.name) for f in fields(config)}, "threshold": variant.params["threshold"]}
     variant.num_parameters = prune_report["parameters_after"] + sum(
