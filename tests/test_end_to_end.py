@@ -122,13 +122,14 @@ def _image(mode: str, size: tuple[int, int]) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new(mode, size).save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+    Image.new(mode, size).save(buffer, format="JPEG" if mode == "CMYK" else "PNG")
     return buffer.getvalue()
 
 
 BAD_INPUTS = [
     ("distilbert-tiny", b"", "empty"),
-    ("distilbert-tiny", ("x" * 100_000).encode(), "100000 characters"),
+    ("distilbert-tiny", ("x" * 30_000).encode(), "30000 characters"),
+    ("distilbert-tiny", ("x" * 100_000).encode(), "100000 bytes"),  # over 4 bytes a character: not decoded
     ("distilbert-tiny", b"\xff\xfe\xfa", "not valid UTF-8"),
     ("vit-tiny", b"this is not an image", "not a readable image"),
     ("vit-tiny", _image("CMYK", (32, 32)), "mode 'CMYK'"),
