@@ -89,7 +89,7 @@ def cmd_reload(args) -> int:
     if not (folder / CONFIG_FILE).is_file():
         raise ConfigError(f"{name} is not in the repository {args.repository} (no {folder / CONFIG_FILE}); "
                           "build it first with `dyngate build`")
-    result = roll_out(ModelControl(args.triton_url), folder)
+    result = roll_out(ModelControl(args.triton_url), folder, log=lambda line: None)  # one summary line instead
     print(f"{name}: Triton serves version {result.version}"
           + (f"; removed version(s) {', '.join(map(str, result.removed))}" if result.removed else ""))
     return 0

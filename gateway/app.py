@@ -115,6 +115,7 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
 
     @handlers.user_errors
     def on_predict(name: str | None, text_value: str | None, image_path: str | None, chosen: list[str] | None):
+        state.refresh()
         view = catalog.get(name or "")
         if view is None:
             raise handlers.InputError(f"unknown model {name!r}; the repository's models are: "
@@ -129,6 +130,7 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
     @handlers.user_errors
     def on_route(name, text_value, image_path, policy_value, variant_value, budget_value, threshold_value,
                  exit_value):
+        state.refresh()
         view = state.router.view(name)
         return state.router.route(view.name, text_value if view.is_text else None, policy_value,
                                   variant=variant_value or None, accuracy_budget=budget_value,
@@ -334,6 +336,19 @@ class GatewayState:
     def __post_init__(self):
         self._dev: dict[str, list[bytes]] = {}
         self._dev_lock = threading.Lock()
+        self._fingerprint = handlers.repository_fingerprint(self.repository)
+        self._refresh_lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Pick up variants built (or removed) since the gateway started: the catalog is re-read when the
+        repository's model folders or their metadata changed. Called before each API answer and status tick."""
+        fingerprint = handlers.repository_fingerprint(self.repository)
+        if fingerprint == self._fingerprint:
+            return
+        with self._refresh_lock:
+            if fingerprint != self._fingerprint:
+                handlers.refresh_catalog(self.catalog, self.repository)
+                self._fingerprint = fingerprint
 
     def dev_inputs(self, view: ModelView, limit: int = 200) -> list[bytes]:
         """Real dev inputs for `view`'s task (build.data.load_examples with the configured data setting)."""
@@ -349,13 +364,15 @@ class GatewayState:
             return self._dev[view.task]
 
     def status(self) -> tuple[bool, str]:
+        self.refresh()
         return handlers.triton_status(self.clients, self.catalog)
 
 
 def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = None) -> gr.Blocks:
     """The gateway page for `repository`, answered by the Triton at `triton_url` (gRPC "host:port", or a url
-    with a grpc:// or http:// scheme). Models are read from the repository once, here. The shared state is
-    `demo.dyngate` (a GatewayState)."""
+    with a grpc:// or http:// scheme). Models are read from the repository here and again whenever a build
+    changes it (GatewayState.refresh: the API and the status line see new variants; the page's dropdowns keep
+    the choices the gateway started with). The shared state is `demo.dyngate` (a GatewayState)."""
     config = config or GatewayConfig.load()
     catalog = handlers.load_catalog(Path(repository))
     clients = ClientPool(triton_url)
@@ -433,6 +450,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         unknown = sorted(set(body) - allowed)
         if unknown:
             return error(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        state.refresh()
         model = body.get("model")
         if not isinstance(model, str):
             return error(400, f"model must be a string naming one of the repository's models "

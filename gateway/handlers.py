@@ -117,6 +117,34 @@ def load_catalog(repository: Path) -> dict[str, ModelView]:
     return dict(sorted(catalog.items()))
 
 
+def repository_fingerprint(repository: Path) -> tuple:
+    """What changes when a build adds, replaces or removes a model: (folder name, metadata.json mtime in ns)
+    of every model folder, sorted. One directory listing and a stat per model; () for a missing repository."""
+    from build.repository import METADATA_FILE
+
+    try:
+        folders = sorted(Path(repository).iterdir())
+    except OSError:
+        return ()
+    stamps = []
+    for folder in folders:
+        try:
+            stamps.append((folder.name, (folder / METADATA_FILE).stat().st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(stamps)
+
+
+def refresh_catalog(catalog: dict[str, ModelView], repository: Path) -> None:
+    """Re-read `repository` into `catalog` IN PLACE, so every holder of the dict (router, handlers) sees the
+    variants a build added or removed while the gateway runs. New entries go in before removed ones go out:
+    a concurrent reader never finds the dict empty."""
+    fresh = load_catalog(repository)
+    catalog.update(fresh)
+    for name in [m for m in catalog if m not in fresh]:
+        catalog.pop(name, None)
+
+
 def all_variant_names(catalog: dict[str, ModelView]) -> list[str]:
     """Every variant name of every model, first-seen order (the API accepts any of them; the handler then
     checks that the chosen model has it)."""

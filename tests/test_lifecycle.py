@@ -402,3 +402,31 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         if serve.poll() is None:
             serve.send_signal(signal.SIGTERM)
             serve.wait(60)
+
+
+def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tmp_path):
+    """A variant that appears in the repository while the gateway runs (a build with --triton-url) is routable
+    without restarting the gateway: its catalog is re-read when the repository changes."""
+    from gateway.app import serve as serve_gateway
+    from gateway.triton_server import ModelControl
+
+    repository = _copy_model(built_repository, tmp_path / "repo")
+    added = f"{MODEL}__torchscript"
+    body = {"model": MODEL, "text": "a fine film", "policy": "variant", "variant": "torchscript"}
+    with running_triton(repository, tmp_path / "triton.log", models=[NAME]) as server:
+        gateway = serve_gateway(repository, server.endpoints["grpc"], port=free_port())
+        try:
+            status, answer = _post(f"{gateway.url}/api/predict", body)
+            assert status == 400 and "unknown variant 'torchscript'" in answer["error"], answer
+            staging = tmp_path / "staging"
+            shutil.copytree(built_repository / added, staging)
+            staging.rename(repository / added)  # as the build publishes: one rename
+            ModelControl(server.endpoints["http"]).load(added)
+            status, answer = _post(f"{gateway.url}/api/predict", body)
+            assert status == 200, answer
+            assert (answer["served_by"], answer["triton_model"]) == ("torchscript", added)
+            shutil.rmtree(repository / added)  # and a removed variant is gone again
+            status, answer = _post(f"{gateway.url}/api/predict", body)
+            assert status == 400, answer
+        finally:
+            gateway.close()
