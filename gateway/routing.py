@@ -39,6 +39,10 @@ POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
 MIN_LIVE_SAMPLES = 5
 LIVE_WINDOW = 200
 READY_TTL_S = 1.0
+# A variant whose request failed on the server side (e.g. its python stub crashed: Triton still lists it READY)
+# is left out of the policies' choice for this long, so `fastest`, `most-accurate`, `ab` and `cascade` answer
+# from the other variants meanwhile. A named variant (`variant` policy) is always tried.
+FAILED_TTL_S = 30.0
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Router:
         self._rng_lock = threading.Lock()
         self._ready: tuple[float, set[str]] | None = None
         self._ready_lock = threading.Lock()
+        self._failed: dict[str, tuple[float, str]] = {}  # triton model -> (monotonic time of failure, error)
 
     # ---- state
 
@@ -211,20 +216,44 @@ class Router:
                 raise InputError(f"unknown variant {variant!r} for model {view.name}; its variants are: "
                                  f"{', '.join(view.variant_names)}")
             chosen, reason = variant, f"variant {variant!r} was asked for"
-        else:
+            step = self._call(view, chosen, data, params)
+            return self._answer(view, policy, [step], reason, params)
+        skipped: list[str] = []
+        while True:
             chosen, reason = self._choose(view, policy, budget)
-        step = self._call(view, chosen, data, params)
-        return self._answer(view, policy, [step], reason, params)
+            try:
+                step = self._call(view, chosen, data, params)
+            except ServingError as e:
+                if "not reachable" in str(e) or not self._others_left(view, chosen):
+                    raise
+                skipped.append(f"{chosen} failed ({e})")
+                continue  # _call marked it failed: the next choice leaves it out
+            if skipped:
+                reason += "; skipped " + "; ".join(skipped)
+            return self._answer(view, policy, [step], reason, params)
 
     # ---- policies
 
     def _ready_variants(self, view: ModelView) -> list[str]:
+        """READY variants of `view`, less those that failed within FAILED_TTL_S (unless that leaves none)."""
         ready = self.ready_models()
         names = [v for v in view.variant_names if view.variants[v].name in ready]
         if not names:
             raise ServingError(f"no variant of {view.name} is loaded on Triton at {self.clients.url}; load one "
                                "on the Models tab (or restart Triton with them)")
-        return names
+        healthy = [v for v in names if not self._recently_failed(view.variants[v].name)]
+        return healthy or names
+
+    def _recently_failed(self, triton_model: str) -> bool:
+        with self._ready_lock:
+            failed = self._failed.get(triton_model)
+        return failed is not None and time.monotonic() - failed[0] < FAILED_TTL_S
+
+    def _others_left(self, view: ModelView, variant: str) -> bool:
+        """Whether a variant other than `variant` is READY and has not failed recently."""
+        ready = self.ready_models()
+        return any(v != variant and view.variants[v].name in ready and not self._recently_failed(view.variants[v].name)
+                   for v in view.variant_names)
 
     def _choose(self, view: ModelView, policy: str, budget: float) -> tuple[str, str]:
         names = self._ready_variants(view)
@@ -267,9 +296,16 @@ class Router:
         order = self.cascade_order(view, self.ready_models())
         if not order:
             self._ready_variants(view)  # raises the clear error
-        steps = []
+        order = [v for v in order if not self._recently_failed(view.variants[v].name)] or order
+        steps, skipped = [], []
         for i, variant in enumerate(order):
-            step = self._call(view, variant, data, params)
+            try:
+                step = self._call(view, variant, data, params)
+            except ServingError as e:
+                if "not reachable" in str(e) or i == len(order) - 1:
+                    raise
+                skipped.append(f"{variant} failed ({e})")
+                continue
             steps.append(step)
             if step["confidence"] >= cut:
                 reason = (f"cascade {' → '.join(order)}: {variant} answered with top-1 probability "
@@ -281,6 +317,8 @@ class Router:
         if len(steps) > 1:
             reason += "; escalated from " + ", ".join(f"{s['variant']} ({s['confidence']:.4f} < {cut})"
                                                       for s in steps[:-1])
+        if skipped:
+            reason += "; skipped " + "; ".join(skipped)
         return self._answer(view, "cascade", steps, reason, params)
 
     # ---- helpers
@@ -293,7 +331,12 @@ class Router:
         except ServingError as e:
             if "not reachable" in str(e):
                 self.clients.reset()
+            else:
+                with self._ready_lock:
+                    self._failed[name] = (time.monotonic(), str(e))
             raise
+        with self._ready_lock:
+            self._failed.pop(name, None)
         self.live.record(name, result.latency_ms)
         label, score = summarize(result.answer)
         step = {"variant": variant, "triton_model": name, "prediction": label,

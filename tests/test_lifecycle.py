@@ -430,3 +430,33 @@ def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tm
             assert status == 400, answer
         finally:
             gateway.close()
+
+
+def test_policies_route_around_a_variant_whose_stub_crashed(built_repository, tmp_path):
+    """Triton keeps listing a python-backend model READY after its stub process dies, and answers every request
+    to it with an error: `fastest` and `cascade` answer from the other variant meanwhile and say so."""
+    from build.errors import ServingError
+    from gateway.handlers import ClientPool, load_catalog
+    from gateway.routing import Router, RoutingConfig
+
+    repository = _copy_model(built_repository, tmp_path / "repo")
+    added = f"{MODEL}__torchscript"
+    _copy_model(built_repository, repository, added)
+    with running_triton(repository, tmp_path / "triton.log", models=[NAME, added]) as server:
+        stubs = [p for p in psutil.Process(server.pid).children(recursive=True)
+                 if any(NAME + "_" in part for part in p.cmdline())]
+        assert stubs, [p.cmdline() for p in psutil.Process(server.pid).children(recursive=True)]
+        for stub in stubs:
+            stub.kill()
+        _wait_for(lambda: all(_gone(p.pid) for p in stubs), "the stub to die")
+        client = TritonClient(server.endpoints["grpc"])
+        with pytest.raises(ServingError):  # the crash is real: Triton answers the model with an error
+            client.predict(NAME, SENTENCES[0])
+        router = Router(load_catalog(repository), ClientPool(server.endpoints["grpc"]), RoutingConfig())
+        router.live.record(NAME, 0.001)  # make the crashed variant the fastest: the policy must still skip it
+        answer = router.route(MODEL, SENTENCES[0].decode(), "fastest")
+        assert answer["served_by"] == "torchscript" and "skipped fp32 failed" in answer["reason"], answer
+        answer = router.route(MODEL, SENTENCES[1].decode(), "cascade", threshold=0)
+        assert answer["served_by"] == "torchscript", answer
+        with pytest.raises(ServingError):  # a variant asked for by name is tried, and its error reported
+            router.route(MODEL, SENTENCES[0].decode(), "variant", variant="fp32")
