@@ -394,6 +394,21 @@ def list_models(repository: Path) -> list[RepositoryEntry]:
     return entries
 
 
+def python_variants_by_model(repository: Path, models: list[str] | None = None) -> dict[str, list[RepositoryEntry]]:
+    """Python-backend entries of `repository` grouped per model (sorted by model name), only `models` when
+    given. ConfigError naming what is there when a model in `models` is missing or nothing is built."""
+    entries = [e for e in list_models(repository) if e.backend == "python"]
+    known = sorted({e.model for e in entries})
+    missing = [m for m in models or [] if m not in known]
+    if missing:
+        raise ConfigError(f"--model {', '.join(missing)}: not in {repository}; models there: "
+                          f"{', '.join(known) or 'none'} (build them with dyngate build)")
+    groups = {m: [e for e in entries if e.model == m] for m in known if not models or m in models}
+    if not groups:
+        raise ConfigError(f"no python-backend variants in {repository}; build some with dyngate build")
+    return groups
+
+
 def python_backend_models(repository: Path) -> list[str]:
     """Names of the models the embedded Triton (python backend only) can load."""
     return [e.name for e in list_models(repository) if e.backend == "python"]

@@ -48,7 +48,7 @@ import numpy as np
 
 from build.errors import ConfigError
 from build.evaluate import Latency, summarize_ms
-from build.repository import directory_size, list_models
+from build.repository import directory_size, list_models, python_variants_by_model
 
 PATHS = ("in-process", "http", "grpc")
 BATCH_SIZES = (1, 8)
@@ -635,8 +635,7 @@ def run_bench(options: BenchOptions, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="dyngate-bench-") as tmp:
         tmp = Path(tmp)
         if options.repository is not None:
-            groups = _groups(options)
-            endpoints = None
+            groups = python_variants_by_model(options.repository, options.models)
             triton_paths = [p for p in options.paths if p != "in-process"]
             if triton_paths:
                 from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
@@ -660,20 +659,6 @@ def run_bench(options: BenchOptions, log=print) -> dict:
             result["sections"].append(base_section(options, source_data, tmp / "base", log))
     write_bench(result, options.out)
     return result
-
-
-def _groups(options: BenchOptions) -> dict[str, list]:
-    entries = [e for e in list_models(options.repository) if e.backend == "python"]
-    known = sorted({e.model for e in entries})
-    if options.models:
-        missing = [m for m in options.models if m not in known]
-        if missing:
-            raise ConfigError(f"--model {', '.join(missing)}: not in {options.repository}; models there: "
-                              f"{', '.join(known) or 'none'} (build them with dyngate build)")
-    groups = {m: [e for e in entries if e.model == m] for m in known if not options.models or m in options.models}
-    if not groups:
-        raise ConfigError(f"no python-backend variants in {options.repository}; build some with dyngate build")
-    return groups
 
 
 # ------------------------------------------------------------------------------------------------ writing

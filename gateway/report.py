@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from build.errors import ConfigError, ServingError
-from build.repository import RepositoryEntry, directory_size, list_models
+from build.repository import RepositoryEntry, directory_size, python_variants_by_model
 
 BATCH_SIZES = (1, 8)
 PATH = "grpc"
@@ -326,23 +326,10 @@ class ReportOptions:
 
 
 def _entries(options: ReportOptions) -> dict[str, list[RepositoryEntry]]:
-    entries = [e for e in list_models(options.repository) if e.backend == "python"]
-    known = sorted({e.model for e in entries})
-    if options.models:
-        missing = [m for m in options.models if m not in known]
-        if missing:
-            raise ConfigError(f"--model {', '.join(missing)}: not in {options.repository}; models there: "
-                              f"{', '.join(known) or 'none'} (build them with dyngate build)")
-    groups = {}
-    for model in known:
-        if options.models and model not in options.models:
-            continue
-        group = [e for e in entries if e.model == model]
-        group.sort(key=lambda e: (e.variant != BASELINE_VARIANT, e.name))
-        groups[model] = group
-    if not groups:
-        raise ConfigError(f"no python-backend variants in {options.repository}; build some with dyngate build")
-    return groups
+    """Variants per model, the FP32 baseline first."""
+    groups = python_variants_by_model(options.repository, options.models)
+    return {model: sorted(group, key=lambda e: (e.variant != BASELINE_VARIANT, e.name))
+            for model, group in groups.items()}
 
 
 def _inputs(task: str, source, count: int) -> list[bytes]:

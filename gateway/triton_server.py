@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from build.errors import ConfigError, ServingError
-from build.repository import list_models, python_backend_models, remove_versions, version_numbers
+from build.repository import list_models, remove_versions, version_numbers
 
 PYTHON_BACKEND = "python"
 STUB_NAME = "triton_python_backend_stub"

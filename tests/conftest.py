@@ -86,6 +86,22 @@ def running_triton(repository: Path, log_file: Path, models: list[str] | None = 
         yield server
 
 
+@contextlib.contextmanager
+def running_gateway(repository: Path, triton, **settings):
+    """The gateway (page + JSON routes) on a free loopback port in front of `triton` (a running TritonServer),
+    reading its metrics; `settings` are more GatewayConfig fields (limits, server_pid, intervals, ...)."""
+    from gateway import app as gateway_app
+    from gateway.config import GatewayConfig
+    from gateway.triton_server import free_port
+
+    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], **settings)
+    running = gateway_app.serve(Path(repository), triton.endpoints["grpc"], port=free_port(), config=config)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
 @pytest.fixture(scope="session")
 def triton(built_repository, tmp_path_factory):
     """The embedded Triton serving `built_repository` on free ports (python-backend models loaded)."""

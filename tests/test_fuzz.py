@@ -35,9 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from build import runtime
-from gateway import app as gateway_app
-from gateway.config import GatewayConfig
-from gateway.triton_server import free_port
+from tests.conftest import running_gateway
 
 TEXT_MODELS = ("distilbert-tiny", "deberta-tiny")
 IMAGE_MODEL = "vit-tiny"
@@ -523,12 +521,8 @@ def test_triton_grpc_huge_declared_shapes(triton, triton_log_start):
 
 @pytest.fixture(scope="module")
 def gateway(built_repository, triton):
-    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], server_pid=triton.pid)
-    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
-    try:
+    with running_gateway(built_repository, triton, server_pid=triton.pid) as running:
         yield running
-    finally:
-        running.close()
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),

@@ -15,7 +15,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from build.errors import InputError
@@ -25,6 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.handlers import ClientPool, Limits, load_catalog
 from gateway.routing import Router, RoutingConfig, confidence
 from gateway.triton_server import free_port
+from tests.conftest import running_gateway
 
 TEXT_MODEL, IMAGE_MODEL = "distilbert-tiny", "vit-tiny"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -53,13 +53,9 @@ def sentences(data_source):
 
 @pytest.fixture(scope="module")
 def gateway(built_repository, triton):
-    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], server_pid=triton.pid,
-                           limits=Limits(max_text_chars=2000))
-    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
-    try:
+    with running_gateway(built_repository, triton, server_pid=triton.pid,
+                         limits=Limits(max_text_chars=2000)) as running:
         yield running
-    finally:
-        running.close()
 
 
 def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:

@@ -5,7 +5,6 @@ Gradio, no mocks, no timing assertions (only "fails fast" is bounded, by the cli
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import time
@@ -20,6 +19,7 @@ from gateway.client import TritonClient
 from gateway.config import GatewayConfig
 from gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
 from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+from tests.conftest import running_gateway
 
 TEXT_MODEL = "distilbert-tiny"
 TIMEOUT_MS = 90_000
@@ -45,12 +45,8 @@ def catalog(built_repository):
 
 @pytest.fixture(scope="module")
 def gateway(built_repository, triton):
-    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], status_interval_s=1, metrics_interval_s=1)
-    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
-    try:
+    with running_gateway(built_repository, triton, status_interval_s=1, metrics_interval_s=1) as running:
         yield running
-    finally:
-        running.close()
 
 
 def _page(browser, url: str):

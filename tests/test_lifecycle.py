@@ -31,7 +31,7 @@ import pytest
 
 from build.errors import ConfigError, ExportError, RepositoryError, ServingError
 from build.pipeline import BuildOptions, build
-from build.repository import (CONFIG_FILE, METADATA_FILE, ServingOptions, finish_model, python_config,
+from build.repository import (METADATA_FILE, ServingOptions, finish_model, python_config,
                               staged_repository, version_numbers, write_version)
 from build.techniques import TECHNIQUES, Tolerance, Variant, register
 from gateway.client import TritonClient

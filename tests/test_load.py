@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 
 from build.errors import ConfigError
-from gateway import app as gateway_app
 from gateway import load_test
-from gateway.config import GatewayConfig
-from gateway.triton_server import free_port
+from tests.conftest import running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, VARIANT = "distilbert-tiny", "fp32"
@@ -26,12 +24,8 @@ CLIENTS, SECONDS = 20, 5
 
 @pytest.fixture(scope="module")
 def gateway(built_repository, triton):
-    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], server_pid=triton.pid)
-    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
-    try:
+    with running_gateway(built_repository, triton, server_pid=triton.pid) as running:
         yield running
-    finally:
-        running.close()
 
 
 def test_load_run_against_triton_and_gateway(triton, gateway, data_dir, tmp_path):

@@ -29,6 +29,7 @@ from gateway import app as gateway_app
 from gateway.config import GatewayConfig
 from gateway.handlers import Limits, base64_json_bytes
 from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+from tests.conftest import running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODEL = "distilbert-tiny"
@@ -136,14 +137,10 @@ def test_model_names_from_sources_are_safe(source):
 
 @pytest.fixture(scope="module")
 def gateway(built_repository, triton):
-    config = GatewayConfig(metrics_url=triton.endpoints["metrics"], server_pid=triton.pid,
-                           limits=Limits(max_text_chars=1000, max_image_bytes=10_000,
-                                         max_body_bytes=base64_json_bytes(10_000)))
-    running = gateway_app.serve(Path(built_repository), triton.endpoints["grpc"], port=free_port(), config=config)
-    try:
+    with running_gateway(built_repository, triton, server_pid=triton.pid,
+                         limits=Limits(max_text_chars=1000, max_image_bytes=10_000,
+                                       max_body_bytes=base64_json_bytes(10_000))) as running:
         yield running
-    finally:
-        running.close()
 
 
 @pytest.mark.parametrize("model", ["../distilbert-tiny", "distilbert-tiny/../vit-tiny", "distilbert-tiny__fp32",
