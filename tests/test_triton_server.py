@@ -18,8 +18,8 @@ import pytest
 
 from build.errors import InputError, ServingError
 from gateway.client import Answer, TritonClient
-from gateway.triton_server import (TritonServer, TritonServerConfig, free_ports, python_backend_models,
-                                   repository_models)
+from build.repository import python_backend_models
+from gateway.triton_server import TritonServer, TritonServerConfig, free_ports, repository_models
 
 ECHO_MODEL = textwrap.dedent('''
     import json
