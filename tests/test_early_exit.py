@@ -61,19 +61,27 @@ def _spec(artifact: str, engine: str, extra: dict | None = None) -> RuntimeSpec:
                        extra=extra or {})
 
 
+def _onnx_engine(segments, folder, task: str, spec) -> EarlyExitOnnxEngine:
+    """The segments exported as ONNX (default threshold 0.9) and loaded by the serving engine."""
+    export_onnx_segments(segments, folder / "early_exit", "max_prob", 0.9, task)
+    return EarlyExitOnnxEngine(str(folder), spec("early_exit", "early-exit-onnx"))
+
+
+def _ts_engine(segments, folder, spec) -> TorchScriptEngine:
+    """The segments scripted as TorchScript (default threshold 0.9) and loaded by the serving engine."""
+    export_torchscript(segments, folder / "model.pt", "max_prob")
+    return TorchScriptEngine(str(folder), spec("model.pt", "torchscript", {"threshold_input": True,
+                                                                         "exit_threshold": 0.9}))
+
+
 @pytest.fixture(scope="module")
 def onnx_engine(segments, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ee-onnx")
-    export_onnx_segments(segments, folder / "early_exit", "max_prob", 0.9, "text-classification")
-    return EarlyExitOnnxEngine(str(folder), _spec("early_exit", "early-exit-onnx"))
+    return _onnx_engine(segments, tmp_path_factory.mktemp("ee-onnx"), "text-classification", _spec)
 
 
 @pytest.fixture(scope="module")
 def ts_engine(segments, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ee-ts")
-    export_torchscript(segments, folder / "model.pt", "max_prob")
-    return TorchScriptEngine(str(folder), _spec("model.pt", "torchscript", {"threshold_input": True,
-                                                                          "exit_threshold": 0.9}))
+    return _ts_engine(segments, tmp_path_factory.mktemp("ee-ts"), _spec)
 
 
 def _full_logits(model, feeds) -> np.ndarray:
@@ -421,17 +429,12 @@ def _ner_spec(artifact: str, engine: str, extra: dict | None = None) -> RuntimeS
 
 @pytest.fixture(scope="module")
 def ner_onnx(ner_segments, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ee-ner-onnx")
-    export_onnx_segments(ner_segments, folder / "early_exit", "max_prob", 0.9, "token-classification")
-    return EarlyExitOnnxEngine(str(folder), _ner_spec("early_exit", "early-exit-onnx"))
+    return _onnx_engine(ner_segments, tmp_path_factory.mktemp("ee-ner-onnx"), "token-classification", _ner_spec)
 
 
 @pytest.fixture(scope="module")
 def ner_ts(ner_segments, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ee-ner-ts")
-    export_torchscript(ner_segments, folder / "model.pt", "max_prob")
-    return TorchScriptEngine(str(folder), _ner_spec("model.pt", "torchscript", {"threshold_input": True,
-                                                                             "exit_threshold": 0.9}))
+    return _ts_engine(ner_segments, tmp_path_factory.mktemp("ee-ner-ts"), _ner_spec)
 
 
 def _ner_inputs(feeds):
