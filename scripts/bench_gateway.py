@@ -5,11 +5,11 @@
 Starts an embedded Triton and the gateway (page + JSON routes) on free loopback ports and runs two checks on
 SST-2 dev sentences at natural length, batch 1:
 1. Overhead: for each sentence, both paths in alternating order:
-   - direct: gateway.client.TritonClient.predict over gRPC (what the gateway itself calls);
+   - direct: dyngate_serving.client.TritonClient.predict over gRPC (what the gateway itself calls);
    - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
      (one kept-alive connection, as a real client would hold).
    Prints p50/p90/p99 of each and the p50 overhead (gateway minus direct) in ms.
-2. Compare tab vs a plain loop: the Compare tab's driver (gateway.compare.run_benchmark, concurrency 1) and a
+2. Compare tab vs a plain loop: the Compare tab's driver (dyngate_gateway.compare.run_benchmark, concurrency 1) and a
    loop written directly on tritonclient.grpc (InferInput / infer, nothing of dyngate's), alternating in
    `--rounds` blocks of `--requests` requests. Prints both p50s per round, their median ratio, and whether
    they agree within 10%.
@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    from build.data import DataSource, load_examples
-    from build.evaluate import summarize_ms
-    from build.repository import list_models
-    from gateway.app import serve
-    from gateway.client import TritonClient
-    from gateway.config import GatewayConfig
-    from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+    from dyngate_build.data import DataSource, load_examples
+    from dyngate_build.evaluate import summarize_ms
+    from dyngate_build.repository import list_models
+    from dyngate_gateway.app import serve
+    from dyngate_serving.client import TritonClient
+    from dyngate_gateway.config import GatewayConfig
+    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -112,7 +112,7 @@ def plain_loop_p50_ms(url: str, model: str, raws: list[bytes]) -> float:
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from build.evaluate import summarize_ms
+    from dyngate_build.evaluate import summarize_ms
 
     client = grpcclient.InferenceServerClient(url.removeprefix("grpc://"))
     try:
@@ -131,7 +131,7 @@ def plain_loop_p50_ms(url: str, model: str, raws: list[bytes]) -> float:
 
 def compare_with_plain_loop(url: str, model: str, raws: list[bytes], rounds: int) -> list[tuple[float, float]]:
     """(Compare tab p50 ms, plain loop p50 ms) per round; the order of the two alternates between rounds."""
-    from gateway.compare import run_benchmark
+    from dyngate_gateway.compare import run_benchmark
 
     def ours() -> float:
         result = run_benchmark(url, "grpc", {"v": model}, raws, requests=len(raws), concurrency=[1])

@@ -2,7 +2,7 @@
 
     python scripts/bench_gpu.py --out reports          # on a GPU host; writes reports/bench_gpu.md and .json
 
-Same table code as `make bench` (gateway.benchmark): every row timed in one interleaved loop per batch size
+Same table code as `make bench` (dyngate_measure.benchmark): every row timed in one interleaved loop per batch size
 (rotating order), `--repeats` runs, p50 as the median of per-repeat p50s with min–max, items/s, and the
 speed-up against PyTorch eager FP32 (baseline p50 / row p50). CUDA is synchronised around each call.
 
@@ -11,7 +11,7 @@ randomly initialised (no hub here), so only latency is reported. Inputs: SST-2 d
 length, tokenized with the distilbert-tiny preset's tokenizer.json, batches padded to their longest sentence;
 tokenization is outside the timed call here (tensors already on the device), unlike `make bench`.
 
-Early exit uses the project's own scripted TorchScript module (build/early_exit.py). Its ramps are untrained
+Early exit uses the project's own scripted TorchScript module (build/dyngate_build/early_exit.py). Its ramps are untrained
 here, so the exit layer is forced by the threshold: 1.0 never exits (all 6 layers) and 0.0 exits at the first
 ramp, placed after layer 3 (`--exit-layer`). ONNX Runtime rows run only where onnxruntime has the
 CUDAExecutionProvider (onnxruntime-gpu). On a CPU-only machine the script runs the FP32 rows on the CPU.
@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.benchmark import Candidate, header_markdown, run_rows, section_markdown  # noqa: E402
+from dyngate_measure.benchmark import Candidate, header_markdown, run_rows, section_markdown  # noqa: E402
 
 EAGER = "eager-fp32"
 
@@ -65,10 +65,10 @@ def make_variants(device: str, exit_layer: int) -> dict:
     """name -> callable(input_ids, attention_mask) for every row that can run on `device`."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from build.early_exit import export_torchscript as export_early_exit
-    from build.early_exit import segment_model
-    from build.export import logits_module
-    from build.families import family_for
+    from dyngate_build.early_exit import export_torchscript as export_early_exit
+    from dyngate_build.early_exit import segment_model
+    from dyngate_build.export import logits_module
+    from dyngate_build.families import family_for
 
     torch.manual_seed(0)
     family = family_for("distilbert")
@@ -102,7 +102,7 @@ def make_variants(device: str, exit_layer: int) -> dict:
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            from build.export import export_onnx
+            from dyngate_build.export import export_onnx
 
             path = export_onnx(model, family, tmp / "fp32.onnx")
             onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(tmp / "fp16.onnx"))
@@ -131,8 +131,8 @@ def synchronised(fn, device: str):
 
 
 def main(argv=None) -> int:
-    from gateway.benchmark import write_bench
-    from gateway.report import library_versions, machine_info
+    from dyngate_measure.benchmark import write_bench
+    from dyngate_measure.report import library_versions, machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv")

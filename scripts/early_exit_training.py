@@ -27,12 +27,12 @@ SETTINGS = {
 
 
 def main(argv=None) -> int:
-    from build.data import DataSource, load_examples
-    from build.evaluate import agreement, run_predictor, task_metric
-    from build.pipeline import CALIBRATION_EXAMPLES, reference_predictor
-    from build.runtime import Predictor
-    from build.sources import load_source
-    from build.techniques import BuildContext, get_technique, make_config
+    from dyngate_build.data import DataSource, load_examples
+    from dyngate_build.evaluate import agreement, run_predictor, task_metric
+    from dyngate_build.pipeline import CALIBRATION_EXAMPLES, reference_predictor
+    from dyngate_build.runtime import Predictor
+    from dyngate_build.sources import load_source
+    from dyngate_build.techniques import BuildContext, get_technique, make_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="distilbert-tiny")

@@ -32,7 +32,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_source(data_dir):
     """The project's shared data folder (../shared/data beside the repository, or $DYNGATE_DATA)."""
-    from build.data import DataSource
+    from dyngate_build.data import DataSource
 
     return DataSource.from_setting(str(data_dir))
 
@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def preset_checkpoint(cache_dir, data_source):
     """preset_checkpoint(name) -> checkpoint folder, trained on first use and reused afterwards."""
-    from build.presets import ensure_preset
+    from dyngate_build.presets import ensure_preset
 
     def get(name: str) -> Path:
         return ensure_preset(name, cache_dir, data_source)
@@ -64,7 +64,7 @@ def preset_checkpoints(preset_checkpoint) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def built_repository(tmp_path_factory, preset_checkpoints, cache_dir, data_dir) -> Path:
     """A model repository with the baseline variants (python and native flavours) of the three presets."""
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     repository = tmp_path_factory.mktemp("repo") / "model_repository"
     for name in PRESET_NAMES:
@@ -77,7 +77,7 @@ def built_repository(tmp_path_factory, preset_checkpoints, cache_dir, data_dir) 
 @contextlib.contextmanager
 def running_triton(repository: Path, log_file: Path, models: list[str] | None = None):
     """An embedded Triton on free loopback ports serving `repository` (default: every python-backend model)."""
-    from gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
 
     http, grpc, metrics = free_ports(3)
     config = TritonServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
@@ -90,9 +90,9 @@ def running_triton(repository: Path, log_file: Path, models: list[str] | None = 
 def running_gateway(repository: Path, triton, **settings):
     """The gateway (page + JSON routes) on a free loopback port in front of `triton` (a running TritonServer),
     reading its metrics; `settings` are more GatewayConfig fields (limits, server_pid, intervals, ...)."""
-    from gateway import app as gateway_app
-    from gateway.config import GatewayConfig
-    from gateway.triton_server import free_port
+    from dyngate_gateway import app as gateway_app
+    from dyngate_gateway.config import GatewayConfig
+    from dyngate_serving.triton_server import free_port
 
     config = GatewayConfig(metrics_url=triton.endpoints["metrics"], **settings)
     running = gateway_app.serve(Path(repository), triton.endpoints["grpc"], port=free_port(), config=config)

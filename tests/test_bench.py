@@ -1,4 +1,4 @@
-"""`make bench` (gateway.benchmark) end to end on the built presets with tiny counts: the baselines (PyTorch eager,
+"""`make bench` (dyngate_measure.benchmark) end to end on the built presets with tiny counts: the baselines (PyTorch eager,
 ONNX Runtime FP32 and INT8 dynamic) and every variant in process and through a real embedded Triton, plus the
 DistilBERT-base section on a small config. Timings are never asserted, only the table's structure and its
 consistency: row set, counts, min ≤ median ≤ max, ratios recomputed from the rows, accuracy from metadata."""
@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from build.repository import list_models
-from gateway.benchmark import (BASE_TECHNIQUES, BASELINE_LABELS, BASELINES, BenchOptions, add_ratios, interleave,
+from dyngate_build.repository import list_models
+from dyngate_measure.benchmark import (BASE_TECHNIQUES, BASELINE_LABELS, BASELINES, BenchOptions, add_ratios, interleave,
                                latency_summary, run_bench, speedup)
 
 MODELS = ("distilbert-tiny", "vit-tiny")

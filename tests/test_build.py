@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from build.errors import ConfigError, ExportError, SourceError
-from build.export import export_onnx, export_torchscript
-from build.pipeline import BuildOptions, build
-from build.techniques import TECHNIQUES, Tolerance, Variant, register
+from dyngate_build.errors import ConfigError, ExportError, SourceError
+from dyngate_build.export import export_onnx, export_torchscript
+from dyngate_build.pipeline import BuildOptions, build
+from dyngate_build.techniques import TECHNIQUES, Tolerance, Variant, register
 from tests.conftest import PRESET_NAMES
 
 
@@ -22,7 +22,7 @@ def _snapshot(repository: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def sources(preset_checkpoints, cache_dir, data_source):
-    from build.sources import load_source
+    from dyngate_build.sources import load_source
 
     return {name: load_source(name, cache_dir, data_source) for name in PRESET_NAMES}
 
@@ -55,9 +55,9 @@ def test_image_preprocessing_equals_hf_image_processor(preset_checkpoints, data_
     """The served runtime resizes and normalises exactly like the checkpoint's ViTImageProcessor."""
     from transformers import AutoImageProcessor
 
-    from build.data import load_examples
-    from build.runtime import ImagePreprocessor, RuntimeSpec
-    from build.sources import _image_spec
+    from dyngate_build.data import load_examples
+    from dyngate_build.runtime import ImagePreprocessor, RuntimeSpec
+    from dyngate_build.sources import _image_spec
 
     processor = AutoImageProcessor.from_pretrained(preset_checkpoints["vit-tiny"])
     spec = RuntimeSpec(task="image-classification", client_input="IMAGE", engine="onnxruntime",

@@ -1,4 +1,4 @@
-"""build.data: sources from settings, the shared SST-2/CoNLL files, digits, and clear errors."""
+"""dyngate_build.data: sources from settings, the shared SST-2/CoNLL files, digits, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from build.data import (CONLL_LABELS, ENV_VAR, DataSource, Example, bio_spans, load_digit_images, load_examples,
+from dyngate_build.data import (CONLL_LABELS, ENV_VAR, DataSource, Example, bio_spans, load_digit_images, load_examples,
                         load_text_pairs, load_token_sentences)
-from build.errors import ConfigError, SourceError
-from build.families import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from dyngate_build.errors import ConfigError, SourceError
+from dyngate_build.families import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -157,7 +157,7 @@ def test_image_folder(tmp_path):
 
 
 def test_hf_source_without_datasets_says_how_to_fix():
-    pytest.importorskip("build.data")
+    pytest.importorskip("dyngate_build.data")
     try:
         import datasets  # noqa: F401
         pytest.skip("datasets is installed; this checks the message when it is not")

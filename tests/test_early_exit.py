@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from build.early_exit import (confidence, export_onnx_segments, export_torchscript, predict_with_exit,
+from dyngate_build.early_exit import (confidence, export_onnx_segments, export_torchscript, predict_with_exit,
                               segment_model)
-from build import errors
-from build.errors import ConfigError
-from build.runtime import EarlyExitOnnxEngine, InputError, RuntimeSpec, TorchScriptEngine
+from dyngate_build import errors
+from dyngate_build.errors import ConfigError
+from dyngate_build.runtime import EarlyExitOnnxEngine, InputError, RuntimeSpec, TorchScriptEngine
 from tests.conftest import running_triton
 
 LAYERS = 3
@@ -171,7 +171,7 @@ def test_default_threshold_and_bad_request_thresholds(onnx_engine, ts_engine, fe
     ({"training": "joint", "backbone_learning_rate": "fast"}, "backbone_learning_rate='fast' must be a number"),
 ])
 def test_bad_settings_raise_before_training(model, options, message):
-    from build.techniques import get_technique, make_config
+    from dyngate_build.techniques import get_technique, make_config
 
     with pytest.raises(ConfigError, match=message):
         config = make_config("early-exit", options)
@@ -180,7 +180,7 @@ def test_bad_settings_raise_before_training(model, options, message):
 
 
 def test_exit_weights_grow_with_depth_and_sum_to_one():
-    from build.early_exit import exit_weights
+    from dyngate_build.early_exit import exit_weights
 
     assert exit_weights([1, 2, 3], "depth") == pytest.approx({1: 1 / 6, 2: 2 / 6, 3: 3 / 6})
     assert exit_weights([3, 1], "uniform") == pytest.approx({1: 0.5, 3: 0.5})
@@ -190,8 +190,8 @@ def test_exit_weights_grow_with_depth_and_sum_to_one():
 
 def _train_small(model, feeds, training: str):
     """Segments of `model` with ramps trained on 4 small labelled batches (a few steps) in `training` mode."""
-    from build.early_exit import train_ramps
-    from build.training import TrainingConfig
+    from dyngate_build.early_exit import train_ramps
+    from dyngate_build.training import TrainingConfig
 
     segments = segment_model(model, "distilbert")
     rng = np.random.default_rng(2)
@@ -245,8 +245,8 @@ def test_joint_training_runs_for_token_and_image_families(ner_model, ner_feeds):
     """The joint loop is shared: per-token ramps (DeBERTa NER) and ViT train their backbone too."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    from build.early_exit import train_ramps
-    from build.training import TrainingConfig
+    from dyngate_build.early_exit import train_ramps
+    from dyngate_build.training import TrainingConfig
 
     torch.manual_seed(0)
     vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=LAYERS,
@@ -273,7 +273,7 @@ def test_joint_training_runs_for_token_and_image_families(ner_model, ner_feeds):
 
 
 def test_unsupported_family_and_checkpoint_are_named(ner_model):
-    from build.early_exit import check_family, check_model
+    from dyngate_build.early_exit import check_family, check_model
 
     with pytest.raises(ConfigError, match="deberta-v2; 'bert'"):
         check_family("bert")
@@ -287,7 +287,7 @@ def test_unsupported_family_and_checkpoint_are_named(ner_model):
 
 @pytest.fixture(scope="module")
 def early_exit_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     preset_checkpoint("distilbert-tiny")
     repository = tmp_path_factory.mktemp("ee-repo")
@@ -315,7 +315,7 @@ def test_build_records_curve_and_default(early_exit_repository):
 
 @pytest.fixture(scope="module")
 def joint_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     preset_checkpoint("distilbert-tiny")
     repository = tmp_path_factory.mktemp("ee-joint-repo")
@@ -328,7 +328,7 @@ def joint_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory
 
 
 def test_joint_build_records_its_own_full_model_and_loose_agreement(joint_repository):
-    from build.techniques.early_exit import DEFAULT_BACKBONE_LR, JOINT_TOLERANCE, OWN_MODEL_MAX_ABS_LOGIT
+    from dyngate_build.techniques.early_exit import DEFAULT_BACKBONE_LR, JOINT_TOLERANCE, OWN_MODEL_MAX_ABS_LOGIT
 
     repository, (report,) = joint_repository
     meta = json.loads((repository / report.triton_name / "metadata.json").read_text())
@@ -356,13 +356,13 @@ def test_joint_build_records_its_own_full_model_and_loose_agreement(joint_reposi
 @pytest.mark.parametrize("variant", ["early-exit", "early-exit-torchscript"])
 def test_triton_serves_early_exit_with_per_request_threshold(early_exit_repository, data_source, variant,
                                                              tmp_path):
-    from build.data import load_examples
-    from build.repository import triton_name
-    from gateway.client import TritonClient
+    from dyngate_build.data import load_examples
+    from dyngate_build.repository import triton_name
+    from dyngate_serving.client import TritonClient
     repository, _ = early_exit_repository
     name = triton_name("distilbert-tiny", variant)
     examples, _ = load_examples("text-classification", "dev", data_source, limit=6)
-    from build.runtime import Predictor
+    from dyngate_build.runtime import Predictor
 
     local = Predictor(str(repository / name / "1"))
     with running_triton(repository, tmp_path / "triton.log", models=[name]) as server:
@@ -486,7 +486,7 @@ def test_ner_low_threshold_really_skips_layers(ner_segments, ner_onnx, ner_ts, n
 
 def test_ner_sentence_exits_when_every_real_token_is_confident(ner_model, ner_segments, ner_onnx, ner_ts,
                                                                ner_feeds):
-    from build.early_exit import sentence_confidence
+    from dyngate_build.early_exit import sentence_confidence
 
     inputs = _ner_inputs(ner_feeds)
     with torch.no_grad():
@@ -520,7 +520,7 @@ def test_ner_sentence_exits_when_every_real_token_is_confident(ner_model, ner_se
 def test_token_labels_from_spans():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from build.early_exit import token_labels
+    from dyngate_build.early_exit import token_labels
 
     vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "Peter": 3, "Black": 4, "##burn": 5, "works": 6, "at": 7,
              "EU": 8}
@@ -546,7 +546,7 @@ FAMILY_CASES = {"distilbert": "test_per_sample_exit_in_a_mixed_batch",
 
 
 def test_every_cut_family_has_a_case():
-    from build.early_exit import CUTS
+    from dyngate_build.early_exit import CUTS
 
     assert set(CUTS) == set(FAMILY_CASES)
     assert all(callable(globals()[name]) for name in FAMILY_CASES.values())
@@ -588,7 +588,7 @@ def test_vit_exports_equal_full_model_and_exit(tmp_path):
 
 @pytest.fixture(scope="module")
 def ner_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     preset_checkpoint("deberta-tiny")
     repository = tmp_path_factory.mktemp("ee-ner-repo")
@@ -625,10 +625,10 @@ def test_ner_build_records_f1_curve_and_default(ner_repository):
 
 @pytest.mark.parametrize("variant", ["early-exit", "early-exit-torchscript"])
 def test_triton_serves_ner_early_exit_with_per_request_threshold(ner_repository, data_source, variant, tmp_path):
-    from build.data import load_examples
-    from build.repository import triton_name
-    from build.runtime import Predictor
-    from gateway.client import TritonClient
+    from dyngate_build.data import load_examples
+    from dyngate_build.repository import triton_name
+    from dyngate_build.runtime import Predictor
+    from dyngate_serving.client import TritonClient
 
     repository, _ = ner_repository
     name = triton_name("deberta-tiny", variant)

@@ -16,8 +16,8 @@ import threading
 import numpy as np
 import pytest
 
-from build.errors import InputError, ServingError
-from build.repository import list_models, read_config, triton_name
+from dyngate_build.errors import InputError, ServingError
+from dyngate_build.repository import list_models, read_config, triton_name
 from tests.conftest import BASELINE_VARIANTS, PRESET_NAMES
 
 N_INPUTS = 8
@@ -26,9 +26,9 @@ N_INPUTS = 8
 @pytest.fixture(scope="session")
 def references(preset_checkpoints, cache_dir, data_source, tmp_path_factory):
     """Per preset: (dev examples, PyTorch reference predictions on them through the serving runtime)."""
-    from build.data import load_examples
-    from build.pipeline import reference_predictor
-    from build.sources import load_source
+    from dyngate_build.data import load_examples
+    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.sources import load_source
 
     result = {}
     for name in PRESET_NAMES:
@@ -59,7 +59,7 @@ def test_repository_has_both_flavours_and_configs_parse(built_repository):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("model", PRESET_NAMES)
 def test_triton_answers_equal_pytorch_reference(triton, references, model, protocol):
-    from gateway.client import TritonClient
+    from dyngate_serving.client import TritonClient
 
     client = TritonClient(triton.endpoints[protocol], protocol=protocol)
     examples, expected = references[model]
@@ -76,7 +76,7 @@ def test_triton_answers_equal_pytorch_reference(triton, references, model, proto
 
 def test_concurrent_requests_are_batched_and_all_correct(triton, references):
     """Many clients at once: model.py runs merged requests as one batch, and every answer stays right."""
-    from gateway.client import TritonClient
+    from dyngate_serving.client import TritonClient
 
     model = triton_name("distilbert-tiny", "fp32")
     examples, expected = references["distilbert-tiny"]
@@ -98,7 +98,7 @@ def test_concurrent_requests_are_batched_and_all_correct(triton, references):
     for t in threads:
         t.join()
     assert not errors and not failures
-    from gateway.client import TritonClient as C
+    from dyngate_serving.client import TritonClient as C
 
     stats = C(triton.endpoints["http"], protocol="http")._client.get_inference_statistics(model)
     batches = stats["model_stats"][0]["batch_stats"]
@@ -106,7 +106,7 @@ def test_concurrent_requests_are_batched_and_all_correct(triton, references):
 
 
 def test_one_request_with_several_items(triton, references):
-    from gateway.client import TritonClient
+    from dyngate_serving.client import TritonClient
 
     client = TritonClient(triton.endpoints["grpc"], protocol="grpc")
     examples, expected = references["deberta-tiny"]
@@ -141,7 +141,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("model,raw,message", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
 def test_bad_input_gets_clear_error_then_good_request_succeeds(triton, references, protocol, model, raw, message):
-    from gateway.client import TritonClient
+    from dyngate_serving.client import TritonClient
 
     client = TritonClient(triton.endpoints[protocol], protocol=protocol)
     name = triton_name(model, "fp32")
@@ -155,7 +155,7 @@ def test_bad_input_gets_clear_error_then_good_request_succeeds(triton, reference
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_unknown_model_or_variant_is_named(triton, protocol):
-    from gateway.client import TritonClient
+    from dyngate_serving.client import TritonClient
 
     client = TritonClient(triton.endpoints[protocol], protocol=protocol)
     with pytest.raises(ServingError, match="distilbert-tiny__no-such-variant"):
@@ -164,7 +164,7 @@ def test_unknown_model_or_variant_is_named(triton, protocol):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "build.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dyngate_cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_predict_text_image_and_errors(triton, references, tmp_path):

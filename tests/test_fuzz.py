@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from build import runtime
+from dyngate_build import runtime
 from tests.conftest import running_gateway
 
 TEXT_MODELS = ("distilbert-tiny", "deberta-tiny")
@@ -161,7 +161,7 @@ GOOD_TEXT = "a gripping, beautifully acted film about Paris"
 
 
 def good_png() -> bytes:
-    from build.data import encode_png, load_digit_images
+    from dyngate_build.data import encode_png, load_digit_images
 
     images, _ = load_digit_images("dev", limit=1)
     return encode_png(images[0])
@@ -609,8 +609,8 @@ def test_gateway_gradio_route(gateway):
 # ----------------------------------------------------------------------------------------------- afterwards
 
 def test_servers_are_healthy_after_the_fuzz_run(triton, triton_log_start, gateway, built_repository):
-    from gateway.client import TritonClient
-    from build.repository import python_backend_models
+    from dyngate_serving.client import TritonClient
+    from dyngate_build.repository import python_backend_models
 
     status, _ = triton._request("GET", "/v2/health/ready")
     assert status == 200

@@ -2,7 +2,7 @@
 process, Debian's Chromium through Playwright, and gradio_client by api_name. No mocks.
 
 Fixtures from tests/conftest.py: `built_repository` (a built model repository) and `triton` (a started
-gateway.triton_server.TritonServer serving it). No timing assertions.
+dyngate_serving.triton_server.TritonServer serving it). No timing assertions.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import app as gateway_app
-from gateway.client import TritonClient
-from gateway.handlers import load_catalog
-from gateway.triton_server import free_port
+from dyngate_gateway import app as gateway_app
+from dyngate_serving.client import TritonClient
+from dyngate_gateway.handlers import load_catalog
+from dyngate_serving.triton_server import free_port
 
 SCREENSHOT_COPY = Path("/tmp/gateway_page.png")
 # SST-2 dev sentences

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from build.errors import InputError
-from gateway import app as gateway_app
-from gateway.client import TritonClient
-from gateway.config import GatewayConfig
-from gateway.handlers import ClientPool, Limits, load_catalog
-from gateway.routing import Router, RoutingConfig, confidence
-from gateway.triton_server import free_port
+from dyngate_build.errors import InputError
+from dyngate_gateway import app as gateway_app
+from dyngate_serving.client import TritonClient
+from dyngate_gateway.config import GatewayConfig
+from dyngate_gateway.handlers import ClientPool, Limits, load_catalog
+from dyngate_gateway.routing import Router, RoutingConfig, confidence
+from dyngate_serving.triton_server import free_port
 from tests.conftest import running_gateway
 
 TEXT_MODEL, IMAGE_MODEL = "distilbert-tiny", "vit-tiny"
@@ -45,7 +45,7 @@ def clients(triton):
 
 @pytest.fixture(scope="module")
 def sentences(data_source):
-    from build.data import load_examples
+    from dyngate_build.data import load_examples
 
     examples, _ = load_examples("text-classification", "dev", data_source, limit=24)
     return [ex.raw.decode() for ex in examples]
@@ -204,7 +204,7 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
     assert status == 200 and len(answer["route"]) == len(view.variants)  # nobody reaches 1.0: all tried
 
     if IMAGE_MODEL in catalog:
-        from build.data import encode_png, load_digit_images
+        from dyngate_build.data import encode_png, load_digit_images
 
         images, _ = load_digit_images("dev", limit=1)
         png = encode_png(images[0])

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import app as gateway_app
-from gateway.client import TritonClient
-from gateway.config import GatewayConfig
-from gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
-from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+from dyngate_gateway import app as gateway_app
+from dyngate_serving.client import TritonClient
+from dyngate_gateway.config import GatewayConfig
+from dyngate_gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
+from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
 from tests.conftest import running_gateway
 
 TEXT_MODEL = "distilbert-tiny"

@@ -29,13 +29,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from build.errors import ConfigError, ExportError, RepositoryError, ServingError
-from build.pipeline import BuildOptions, build
-from build.repository import (METADATA_FILE, ServingOptions, finish_model, python_config,
+from dyngate_build.errors import ConfigError, ExportError, RepositoryError, ServingError
+from dyngate_build.pipeline import BuildOptions, build
+from dyngate_build.repository import (METADATA_FILE, ServingOptions, finish_model, python_config,
                               staged_repository, version_numbers, write_version)
-from build.techniques import TECHNIQUES, Tolerance, Variant, register
-from gateway.client import TritonClient
-from gateway.triton_server import ModelControl, free_port, free_ports, roll_out
+from dyngate_build.techniques import TECHNIQUES, Tolerance, Variant, register
+from dyngate_serving.client import TritonClient
+from dyngate_serving.triton_server import ModelControl, free_port, free_ports, roll_out
 from tests.conftest import ROOT, running_triton
 
 MODEL = "distilbert-tiny"
@@ -172,7 +172,7 @@ def _staged_model(staging: Path, name: str, marker: str) -> None:
 
 
 def test_without_triton_a_rebuild_adds_a_version_and_keeps_only_the_one_before(tmp_path):
-    from build.pipeline import _after_publish
+    from dyngate_build.pipeline import _after_publish
 
     repository, log = tmp_path / "repo", []
     for build_number in range(1, 4):
@@ -214,7 +214,7 @@ class _TruncatedConfig:
 
 def _truncated(engine: str):
     def apply(context, config):
-        from build.export import export_onnx, export_torchscript
+        from dyngate_build.export import export_onnx, export_torchscript
 
         source = context.source
         if engine == "onnxruntime":
@@ -250,10 +250,10 @@ def test_truncated_export_is_refused_and_the_repository_is_unchanged(built_repos
 
 def test_corrupt_version_in_the_repository_keeps_the_old_one_serving_and_the_gateway_says_why(
         built_repository, tmp_path, capsys):
-    from build.cli import main
-    from gateway import models_view
-    from gateway.app import serve as serve_gateway
-    from gateway.handlers import ClientPool
+    from dyngate_cli import main
+    from dyngate_gateway import models_view
+    from dyngate_gateway.app import serve as serve_gateway
+    from dyngate_gateway.handlers import ClientPool
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     folder = repository / NAME
@@ -301,7 +301,7 @@ def test_corrupt_version_in_the_repository_keeps_the_old_one_serving_and_the_gat
 
 
 def test_models_view_names_the_served_version_and_ignores_failures_no_longer_on_disk(tmp_path):
-    from gateway.models_view import variant_state
+    from dyngate_gateway.models_view import variant_state
 
     folder = tmp_path / NAME
     (folder / "1").mkdir(parents=True)
@@ -330,7 +330,7 @@ def test_reload_refuses_a_folder_without_versions(tmp_path):
     with pytest.raises(ServingError, match="has no version folder"):
         roll_out(ModelControl("http://127.0.0.1:9"), folder)
     with pytest.raises(RepositoryError, match="refusing to remove version 3"):
-        from build.repository import remove_versions
+        from dyngate_build.repository import remove_versions
 
         (folder / "3").mkdir()
         remove_versions(folder, [3])
@@ -350,12 +350,12 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_past_its_budget(
         built_repository, tmp_path):
-    from gateway.app import serve as serve_gateway
+    from dyngate_gateway.app import serve as serve_gateway
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     http, grpc, metrics = free_ports(3)
     out_path = tmp_path / "serve.out"
-    command = [sys.executable, "-m", "build.cli", "serve", "--repository", str(repository), "--http-port", str(http),
+    command = [sys.executable, "-m", "dyngate_cli", "serve", "--repository", str(repository), "--http-port", str(http),
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--models", NAME, "--max-restarts", "1"]
     with open(out_path, "wb") as out:
         serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -407,8 +407,8 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
 def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tmp_path):
     """A variant that appears in the repository while the gateway runs (a build with --triton-url) is routable
     without restarting the gateway: its catalog is re-read when the repository changes."""
-    from gateway.app import serve as serve_gateway
-    from gateway.triton_server import ModelControl
+    from dyngate_gateway.app import serve as serve_gateway
+    from dyngate_serving.triton_server import ModelControl
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     added = f"{MODEL}__torchscript"
@@ -435,9 +435,9 @@ def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tm
 def test_policies_route_around_a_variant_whose_stub_crashed(built_repository, tmp_path):
     """Triton keeps listing a python-backend model READY after its stub process dies, and answers every request
     to it with an error: `fastest` and `cascade` answer from the other variant meanwhile and say so."""
-    from build.errors import ServingError
-    from gateway.handlers import ClientPool, load_catalog
-    from gateway.routing import Router, RoutingConfig
+    from dyngate_build.errors import ServingError
+    from dyngate_gateway.handlers import ClientPool, load_catalog
+    from dyngate_gateway.routing import Router, RoutingConfig
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     added = f"{MODEL}__torchscript"

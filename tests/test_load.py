@@ -1,4 +1,4 @@
-"""The load test (gateway/load_test.py, `make load`) with small numbers against the embedded Triton and a real
+"""The load test (gateway/dyngate_measure/load_test.py, `make load`) with small numbers against the embedded Triton and a real
 gateway: no errors, and the report's counts agree with Triton's statistics API. No timing assertions.
 
 Fixtures from tests/conftest.py: `built_repository` and `triton`.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from build.errors import ConfigError
-from gateway import load_test
+from dyngate_build.errors import ConfigError
+from dyngate_measure import load_test
 from tests.conftest import running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,13 +29,13 @@ def gateway(built_repository, triton):
 
 
 def test_load_run_against_triton_and_gateway(triton, gateway, data_dir, tmp_path):
-    from gateway.client import TritonClient
-    from gateway.compare import server_stats  # the Compare tab's reader of the statistics API, as a cross-check
+    from dyngate_serving.client import TritonClient
+    from dyngate_gateway.compare import server_stats  # the Compare tab's reader of the statistics API, as a cross-check
 
     name = f"{MODEL}__{VARIANT}"
     with TritonClient(triton.endpoints["grpc"]) as client:
         before = server_stats(client, name)["success"][0]
-    command = [sys.executable, "-m", "gateway.load_test", "--triton", triton.endpoints["grpc"], "--gateway",
+    command = [sys.executable, "-m", "dyngate_measure.load_test", "--triton", triton.endpoints["grpc"], "--gateway",
                gateway.url, "--model", MODEL, "--variant", VARIANT, "--clients", str(CLIENTS), "--duration",
                str(SECONDS), "--max-requests", "5000", "--data", str(data_dir), "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -74,6 +74,6 @@ def test_load_test_refuses_other_hosts_and_bad_bounds():
         load_test.run_load("127.0.0.1:8001", MODEL, clients=0)
     with pytest.raises(ConfigError, match="duration"):
         load_test.run_load("127.0.0.1:8001", MODEL, duration_s=0)
-    done = subprocess.run([sys.executable, "-m", "gateway.load_test", "--triton", "192.0.2.1:8001"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "dyngate_measure.load_test", "--triton", "192.0.2.1:8001"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "only targets servers on this machine" in done.stderr

@@ -1,4 +1,4 @@
-"""build.presets: each offline preset is a normal HF checkpoint that loads, tokenizes and scores sanely.
+"""dyngate_build.presets: each offline preset is a normal HF checkpoint that loads, tokenizes and scores sanely.
 
 Presets come from the session fixture `preset_checkpoint` (tests/conftest.py): trained once into the cache
 folder (a few minutes on 2 cores) and reused afterwards.
@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from build.data import DataSource, load_digit_images, load_text_pairs, load_token_sentences
-from build.errors import ConfigError
-from build.presets import PRESET_FILE, PRESETS, ensure_preset, entity_f1
+from dyngate_build.data import DataSource, load_digit_images, load_text_pairs, load_token_sentences
+from dyngate_build.errors import ConfigError
+from dyngate_build.presets import PRESET_FILE, PRESETS, ensure_preset, entity_f1
 
 # Sane floors, below the aims (SST-2 >= 0.78, digits >= 0.90, CoNLL F1 >= 0.60) to leave room for seeds.
 FLOORS = {"distilbert-tiny": 0.75, "vit-tiny": 0.85, "deberta-tiny": 0.55}
@@ -31,7 +31,7 @@ def checkpoint(preset_checkpoint):
 
 
 def test_registry_covers_every_family():
-    from build.families import FAMILIES
+    from dyngate_build.families import FAMILIES
 
     assert {spec.model_type for spec in PRESETS.values()} == set(FAMILIES)
 

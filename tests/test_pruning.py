@@ -1,4 +1,4 @@
-"""Pruning: head/FFN shapes and bookkeeping (DistilBERT, ViT), KD recovery through build.training, ONNX with
+"""Pruning: head/FFN shapes and bookkeeping (DistilBERT, ViT), KD recovery through dyngate_build.training, ONNX with
 the smaller shapes, unstructured sparsity, bad ratios."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from build.errors import ConfigError
-from build.pruning import (head_scores, layers_of, num_parameters, prune_heads, prune_structured, sparsify)
+from dyngate_build.errors import ConfigError
+from dyngate_build.pruning import (head_scores, layers_of, num_parameters, prune_heads, prune_structured, sparsify)
 
 
 def _distilbert():
@@ -91,8 +91,8 @@ def test_pruned_model_exports_to_onnx_with_smaller_shapes(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from build.export import export_onnx
-    from build.families import family_for
+    from dyngate_build.export import export_onnx
+    from dyngate_build.families import family_for
 
     model = _distilbert()
     prune_structured(model, "distilbert", 0.5, 0.5)
@@ -108,8 +108,8 @@ def test_pruned_model_exports_to_onnx_with_smaller_shapes(tmp_path):
 
 
 def test_kd_recovery_moves_student_towards_teacher():
-    from build.pruning import distill
-    from build.training import TrainingConfig
+    from dyngate_build.pruning import distill
+    from dyngate_build.training import TrainingConfig
 
     teacher = _distilbert()
     student = copy.deepcopy(teacher)
@@ -143,14 +143,14 @@ def test_sparsify_reaches_the_sparsity():
     ("sparse", {"sparsity": 1.0}, "sparsity"),
 ])
 def test_bad_settings_raise(technique, options, message):
-    from build.techniques import make_config
+    from dyngate_build.techniques import make_config
 
     with pytest.raises(ConfigError, match=message):
         make_config(technique, options)
 
 
 def test_deberta_is_refused_before_work():
-    from build.pruning import check_family
+    from dyngate_build.pruning import check_family
 
     with pytest.raises(ConfigError, match="deberta-v2"):
         check_family("deberta-v2")

@@ -11,9 +11,9 @@ import onnx
 import pytest
 import torch
 
-from build.errors import ConfigError, ExportError
-from build.techniques import BuildContext, get_technique, make_config
-from build.techniques.quantization_common import (check_group_size, dequantize_groups, op_counts,
+from dyngate_build.errors import ConfigError, ExportError
+from dyngate_build.techniques import BuildContext, get_technique, make_config
+from dyngate_build.techniques.quantization_common import (check_group_size, dequantize_groups, op_counts,
                                                   quantizable_linears, quantize_groups)
 
 QUANTIZATION_TECHNIQUES = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")
@@ -22,8 +22,8 @@ QUANTIZATION_TECHNIQUES = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-sta
 def _tiny_checkpoint(folder, data_source, seed=0, outliers=False):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from build.data import load_examples
-    from build.presets import _train_wordpiece, _wrap_tokenizer
+    from dyngate_build.data import load_examples
+    from dyngate_build.presets import _train_wordpiece, _wrap_tokenizer
 
     examples, _ = load_examples("text-classification", "train", data_source, limit=3000)
     tokenizer = _train_wordpiece([ex.raw.decode() for ex in examples], vocab_size=2000, lowercase=True,
@@ -44,9 +44,9 @@ def _tiny_checkpoint(folder, data_source, seed=0, outliers=False):
 
 
 def _context(folder, data_source, tmp_path, calibration=64):
-    from build.data import load_examples
-    from build.pipeline import reference_predictor
-    from build.sources import load_source
+    from dyngate_build.data import load_examples
+    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.sources import load_source
 
     source = load_source(str(folder), tmp_path / "cache", data_source)
     examples, _ = load_examples("text-classification", "train", data_source, limit=calibration)
@@ -67,7 +67,7 @@ def context(checkpoint, data_source, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dev_feeds(context, data_source):
-    from build.data import load_examples
+    from dyngate_build.data import load_examples
 
     examples, _ = load_examples("text-classification", "dev", data_source, limit=48)
     return context.feeds([ex.raw for ex in examples], batch_size=8)
@@ -93,7 +93,7 @@ def _apply(context, name, **options):
 
 
 def test_every_quantization_technique_is_registered_and_has_a_case():
-    from build.techniques import known_techniques
+    from dyngate_build.techniques import known_techniques
 
     assert set(QUANTIZATION_TECHNIQUES) <= set(known_techniques())
     assert {f"test_{n.replace('-', '_')}" for n in QUANTIZATION_TECHNIQUES} <= set(globals())
@@ -165,7 +165,7 @@ def test_smoothquant(context, dev_feeds):
 def test_smoothing_keeps_the_function(context):
     """Smoothing is function-preserving at any α (flattening is checked on planted outliers below: on a model
     without outliers, a group's max/median ratio may move either way)."""
-    from build.techniques.smoothquant import prove_equivalent, smooth
+    from dyngate_build.techniques.smoothquant import prove_equivalent, smooth
 
     feeds = context.calibration_feeds(16)
     for alpha in (0.0, 0.5, 0.85, 1.0):
@@ -174,7 +174,7 @@ def test_smoothing_keeps_the_function(context):
 
 
 def test_a_smoothing_that_changes_the_function_is_refused(context):
-    from build.techniques.smoothquant import prove_equivalent, smooth
+    from dyngate_build.techniques.smoothquant import prove_equivalent, smooth
 
     feeds = context.calibration_feeds(4)
     smoothed, _ = smooth(context.source.model, feeds, 0.5)
@@ -281,7 +281,7 @@ def test_missing_calibration_data_raises_before_any_work(checkpoint, data_source
 
 
 def test_bad_option_leaves_the_repository_as_it_was(tmp_path, checkpoint, data_dir):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     repository = tmp_path / "repo"
     (repository / "keep").mkdir(parents=True)
@@ -302,7 +302,7 @@ def test_smoothing_a_linear_that_reads_two_tensors_keeps_the_function():
     embeddings: each Linear must get one scale (its first group), or the weights are scaled twice."""
     from transformers import DebertaV2Config, DebertaV2ForTokenClassification
 
-    from build.techniques.smoothquant import prove_equivalent, smooth
+    from dyngate_build.techniques.smoothquant import prove_equivalent, smooth
 
     torch.manual_seed(0)
     config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

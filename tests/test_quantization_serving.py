@@ -21,7 +21,7 @@ MODEL = "distilbert-tiny"
 
 @pytest.fixture(scope="module")
 def quantized_repository(tmp_path_factory, preset_checkpoint, cache_dir, data_dir):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     preset_checkpoint(MODEL)
     repository = tmp_path_factory.mktemp("qrepo") / "model_repository"
@@ -43,15 +43,15 @@ def server(quantized_repository, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dev_texts(data_source):
-    from build.data import load_examples
+    from dyngate_build.data import load_examples
 
     examples, _ = load_examples("text-classification", "dev", data_source, limit=16)
     return [ex.raw for ex in examples]
 
 
 def test_every_quantization_variant_answers_over_grpc_like_fp32(quantized_repository, server, dev_texts):
-    from build.repository import triton_name
-    from gateway.client import TritonClient
+    from dyngate_build.repository import triton_name
+    from dyngate_serving.client import TritonClient
 
     repository, reports = quantized_repository
     assert set(reports) == {"fp32", *QUANTIZATION_VARIANTS}

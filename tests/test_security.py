@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build.errors import ConfigError
-from build.repository import check_name, model_name_for, triton_name
-from gateway import app as gateway_app
-from gateway.config import GatewayConfig
-from gateway.handlers import Limits, base64_json_bytes
-from gateway.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+from dyngate_build.errors import ConfigError
+from dyngate_build.repository import check_name, model_name_for, triton_name
+from dyngate_gateway import app as gateway_app
+from dyngate_gateway.config import GatewayConfig
+from dyngate_gateway.handlers import Limits, base64_json_bytes
+from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
 from tests.conftest import running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def basic(user: str, password: str) -> dict:
 # ------------------------------------------------------------------------------------- loopback by default
 
 def test_cli_and_configs_default_to_loopback(tmp_path):
-    from build.cli import make_parser
+    from dyngate_cli import make_parser
 
     parser = make_parser()
     assert parser.parse_args(["serve"]).host == "127.0.0.1"
@@ -224,7 +224,7 @@ def test_source_tree_loads_nothing_unsafely():
     for path in files:
         problems += unsafe_loading(path.read_text(), str(path.relative_to(ROOT)))
     assert not problems, "\n".join(problems)
-    sources = (ROOT / "build" / "sources.py").read_text()
+    sources = (ROOT / "build" / "dyngate_build" / "sources.py").read_text()
     assert "trust_remote_code=False" in sources  # said explicitly where hub checkpoints are read
 
 
@@ -268,7 +268,7 @@ def login_gateway(built_repository, secrets_triton, tmp_path_factory):
     env = {**os.environ, "DYNGATE_GATEWAY_USER": USER, "DYNGATE_GATEWAY_PASSWORD": PASSWORD, "HF_TOKEN": HF_TOKEN,
            "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "build.cli", "gateway", "--repository", str(built_repository),
+        process = subprocess.Popen([sys.executable, "-m", "dyngate_cli", "gateway", "--repository", str(built_repository),
                                     "--triton", secrets_triton.endpoints["grpc"], "--port", str(port),
                                     "--metrics-url", secrets_triton.endpoints["metrics"]],
                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -389,7 +389,7 @@ def test_limits_config_checks_the_body_limit_holds_an_image():
 def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
     """A 32 MB text item reaches the model, which refuses it from its byte count (INVALID_ARG naming the limit)
     before decoding; the embedded Triton 2.51 has no request-size flag of its own (no --http-max-input-size)."""
-    from gateway.client import TritonClient
+    from dyngate_serving.client import TritonClient
     from tritonclient.utils import InferenceServerException
 
     url = triton.endpoints[protocol]

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from build.errors import ConfigError
+from dyngate_build.errors import ConfigError
 
 OPTIONS = {"recovery_epochs": 1.0, "recovery_examples": 256, "ramp_epochs": 3.0, "tuning_examples": 128,
            "latency_samples": 8, "grid": (0.6, 0.8, 0.9, 1.0)}
@@ -20,7 +20,7 @@ OPTIONS = {"recovery_epochs": 1.0, "recovery_examples": 256, "ramp_epochs": 3.0,
 
 @pytest.fixture(scope="module")
 def stacked_build(preset_checkpoint, cache_dir, data_source, tmp_path_factory):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     preset_checkpoint("distilbert-tiny")
     repository = tmp_path_factory.mktemp("stacked-repo")
@@ -54,7 +54,7 @@ def test_segments_are_pruned_and_int8(stacked_build):
 def test_agreement_checked_at_never_exit_and_accuracy_recorded(stacked_build):
     repository, report = stacked_build
     meta = json.loads((repository / report.triton_name / "metadata.json").read_text())
-    assert meta["agreement"]["top1"] >= 0.8  # the tolerance of build/techniques/stacked.py
+    assert meta["agreement"]["top1"] >= 0.8  # the tolerance of build/dyngate_build/techniques/stacked.py
     tr = meta["technique_report"]
     full = tr["curve"][-1]
     assert full["threshold"] == 1.0 and full["mean_layers"] == 2
@@ -70,8 +70,8 @@ def test_agreement_checked_at_never_exit_and_accuracy_recorded(stacked_build):
 
 
 def test_really_exits_per_request(stacked_build, data_source):
-    from build.data import load_examples
-    from build.runtime import Predictor
+    from dyngate_build.data import load_examples
+    from dyngate_build.runtime import Predictor
 
     repository, report = stacked_build
     predictor = Predictor(str(repository / report.triton_name / "1"))
@@ -98,7 +98,7 @@ def test_really_exits_per_request(stacked_build, data_source):
 def test_bad_settings_raise_before_work(preset_checkpoint, options, message):
     from transformers import AutoModelForSequenceClassification
 
-    from build.techniques import get_technique, make_config
+    from dyngate_build.techniques import get_technique, make_config
 
     with pytest.raises(ConfigError, match=message):
         config = make_config("stacked", options)

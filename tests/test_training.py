@@ -1,4 +1,4 @@
-"""build.training: DeepSpeed engine in one process, ZeRO stages 0-3, configs checked, fp32 module back."""
+"""dyngate_build.training: DeepSpeed engine in one process, ZeRO stages 0-3, configs checked, fp32 module back."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from build.errors import ConfigError
-from build.training import TrainingConfig, TrainingResult, train
+from dyngate_build.errors import ConfigError
+from dyngate_build.training import TrainingConfig, TrainingResult, train
 
 
 def tiny_model() -> DistilBertForSequenceClassification:

@@ -16,10 +16,10 @@ import numpy as np
 import psutil
 import pytest
 
-from build.errors import InputError, ServingError
-from gateway.client import Answer, TritonClient
-from build.repository import python_backend_models
-from gateway.triton_server import TritonServer, TritonServerConfig, free_ports, repository_models
+from dyngate_build.errors import InputError, ServingError
+from dyngate_serving.client import Answer, TritonClient
+from dyngate_build.repository import python_backend_models
+from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports, repository_models
 
 ECHO_MODEL = textwrap.dedent('''
     import json

@@ -11,19 +11,19 @@ import onnx
 import pytest
 import torch
 
-from build.errors import ConfigError
-from build.techniques import BuildContext, get_technique, make_config
-from build.techniques.quantization_common import op_counts, quantizable_linears, quantize_groups
-from build.techniques.xtc import pack_codes, quantize_model, read_packed, unpack_codes
+from dyngate_build.errors import ConfigError
+from dyngate_build.techniques import BuildContext, get_technique, make_config
+from dyngate_build.techniques.quantization_common import op_counts, quantizable_linears, quantize_groups
+from dyngate_build.techniques.xtc import pack_codes, quantize_model, read_packed, unpack_codes
 
 TEXTS = [b"a gripping , funny and moving film", b"dull and lifeless .", b"the plot is thin but the acting carries it",
          b"one of the worst movies of the year", b"Peter Blackburn met EU officials in Brussels on Monday ."]
 
 
 def _context(name, preset_checkpoint, cache_dir, data_source, tmp_path, calibration=64):
-    from build.data import load_examples
-    from build.pipeline import reference_predictor
-    from build.sources import load_source
+    from dyngate_build.data import load_examples
+    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.sources import load_source
 
     preset_checkpoint(name)
     source = load_source(name, cache_dir, data_source)
@@ -130,7 +130,7 @@ def test_other_families_pack_every_encoder_linear(preset, preset_checkpoint, cac
     assert not [n for n in variant.report["not_found_in_graph"] if not n.endswith("embeddings.weight")]
     assert len(read_packed(variant.artifact)) == len(quantizable_linears(ctx.source.model))
     fake, _ = quantize_model(ctx.source.model, "ternary", None, embedding_bits=8)
-    from build.data import load_examples
+    from dyngate_build.data import load_examples
 
     examples, _ = load_examples(ctx.source.family.task, "dev", data_source, limit=6)
     feeds = ctx.feeds([ex.raw for ex in examples], batch_size=3)
@@ -173,7 +173,7 @@ def test_group_size_must_divide_every_encoder_linear(context):
 
 
 def test_bad_group_size_leaves_the_repository_as_it_was(tmp_path, cache_dir, data_dir, preset_checkpoint):
-    from build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build
 
     preset_checkpoint("distilbert-tiny")
     repository = tmp_path / "repo"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from build.errors import ConfigError
-from build.zero_report import TINY, format_table, run_report
+from dyngate_build.errors import ConfigError
+from dyngate_measure.zero_report import TINY, format_table, run_report
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,130 @@
+"""Check and measure a variant through the same runtime Triton serves it with (build/dyngate_build/runtime.py).
+
+- `agreement`: max |Δlogit| and top-1 agreement of a variant against the FP32 PyTorch reference on real
+  inputs (token tasks compare every real token position).
+- `task_metric`: accuracy (classification) or exact-span entity F1 (CoNLL-style, as seqeval computes it).
+- `latency`: in-process per-request latency (ms), batch 1, p50/p90/p99 over real inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from dyngate_build.runtime import InputError, Predictor
+
+
+class TorchReferenceEngine:
+    """The in-memory HF model behind the runtime's engine interface: `run(feeds) -> {"logits": float32}`."""
+
+    def __init__(self, model: torch.nn.Module, input_names: tuple[str, ...]):
+        self.model = model.eval()
+        self.input_names = input_names
+
+    def run(self, feeds: dict[str, np.ndarray], options: dict) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            inputs = {n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names}
+            return {"logits": self.model(**inputs).logits.float().numpy()}
+
+
+@dataclass
+class Agreement:
+    """max_abs_logit: largest |Δlogit| (over items and token positions); top1: fraction of equal argmax."""
+
+    max_abs_logit: float
+    top1: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Metric:
+    """A task metric on a dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples."""
+
+    name: str
+    value: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Latency:
+    """Per-request latency in milliseconds over `n` timed requests."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def run_predictor(predictor: Predictor, raws: list[bytes], batch_size: int = 32, options: dict | None = None):
+    """Predictions for `raws` in batches; an InputError here means the data set itself is bad and raises."""
+    results = []
+    for start in range(0, len(raws), batch_size):
+        chunk = predictor.predict(raws[start:start + batch_size], options)
+        for item in chunk:
+            if isinstance(item, InputError):
+                raise item
+        results.extend(chunk)
+    return results
+
+
+def agreement(candidate: list, reference: list) -> Agreement:
+    """Compare two lists of runtime Predictions item by item (logits [C] or [L, C])."""
+    worst, equal, total = 0.0, 0, 0
+    for cand, ref in zip(candidate, reference, strict=True):
+        a, b = cand.logits, ref.logits
+        worst = max(worst, float(np.max(np.abs(a - b))) if a.size else 0.0)
+        top_a, top_b = np.argmax(a, axis=-1), np.argmax(b, axis=-1)
+        equal += int(np.sum(top_a == top_b))
+        total += int(np.size(top_a))
+    return Agreement(max_abs_logit=worst, top1=equal / max(total, 1), n=len(candidate))
+
+
+def entity_f1(predicted: list[set], gold: list[set]) -> float:
+    """Micro F1 over exact entity spans (type, start, end), as seqeval's default mode for CoNLL."""
+    tp = sum(len(p & g) for p, g in zip(predicted, gold))
+    n_pred, n_gold = sum(map(len, predicted)), sum(map(len, gold))
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> Metric:
+    """Accuracy for classification, entity F1 for token classification, from runtime answers."""
+    if task == "token-classification":
+        predicted = [{(e["entity"], e["start"], e["end"]) for e in p.answer["entities"]} for p in predictions]
+        gold = [set(map(tuple, ex.target)) for ex in examples]
+        return Metric("entity_f1", entity_f1(predicted, gold), len(examples))
+    correct = sum(p.answer["label"] == labels[ex.target] for p, ex in zip(predictions, examples))
+    return Metric("accuracy", correct / max(len(examples), 1), len(examples))
+
+
+def latency(predictor: Predictor, raws: list[bytes], warmup: int = 5, options: dict | None = None) -> Latency:
+    """Time `predictor.predict([raw])` (preprocessing + graph + answer) once per raw, batch 1, in ms."""
+    for raw in raws[:warmup]:
+        predictor.predict([raw], options)
+    times = []
+    for raw in raws:
+        start = time.perf_counter()
+        predictor.predict([raw], options)
+        times.append((time.perf_counter() - start) * 1000)
+    return summarize_ms(times)
+
+
+def summarize_ms(times_ms: list[float]) -> Latency:
+    """p50/p90/p99/mean of a list of millisecond timings."""
+    values = np.asarray(times_ms, dtype=np.float64)
+    return Latency(p50_ms=float(np.percentile(values, 50)), p90_ms=float(np.percentile(values, 90)),
+                   p99_ms=float(np.percentile(values, 99)), mean_ms=float(values.mean()), n=len(values))

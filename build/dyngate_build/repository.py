@@ -1,0 +1,414 @@
+"""The Triton model repository: naming, config.pbtxt generation, atomic writes, and reading it back.
+
+Layout of one variant (python-backend flavour, served by the embedded Triton and NVIDIA's container):
+
+    <repository>/<model>__<variant>/config.pbtxt
+    <repository>/<model>__<variant>/metadata.json        source, technique, params, size, accuracy, agreement,
+                                                         version (the version folder it describes)
+    <repository>/<model>__<variant>/<N>/model.py           build/dyngate_build/triton_model.py
+    <repository>/<model>__<variant>/<N>/dyngate_runtime.py build/dyngate_build/runtime.py
+    <repository>/<model>__<variant>/<N>/runtime.json       RuntimeSpec
+    <repository>/<model>__<variant>/<N>/model.onnx|model.pt, tokenizer.json
+
+<N> is 1 for a first build and one more for every rebuild (see below).
+
+and, when the variant has one, the native flavour `<model>__<variant>__native` (platform onnxruntime_onnx or
+pytorch_libtorch, token-id / pixel inputs, for NVIDIA's tritonserver container).
+
+Configs are built as data, parsed into `model_config_pb2.ModelConfig` and written with protobuf's
+text_format (as Model Navigator does), so a bad field fails at build time. Model files are written first and
+config.pbtxt last. A whole build is staged beside the repository and moved in only when every variant
+succeeded (`staged_repository`), so a failed build leaves the repository as it was.
+
+Rebuilding a variant that already exists never replaces its folder under a running Triton: the new build
+becomes the next version folder (`<model>__<variant>/2/` beside `1/`, one rename from the staging folder),
+then metadata.json and config.pbtxt are replaced with `os.replace`. Every config says
+`version_policy: { latest { num_versions: 1 } }`, so a Triton asked to load the model (explicit model control)
+loads the new version, moves traffic to it once it is ready and unloads the old one; the old folder is removed
+once Triton no longer serves it (`dyngate_serving.triton_server.roll_out`, `dyngate build --triton-url`), or, without a
+Triton to ask, kept as the one previous version until the next build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from dyngate_build.errors import ConfigError, RepositoryError
+
+SEPARATOR = "__"
+NATIVE_SUFFIX = "native"
+METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.pbtxt"
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_QUEUE_DELAY_US = 2000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
+
+RUNTIME_SOURCE = Path(__file__).with_name("runtime.py")
+MODEL_PY_SOURCE = Path(__file__).with_name("triton_model.py")
+
+
+def check_name(field: str, value: str) -> str:
+    """Return `value` if it is a safe model or variant name, else raise ConfigError.
+
+    Allowed: letters, digits, '.', '-' (starting with a letter or digit); no '..', no '__', no path separators.
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:  # fullmatch: "$" allows "\n"
+        raise ConfigError(f"{field}={value!r} is not a valid name: use letters, digits, '.' and '-' only "
+                          "(no '/', '..' or '__'), starting with a letter or digit")
+    return value
+
+
+def triton_name(model: str, variant: str, native: bool = False) -> str:
+    """Triton model name of a variant: `<model>__<variant>` (+ `__native` for the native flavour)."""
+    parts = [check_name("model", model), check_name("variant", variant)] + ([NATIVE_SUFFIX] if native else [])
+    return SEPARATOR.join(parts)
+
+
+def model_name_for(source: str) -> str:
+    """A repository-safe model name from a preset name, hub id ("org/name") or local folder path."""
+    base = source.rstrip("/").replace("\\", "/")
+    if os.path.isdir(base):
+        base = os.path.basename(base)
+    base = base.replace("/", "--").replace("_", "-")
+    base = re.sub(r"[^A-Za-z0-9.-]", "-", base).strip(".-")
+    return check_name("model", re.sub(r"\.{2,}", ".", base) or "model")
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Triton scheduling settings written into every config.
+
+    max_batch_size: largest batch Triton forms (requests x items). queue_delay_us: dynamic batching window
+    in microseconds. instances: model instances (processes for the python backend). kind: KIND_CPU/KIND_GPU.
+    """
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    instances: int = 1
+    kind: str = "KIND_CPU"
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size={self.max_batch_size} must be ≥1")
+        if self.instances < 1:
+            raise ConfigError(f"instances={self.instances} must be ≥1")
+        if self.kind not in ("KIND_CPU", "KIND_GPU"):
+            raise ConfigError(f"kind={self.kind!r}; choose KIND_CPU or KIND_GPU")
+
+
+def _to_proto(config: dict) -> model_config_pb2.ModelConfig:
+    try:
+        from google.protobuf import json_format
+
+        return json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    except Exception as e:  # protobuf raises ParseError with the bad field
+        raise RepositoryError(f"invalid Triton model config for {config.get('name')!r}: {e}") from e
+
+
+def _scheduling(options: ServingOptions) -> dict:
+    return {
+        "max_batch_size": options.max_batch_size,
+        "dynamic_batching": {"max_queue_delay_microseconds": options.queue_delay_us},
+        "instance_group": [{"count": options.instances, "kind": options.kind}],
+        "version_policy": {"latest": {"num_versions": 1}},
+    }
+
+
+def python_config(name: str, client_input: str, logits_rank: int, options: ServingOptions) -> dict:
+    """Config of the python-backend flavour: raw BYTES in, JSON RESULT and FP32 LOGITS out.
+
+    logits_rank: 1 for [C] per item (classification), 2 for [L, C] (token classification).
+    """
+    return {
+        "name": name, "backend": "python", **_scheduling(options),
+        "input": [{"name": client_input, "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": "RESULT", "data_type": "TYPE_STRING", "dims": [1]},
+                   {"name": "LOGITS", "data_type": "TYPE_FP32", "dims": [-1] * logits_rank}],
+    }
+
+
+def native_config(name: str, platform: str, family, num_labels: int, image_size: int | None,
+                  options: ServingOptions) -> dict:
+    """Config of the native flavour (onnxruntime_onnx / pytorch_libtorch): token ids or pixels in, logits out.
+
+    libtorch names outputs `<name>__<index>`; inputs keep the forward() argument names.
+    """
+    if family.is_text:
+        inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in family.onnx_inputs]
+    else:
+        inputs = [{"name": "pixel_values", "data_type": "TYPE_FP32", "dims": [3, image_size, image_size]}]
+    dims = [-1, num_labels] if family.task == "token-classification" else [num_labels]
+    output = "logits__0" if platform == "pytorch_libtorch" else "logits"
+    return {"name": name, "platform": platform, **_scheduling(options), "input": inputs,
+            "output": [{"name": output, "data_type": "TYPE_FP32", "dims": dims}]}
+
+
+def write_config(folder: Path, config: dict) -> model_config_pb2.ModelConfig:
+    """Validate `config` through ModelConfig and write folder/config.pbtxt (max_batch_size kept explicit)."""
+    proto = _to_proto(config)
+    text = text_format.MessageToString(proto)
+    if "max_batch_size" not in text:  # protobuf drops zeros; Triton needs to see it
+        text = f"max_batch_size: {proto.max_batch_size}\n" + text
+    (folder / CONFIG_FILE).write_text(text)
+    return proto
+
+
+def read_config(folder: Path) -> model_config_pb2.ModelConfig:
+    """Parse folder/config.pbtxt into ModelConfig; RepositoryError when missing or malformed."""
+    path = folder / CONFIG_FILE
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise RepositoryError(f"cannot read {path}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def directory_size(path: Path) -> int:
+    """Bytes of all files under `path` (or of the file itself)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_version(root: Path, name: str, version: int, files: dict[str, Path]) -> Path:
+    """Create `root/name/version/` holding `files` (name in the folder -> source path); returns that folder.
+
+    The model files go first; `finish_model` writes metadata and config.pbtxt once the variant is checked.
+    """
+    version_dir = root / name / str(version)
+    version_dir.mkdir(parents=True, exist_ok=False)
+    for target, source in files.items():
+        shutil.copyfile(source, version_dir / target)
+    return version_dir
+
+
+def finish_model(folder: Path, config: dict, metadata: dict) -> model_config_pb2.ModelConfig:
+    """Write folder/metadata.json, then folder/config.pbtxt (last: a folder with a config is complete)."""
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    return write_config(folder, config)
+
+
+def version_numbers(folder: Path) -> list[int]:
+    """The version folders (positive integer names) of one model folder, ascending; [] when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def latest_version_dir(folder: Path) -> Path:
+    """The newest version folder of a model folder (what `latest { num_versions: 1 }` makes Triton serve).
+
+    Raises RepositoryError when the model folder has no version folder.
+    """
+    versions = version_numbers(folder)
+    if not versions:
+        raise RepositoryError(f"{folder} has no version folder (1/, 2/, ...): rebuild it with `dyngate build`")
+    return Path(folder) / str(versions[-1])
+
+
+def remove_versions(folder: Path, versions) -> list[int]:
+    """Delete the given version folders of a model folder (each renamed away first, then removed).
+
+    Returns the versions removed. Refuses (RepositoryError) to remove the newest version: a model folder
+    always keeps one version Triton can load.
+    """
+    folder = Path(folder)
+    existing = version_numbers(folder)
+    doomed = sorted(v for v in set(versions) if v in existing)
+    if existing and existing[-1] in doomed:
+        raise RepositoryError(f"refusing to remove version {existing[-1]} of {folder.name}: it is the newest; "
+                              "a model folder keeps at least one version")
+    for version in doomed:
+        away = folder / f".removing-{version}-{os.getpid()}"
+        (folder / str(version)).rename(away)  # gone from Triton's view at once, deleted below
+        shutil.rmtree(away, ignore_errors=True)
+    return doomed
+
+
+@dataclass
+class Published:
+    """One model folder that a build moved into the repository.
+
+    name: Triton model name. folder: its folder in the repository. version: the version folder the build
+    added. previous: the versions that were there before (empty for a new model). backend: "python" or the
+    native platform. `undo()` puts the repository back as it was for this model.
+    """
+
+    name: str
+    folder: Path
+    version: int
+    previous: list[int]
+    backend: str
+    _backup: Path | None = field(default=None, repr=False)
+    _trash: Path | None = field(default=None, repr=False)
+
+    @property
+    def is_new(self) -> bool:
+        return not self.previous
+
+    def undo(self) -> None:
+        """Remove what the build added for this model and restore its previous config and metadata."""
+        if self.is_new:
+            if self.folder.exists():
+                self.folder.rename(self._trash / f"{self.name}.undo")
+            return
+        for file in (METADATA_FILE, CONFIG_FILE):
+            if (self._backup / file).exists():
+                os.replace(self._backup / file, self.folder / file)
+        new = self.folder / str(self.version)
+        if new.exists():
+            new.rename(self._trash / f"{self.name}.v{self.version}.undo")
+
+
+def publish_model(staged: Path, repository: Path, trash: Path) -> Published:
+    """Move one fully written staged model folder (`staged/1/`, metadata.json, config.pbtxt) into `repository`.
+
+    A new model's folder moves in by one rename. For a model that is already there, the staged version folder
+    becomes the next version (one rename), then metadata.json (with "version") and config.pbtxt (last) are
+    replaced with os.replace; the old files are kept in `trash` so `Published.undo()` can restore them.
+    `staging`, `trash` and `repository` must be on one filesystem. Raises RepositoryError when the staged folder
+    is incomplete.
+    """
+    staged_versions = version_numbers(staged)
+    if len(staged_versions) != 1 or not (staged / CONFIG_FILE).exists():
+        raise RepositoryError(f"staged model {staged} must hold exactly one version folder and a config.pbtxt")
+    target = Path(repository) / staged.name
+    previous = version_numbers(target) if (target / CONFIG_FILE).exists() else []
+    version = (previous[-1] + 1) if previous else staged_versions[0]
+    meta_path = staged / METADATA_FILE
+    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    metadata["version"] = version
+    meta_path.write_text(json.dumps(metadata, indent=2, default=str))
+    backend = read_config(staged)
+    published = Published(staged.name, target, version, previous, backend.backend or backend.platform,
+                          _trash=trash)
+    if not previous:
+        if target.exists():  # a folder without config.pbtxt is not a model: set it aside, as before
+            target.rename(trash / f"{staged.name}.incomplete")
+        if version != staged_versions[0]:
+            (staged / str(staged_versions[0])).rename(staged / str(version))
+        staged.rename(target)
+        return published
+    backup = trash / f"{staged.name}.previous"
+    backup.mkdir()
+    published._backup = backup
+    for file in (METADATA_FILE, CONFIG_FILE):
+        if (target / file).exists():
+            shutil.copy2(target / file, backup / file)
+    (staged / str(staged_versions[0])).rename(target / str(version))
+    os.replace(meta_path, target / METADATA_FILE)
+    os.replace(staged / CONFIG_FILE, target / CONFIG_FILE)  # last: the folder is complete again
+    return published
+
+
+@contextlib.contextmanager
+def staged_repository(repository: Path, after_publish=None):
+    """Yield a staging folder beside `repository`; on success move every model folder in it into place.
+
+    New models move in whole; models already in the repository get a new version folder (see
+    `publish_model`), so nothing Triton is serving is replaced in place. On any exception before or while
+    moving, the repository is put back as it was and the staging folder is deleted.
+
+    after_publish: called with the list of `Published` models once all are in place (e.g. to make a running
+    Triton load them, `dyngate_serving.triton_server.roll_out`); it may call `Published.undo()` for a model it gives
+    up on. An exception it raises propagates after the staging folder is cleaned up.
+    """
+    repository = Path(repository)
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.staging-", dir=repository.parent))
+    trash = staging.with_name(staging.name.replace("staging", "trash"))
+    try:
+        yield staging
+        trash.mkdir()
+        published: list[Published] = []
+        try:
+            for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+                published.append(publish_model(folder, repository, trash))
+        except BaseException:
+            for done in reversed(published):
+                done.undo()
+            raise
+        if after_publish is not None:
+            after_publish(published)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class RepositoryEntry:
+    """One Triton model of the repository, as the gateway and clients see it."""
+
+    name: str
+    folder: Path
+    backend: str
+    metadata: dict
+
+    @property
+    def model(self) -> str:
+        return self.metadata.get("model", self.name.split(SEPARATOR)[0])
+
+    @property
+    def variant(self) -> str:
+        return self.metadata.get("variant", self.name.split(SEPARATOR)[-1])
+
+    @property
+    def native(self) -> bool:
+        return self.name.endswith(SEPARATOR + NATIVE_SUFFIX)
+
+    @property
+    def versions(self) -> list[int]:
+        """Its version folders on disk, ascending (the newest is what Triton loads)."""
+        return version_numbers(self.folder)
+
+
+def list_models(repository: Path) -> list[RepositoryEntry]:
+    """Every model folder with a readable config.pbtxt, sorted by name (staging folders are never inside)."""
+    entries = []
+    repository = Path(repository)
+    if not repository.is_dir():
+        return entries
+    for folder in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / CONFIG_FILE).exists():
+            continue
+        config = read_config(folder)
+        meta_path = folder / METADATA_FILE
+        metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        entries.append(RepositoryEntry(folder.name, folder, config.backend or config.platform, metadata))
+    return entries
+
+
+def python_variants_by_model(repository: Path, models: list[str] | None = None) -> dict[str, list[RepositoryEntry]]:
+    """Python-backend entries of `repository` grouped per model (sorted by model name), only `models` when
+    given. ConfigError naming what is there when a model in `models` is missing or nothing is built."""
+    entries = [e for e in list_models(repository) if e.backend == "python"]
+    known = sorted({e.model for e in entries})
+    missing = [m for m in models or [] if m not in known]
+    if missing:
+        raise ConfigError(f"--model {', '.join(missing)}: not in {repository}; models there: "
+                          f"{', '.join(known) or 'none'} (build them with dyngate build)")
+    groups = {m: [e for e in entries if e.model == m] for m in known if not models or m in models}
+    if not groups:
+        raise ConfigError(f"no python-backend variants in {repository}; build some with dyngate build")
+    return groups
+
+
+def python_backend_models(repository: Path) -> list[str]:
+    """Names of the models the embedded Triton (python backend only) can load."""
+    return [e.name for e in list_models(repository) if e.backend == "python"]

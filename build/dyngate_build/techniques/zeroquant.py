@@ -1,0 +1,154 @@
+"""`zeroquant-w8a8`, `zeroquant-w4a8` (and `zeroquant` with a `bits` option): ZeroQuant, Yao et al. 2022.
+
+Group-wise symmetric weight quantization, dynamic INT8 activations, optional knowledge distillation against
+the FP32 teacher on unlabeled training inputs, stored and run with real low-bit ONNX Runtime kernels
+(DeepSpeed's compression library, which only simulated this, is gone from DeepSpeed 0.19):
+
+- 4 bits: MatMulNBitsQuantizer, block (group) size `group_size`, symmetric, `accuracy_level=4` (activations
+  quantized to INT8 per row and block at run time, INT8 compute), MatMul *and* the embedding Gather
+  (GatherBlockQuantized), so the embedding table shrinks too.
+- 8 bits: kernel `"matmulinteger"` (default): ONNX Runtime's per-output-channel INT8 weights with
+  DynamicQuantizeLinear activations (MatMulInteger) and an INT8 embedding table. That is per channel, not
+  group-wise, and per-tensor dynamic, not token-wise activation scales: chosen because MatMulNBits' 8-bit
+  mode measured slower than FP32 here (DESIGN.md; `make bench`, DistilBERT-base section). Kernel `"matmulnbits"`
+  gives the true group-wise 8-bit layout (MatMulNBits bits=8, accuracy_level=4) for comparison.
+- The classifier head (Gemm) stays FP32 in every case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from dyngate_build.errors import ConfigError, ExportError, check_choice
+from dyngate_build.export import export_onnx
+from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
+from dyngate_build.techniques.int8_dynamic import quantize_dynamic_int8
+from dyngate_build.techniques.quantization_common import (calibration_feeds, check_distillation, check_group_size, distill,
+                                                  quiet_ort_quantization)
+
+BITS = (4, 8)
+GROUP_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes: powers of two >= 16
+KERNELS = ("matmulinteger", "matmulnbits")
+# Measured on the trained presets: W8A8 (MatMulInteger) as int8-dynamic (0.024 / 0.092 / 0.096, top-1 100%);
+# W4A8 group 32: max |Δlogit| 0.059 distilbert, 0.263 vit, 0.601 deberta; top-1 100%, 100%, 99.68%.
+TOLERANCES = {8: Tolerance(max_abs_logit=0.3, min_top1_agreement=0.97),
+              4: Tolerance(max_abs_logit=1.2, min_top1_agreement=0.95)}
+
+
+@dataclass(frozen=True)
+class ZeroQuantConfig:
+    """bits: weight bits, 4 or 8. group_size: inputs per weight scale (power of two 16..256, must divide every
+    Linear's in_features). kernel: 8-bit kernel, "matmulinteger" (per channel, faster) or "matmulnbits"
+    (group-wise). kd: distil the quantized model against the FP32 one first (off: faster builds).
+    kd_steps, kd_learning_rate, kd_samples, kd_batch_size: distillation settings."""
+
+    bits: int = 4
+    group_size: int = 32
+    kernel: str = "matmulinteger"
+    kd: bool = False
+    kd_steps: int = 200
+    kd_learning_rate: float = 5e-5
+    kd_samples: int = 512
+    kd_batch_size: int = 16
+
+    def __post_init__(self):
+        check_choice("bits", self.bits, BITS)
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+        check_choice("kernel", self.kernel, KERNELS)
+        check_distillation(self)
+
+
+@dataclass(frozen=True)
+class W8A8Config(ZeroQuantConfig):
+    """ZeroQuant with 8-bit weights (bits is fixed at 8)."""
+
+    bits: int = 8
+
+    def __post_init__(self):
+        if self.bits != 8:
+            raise ConfigError(f"bits={self.bits!r} is not supported by zeroquant-w8a8 (8 only); use "
+                              f"zeroquant-w4a8 or technique 'zeroquant' with bits=4")
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class W4A8Config(ZeroQuantConfig):
+    """ZeroQuant with 4-bit weights (bits is fixed at 4)."""
+
+    bits: int = 4
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise ConfigError(f"bits={self.bits!r} is not supported by zeroquant-w4a8 (4 only); use "
+                              f"zeroquant-w8a8 or technique 'zeroquant' with bits=8")
+        super().__post_init__()
+
+
+def check(source, config: ZeroQuantConfig) -> None:
+    """ConfigError when group_size does not divide a Linear layer (or the embedding width) of the model."""
+    check_group_size("group_size", config.group_size, source.model)
+
+
+def quantize_matmul_nbits(fp32, out, bits: int, group_size: int, include_gather: bool = True):
+    """MatMulNBits (and 4-bit GatherBlockQuantized) quantization of `fp32` into `out`, accuracy_level=4."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    op_types = ("MatMul", "Gather") if include_gather and bits == 4 else ("MatMul",)
+    with quiet_ort_quantization():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=group_size, is_symmetric=True,
+                                         accuracy_level=4, op_types_to_quantize=op_types)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), False)
+    return out
+
+
+def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
+    name = f"zeroquant-w{config.bits}a8"
+    source = context.source
+    check_group_size("group_size", config.group_size, source.model)
+    report: dict = {}
+    fp32 = context.fp32_onnx()
+    if config.kd:
+        batches = calibration_feeds(context, config.kd_samples, batch_size=config.kd_batch_size)
+        student, result = distill(source.model, batches, config.bits, config.group_size, config.kd_steps,
+                                  config.kd_learning_rate)
+        fp32 = export_onnx(student, source.family, context.work_dir / f"{name}-kd-fp32.onnx")
+        report["kd"] = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+                        "final_loss": result.final_loss, "seconds": round(result.seconds, 1)}
+    out = context.work_dir / f"{name}.onnx"
+    if config.bits == 8 and config.kernel == "matmulinteger":
+        quantize_dynamic_int8(fp32, out, per_channel=True)
+        kernel = "MatMulInteger (per-channel INT8 weights, per-tensor dynamic INT8 activations)"
+    else:
+        quantize_matmul_nbits(fp32, out, config.bits, config.group_size)
+        kernel = (f"MatMulNBits bits={config.bits} block={config.group_size} accuracy_level=4"
+                  + (" + GatherBlockQuantized 4-bit embeddings" if config.bits == 4 else ""))
+    from dyngate_build.techniques.quantization_common import op_counts
+
+    counts = op_counts(out)
+    if counts.get("MatMulNBits", 0) + counts.get("MatMulInteger", 0) == 0:
+        raise ExportError(f"{name}: no MatMul was quantized ({dict(counts)}); the graph has no quantizable MatMul")
+    report.update({"kernel": kernel, "quantized_ops": {k: v for k, v in counts.items() if k in (
+        "MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Gemm")}})
+    params = {"bits": config.bits, "group_size": config.group_size, "kernel": config.kernel, "kd": config.kd}
+    if config.kd:
+        params.update(kd_steps=config.kd_steps, kd_learning_rate=config.kd_learning_rate)
+    return Variant(
+        name=name, technique=name, params=params, engine="onnxruntime", artifact=out,
+        tolerance=TOLERANCES[config.bits], native_platform="onnxruntime_onnx", report=report,
+        notes=[f"ZeroQuant W{config.bits}A8: {kernel}; classifier head (Gemm) FP32",
+               *(["knowledge distillation against the FP32 model on unlabeled training inputs"] if config.kd else [])])
+
+
+@register("zeroquant-w8a8", W8A8Config, needs_calibration=True, check=check)
+def apply_w8a8(context: BuildContext, config: W8A8Config) -> Variant:
+    """ZeroQuant INT8 weights, dynamic INT8 activations (ONNX Runtime integer kernels)."""
+    return zeroquant(context, config)
+
+
+@register("zeroquant-w4a8", W4A8Config, needs_calibration=True, check=check)
+def apply_w4a8(context: BuildContext, config: W4A8Config) -> Variant:
+    """ZeroQuant group-wise INT4 weights (MatMulNBits), INT8 activations (accuracy_level=4)."""
+    return zeroquant(context, config)

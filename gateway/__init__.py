@@ -1,1 +1,0 @@
-"""dyngate gateway: the Triton server launcher, the Triton client wrapper, routing and the Gradio app."""

@@ -1,0 +1,256 @@
+"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, report.
+
+    dyngate build --model distilbert-tiny --techniques fp32,torchscript
+    dyngate serve --repository model_repository
+    dyngate build --model distilbert-tiny --techniques fp32 --triton-url http://127.0.0.1:8000   # hot rebuild
+    dyngate reload --model distilbert-tiny --variant fp32 --triton-url http://127.0.0.1:8000
+    dyngate gateway --triton 127.0.0.1:8001
+    dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
+
+Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
+Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dyngate_build.errors import ConfigError, DyngateError, InputError
+
+
+def _default(env: str, fallback: str) -> str:
+    return os.environ.get(env, fallback)
+
+
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """`technique.key=value` strings -> {technique: {key: value}}; values parse as JSON when they can."""
+    options: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        technique, dot, name = key.partition(".")
+        if not sep or not dot or not technique or not name:
+            raise ConfigError(f"--option {item!r} must look like technique.name=value (e.g. int8-static.samples=256)")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        options.setdefault(technique, {})[name] = parsed
+    return options
+
+
+def parse_params(items: list[str]) -> dict:
+    """`key=value` request parameters -> dict (numbers and booleans parsed as JSON)."""
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r} must look like key=value (e.g. exit_threshold=0.9)")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def cmd_build(args) -> int:
+    from dyngate_build.pipeline import BuildOptions, build
+    from dyngate_build.techniques import TECHNIQUES, known_techniques
+
+    if args.list:
+        known_techniques()
+        for name, technique in TECHNIQUES.items():
+            print(f"{name:16s} {technique.summary}")
+        return 0
+    if not args.model:
+        raise ConfigError("--model is required: a preset (distilbert-tiny, vit-tiny, deberta-tiny), "
+                          "a checkpoint folder or a hub id")
+    techniques = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
+    options = parse_options(args.option)
+    for model in args.model:
+        build(BuildOptions(
+            model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
+            cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
+            threads=args.threads, native=not args.no_native, triton_url=args.triton_url))
+    return 0
+
+
+def cmd_reload(args) -> int:
+    """Make a running Triton serve the newest version folder of one variant, then delete the older ones."""
+    from dyngate_build.repository import CONFIG_FILE, triton_name
+    from dyngate_serving.triton_server import ModelControl, roll_out
+
+    name = triton_name(args.model, args.variant, native=args.native)
+    folder = Path(args.repository) / name
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"{name} is not in the repository {args.repository} (no {folder / CONFIG_FILE}); "
+                          "build it first with `dyngate build`")
+    result = roll_out(ModelControl(args.triton_url), folder, log=lambda line: None)  # one summary line instead
+    print(f"{name}: Triton serves version {result.version}"
+          + (f"; removed version(s) {', '.join(map(str, result.removed))}" if result.removed else ""))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from dyngate_serving.triton_server import TritonServerConfig, serve_forever
+
+    serve_forever(TritonServerConfig(
+        repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False),
+        max_restarts=args.max_restarts, restart_window_s=args.restart_window)
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    from dyngate_gateway.app import launch
+    from dyngate_serving.triton_server import port_is_free
+
+    if not port_is_free(args.port, args.host):
+        raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
+                          "choose another with --port")
+    from dataclasses import replace
+
+    from dyngate_gateway.config import GatewayConfig
+
+    config = GatewayConfig.load(args.config)
+    if args.metrics_url:
+        config = replace(config, metrics_url=args.metrics_url)
+    launch(repository=Path(args.repository), triton_url=args.triton, host=args.host, port=args.port, config=config)
+    return 0
+
+
+def read_input(args) -> bytes:
+    """The raw bytes a client sends: --text as UTF-8, or the file at --image."""
+    if (args.text is None) == (args.image is None):
+        raise ConfigError("give exactly one of --text or --image")
+    if args.text is not None:
+        return args.text.encode("utf-8", "surrogateescape")  # bytes that are not UTF-8 reach the server as-is
+    path = Path(args.image)
+    if not path.is_file():
+        raise ConfigError(f"--image {args.image!r} is not a file")
+    return path.read_bytes()
+
+
+def cmd_predict(args) -> int:
+    from dyngate_build.repository import triton_name
+    from dyngate_serving.client import TritonClient
+
+    raw = read_input(args)
+    client = TritonClient(args.url, protocol=args.protocol or (None if "://" in args.url else "grpc"))
+    name = triton_name(args.model, args.variant)
+    expected = client.model_input_name(name)
+    given = "TEXT" if args.text is not None else "IMAGE"
+    if expected != given:
+        flag = "--text" if expected == "TEXT" else "--image"
+        raise ConfigError(f"{name} takes {'text' if expected == 'TEXT' else 'an image'}; use {flag}")
+    result = client.predict(name, raw, parse_params(args.param))
+    print(json.dumps({"model": result.model, "latency_ms": round(result.latency_ms, 3), **result.answer},
+                     indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dyngate_measure.report import markdown, options_from_args, run_report
+
+    options = options_from_args(args)
+    report = run_report(options)
+    print(markdown(report))
+    print(f"written: {options.out / 'report.md'}, {options.out / 'report.json'} and the PNG charts", file=sys.stderr)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    repository = _default("DYNGATE_REPOSITORY", "model_repository")
+
+    p = sub.add_parser("build", help="build variants of a model into the Triton model repository")
+    p.add_argument("--model", action="append", help="preset name, checkpoint folder or hub id (repeatable)")
+    p.add_argument("--techniques", default="fp32,torchscript", help="comma-separated technique names")
+    p.add_argument("--option", action="append", default=[], metavar="TECHNIQUE.NAME=VALUE",
+                   help="a technique option (repeatable)")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--cache-dir", default=_default("DYNGATE_CACHE", ".cache"))
+    p.add_argument("--data", default=None, help="data folder or hf:<datasets id> (default: $DYNGATE_DATA, "
+                                                "else ../shared/data)")
+    p.add_argument("--eval-limit", type=int, default=1000, help="dev examples for the metric (0 = all)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads of served variants (0 = default)")
+    p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
+    p.add_argument("--list", action="store_true", help="list the techniques and exit")
+    p.add_argument("--triton-url", default=None, metavar="http://HOST:PORT",
+                   help="a running Triton's HTTP endpoint: load the rebuilt variants there (new version in, old "
+                        "one out once the new is ready) and delete the old version folders")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="start the embedded Triton Inference Server on the repository")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--models", nargs="*", help="models to load (default: every python-backend model)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restart a Triton that died at most this many times within --restart-window (0: never)")
+    p.add_argument("--restart-window", type=float, default=300.0, metavar="SECONDS",
+                   help="the window --max-restarts counts in (default 300 s)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("reload", help="make a running Triton serve a variant's newest version, remove the old")
+    p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
+    p.add_argument("--variant", required=True, help="variant name (e.g. fp32)")
+    p.add_argument("--native", action="store_true", help="the native flavour (<model>__<variant>__native)")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--triton-url", default="http://127.0.0.1:8000", help="Triton's HTTP endpoint")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("gateway", help="start the Gradio gateway in front of a running Triton")
+    p.add_argument("--repository", default=repository)
+    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--config", help="gateway JSON config: limits, routing, login (default: "
+                                    "$DYNGATE_GATEWAY_CONFIG)")
+    p.add_argument("--metrics-url", help="Triton's Prometheus metrics URL (default: the gRPC port + 1)")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("predict", help="send one input to a variant through Triton")
+    p.add_argument("--model", required=True)
+    p.add_argument("--variant", default="fp32")
+    p.add_argument("--text")
+    p.add_argument("--image")
+    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--protocol", choices=("grpc", "http"), default=None,
+                   help="default: from the url's scheme (http://, grpc://), else grpc")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="measure every variant through Triton: Markdown, JSON and PNG charts")
+    from dyngate_measure.report import add_arguments as add_report_arguments
+
+    add_report_arguments(p)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: staging folders and temporary files are removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"error: bad input: {e}", file=sys.stderr)
+        return 2
+    except DyngateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+

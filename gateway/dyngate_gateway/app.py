@@ -1,0 +1,664 @@
+"""The dyngate gateway: a Gradio app in front of a running Triton that serves a dyngate model repository.
+
+Layout only: the handlers live in gateway/dyngate_gateway/handlers.py, routing.py, compare.py, metrics.py and models_view.py.
+One `gr.Tab` per view; add a view by adding a `_<view>_tab(...)` function and calling it inside `build_app`.
+
+Views:
+- Predict: pick a model, type text (text models) or upload an image (image models), tick variants, Predict:
+  each variant's answer and round trip side by side, plus the raw JSON answers. "Route by policy" sends the
+  same input through one routing policy (gateway/dyngate_gateway/routing.py) and shows who served it and why.
+- Compare: benchmark chosen variants live against Triton (requests, concurrency levels, batch, dev inputs).
+- Metrics: Triton's Prometheus metrics, the server process, the machine and the GPU, refreshed by a timer.
+- Models: the repository's models with technique, size, accuracy and Triton's state; load and unload.
+A status line on top (refreshed by a timer) says whether Triton is reachable: down, restarting, or ready.
+
+API endpoints (gradio_client, by name):
+- "predict": (model, text, image file or None, variants) -> (table {headers, data}, {variant: answer})
+- "route": (model, text, image file or None, policy, variant, accuracy_budget, threshold, exit_threshold)
+  -> {"served_by", "route", "reason", "answer", ...}
+- "compare": (model, variants, requests, concurrency "1,2,4", batch size) -> (table, server split table,
+  distribution plot, throughput plot, CSV file, JSON file)
+- "metrics": () -> (summary Markdown, per-model table, CPU plot, memory plot, snapshot JSON)
+- "models": () -> table; "load_model" / "unload_model": (triton model) -> (message, table)
+- "model_info": (model) -> the page's updates for that model (variant choices, description, inputs)
+- "triton_status": () -> the status line (is Triton reachable, which variants are loaded)
+
+Plain HTTP (same server): POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant",
+"accuracy_budget", "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...},
+unknown model -> 404, a body over limits.max_body_bytes (any route) -> 413, Triton down -> 503.
+GET /api/status, GET /api/models. With a login, every route but Gradio's login page asks for it.
+
+    dyngate gateway --repository model_repository --triton 127.0.0.1:8001     # http://127.0.0.1:7860
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
+from fastapi.responses import JSONResponse
+
+from dyngate_build.errors import DyngateError, InputError, ServingError
+from dyngate_gateway import compare, handlers, metrics, models_view
+from dyngate_gateway.config import GatewayConfig
+from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
+from dyngate_gateway.routing import POLICIES, Router
+
+TITLE = "dyngate gateway"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+
+
+def _table(rows: list[list] | None = None) -> pd.DataFrame:
+    rows = [["" if cell is None else cell for cell in row] for row in rows or []]
+    return pd.DataFrame(rows, columns=RESULT_HEADERS)
+
+
+def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "GatewayState"):
+    """The Predict view: one input to several variants of one model, answers side by side.
+
+    Returns (on_model, model dropdown, its outputs) so the page can narrow the variants on load."""
+    first = next(iter(catalog.values()), None)
+    with gr.Tab("Predict", id="predict"):
+        with gr.Row():
+            model = gr.Dropdown(choices=list(catalog), value=first.name if first else None, label="Model",
+                                elem_id="model", scale=1)
+            # choices: every known variant name, so API calls for any model pass Gradio's own check; the page
+            # narrows them to the selected model's variants on load and on every model change
+            variants = gr.CheckboxGroup(choices=handlers.all_variant_names(catalog),
+                                        value=first.variant_names if first else [], label="Variants",
+                                        elem_id="variants", scale=2)
+        info = gr.Markdown(first.describe() if first else "No models: run `dyngate build` first.",
+                           elem_id="model-info")
+        text = gr.Textbox(label="Text", lines=3, placeholder="a gripping, beautifully acted film",
+                          visible=first.is_text if first else True, elem_id="text")
+        with gr.Row(visible=bool(first and not first.is_text)) as image_row:
+            image = gr.File(label="Image (PNG, JPEG, BMP, GIF)", file_types=["image"], type="filepath",
+                            elem_id="image")
+            preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
+        predict = gr.Button("Predict", variant="primary", elem_id="predict")
+        table = gr.Dataframe(value=_table(), headers=RESULT_HEADERS, label="Answers", interactive=False,
+                             wrap=True, elem_id="answers")
+        raw = gr.JSON(label="Raw answers (by variant)", elem_id="raw")
+        with gr.Accordion("Route by policy", open=True):
+            with gr.Row():
+                policy = gr.Dropdown(choices=list(POLICIES), value="fastest", label="Policy", elem_id="policy")
+                route_variant = gr.Dropdown(choices=handlers.all_variant_names(catalog), value=None,
+                                            label="Variant (policy 'variant')", elem_id="route-variant")
+                budget = gr.Number(value=state.config.routing.accuracy_budget, label="Accuracy budget",
+                                   elem_id="budget")
+                threshold = gr.Number(value=state.config.routing.cascade_threshold,
+                                      label="Cascade threshold (top-1)", elem_id="threshold")
+                # a Textbox, not a Number: blank must mean "the variant's default" (a Number sends 0)
+                exit_threshold = gr.Textbox(value="", label="Exit threshold (early-exit variants; blank: default)",
+                                            placeholder="e.g. 0.9", elem_id="exit-threshold")
+            route = gr.Button("Route", elem_id="route")
+            route_line = gr.Markdown(elem_id="route-line")
+            route_json = gr.JSON(label="Routed answer", elem_id="route-json")
+
+    def on_model(name: str | None):
+        view = catalog.get(name or "")
+        if view is None:
+            return (gr.update(choices=[], value=[]), "Pick a model.", gr.update(), gr.update())
+        return (gr.update(choices=view.variant_names, value=view.variant_names), view.describe(),
+                gr.update(visible=view.is_text), gr.update(visible=not view.is_text))
+
+    @handlers.user_errors
+    def on_predict(name: str | None, text_value: str | None, image_path: str | None, chosen: list[str] | None):
+        state.refresh()
+        view = catalog.get(name or "")
+        if view is None:
+            raise handlers.InputError(f"unknown model {name!r}; the repository's models are: "
+                                      f"{', '.join(catalog) or 'none (run dyngate build)'}")
+        result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
+                                           limits=state.config.limits)
+        return _table(result.rows), result.answers
+
+    def on_image(path: str | None):
+        return handlers.image_preview(path)
+
+    @handlers.user_errors
+    def on_route(name, text_value, image_path, policy_value, variant_value, budget_value, threshold_value,
+                 exit_value):
+        state.refresh()
+        view = state.router.view(name)
+        return state.router.route(view.name, text_value if view.is_text else None, policy_value,
+                                  variant=variant_value or None, accuracy_budget=budget_value,
+                                  threshold=threshold_value, exit_threshold=exit_value,
+                                  image=None if view.is_text else image_path)
+
+    def route_summary(answer):
+        if not answer:
+            return ""
+        steps = " → ".join(f"`{s['variant']}` ({s['confidence']:.3f})" for s in answer["route"])
+        return (f"**served by `{answer['served_by']}`**: {answer['prediction']} · route {steps} · "
+                f"{answer['latency_ms']:.2f} ms  \n{answer['reason']}")
+
+    route.click(on_route, [model, text, image, policy, route_variant, budget, threshold, exit_threshold],
+                route_json, api_name="route").then(route_summary, route_json, route_line,
+                                                    api_visibility="private")
+
+    outputs = [variants, info, text, image_row]
+    model.change(on_model, model, outputs, api_name="model_info")
+    gr.on([model.change], lambda: (_table(), None), None, [table, raw], api_visibility="private")
+    image.change(on_image, image, preview, api_visibility="private")
+    predict.click(on_predict, [model, text, image, variants], [table, raw], api_name="predict")
+    text.submit(on_predict, [model, text, image, variants], [table, raw], api_visibility="private")
+    return on_model, model, outputs
+
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
+    first = next(iter(catalog.values()), None)
+    limits = state.config.limits
+    with gr.Tab("Compare", id="compare"):
+        gr.Markdown("Benchmark variants live against Triton on real dev inputs (batch items cycle through the "
+                    f"dev set). Caps: ≤{limits.max_bench_requests} requests, concurrency ≤"
+                    f"{limits.max_bench_concurrency}, batch ≤{limits.max_bench_batch}.")
+        with gr.Row():
+            model = gr.Dropdown(choices=list(catalog), value=first.name if first else None, label="Model",
+                                elem_id="cmp-model")
+            variants = gr.CheckboxGroup(choices=handlers.all_variant_names(catalog),
+                                        value=first.variant_names if first else [], label="Variants",
+                                        elem_id="cmp-variants")
+        with gr.Row():
+            requests = gr.Number(value=50, precision=0, label="Requests per variant and level", elem_id="cmp-requests")
+            levels = gr.Textbox(value="1,2", label="Concurrency levels (threads)", elem_id="cmp-concurrency")
+            batch = gr.Number(value=1, precision=0, label="Batch size", elem_id="cmp-batch")
+        run = gr.Button("Run benchmark", variant="primary", elem_id="cmp-run")
+        table = gr.Dataframe(headers=compare.HEADERS, label="Latency and throughput", interactive=False,
+                             elem_id="cmp-table")
+        server = gr.Dataframe(headers=compare.SERVER_HEADERS, label="Server-side split per request "
+                              "(Triton statistics API)", interactive=False, elem_id="cmp-server")
+        with gr.Row():
+            dist = gr.LinePlot(x="percentile", y="ms", color="run", title="Latency distribution (ms by percentile)",
+                               elem_id="cmp-dist")
+            thr = gr.LinePlot(x="concurrency", y="throughput", color="variant",
+                              title="Throughput (items/s) vs concurrency", elem_id="cmp-thr")
+        with gr.Row():
+            csv_file = gr.File(label="CSV", elem_id="cmp-csv")
+            json_file = gr.File(label="JSON", elem_id="cmp-json")
+
+    def on_model(name):
+        view = catalog.get(name or "")
+        names = view.variant_names if view else []
+        return gr.update(choices=names, value=names)
+
+    @handlers.user_errors
+    def on_run(name, chosen, n_requests, level_text, batch_size, progress=gr.Progress()):
+        view = state.router.view(name)
+        chosen = handlers.check_variants(view, chosen)
+        level_list = compare.parse_levels(level_text)
+        n_requests, batch_size = int(n_requests or 0), int(batch_size or 0)
+        compare.check_settings(n_requests, level_list, batch_size, limits)
+        raws = state.dev_inputs(view)
+        progress(0, desc="starting")
+        result = compare.run_benchmark(state.clients.url, state.clients.protocol,
+                                       {v: view.variants[v].name for v in chosen}, raws, n_requests, level_list,
+                                       batch_size, progress=lambda f, text: progress(f, desc=text))
+        if all(r[4] == r[3] for r in result.rows):
+            first_error = next(iter(result.errors.values()), ["?"])[0]
+            raise ServingError(f"every benchmark request failed: {first_error}")
+        settings = {"model": view.name, "variants": chosen, "requests": n_requests, "concurrency": level_list,
+                    "batch_size": batch_size, "inputs": f"{len(raws)} dev inputs", "triton": state.clients.url}
+        folder = Path(tempfile.mkdtemp(prefix="dyngate-compare-"))
+        (folder / "benchmark.csv").write_text(result.csv())
+        (folder / "benchmark.json").write_text(compare.to_json(result, settings))
+        rows = pd.DataFrame(result.rows, columns=compare.HEADERS)
+        thr_df = pd.DataFrame({"variant": rows["variant"], "concurrency": rows["concurrency"],
+                               "throughput": rows["throughput items/s"]})
+        return (rows, pd.DataFrame(result.server, columns=compare.SERVER_HEADERS),
+                pd.DataFrame(compare.distribution(result), columns=["run", "percentile", "ms"]), thr_df,
+                str(folder / "benchmark.csv"), str(folder / "benchmark.json"))
+
+    model.change(on_model, model, variants, api_visibility="private")
+    run.click(on_run, [model, variants, requests, levels, batch], [table, server, dist, thr, csv_file, json_file],
+              api_name="compare", concurrency_limit=1)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def _metrics_tab(state: "GatewayState"):
+    with gr.Tab("Metrics", id="metrics") as tab:
+        gr.Markdown(f"Triton metrics from `{state.monitor.metrics_url}`, refreshed every "
+                    f"{state.config.metrics_interval_s:g} s.")
+        summary = gr.Markdown(elem_id="metrics-summary")
+        table = gr.Dataframe(headers=metrics.MODEL_HEADERS, label="Per model (cumulative)", interactive=False,
+                             elem_id="metrics-table")
+        with gr.Row():
+            cpu = gr.LinePlot(x="seconds", y="value", color="series", title="CPU %", elem_id="metrics-cpu")
+            memory = gr.LinePlot(x="seconds", y="value", color="series", title="Server RSS MB and requests/s",
+                                 elem_id="metrics-memory")
+        snapshot = gr.JSON(label="Last sample", elem_id="metrics-json", visible=False)
+        refresh = gr.Button("Refresh metrics", visible=False, elem_id="metrics-refresh")
+        timer = gr.Timer(state.config.metrics_interval_s, active=False)  # ticks while this tab is open
+
+    def on_tick():
+        sample = state.monitor.sample()
+        server, machine, gpu = sample["server"], sample["machine"], sample["gpu"]
+        lines = []
+        if sample["error"]:
+            lines.append(f"⚠️ {sample['error']}")
+        lines.append(f"**Server process** pid {server['pid'] or '?'} (+{server['children']} model stubs): CPU "
+                     f"{_fmt(server['cpu_pct'])} % · RSS {_fmt(server['rss_mb'])} MB")
+        lines.append(f"**Machine**: CPU {machine['cpu_pct']:.1f} % of {machine['cpus']} cores · memory "
+                     f"{machine['memory_used_mb']:.0f} / {machine['memory_total_mb']:.0f} MB")
+        if isinstance(gpu, str):
+            lines.append(f"**GPU**: {gpu}")
+        else:
+            lines += [f"**GPU {g['gpu']}**: {g['utilization_pct']} % · {g['memory_used_mb']:.0f} / "
+                      f"{g['memory_total_mb']:.0f} MB · {_fmt(g['power_w'])} W" for g in gpu]
+        rate = sample["requests_per_s"]
+        lines.append(f"**Requests/s** (all models): {_fmt(rate)}")
+        history = list(state.monitor.history)
+        t0 = history[0]["time"] if history else 0
+        cpu_rows, mem_rows = [], []
+        for h in history:
+            t = round(h["time"] - t0, 1)
+            for series, key, rows in (("server", "server_cpu", cpu_rows), ("machine", "machine_cpu", cpu_rows),
+                                      ("server RSS MB", "server_rss_mb", mem_rows),
+                                      ("requests/s", "requests_per_s", mem_rows)):
+                if h[key] is not None:
+                    rows.append({"seconds": t, "value": float(h[key]), "series": series})
+        columns = ["seconds", "value", "series"]
+        public = {k: v for k, v in sample.items() if k != "triton_gpu"}
+        return ("  \n".join(lines), pd.DataFrame(metrics.model_rows(sample["models"]), columns=metrics.MODEL_HEADERS),
+                pd.DataFrame(cpu_rows, columns=columns), pd.DataFrame(mem_rows, columns=columns), public)
+
+    outputs = [summary, table, cpu, memory, snapshot]
+    timer.tick(on_tick, None, outputs, api_visibility="private", show_progress="hidden")
+    tab.select(on_tick, None, outputs, api_visibility="private", show_progress="hidden")
+    refresh.click(on_tick, None, outputs, api_name="metrics")
+    return timer
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _models_tab(state: "GatewayState"):
+    python_models = [e.name for v in state.catalog.values() for e in v.variants.values()]
+    with gr.Tab("Models", id="models"):
+        table = gr.Dataframe(headers=models_view.HEADERS, label="Repository", interactive=False, wrap=True,
+                             elem_id="models-table")
+        with gr.Row():
+            name = gr.Dropdown(choices=python_models, value=python_models[0] if python_models else None,
+                               label="Triton model", elem_id="models-name")
+            load = gr.Button("Load", elem_id="models-load")
+            unload = gr.Button("Unload", elem_id="models-unload")
+            refresh = gr.Button("Refresh", elem_id="models-refresh")
+        message = gr.Markdown(elem_id="models-message")
+
+    def rows():
+        return pd.DataFrame(models_view.model_rows(state.repository, state.clients), columns=models_view.HEADERS)
+
+    def act(action):
+        @handlers.user_errors
+        def handler(model_name):
+            text = models_view.control(state.clients, state.repository, model_name, action)
+            state.router.ready_models(fresh=True)
+            return text, rows()
+        return handler
+
+    refresh.click(rows, None, table, api_name="models")
+    load.click(act("load"), name, [message, table], api_name="load_model", concurrency_limit=1)
+    unload.click(act("unload"), name, [message, table], api_name="unload_model", concurrency_limit=1)
+    return rows, table
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+@dataclass
+class GatewayState:
+    """What the handlers of one gateway share."""
+
+    repository: Path
+    catalog: dict[str, ModelView]
+    clients: ClientPool
+    router: Router
+    monitor: metrics.MetricsMonitor
+    config: GatewayConfig
+
+    def __post_init__(self):
+        self._dev: dict[str, list[bytes]] = {}
+        self._dev_lock = threading.Lock()
+        self._fingerprint = handlers.repository_fingerprint(self.repository)
+        self._refresh_lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Pick up variants built (or removed) since the gateway started: the catalog is re-read when the
+        repository's model folders or their metadata changed. Called before each API answer and status tick."""
+        fingerprint = handlers.repository_fingerprint(self.repository)
+        if fingerprint == self._fingerprint:
+            return
+        with self._refresh_lock:
+            if fingerprint != self._fingerprint:
+                handlers.refresh_catalog(self.catalog, self.repository)
+                self._fingerprint = fingerprint
+
+    def dev_inputs(self, view: ModelView, limit: int = 200) -> list[bytes]:
+        """Real dev inputs for `view`'s task (dyngate_build.data.load_examples with the configured data setting)."""
+        from dyngate_build.data import DataSource, load_examples
+
+        with self._dev_lock:
+            if view.task not in self._dev:
+                try:
+                    examples, _ = load_examples(view.task, "dev", DataSource.from_setting(self.config.data), limit)
+                except DyngateError as e:
+                    raise InputError(f"no dev inputs for {view.task}: {e}") from e
+                self._dev[view.task] = [ex.raw for ex in examples]
+            return self._dev[view.task]
+
+    def status(self) -> tuple[bool, str]:
+        self.refresh()
+        return handlers.triton_status(self.clients, self.catalog)
+
+
+def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = None) -> gr.Blocks:
+    """The gateway page for `repository`, answered by the Triton at `triton_url` (gRPC "host:port", or a url
+    with a grpc:// or http:// scheme). Models are read from the repository here and again whenever a build
+    changes it (GatewayState.refresh: the API and the status line see new variants; the page's dropdowns keep
+    the choices the gateway started with). The shared state is `demo.dyngate` (a GatewayState)."""
+    config = config or GatewayConfig.load()
+    catalog = handlers.load_catalog(Path(repository))
+    clients = ClientPool(triton_url)
+    router = Router(catalog, clients, config.routing, config.limits)
+    monitor = metrics.MetricsMonitor(config.metrics_url or metrics.default_metrics_url(triton_url), config.server_pid)
+    state = GatewayState(Path(repository), catalog, clients, router, monitor, config)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nModel repository `{repository}` · Triton `{clients.url}`")
+        status = gr.Markdown(elem_id="triton-status")
+        with gr.Tabs() as tabs:
+            on_model, model, model_outputs = _predict_tab(catalog, clients, state)
+            _compare_tab(catalog, state)
+            metrics_timer = _metrics_tab(state)
+            models_rows, models_table = _models_tab(state)
+
+        def on_tab(evt: gr.SelectData):
+            return gr.Timer(active=evt.value == "Metrics")
+
+        tabs.select(on_tab, None, metrics_timer, api_visibility="private")
+
+        def on_status():
+            return state.status()[1]
+
+        demo.load(on_status, None, status, api_name="triton_status")
+        gr.Timer(config.status_interval_s).tick(on_status, None, status, api_visibility="private",
+                                                show_progress="hidden")
+        demo.load(on_model, model, model_outputs, api_visibility="private")
+        demo.load(models_rows, None, models_table, api_visibility="private")
+    demo.dyngate = state
+    return demo
+
+
+# -------------------------------------------------------------------------------------- plain HTTP routes
+
+def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+    """A FastAPI app with the JSON routes, and the Gradio page mounted at "/" (with the login, if any)."""
+    state: GatewayState = demo.dyngate
+    auth = state.config.auth
+    limits = state.config.limits
+    app = FastAPI(title=TITLE, docs_url=None, redoc_url=None, openapi_url=None)  # Gradio's API page documents it
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if auth:
+        app.add_middleware(LoginPageScrub)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def authorized(request: Request) -> bool:
+        if not auth:
+            return True
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
+
+    def unauthorized() -> JSONResponse:
+        return JSONResponse({"error": "login required: HTTP basic auth with the gateway's user and password"},
+                            status_code=401, headers={"WWW-Authenticate": 'Basic realm="dyngate"'})
+
+    def guarded(fn):
+        def wrapper(request: Request):
+            return fn() if authorized(request) else unauthorized()
+        return wrapper
+
+    def predict(body) -> JSONResponse:
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object: {\"model\": ..., \"text\": ... | \"image_base64\": "
+                              "..., \"policy\": ...}")
+        allowed = {"model", "text", "image_base64", "policy", "variant", "accuracy_budget", "threshold",
+                   "exit_threshold"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            return error(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        state.refresh()
+        model = body.get("model")
+        if not isinstance(model, str):
+            return error(400, f"model must be a string naming one of the repository's models "
+                              f"({', '.join(state.catalog)}), not {type(model).__name__}")
+        if model not in state.catalog:
+            return error(404, f"unknown model {model!r}; the repository's models are: {', '.join(state.catalog)}")
+        for key in ("text", "image_base64", "policy", "variant"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                return error(400, f"{key} must be a string, not {type(body[key]).__name__}")
+        for key in ("accuracy_budget", "threshold", "exit_threshold"):
+            value = body.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+                return error(400, f"{key} must be a number, not {type(value).__name__}")
+        image = None
+        if body.get("image_base64"):
+            try:
+                image = base64.b64decode(body["image_base64"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                return error(400, "image_base64 is not valid base64")
+        text = body.get("text")
+        try:
+            answer = state.router.route(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
+                                        accuracy_budget=body.get("accuracy_budget"),
+                                        threshold=body.get("threshold"), exit_threshold=body.get("exit_threshold"),
+                                        image=image)
+        except InputError as e:
+            return error(400, str(e))
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. float("abc"), float(10**400)
+            return error(400, f"bad field value: {e}")
+        except ServingError as e:
+            return error(503, str(e))
+        return JSONResponse(answer)
+
+    @app.post("/api/predict")
+    async def api_predict(request: Request):
+        import anyio
+
+        if not authorized(request):
+            return unauthorized()
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as e:
+            return error(400, f"the body is not JSON: {e}")
+        except RecursionError:
+            return error(400, "the body is not JSON this route accepts: nested too deeply")
+        return await anyio.to_thread.run_sync(predict, body)  # a worker thread: ClientPool gives it a client
+
+    @app.get("/api/status")
+    def api_status(request: Request):
+        def status():
+            ready, line = state.status()
+            return JSONResponse({"triton_ready": ready, "triton": state.clients.url, "status": line},
+                                status_code=200 if ready else 503)
+        return guarded(status)(request)
+
+    @app.get("/api/models")
+    def api_models(request: Request):
+        def rows():
+            return JSONResponse([dict(zip(models_view.HEADERS, r))
+                                 for r in models_view.model_rows(state.repository, state.clients)])
+        return guarded(rows)(request)
+
+    return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
+                               footer_links=["api"], max_file_size=limits.max_image_bytes)
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 {"error": ...} and is not read further.
+
+    A declared Content-Length over the limit is refused before any byte is read; a body without one (chunked)
+    is counted while the app reads it. An unreadable Content-Length gets 400.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                return await self._reply(send, 400, f"Content-Length {declared[:40]!r} is not a number")
+            if length > self.max_bytes:
+                return await self._reply(send, 413, self._message(length))
+        received, started = 0, False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reply(send, 413, self._message(received, declared=False))
+
+    def _message(self, size: int, declared: bool = True) -> str:
+        what = f"{size} bytes" if declared else f"more than {self.max_bytes} bytes (read {size})"
+        return (f"the request body has {what}; the gateway's limit is {self.max_bytes} bytes "
+                "(limits.max_body_bytes): send a smaller text or image")
+
+    @staticmethod
+    async def _reply(send, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class LoginPageScrub:
+    """ASGI middleware for gateways with a login: Gradio 6 embeds the API description (every endpoint with its
+    choices: the repository's model and variant names) in the login page it shows before anyone logged in; this
+    empties it there. Pages shown after the login keep it."""
+
+    _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+    _LOGIN_PAGE = re.compile(rb'"auth_required":\s*true')
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        held: dict = {}
+        chunks: list[bytes] = []
+
+        async def scrubbing_send(message):
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                if headers.get(b"content-type", b"").startswith(b"text/html"):
+                    held["start"] = message  # sent once the whole page is here
+                    return
+            elif message["type"] == "http.response.body" and "start" in held:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = b"".join(chunks)
+                if self._LOGIN_PAGE.search(body):
+                    body = self._API_INFO.sub(b"window.gradio_api_info = {};</script>", body)
+                start = held.pop("start")
+                headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
+                await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, scrubbing_send)
+
+
+class RunningGateway:
+    """A gateway served by uvicorn in a background thread (tests, notebooks); `close()` stops it."""
+
+    def __init__(self, demo: gr.Blocks, host: str, port: int):
+        import uvicorn
+
+        self.demo, self.host, self.port = demo, host, port
+        self.url = f"http://{host}:{port}"
+        self.app = create_app(demo, host, port)
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self, timeout_s: float = 30) -> "RunningGateway":
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServingError(f"the gateway did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    @property
+    def state(self) -> GatewayState:
+        return self.demo.dyngate
+
+
+def serve(repository: Path, triton_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          config: GatewayConfig | None = None) -> RunningGateway:
+    """Build the gateway and serve it (page + JSON routes) in a background thread; returns the running handle."""
+    return RunningGateway(build_app(repository, triton_url, config), host, port).start()
+
+
+def launch(repository: Path, triton_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+           config: GatewayConfig | None = None, **kwargs):
+    """Build the gateway and serve it on host:port (127.0.0.1 by default) until interrupted."""
+    import uvicorn
+
+    demo = build_app(repository, triton_url, config)
+    print(f"dyngate gateway on http://{host}:{port} (JSON: POST /api/predict)", flush=True)
+    uvicorn.run(create_app(demo, host, port), host=host, port=port, log_level="warning", **kwargs)

@@ -1,0 +1,237 @@
+"""Live latency comparison of variants through Triton (the Compare tab). Plain Python, no Gradio.
+
+    result = run_benchmark("127.0.0.1:8001", "grpc", ["distilbert-tiny__fp32", "distilbert-tiny__torchscript"],
+                           raws, requests=100, concurrency=[1, 4], batch_size=1)
+    result.rows            # per (variant, concurrency): p50/p90/p99/mean ms, throughput, errors
+    result.server          # per variant: Triton's queue / compute split from its statistics API (deltas)
+
+For each concurrency level, each variant is driven by that many threads, each with its own TritonClient
+(tritonclient clients are not thread-safe), sending `requests` requests of `batch_size` dev inputs in total;
+the order of the variants rotates from level to level so drift of the machine does not always hit the same
+one. Round trips are timed around one `predict_batch` call, summarized with dyngate_build.evaluate.summarize_ms (the
+same percentiles as gateway/dyngate_measure/benchmark.py and the build's own measurement).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dyngate_build.errors import InputError
+from dyngate_build.evaluate import summarize_ms
+from dyngate_serving.client import TritonClient
+
+HEADERS = ["variant", "concurrency", "batch", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "mean ms",
+           "throughput items/s"]
+SERVER_HEADERS = ["variant", "requests", "queue ms", "compute input ms", "compute infer ms", "compute output ms",
+                  "queue share"]
+_STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass
+class BenchResult:
+    rows: list[list] = field(default_factory=list)  # HEADERS
+    latencies: dict[str, list[float]] = field(default_factory=dict)  # "variant@c" -> round trips (ms)
+    server: list[list] = field(default_factory=list)  # SERVER_HEADERS (per variant, over the whole run)
+    errors: dict[str, list[str]] = field(default_factory=dict)  # variant -> distinct error messages
+
+    def as_dict(self) -> dict:
+        return {"rows": [dict(zip(HEADERS, r)) for r in self.rows],
+                "server": [dict(zip(SERVER_HEADERS, r)) for r in self.server],
+                "latencies_ms": {k: [round(v, 4) for v in vs] for k, vs in self.latencies.items()},
+                "errors": self.errors}
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(HEADERS)
+        writer.writerows(self.rows)
+        writer.writerow([])
+        writer.writerow(SERVER_HEADERS)
+        writer.writerows(self.server)
+        return out.getvalue()
+
+
+def check_settings(requests: int, concurrency: list[int], batch_size: int, limits) -> None:
+    """InputError naming the field and the cap when a setting is out of range."""
+    if not 1 <= int(requests) <= limits.max_bench_requests:
+        raise InputError(f"requests={requests} is outside 1..{limits.max_bench_requests} (max_bench_requests)")
+    if not concurrency:
+        raise InputError("concurrency: give at least one level, e.g. 1 or 1,2,4")
+    for c in concurrency:
+        if not 1 <= int(c) <= limits.max_bench_concurrency:
+            raise InputError(f"concurrency={c} is outside 1..{limits.max_bench_concurrency} (max_bench_concurrency)")
+    if not 1 <= int(batch_size) <= limits.max_bench_batch:
+        raise InputError(f"batch_size={batch_size} is outside 1..{limits.max_bench_batch} (max_bench_batch)")
+
+
+def parse_levels(text) -> list[int]:
+    """"1, 2,4" -> [1, 2, 4]; InputError when a part is not a whole number."""
+    if isinstance(text, (int, float)):
+        return [int(text)]
+    levels = []
+    for part in str(text or "").replace(";", ",").split(","):
+        if part.strip():
+            try:
+                levels.append(int(part.strip()))
+            except ValueError:
+                raise InputError(f"concurrency {text!r}: {part.strip()!r} is not a whole number; write e.g. 1,2,4") from None
+    return sorted(set(levels))
+
+
+def server_stats(client: TritonClient, model: str) -> dict[str, tuple[int, int]]:
+    """Triton's cumulative statistics of `model`: {"success"|"queue"|...: (count, ns)}."""
+    raw = client._client  # tritonclient's own client: the statistics API is not wrapped by TritonClient
+    if client.protocol == "grpc":
+        stats = raw.get_inference_statistics(model, as_json=True, client_timeout=client.timeout_s)
+    else:
+        stats = raw.get_inference_statistics(model)
+    out = {k: (0, 0) for k in _STAT_KEYS}
+    for entry in stats.get("model_stats", []):
+        inference = entry.get("inference_stats") or {}
+        for key in _STAT_KEYS:
+            item = inference.get(key) or {}
+            count, ns = out[key]
+            out[key] = (count + int(item.get("count", 0) or 0), ns + int(item.get("ns", 0) or 0))
+    return out
+
+
+def settled_stats(client: TritonClient, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
+    """server_stats once Triton has counted the `answered` requests sent since `before` (or after `wait_s` s).
+
+    Triton records a request's statistics when it releases the request, which can be just after the client has
+    its response: read at once, the last request or two of a run may be missing from the counts."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = server_stats(client, model)
+        if after["success"][0] - before["success"][0] >= answered or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
+def split_row(variant: str, before: dict, after: dict) -> list:
+    """One SERVER_HEADERS row from two statistics snapshots: mean ms per request of each phase."""
+    n = after["success"][0] - before["success"][0]
+    ms = {k: (after[k][1] - before[k][1]) / 1e6 / n if n else 0.0 for k in _STAT_KEYS}
+    total = ms["queue"] + ms["compute_input"] + ms["compute_infer"] + ms["compute_output"]
+    share = ms["queue"] / total if total else 0.0
+    return [variant, n, round(ms["queue"], 4), round(ms["compute_input"], 4), round(ms["compute_infer"], 4),
+            round(ms["compute_output"], 4), round(share, 4)]
+
+
+def _drive(url: str, protocol: str, model: str, batches: list[list[bytes]], concurrency: int, timeout_s: float,
+           tick) -> tuple[list[float], list[str], float]:
+    """Send `batches` with `concurrency` threads (one client each); (round trips ms, errors, wall seconds)."""
+    times: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    cursor = iter(range(len(batches)))
+
+    def worker():
+        client = TritonClient(url, protocol, timeout_s=timeout_s)
+        try:
+            while True:
+                with lock:
+                    index = next(cursor, None)
+                if index is None:
+                    return
+                start = time.perf_counter()
+                try:
+                    client.predict_batch(model, batches[index])
+                    elapsed = (time.perf_counter() - start) * 1000
+                    with lock:
+                        times.append(elapsed)
+                except Exception as e:  # counted per variant, the run goes on
+                    with lock:
+                        errors.append(str(e))
+                tick()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return times, errors, time.perf_counter() - started
+
+
+def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[bytes], requests: int,
+                  concurrency: list[int], batch_size: int = 1, warmup: int = 3, timeout_s: float = 30,
+                  progress=None) -> BenchResult:
+    """Benchmark `variants` ({label: triton model}) on `raws` (cycled); see the module docstring.
+
+    progress(fraction, text) is called as requests complete (e.g. a gr.Progress)."""
+    if not variants:
+        raise InputError("no variant chosen: tick at least one variant to benchmark")
+    if not raws:
+        raise InputError("no inputs to send: the input set is empty")
+    batches = [[raws[(i * batch_size + j) % len(raws)] for j in range(batch_size)] for i in range(requests)]
+    total = len(variants) * len(concurrency) * requests
+    done = [0]
+    done_lock = threading.Lock()
+
+    def tick():
+        with done_lock:
+            done[0] += 1
+            n = done[0]
+        if progress is not None and (n % max(1, total // 100) == 0 or n == total):
+            progress(n / total, f"{n}/{total} requests")
+
+    result = BenchResult()
+    control = TritonClient(url, protocol, timeout_s=timeout_s)
+    try:
+        labels = list(variants)
+        for label in labels:  # warm-up: first requests load lazily-initialised state
+            for batch in batches[:warmup]:
+                try:
+                    control.predict_batch(variants[label], batch)
+                except Exception:
+                    break
+        before = {label: server_stats(control, variants[label]) for label in labels}
+        for level_index, level in enumerate(concurrency):
+            rotation = labels[level_index % len(labels):] + labels[: level_index % len(labels)]
+            for label in rotation:
+                times, errors, wall = _drive(url, protocol, variants[label], batches, level, timeout_s, tick)
+                result.latencies[f"{label}@{level}"] = times
+                if errors:
+                    result.errors.setdefault(label, [])
+                    result.errors[label] += [e for e in dict.fromkeys(errors) if e not in result.errors[label]]
+                if times:
+                    lat = summarize_ms(times)
+                    cells = [round(lat.p50_ms, 3), round(lat.p90_ms, 3), round(lat.p99_ms, 3), round(lat.mean_ms, 3)]
+                else:
+                    cells = [None] * 4
+                throughput = len(times) * batch_size / wall if wall > 0 else 0.0
+                result.rows.append([label, level, batch_size, requests, len(errors), *cells, round(throughput, 2)])
+        result.rows.sort(key=lambda r: (labels.index(r[0]), r[1]))
+        for label in labels:
+            answered = sum(len(result.latencies[f"{label}@{level}"]) for level in concurrency)
+            after = settled_stats(control, variants[label], before[label], answered)
+            result.server.append(split_row(label, before[label], after))
+    finally:
+        control.close()
+    return result
+
+
+def distribution(result: BenchResult, points: int = 50) -> list[dict]:
+    """Latency percentiles per run ("variant@c"), for a distribution plot: [{run, percentile, ms}]."""
+    out = []
+    for run, times in result.latencies.items():
+        if not times:
+            continue
+        qs = np.linspace(0, 100, points)
+        for q, v in zip(qs, np.percentile(np.asarray(times), qs)):
+            out.append({"run": run, "percentile": float(q), "ms": float(v)})
+    return out
+
+
+def to_json(result: BenchResult, settings: dict) -> str:
+    return json.dumps({"settings": settings, **result.as_dict()}, indent=2)

@@ -1,0 +1,215 @@
+"""Server metrics for the Metrics tab: Triton's Prometheus text, the server process, the machine, the GPU.
+
+    monitor = MetricsMonitor("http://127.0.0.1:8002/metrics")
+    snapshot = monitor.sample()      # parses Triton's metrics, reads psutil and NVML, appends to the history
+    snapshot["models"]               # per model: success, failure, inferences, executions, batching ratio, ...
+    monitor.history                  # [{"time", "server_cpu", "server_rss_mb", "machine_cpu", "requests_per_s"}]
+
+The server's pid is the one given, else the process listening on the metrics port (psutil). Its memory is
+the server's RSS plus its children's (every python-backend model instance is a stub process of its own).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections import deque
+from urllib.parse import urlparse
+
+import psutil
+
+from dyngate_build.errors import ServingError
+
+MODEL_HEADERS = ["model", "success", "failure", "inferences", "executions", "batching ratio", "avg queue ms",
+                 "avg compute ms"]
+HISTORY = 300
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def default_metrics_url(triton_url: str) -> str:
+    """Triton's metrics url from its gRPC address by Triton's default layout (http p-1, grpc p, metrics p+1)."""
+    address = triton_url.split("://", 1)[-1].rstrip("/")
+    host, _, port = address.rpartition(":")
+    port = int(port)
+    if triton_url.startswith("http://"):
+        return f"http://{host}:{port + 2}/metrics"
+    return f"http://{host}:{port + 1}/metrics"
+
+
+def fetch_metrics(url: str, timeout_s: float = 2.0) -> str:
+    try:
+        with _DIRECT.open(url, timeout=timeout_s) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except Exception as e:
+        raise ServingError(f"Triton's metrics at {url} are not reachable: {e}") from e
+
+
+def parse_triton_metrics(text: str) -> dict:
+    """Per model: counts and cumulative durations (us) from Triton's Prometheus text; plus the GPU samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"nv_inference_request_success": "success", "nv_inference_request_failure": "failure",
+              "nv_inference_count": "inferences", "nv_inference_exec_count": "executions",
+              "nv_inference_queue_duration_us": "queue_us", "nv_inference_compute_infer_duration_us": "infer_us",
+              "nv_inference_compute_input_duration_us": "input_us",
+              "nv_inference_compute_output_duration_us": "output_us"}
+    models: dict[str, dict] = {}
+    gpu: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if name.endswith("_total") and name[: -len("_total")] in wanted:
+                name = name[: -len("_total")]
+            if name in wanted and "model" in sample.labels:
+                row = models.setdefault(sample.labels["model"], {})
+                key = wanted[name]
+                row[key] = row.get(key, 0.0) + float(sample.value)
+            elif name.startswith("nv_gpu_"):
+                gpu[name] = gpu.get(name, 0.0) + float(sample.value)
+    return {"models": models, "gpu": gpu}
+
+
+def model_rows(models: dict) -> list[list]:
+    rows = []
+    for name in sorted(models):
+        m = models[name]
+        success, executions = m.get("success", 0.0), m.get("executions", 0.0)
+        ratio = m.get("inferences", 0.0) / executions if executions else None
+        queue = m.get("queue_us", 0.0) / success / 1000 if success else None
+        compute = (m.get("input_us", 0.0) + m.get("infer_us", 0.0) + m.get("output_us", 0.0)) / success / 1000 \
+            if success else None
+        rows.append([name, int(success), int(m.get("failure", 0)), int(m.get("inferences", 0)), int(executions),
+                     None if ratio is None else round(ratio, 3), None if queue is None else round(queue, 4),
+                     None if compute is None else round(compute, 4)])
+    return rows
+
+
+def listening_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP `port` on this machine, when psutil may see it."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except (psutil.AccessDenied, PermissionError):
+        pass
+    for process in psutil.process_iter(["name"]):  # fallback: per-process (own processes are always visible)
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in process.net_connections(kind="tcp")):
+                return process.pid
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return None
+
+
+def gpu_snapshot() -> list[dict] | str:
+    """Per GPU: utilisation %, memory used/total MB, power W (NVML); the text "no GPU" when there is none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return "no GPU"
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            try:
+                power = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000
+            except Exception:
+                power = None
+            out.append({"gpu": i, "utilization_pct": util.gpu, "memory_used_mb": round(memory.used / 2**20, 1),
+                        "memory_total_mb": round(memory.total / 2**20, 1), "power_w": power})
+        return out or "no GPU"
+    except Exception:
+        return "no GPU"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+class MetricsMonitor:
+    """Samples Triton's metrics, the server process, the machine and the GPU; keeps a short history."""
+
+    def __init__(self, metrics_url: str, server_pid: int | None = None):
+        self.metrics_url = metrics_url
+        self._pid = server_pid
+        self._process: psutil.Process | None = None
+        self._children: dict[int, psutil.Process] = {}
+        self.history: deque = deque(maxlen=HISTORY)
+        self._last_success: tuple[float, float] | None = None
+        self._lock = threading.Lock()
+        psutil.cpu_percent(None)  # the first call starts the interval
+
+    def server_process(self) -> psutil.Process | None:
+        if self._process is not None and self._process.is_running():
+            return self._process
+        pid = self._pid
+        if pid is None:
+            port = urlparse(self.metrics_url).port
+            pid = listening_pid(port) if port else None
+        try:
+            self._process = psutil.Process(pid) if pid else None
+            if self._process is not None:
+                self._process.cpu_percent(None)
+        except psutil.Error:
+            self._process = None
+        self._children = {}
+        return self._process
+
+    def _process_usage(self) -> dict:
+        process = self.server_process()
+        if process is None:
+            return {"pid": None, "cpu_pct": None, "rss_mb": None, "children": 0}
+        try:
+            cpu = process.cpu_percent(None)
+            rss = process.memory_info().rss
+            children = process.children(recursive=True)
+            for child in children:
+                if child.pid not in self._children:
+                    self._children[child.pid] = child
+                    child.cpu_percent(None)
+            for child in children:
+                try:
+                    cpu += self._children[child.pid].cpu_percent(None)
+                    rss += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            return {"pid": process.pid, "cpu_pct": round(cpu, 1), "rss_mb": round(rss / 2**20, 1),
+                    "children": len(children)}
+        except psutil.Error:
+            self._process = None
+            return {"pid": None, "cpu_pct": None, "rss_mb": None, "children": 0}
+
+    def sample(self) -> dict:
+        with self._lock:
+            now = time.time()
+            snapshot: dict = {"time": now, "error": None}
+            try:
+                parsed = parse_triton_metrics(fetch_metrics(self.metrics_url))
+            except ServingError as e:
+                parsed, snapshot["error"] = {"models": {}, "gpu": {}}, str(e)
+            snapshot["models"] = parsed["models"]
+            snapshot["triton_gpu"] = parsed["gpu"]
+            snapshot["server"] = self._process_usage()
+            memory = psutil.virtual_memory()
+            snapshot["machine"] = {"cpu_pct": psutil.cpu_percent(None), "cpus": psutil.cpu_count(),
+                                   "memory_used_mb": round((memory.total - memory.available) / 2**20, 1),
+                                   "memory_total_mb": round(memory.total / 2**20, 1)}
+            snapshot["gpu"] = gpu_snapshot()
+            success = sum(m.get("success", 0.0) for m in parsed["models"].values())
+            rate = None
+            if self._last_success is not None and snapshot["error"] is None and now > self._last_success[0]:
+                rate = max(0.0, (success - self._last_success[1]) / (now - self._last_success[0]))
+            if snapshot["error"] is None:
+                self._last_success = (now, success)
+            snapshot["requests_per_s"] = rate
+            self.history.append({"time": now, "server_cpu": snapshot["server"]["cpu_pct"],
+                                 "server_rss_mb": snapshot["server"]["rss_mb"],
+                                 "machine_cpu": snapshot["machine"]["cpu_pct"], "requests_per_s": rate})
+            return snapshot

@@ -1,0 +1,132 @@
+"""The Models tab: every model and variant in the repository with its technique, size, accuracy and Triton's
+state, and loading/unloading through Triton's model-control API (the server runs with explicit model control).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dyngate_build.errors import InputError, ServingError
+from dyngate_build.repository import list_models, version_numbers
+from dyngate_serving.client import TritonClient
+from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
+
+HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
+           "state", "version", "reason"]
+CONTROL_TIMEOUT_S = 180.0
+SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while
+
+
+def repository_index(clients: ClientPool) -> dict[str, list[dict]]:
+    """Triton's repository index by model name: one entry per version Triton knows (a model it never loaded has
+    one bare entry). ServingError when Triton is unreachable."""
+    client = TritonClient(clients.url, clients.protocol, timeout_s=STATUS_TIMEOUT_S)
+    try:
+        index = client._call(client._client.get_model_repository_index, json=True)
+    finally:
+        client.close()
+    models = index.get("models", []) if isinstance(index, dict) else index
+    by_name: dict[str, list[dict]] = {}
+    for m in models:
+        by_name.setdefault(m["name"], []).append(m)
+    return by_name
+
+
+def served_state(entries: list[dict]) -> str:
+    """One model's state from its index entries: READY when a version is served, else the newest version's."""
+    if any(e.get("state") == "READY" for e in entries):
+        return "READY"
+    versioned = [e for e in entries if str(e.get("version") or "").isdigit()]
+    newest = max(versioned, key=lambda e: int(e["version"])) if versioned else (entries[0] if entries else {})
+    return newest.get("state") or "UNAVAILABLE"
+
+
+def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
+    """(state, version, reason) of one model folder as Triton serves it.
+
+    state: READY (a version is served; `version` says which, and names a newer one on disk that Triton has not
+    loaded yet), FAILED (the newest version on disk failed to load;
+    when an older version is still READY, Triton keeps serving it and `version` says so), LOADING, UNLOADING or
+    UNAVAILABLE (not loaded). reason: Triton's load error (without its traceback) for FAILED, else "".
+    Failures of versions no longer on disk are history and ignored.
+    """
+    from dyngate_serving.triton_server import short_reason
+
+    on_disk = version_numbers(folder)
+    newest = on_disk[-1] if on_disk else None
+    versions = {int(e["version"]): e for e in entries if str(e.get("version") or "").isdigit()}
+    ready = sorted(v for v, e in versions.items() if e.get("state") == "READY")
+    latest = versions.get(newest, {})
+    failed = (latest.get("state") == "UNAVAILABLE" and latest.get("reason") not in (None, "", "unloaded"))
+    if failed and (not ready or ready[-1] < newest):
+        version = f"{newest} failed; serving {ready[-1]}" if ready else f"{newest} failed"
+        return "FAILED", version, short_reason(latest["reason"])
+    if ready:
+        version = str(ready[-1])
+        if newest is not None and newest > ready[-1]:
+            version += f" ({newest} on disk, not loaded)"
+        return "READY", version, ""
+    state = served_state(entries) if entries else "UNAVAILABLE"
+    return state, "" if newest is None else f"{newest} on disk", ""
+
+
+def model_rows(repository: Path, clients: ClientPool) -> list[list]:
+    """One row per model folder (HEADERS): the build's numbers from metadata.json and Triton's state."""
+    try:
+        index, down = repository_index(clients), False
+    except ServingError:
+        index, down = {}, True
+    rows = []
+    for entry in list_models(Path(repository)):
+        meta = entry.metadata
+        accuracy = meta.get("accuracy") or {}
+        if down:
+            state, version, reason = "Triton unreachable", "", ""
+        else:
+            state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
+        rows.append([entry.name, entry.model, entry.variant, meta.get("technique", entry.variant),
+                     "native" if entry.native else entry.backend, meta.get("size_mb"),
+                     None if accuracy.get("value") is None else f"{accuracy.get('name', 'accuracy')} "
+                                                                f"{accuracy['value']:.4f}",
+                     (meta.get("latency_in_process") or {}).get("p50_ms"), state, version, reason])
+    return rows
+
+
+def control(clients: ClientPool, repository: Path, name: str | None, action: str) -> str:
+    """Load or unload `name` on Triton; returns a one-line Markdown result."""
+    known = [e.name for e in list_models(Path(repository))]
+    if not name:
+        raise InputError("pick a Triton model to load or unload")
+    if name not in known:
+        raise InputError(f"{name!r} is not in the repository; its models are: {', '.join(known)}")
+    if action not in ("load", "unload"):
+        raise InputError(f"action={action!r}: choose load or unload")
+    client = TritonClient(clients.url, clients.protocol, timeout_s=CONTROL_TIMEOUT_S)
+    try:
+        method = getattr(client._client, f"{action}_model")
+        if client.protocol == "grpc":
+            method(name, client_timeout=CONTROL_TIMEOUT_S)
+        else:
+            method(name)
+    except Exception as e:
+        from dyngate_serving.client import _message, _unreachable
+
+        if _unreachable(e):
+            raise ServingError(f"Triton at {clients.url} is not reachable: {_message(e)}") from e
+        from dyngate_serving.triton_server import short_reason
+
+        raise ServingError(f"Triton could not {action} {name}: {short_reason(_message(e))}") from e
+    finally:
+        client.close()
+    # Triton answers an unload before the model's instances have stopped: wait until the index agrees
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        try:
+            state = served_state(repository_index(clients).get(name, []))
+        except ServingError:
+            break
+        if state not in ("LOADING", "UNLOADING") and (state == "READY") == (action == "load"):
+            break
+        time.sleep(0.2)
+    return f"{action}ed `{name}`" if action == "unload" else f"loaded `{name}`"

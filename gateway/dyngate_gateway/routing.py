@@ -1,0 +1,357 @@
+"""Routing policies: which variant(s) of a model answer one request, and why. Plain Python, no Gradio.
+
+    router = Router(catalog, clients, RoutingConfig(ab_weights={"distilbert-tiny": {"fp32": 3, "torchscript": 1}}))
+    router.route("distilbert-tiny", b"a fine film", policy="cascade", threshold=0.9)
+    -> {"model": ..., "policy": "cascade", "served_by": "torchscript", "triton_model": ...,
+        "route": [{"variant": "fp32", "confidence": 0.62, ...}, {"variant": "torchscript", ...}],
+        "reason": "...", "answer": {...}, "latency_ms": ...}
+
+Policies (POLICIES):
+- `variant`: the variant named in `variant` (a variant name given as the policy means the same).
+- `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` of the model's best
+  (absolute, in the accuracy metric's units). p50 comes from this gateway's live round trips once a variant
+  has `MIN_LIVE_SAMPLES` of them, else from the build's measurement (metadata `latency_in_process`).
+- `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
+- `ab`: a weighted random split from the config (`ab_weights[model] = {variant: weight}`, equal weights when
+  the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence.
+- `cascade`: READY variants cheapest first (the build's p50, then size); a variant's answer is kept when its
+  top-1 probability reaches `threshold`, else the request goes on to the next; the last one always answers.
+  Only the low-confidence inputs pay for the bigger variants: input-adaptive routing at the serving level.
+
+`exit_threshold` (any policy) is sent to Triton as the request parameter `exit_threshold`: early-exit variants
+leave at the first off-ramp whose confidence reaches it; other variants ignore it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dyngate_build.errors import InputError, ServingError
+from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
+
+POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
+MIN_LIVE_SAMPLES = 5
+LIVE_WINDOW = 200
+READY_TTL_S = 1.0
+# A variant whose request failed on the server side (e.g. its python stub crashed: Triton still lists it READY)
+# is left out of the policies' choice for this long, so `fastest`, `most-accurate`, `ab` and `cascade` answer
+# from the other variants meanwhile. A named variant (`variant` policy) is always tried.
+FAILED_TTL_S = 30.0
+
+
+@dataclass
+class RoutingConfig:
+    """Defaults of the routing policies (a request may override budget and threshold)."""
+
+    accuracy_budget: float = 0.01
+    cascade_threshold: float = 0.9
+    ab_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {variant: weight}
+    cascade_order: dict[str, list[str]] = field(default_factory=dict)  # model -> variants (overrides cost order)
+    seed: int = 0
+
+
+def confidence(answer: dict) -> float:
+    """Top-1 probability of a classification answer; for NER the lowest entity score (1.0 without entities)."""
+    if "entities" in answer:
+        scores = [float(e["score"]) for e in answer.get("entities") or [] if e.get("score") is not None]
+        return min(scores) if scores else 1.0
+    probabilities = answer.get("probabilities")
+    if probabilities:
+        return float(max(probabilities.values()))
+    return float(answer.get("score") or 0.0)
+
+
+def _accuracy(view: ModelView, variant: str) -> float | None:
+    value = (view.variants[variant].metadata.get("accuracy") or {}).get("value")
+    return None if value is None else float(value)
+
+
+def _build_p50(view: ModelView, variant: str) -> float | None:
+    value = (view.variants[variant].metadata.get("latency_in_process") or {}).get("p50_ms")
+    return None if value is None else float(value)
+
+
+def _size(view: ModelView, variant: str) -> float:
+    return float(view.variants[variant].metadata.get("size_mb") or 0.0)
+
+
+class LiveLatency:
+    """Rolling round trips (ms) per Triton model, as this gateway measured them; thread-safe."""
+
+    def __init__(self, window: int = LIVE_WINDOW):
+        self._times: dict[str, deque] = {}
+        self._lock = threading.Lock()
+        self.window = window
+
+    def record(self, triton_model: str, ms: float) -> None:
+        with self._lock:
+            self._times.setdefault(triton_model, deque(maxlen=self.window)).append(float(ms))
+
+    def p50(self, triton_model: str) -> tuple[float | None, int]:
+        with self._lock:
+            values = list(self._times.get(triton_model, ()))
+        return (float(np.percentile(values, 50)) if values else None), len(values)
+
+
+class Router:
+    """Answers `route(...)` for the models of `catalog` through `clients` (one TritonClient per thread)."""
+
+    def __init__(self, catalog: dict[str, ModelView], clients: ClientPool, config: RoutingConfig | None = None,
+                 limits=None):
+        self.catalog, self.clients = catalog, clients
+        self.config = config or RoutingConfig()
+        self.limits = limits
+        self.live = LiveLatency()
+        self._rng = random.Random(self.config.seed)
+        self._rng_lock = threading.Lock()
+        self._ready: tuple[float, set[str]] | None = None
+        self._ready_lock = threading.Lock()
+        self._failed: dict[str, tuple[float, str]] = {}  # triton model -> (monotonic time of failure, error)
+
+    # ---- state
+
+    def ready_models(self, fresh: bool = False) -> set[str]:
+        """Triton's READY models (cached READY_TTL_S); ServingError when Triton is unreachable."""
+        with self._ready_lock:
+            if not fresh and self._ready and time.monotonic() - self._ready[0] < READY_TTL_S:
+                return self._ready[1]
+        client = self.clients.status_client()
+        try:
+            ready = set(client.ready_models())
+        finally:
+            client.close()
+        with self._ready_lock:
+            self._ready = (time.monotonic(), ready)
+        return ready
+
+    def view(self, model: str | None) -> ModelView:
+        view = self.catalog.get(model or "")
+        if view is None:
+            raise InputError(f"unknown model {model!r}; the repository's models are: "
+                             f"{', '.join(self.catalog) or 'none (run dyngate build)'}")
+        return view
+
+    def p50(self, view: ModelView, variant: str) -> tuple[float | None, str]:
+        """(p50 ms, where it comes from): live round trips once there are enough, else the build's number."""
+        live, n = self.live.p50(view.variants[variant].name)
+        if live is not None and n >= MIN_LIVE_SAMPLES:
+            return live, f"live p50 over {n} requests"
+        build = _build_p50(view, variant)
+        return build, "build p50 (in process)" if build is not None else "no measurement"
+
+    def candidates(self, view: ModelView) -> dict[str, dict]:
+        """Per variant: ready, accuracy, p50 and its source, as the policies see them now."""
+        ready = self.ready_models()
+        out = {}
+        for variant, entry in view.variants.items():
+            p50, source = self.p50(view, variant)
+            out[variant] = {"triton_model": entry.name, "ready": entry.name in ready,
+                            "accuracy": _accuracy(view, variant), "p50_ms": p50, "p50_source": source,
+                            "size_mb": _size(view, variant)}
+        return out
+
+    def cascade_order(self, view: ModelView, ready: set[str] | None = None) -> list[str]:
+        """Variants cheapest first (config order if given): the build's p50, then size, then name."""
+        names = list(self.config.cascade_order.get(view.name) or [])
+        if not names:
+            names = sorted(view.variants, key=lambda v: (_build_p50(view, v) if _build_p50(view, v) is not None
+                                                         else float("inf"), _size(view, v), v))
+        if ready is not None:
+            names = [v for v in names if view.variants[v].name in ready]
+        return names
+
+    # ---- the entry point
+
+    def route(self, model: str, raw: bytes | str | None = None, policy: str = "fastest", variant: str | None = None,
+              accuracy_budget: float | None = None, threshold: float | None = None,
+              exit_threshold: float | None = None, image=None) -> dict:
+        """Answer one input of `model` by `policy`; the answer names the variant(s) that served it and why.
+
+        raw: text (str) or the encoded bytes; image: a file path or bytes for image models (instead of raw).
+        """
+        view = self.view(model)
+        text = raw if isinstance(raw, str) else None
+        image = image if image not in (None, "", b"") else (raw if isinstance(raw, (bytes, bytearray)) else None)
+        if view.is_text and isinstance(image, (bytes, bytearray)) and text is None:
+            try:
+                text, image = bytes(image).decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                raise InputError(f"the text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        data = read_input(view, text, image, self.limits)
+        policy = (policy or "fastest").strip()
+        if policy in view.variants:  # a variant name as the policy
+            policy, variant = "variant", policy
+        if policy not in POLICIES:
+            raise InputError(f"policy={policy!r} is not known; choose one of: {', '.join(POLICIES)} "
+                             f"(or a variant name of {view.name}: {', '.join(view.variant_names)})")
+        params = None
+        if exit_threshold is not None and str(exit_threshold).strip() != "":
+            try:
+                value = float(exit_threshold)
+            except (TypeError, ValueError):
+                raise InputError(f"exit_threshold={exit_threshold!r} is not a number; send a value in [0, 1]") from None
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"exit_threshold={value} is outside [0, 1]; 1.0 means never exit early")
+            params = {"exit_threshold": value}
+        budget = self.config.accuracy_budget if accuracy_budget in (None, "") else float(accuracy_budget)
+        if budget < 0:
+            raise InputError(f"accuracy_budget={budget} is negative; give an allowed accuracy drop ≥ 0, e.g. 0.01")
+        cut = self.config.cascade_threshold if threshold in (None, "") else float(threshold)
+        if not 0.0 <= cut <= 1.0:
+            raise InputError(f"threshold={cut} is outside [0, 1]; it is the top-1 probability a cascade step "
+                             "must reach to answer")
+
+        if policy == "cascade":
+            return self._cascade(view, data, cut, params)
+        if policy == "variant":
+            if not variant:
+                raise InputError(f"policy 'variant' needs a variant: one of {', '.join(view.variant_names)}")
+            if variant not in view.variants:
+                raise InputError(f"unknown variant {variant!r} for model {view.name}; its variants are: "
+                                 f"{', '.join(view.variant_names)}")
+            chosen, reason = variant, f"variant {variant!r} was asked for"
+            step = self._call(view, chosen, data, params)
+            return self._answer(view, policy, [step], reason, params)
+        skipped: list[str] = []
+        while True:
+            chosen, reason = self._choose(view, policy, budget)
+            try:
+                step = self._call(view, chosen, data, params)
+            except ServingError as e:
+                if "not reachable" in str(e) or not self._others_left(view, chosen):
+                    raise
+                skipped.append(f"{chosen} failed ({e})")
+                continue  # _call marked it failed: the next choice leaves it out
+            if skipped:
+                reason += "; skipped " + "; ".join(skipped)
+            return self._answer(view, policy, [step], reason, params)
+
+    # ---- policies
+
+    def _ready_variants(self, view: ModelView) -> list[str]:
+        """READY variants of `view`, less those that failed within FAILED_TTL_S (unless that leaves none)."""
+        ready = self.ready_models()
+        names = [v for v in view.variant_names if view.variants[v].name in ready]
+        if not names:
+            raise ServingError(f"no variant of {view.name} is loaded on Triton at {self.clients.url}; load one "
+                               "on the Models tab (or restart Triton with them)")
+        healthy = [v for v in names if not self._recently_failed(view.variants[v].name)]
+        return healthy or names
+
+    def _recently_failed(self, triton_model: str) -> bool:
+        with self._ready_lock:
+            failed = self._failed.get(triton_model)
+        return failed is not None and time.monotonic() - failed[0] < FAILED_TTL_S
+
+    def _others_left(self, view: ModelView, variant: str) -> bool:
+        """Whether a variant other than `variant` is READY and has not failed recently."""
+        ready = self.ready_models()
+        return any(v != variant and view.variants[v].name in ready and not self._recently_failed(view.variants[v].name)
+                   for v in view.variant_names)
+
+    def _choose(self, view: ModelView, policy: str, budget: float) -> tuple[str, str]:
+        names = self._ready_variants(view)
+        accuracy = {v: _accuracy(view, v) for v in names}
+        p50 = {v: self.p50(view, v) for v in names}
+        speed = lambda v: p50[v][0] if p50[v][0] is not None else float("inf")  # noqa: E731
+        known = [a for a in accuracy.values() if a is not None]
+        if policy == "most-accurate":
+            if not known:
+                chosen = min(names, key=speed)
+                return chosen, f"no variant has a measured accuracy; took the fastest ({chosen})"
+            chosen = max(names, key=lambda v: (accuracy[v] if accuracy[v] is not None else -1, -speed(v)))
+            return chosen, f"highest accuracy among ready variants: {accuracy[chosen]:.4f}"
+        if policy == "fastest":
+            best = max(known) if known else None
+            allowed = [v for v in names if best is None or accuracy[v] is None or accuracy[v] >= best - budget]
+            chosen = min(allowed, key=speed)
+            left_out = [v for v in names if v not in allowed]
+            reason = (f"lowest p50 ({speed(chosen):.3f} ms, {p50[chosen][1]}) among ready variants within "
+                      f"accuracy budget {budget} of the best ({best if best is None else round(best, 4)})")
+            if left_out:
+                reason += f"; outside the budget: {', '.join(left_out)}"
+            return chosen, reason
+        # ab
+        weights = dict(self.config.ab_weights.get(view.name) or {v: 1.0 for v in view.variant_names})
+        unknown = [v for v in weights if v not in view.variants]
+        if unknown:
+            raise InputError(f"ab_weights for {view.name} name unknown variants {unknown}; its variants are "
+                             f"{', '.join(view.variant_names)}")
+        pool = [(v, float(w)) for v, w in weights.items() if v in names and float(w) > 0]
+        if not pool:
+            raise ServingError(f"ab split for {view.name}: none of {sorted(weights)} with weight > 0 is loaded")
+        total = sum(w for _, w in pool)
+        with self._rng_lock:
+            chosen = self._rng.choices([v for v, _ in pool], weights=[w for _, w in pool])[0]
+        share = dict(pool)[chosen] / total
+        return chosen, f"A/B split {dict(pool)}: drew {chosen} (share {share:.0%})"
+
+    def _cascade(self, view: ModelView, data: bytes, cut: float, params: dict | None) -> dict:
+        order = self.cascade_order(view, self.ready_models())
+        if not order:
+            self._ready_variants(view)  # raises the clear error
+        order = [v for v in order if not self._recently_failed(view.variants[v].name)] or order
+        steps, skipped = [], []
+        for i, variant in enumerate(order):
+            try:
+                step = self._call(view, variant, data, params)
+            except ServingError as e:
+                if "not reachable" in str(e) or i == len(order) - 1:
+                    raise
+                skipped.append(f"{variant} failed ({e})")
+                continue
+            steps.append(step)
+            if step["confidence"] >= cut:
+                reason = (f"cascade {' → '.join(order)}: {variant} answered with top-1 probability "
+                          f"{step['confidence']:.4f} ≥ threshold {cut}")
+                break
+            if i == len(order) - 1:
+                reason = (f"cascade {' → '.join(order)}: no variant reached threshold {cut}; the last one "
+                          f"({variant}) answered")
+        if len(steps) > 1:
+            reason += "; escalated from " + ", ".join(f"{s['variant']} ({s['confidence']:.4f} < {cut})"
+                                                      for s in steps[:-1])
+        if skipped:
+            reason += "; skipped " + "; ".join(skipped)
+        return self._answer(view, "cascade", steps, reason, params)
+
+    # ---- helpers
+
+    def _call(self, view: ModelView, variant: str, data: bytes, params: dict | None) -> dict:
+        name = view.variants[variant].name
+        client = self.clients.get()
+        try:
+            result = client.predict(name, data, params)
+        except ServingError as e:
+            if "not reachable" in str(e):
+                self.clients.reset()
+            else:
+                with self._ready_lock:
+                    self._failed[name] = (time.monotonic(), str(e))
+            raise
+        with self._ready_lock:
+            self._failed.pop(name, None)
+        self.live.record(name, result.latency_ms)
+        label, score = summarize(result.answer)
+        step = {"variant": variant, "triton_model": name, "prediction": label,
+                "confidence": round(confidence(result.answer), 6), "latency_ms": round(result.latency_ms, 3),
+                "answer": result.answer}
+        if result.answer.get("exit_layer") is not None:
+            step["exit_layer"] = result.answer["exit_layer"]
+        return step
+
+    @staticmethod
+    def _answer(view: ModelView, policy: str, steps: list[dict], reason: str, params: dict | None) -> dict:
+        last = steps[-1]
+        return {"model": view.name, "policy": policy, "served_by": last["variant"],
+                "triton_model": last["triton_model"], "prediction": last["prediction"],
+                "confidence": last["confidence"], "route": [{k: v for k, v in s.items() if k != "answer"}
+                                                            for s in steps],
+                "reason": reason, "answer": last["answer"], "parameters": params or {},
+                "latency_ms": round(sum(s["latency_ms"] for s in steps), 3)}

@@ -1,0 +1,365 @@
+"""Load test: N concurrent clients for T seconds against Triton (asyncio gRPC) and the gateway's JSON route.
+
+    python -m dyngate_measure.load_test --triton 127.0.0.1:8001 --gateway http://127.0.0.1:7860 \
+        --model distilbert-tiny --variant fp32 --clients 100 --duration 60 --out reports      # or: make load
+
+Each target gets its own run: `clients` asyncio tasks, each its own client (a `tritonclient.grpc.aio` channel for
+Triton; one httpx connection each for the gateway's `POST /api/predict` with policy "variant"), sending one
+real dev input per request (SST-2 / CoNLL sentences, digits PNGs; `--data` as for `dyngate build`) back to back
+until `duration` seconds have passed or `max_requests` were sent. A request that fails or takes longer than
+`timeout` seconds counts as an error (its first messages are kept). Latency is the client's round trip; p50/p90/p99
+come from dyngate_build.evaluate.summarize_ms like every other dyngate measurement.
+
+Triton's statistics API is read before and after each run: the deltas of `inference_count` (items),
+`execution_count` (model executions) and the success count (requests) of the variant. batching ratio =
+inference_count / execution_count: 1.0 means every request ran alone; 8 means dynamic batching merged eight
+requests per execution on average.
+
+Only loopback servers are accepted (127.0.0.0/8, localhost, ::1): this tool must not load someone else's server.
+Writes `<out>/<name>.json` and `<out>/<name>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ipaddress
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dyngate_build.errors import ConfigError, InputError, ServingError
+from dyngate_build.evaluate import summarize_ms
+
+TARGETS = ("triton", "gateway")
+MAX_ERROR_MESSAGES = 10
+FALLBACK_TEXTS = ["a gripping, beautifully acted film", "dull and far too long", "an instant classic",
+                  "the plot makes no sense", "warm, funny and wise", "I walked out after twenty minutes"]
+
+
+@dataclass
+class LoadRun:
+    """The outcome of one target's run. Times in ms, throughput in requests/s, counts of requests."""
+
+    target: str
+    url: str
+    triton_model: str
+    clients: int
+    duration_s: float
+    max_requests: int
+    wall_s: float = 0.0
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    throughput_rps: float = 0.0
+    triton: dict = field(default_factory=dict)  # deltas of Triton's statistics for triton_model
+
+
+def check_loopback(url: str, what: str) -> str:
+    """The host of `url` ("host:port" or "scheme://host:port") if it is a loopback address, else ConfigError."""
+    parsed = urlparse(url if "://" in url else f"//{url}")
+    host = parsed.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"{what}={url!r}: the load test only targets servers on this machine (127.0.0.1, "
+                          "localhost, ::1); start dyngate serve / dyngate gateway locally")
+    return host
+
+
+def check_bounds(clients: int, duration_s: float, max_requests: int, timeout_s: float) -> None:
+    """ConfigError unless 1 ≤ clients ≤ 1000, 0 < duration_s ≤ 3600, max_requests ≥ 1, timeout_s > 0."""
+    if not 1 <= clients <= 1000:
+        raise ConfigError(f"clients={clients} is outside [1, 1000]")
+    if not 0 < duration_s <= 3600:
+        raise ConfigError(f"duration={duration_s} s is outside (0, 3600]")
+    if max_requests < 1:
+        raise ConfigError(f"max_requests={max_requests} must be ≥ 1")
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout={timeout_s} s must be > 0")
+
+
+def load_inputs(client_input: str, data: str | None, limit: int = 200) -> list[bytes]:
+    """Real dev inputs: UTF-8 sentences (text models) or PNG bytes (image models); a built-in list as fallback."""
+    if client_input == "IMAGE":
+        from dyngate_build.data import encode_png, load_digit_images
+
+        images, _ = load_digit_images("dev", limit=limit)
+        return [encode_png(image) for image in images]
+    try:
+        from dyngate_build.data import DataSource, load_examples
+
+        examples, _ = load_examples("text-classification", "dev", DataSource.from_setting(data), limit)
+        texts = [ex.raw for ex in examples if ex.raw.strip()]
+        if texts:
+            return texts
+    except Exception as e:  # no data folder here: the run still measures the server, on fixed sentences
+        print(f"note: no dev sentences ({e}); using {len(FALLBACK_TEXTS)} built-in ones", file=sys.stderr)
+    return [t.encode() for t in FALLBACK_TEXTS]
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+
+def _grpc_address(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+async def triton_stats(client, model: str) -> dict[str, int]:
+    """Cumulative counts of `model`: inference_count, execution_count, success (requests), queue_ns, infer_ns."""
+    stats = await client.get_inference_statistics(model, as_json=True)
+    out = {"inference_count": 0, "execution_count": 0, "success": 0, "queue_ns": 0, "compute_infer_ns": 0}
+    for entry in stats.get("model_stats", []):
+        inference = entry.get("inference_stats") or {}
+        out["inference_count"] += int(entry.get("inference_count", 0) or 0)
+        out["execution_count"] += int(entry.get("execution_count", 0) or 0)
+        out["success"] += int((inference.get("success") or {}).get("count", 0) or 0)
+        out["queue_ns"] += int((inference.get("queue") or {}).get("ns", 0) or 0)
+        out["compute_infer_ns"] += int((inference.get("compute_infer") or {}).get("ns", 0) or 0)
+    return out
+
+
+async def settled_stats(client, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
+    """triton_stats once Triton has counted the `answered` requests since `before` (or after `wait_s`): Triton
+    records a request when it releases it, which can be just after the client has its answer."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = await triton_stats(client, model)
+        if after["success"] - before["success"] >= answered or time.monotonic() > deadline:
+            return after
+        await asyncio.sleep(0.05)
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """Deltas of two triton_stats snapshots plus batching_ratio and mean queue / compute ms per request."""
+    delta = {k: after[k] - before[k] for k in before}
+    requests = delta["success"]
+    return {"inference_count": delta["inference_count"], "execution_count": delta["execution_count"],
+            "success_count": requests,
+            "batching_ratio": round(delta["inference_count"] / delta["execution_count"], 3)
+            if delta["execution_count"] else None,
+            "queue_ms_mean": round(delta["queue_ns"] / 1e6 / requests, 3) if requests else None,
+            "compute_infer_ms_mean": round(delta["compute_infer_ns"] / 1e6 / requests, 3) if requests else None}
+
+
+async def _drive(send_factory, clients: int, duration_s: float, max_requests: int, timeout_s: float, run: LoadRun):
+    """`clients` workers, each `send = await send_factory()` then `await send(i)` back to back until the time or
+    request budget is spent. Fills run's counts and latencies; returns the list of round trips (ms)."""
+    times: list[float] = []
+    messages: dict[str, None] = {}
+    counter = {"sent": 0, "errors": 0}
+    deadline = time.monotonic() + duration_s
+
+    async def worker():
+        send, close = await send_factory()
+        try:
+            while time.monotonic() < deadline and counter["sent"] < max_requests:
+                index = counter["sent"]
+                counter["sent"] += 1
+                start = time.perf_counter()
+                try:
+                    await asyncio.wait_for(send(index), timeout_s)
+                    times.append((time.perf_counter() - start) * 1000)
+                except Exception as e:  # counted; the run goes on
+                    counter["errors"] += 1
+                    text = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (over {timeout_s} s?)"
+                    if len(messages) < MAX_ERROR_MESSAGES:
+                        messages.setdefault(text[:300])
+        finally:
+            await close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    run.wall_s = round(time.perf_counter() - started, 3)
+    run.requests, run.errors, run.ok = counter["sent"], counter["errors"], len(times)
+    run.error_messages = list(messages)
+    if times:
+        lat = summarize_ms(times)
+        run.p50_ms, run.p90_ms, run.p99_ms, run.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
+                                                           round(lat.p99_ms, 3), round(lat.mean_ms, 3))
+    run.throughput_rps = round(len(times) / run.wall_s, 2) if run.wall_s > 0 else 0.0
+    return times
+
+
+async def _model_signature(client, model: str) -> tuple[str, list[str]]:
+    try:
+        meta = await client.get_model_metadata(model, as_json=True)
+    except Exception as e:
+        raise ServingError(f"model {model!r} is not ready on Triton: {e}") from e
+    inputs = meta.get("inputs") or []
+    if len(inputs) != 1 or inputs[0].get("datatype") != "BYTES":
+        raise ServingError(f"model {model!r} is not a dyngate python-backend variant (one BYTES input)")
+    return inputs[0]["name"], [o["name"] for o in meta.get("outputs") or []]
+
+
+async def run_target(target: str, triton_url: str, gateway_url: str | None, model: str, variant: str,
+                     raws: list[bytes], clients: int, duration_s: float, max_requests: int,
+                     timeout_s: float, warmup: int = 5) -> LoadRun:
+    """One target's run ("triton" or "gateway") with Triton's statistics before and after."""
+    import numpy as np
+    import tritonclient.grpc.aio as grpcaio
+
+    triton_model = f"{model}__{variant}"
+    control = grpcaio.InferenceServerClient(_grpc_address(triton_url))
+    try:
+        input_name, outputs = await _model_signature(control, triton_model)
+
+        if target == "triton":
+            url = triton_url
+
+            async def factory():
+                client = grpcaio.InferenceServerClient(_grpc_address(triton_url))
+                requested = [grpcaio.InferRequestedOutput(n) for n in outputs]
+
+                async def send(i: int):
+                    data = np.array([[raws[i % len(raws)]]], dtype=np.object_)
+                    tensor = grpcaio.InferInput(input_name, [1, 1], "BYTES")
+                    tensor.set_data_from_numpy(data)
+                    await client.infer(triton_model, [tensor], outputs=requested)
+
+                return send, client.close
+        else:
+            import httpx
+
+            url = gateway_url.rstrip("/")
+            key = "text" if input_name == "TEXT" else "image_base64"
+            bodies = [json.dumps({"model": model, key: raw.decode() if key == "text" else base64.b64encode(raw).decode(),
+                                  "policy": "variant", "variant": variant}).encode() for raw in raws]
+            shared = httpx.AsyncClient(base_url=url, trust_env=False, timeout=timeout_s,
+                                       limits=httpx.Limits(max_connections=clients, max_keepalive_connections=clients))
+
+            async def factory():
+                async def send(i: int):
+                    response = await shared.post("/api/predict", content=bodies[i % len(bodies)],
+                                                 headers={"content-type": "application/json"})
+                    if response.status_code != 200:
+                        raise ServingError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+                async def close():
+                    pass
+
+                return send, close
+
+        run = LoadRun(target=target, url=url, triton_model=triton_model, clients=clients, duration_s=duration_s,
+                      max_requests=max_requests)
+        if warmup:
+            await _drive(factory, 1, duration_s, warmup, timeout_s, LoadRun(target, url, triton_model, 1, 0, 0))
+        before = await triton_stats(control, triton_model)
+        await _drive(factory, clients, duration_s, max_requests, timeout_s, run)
+        after = await settled_stats(control, triton_model, before, run.ok)
+        run.triton = stats_delta(before, after)
+        if target == "gateway":
+            await shared.aclose()
+        return run
+    finally:
+        await control.close()
+
+
+def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: str | None = None,
+             targets: tuple[str, ...] = TARGETS, clients: int = 100, duration_s: float = 60,
+             max_requests: int = 1_000_000, timeout_s: float = 30, data: str | None = None) -> list[LoadRun]:
+    """Run each target in turn (see the module docstring); returns one LoadRun per target.
+
+    Raises ConfigError for a non-loopback url, an unknown target, a missing gateway url or bounds out of range;
+    ServingError when the variant is not ready on Triton.
+    """
+    check_bounds(clients, duration_s, max_requests, timeout_s)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ConfigError(f"targets={list(targets)}: choose from {', '.join(TARGETS)}")
+    check_loopback(triton_url, "triton")
+    if "gateway" in targets:
+        if not gateway_url:
+            raise ConfigError("target 'gateway' needs --gateway http://127.0.0.1:PORT (or leave it out of --targets)")
+        check_loopback(gateway_url, "gateway")
+
+    async def main():
+        import tritonclient.grpc.aio as grpcaio
+
+        probe = grpcaio.InferenceServerClient(_grpc_address(triton_url))
+        try:
+            input_name, _ = await _model_signature(probe, f"{model}__{variant}")
+        finally:
+            await probe.close()
+        raws = load_inputs(input_name, data)
+        return [await run_target(t, triton_url, gateway_url, model, variant, raws, clients, duration_s,
+                                 max_requests, timeout_s) for t in targets]
+
+    return asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+HEADERS = ["target", "clients", "duration s", "requests", "errors", "p50 ms", "p99 ms", "throughput req/s",
+           "Triton inferences", "executions", "batching ratio"]
+
+
+def markdown(runs: list[LoadRun], command: str) -> str:
+    lines = ["# dyngate load test", "", f"`{command}`", "", "| " + " | ".join(HEADERS) + " |",
+             "|" + " --- |" * len(HEADERS)]
+    for r in runs:
+        cells = [r.target, r.clients, r.wall_s, r.requests, r.errors, r.p50_ms, r.p99_ms, r.throughput_rps,
+                 r.triton.get("inference_count"), r.triton.get("execution_count"), r.triton.get("batching_ratio")]
+        lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
+    lines += ["", "batching ratio = Triton inference_count / execution_count for the variant over the run "
+                  "(1.0: no merging; higher: dynamic batching merged requests). Latency: client round trip."]
+    for r in runs:
+        if r.error_messages:
+            lines += ["", f"Errors ({r.target}): " + "; ".join(f"`{m}`" for m in r.error_messages)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: list[LoadRun], out: Path, name: str = "load", command: str = "") -> tuple[Path, Path]:
+    """Write `<out>/<name>.json` and `<out>/<name>.md`; returns both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps({"command": command, "runs": [asdict(r) for r in runs]}, indent=2))
+    md_path.write_text(markdown(runs, command))
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dyngate_measure.load_test", description=__doc__.split("\n")[0])
+    parser.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address (loopback)")
+    parser.add_argument("--gateway", default=None, help="gateway url, e.g. http://127.0.0.1:7860 (loopback)")
+    parser.add_argument("--targets", default=None, help="comma-separated: triton,gateway (default: triton, plus "
+                                                         "gateway when --gateway is given)")
+    parser.add_argument("--model", default="distilbert-tiny")
+    parser.add_argument("--variant", default="fp32")
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=60, help="seconds per target")
+    parser.add_argument("--max-requests", type=int, default=1_000_000, help="cap on requests per target")
+    parser.add_argument("--timeout", type=float, default=30, help="seconds before a request counts as an error")
+    parser.add_argument("--data", default=None, help="data folder for dev inputs (default: $DYNGATE_DATA, else "
+                                                     "../shared/data)")
+    parser.add_argument("--out", default="reports")
+    parser.add_argument("--name", default="load", help="report file name without extension")
+    args = parser.parse_args(argv)
+    targets = tuple(t.strip() for t in (args.targets or ("triton,gateway" if args.gateway else "triton")).split(",")
+                    if t.strip())
+    command = "python -m dyngate_measure.load_test " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
+                        args.max_requests, args.timeout, args.data)
+    except (ConfigError, InputError, ServingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(runs, Path(args.out), args.name, command)
+    print(markdown(runs, command))
+    print(f"written: {json_path}, {md_path}", file=sys.stderr)
+    return 1 if any(r.errors for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

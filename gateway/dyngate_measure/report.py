@@ -1,0 +1,609 @@
+"""`dyngate report`: one table per model with a row per variant, measured through Triton, as Markdown, JSON and PNG.
+
+    dyngate report --repository model_repository --model distilbert-tiny --requests 200 --out reports/
+
+For each model of the repository (python-backend variants) and each of its variants, the report gives:
+- task accuracy (the build's metric on the dev split, from metadata.json) and its change against FP32 in points;
+- size on disk of the variant's artifact (MB, read from the files now) and its change (%); parameters;
+- p50/p95 latency and throughput at batch 1 (one input per request) and batch 8 (one request of 8 inputs,
+  `TritonClient.predict_batch`) over gRPC, timed by `dyngate_measure.benchmark.measure`, and their change (%);
+- average CPU utilisation and peak RSS of the Triton server process tree (server + python-backend stubs)
+  while that variant alone is loaded and timed (psutil, sampled in a thread); GPU utilisation and memory
+  through pynvml when a GPU exists, else "no GPU";
+- mean layers computed for early-exit variants: the build's value at the default threshold (metadata) and
+  the value measured on this run's answers (`exit_layer`).
+
+Changes are against the model's `fp32` variant (else its first variant). The recommended variant is the
+fastest at batch 1 (p50) whose accuracy is within `--budget-pt` points of FP32. The embedded Triton is
+started on free ports with no model loaded; each variant is loaded, warmed up, timed and unloaded in turn,
+so the resource columns belong to that variant. Inputs are the first dev examples of the model's task in
+file order (no sampling); batch-8 requests take consecutive groups of 8, cycling through the inputs.
+Throughput is items per second of one client sending requests back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from importlib import metadata as _metadata
+from pathlib import Path
+
+import numpy as np
+
+from dyngate_build.errors import ConfigError, ServingError
+from dyngate_build.repository import RepositoryEntry, directory_size, python_variants_by_model
+
+BATCH_SIZES = (1, 8)
+PATH = "grpc"
+BASELINE_VARIANT = "fp32"
+LIBRARIES = ("torch", "onnxruntime", "transformers", "tokenizers", "numpy", "tritonclient", "nvidia-pytriton",
+             "dyngate")
+NO_GPU = "no GPU"
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ------------------------------------------------------------------------------------------------- machine
+
+def _gpus() -> list[dict]:
+    """[{"index", "name", "memory_total_mb"}] of the NVIDIA GPUs pynvml sees; [] without a GPU or driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    gpus = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            gpus.append({"index": i, "name": name,
+                         "memory_total_mb": round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e6, 1)})
+    finally:
+        pynvml.nvmlShutdown()
+    return gpus
+
+
+def machine_info() -> dict:
+    """CPU model (from /proc/cpuinfo), physical cores, hardware threads, memory, GPUs, OS and Python."""
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = _gpus()
+    return {"cpu": cpu, "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+            "threads": psutil.cpu_count(logical=True) or os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "gpu": ", ".join(g["name"] for g in gpus) if gpus else NO_GPU, "gpus": gpus,
+            "os": platform.platform(), "python": platform.python_version()}
+
+
+def library_versions(server_version: str | None = None) -> dict:
+    """Installed versions of the libraries the variants run on, and the tritonserver binary's own version."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = _metadata.version(name)
+        except _metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    if server_version:
+        versions["tritonserver"] = f"{server_version} (nvidia-pytriton {versions['nvidia-pytriton']} wheel)"
+    return versions
+
+
+def server_version(http_url: str) -> str | None:
+    """The running Triton's version from its server metadata (GET /v2)."""
+    try:
+        with _DIRECT.open(f"{http_url}/v2", timeout=5) as response:
+            return json.loads(response.read()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def _find_seeds(value, prefix: str = "") -> dict:
+    """Every key named like `seed` in a nested dict/list, by dotted path."""
+    found = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if "seed" in str(key).lower() and isinstance(item, (int, float, str)):
+                found[path] = item
+            else:
+                found.update(_find_seeds(item, path))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found.update(_find_seeds(item, f"{prefix}[{i}]"))
+    return found
+
+
+def seeds(entries: list[RepositoryEntry]) -> dict:
+    """Seeds behind the model's numbers: the preset's training seed (its preset.json, when the checkpoint has
+    one) and any seed a technique recorded; the report itself draws nothing at random."""
+    out = {}
+    checkpoint = entries[0].metadata.get("source", {}).get("checkpoint")
+    preset = Path(checkpoint) / "preset.json" if checkpoint else None
+    if preset is not None and preset.is_file():
+        for key, value in _find_seeds(json.loads(preset.read_text())).items():
+            out[f"checkpoint {key}"] = value
+    for entry in entries:
+        for key, value in _find_seeds(entry.metadata.get("technique_report") or {}).items():
+            out[f"{entry.variant} {key}"] = value
+    out["report inputs"] = "first dev examples in file order (no sampling)"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+class ResourceSampler:
+    """Samples a process tree (root `pid` and all its descendants) in a thread while in a `with` block.
+
+    cpu_percent: CPU seconds the tree used per wall second × 100 (100 = one core busy); peak_rss_mb: the
+    largest sum of resident memory over the tree; GPU utilisation (mean %) and memory (peak MB, all
+    processes on the device) through pynvml when a GPU exists."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1):
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cpu_seen: dict[int, float] = {}
+        self._cpu_used = 0.0
+        self._started = self._ended = 0.0
+        self.peak_rss = 0
+        self.samples = 0
+        self._gpu_util: list[float] = []
+        self._gpu_mem_peak = 0
+        self._nvml = None
+
+    def _tree(self):
+        try:
+            return [self.root] + self.root.children(recursive=True)
+        except self._psutil.Error:
+            return []
+
+    def _sample(self) -> None:
+        rss = 0
+        for proc in self._tree():
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    cpu = times.user + times.system
+                    rss += proc.memory_info().rss
+            except self._psutil.Error:
+                continue
+            previous = self._cpu_seen.get(proc.pid)
+            if previous is not None:
+                self._cpu_used += max(0.0, cpu - previous)
+            self._cpu_seen[proc.pid] = cpu
+        self.peak_rss = max(self.peak_rss, rss)
+        self.samples += 1
+        if self._nvml is not None:
+            pynvml, handles = self._nvml
+            try:
+                self._gpu_util.append(sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles) / len(handles))
+                self._gpu_mem_peak = max(self._gpu_mem_peak, sum(pynvml.nvmlDeviceGetMemoryInfo(h).used
+                                                                 for h in handles))
+            except Exception:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "ResourceSampler":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            self._nvml = (pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]) if count else None
+        except Exception:
+            self._nvml = None
+        self._started = time.perf_counter()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="dyngate-report-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        self._ended = time.perf_counter()
+        if self._nvml is not None:
+            try:
+                self._nvml[0].nvmlShutdown()
+            except Exception:
+                pass
+
+    def result(self) -> dict:
+        wall = max(self._ended - self._started, 1e-9)
+        gpu = NO_GPU if self._nvml is None else {
+            "util_percent": round(float(np.mean(self._gpu_util)), 1) if self._gpu_util else None,
+            "memory_peak_mb": round(self._gpu_mem_peak / 1e6, 1)}
+        return {"cpu_percent": round(100 * self._cpu_used / wall, 1), "peak_rss_mb": round(self.peak_rss / 1e6, 1),
+                "seconds": round(wall, 2), "samples": self.samples, "gpu": gpu}
+
+
+# ------------------------------------------------------------------------------------------------- numbers
+
+def latency_stats(times_ms: list[float], batch_size: int) -> dict:
+    """p50/p95/mean ms of the requests and throughput (items/s) of back-to-back requests of `batch_size`."""
+    values = np.asarray(times_ms, dtype=np.float64)
+    return {"batch_size": batch_size, "requests": int(values.size),
+            "p50_ms": round(float(np.percentile(values, 50)), 4), "p95_ms": round(float(np.percentile(values, 95)), 4),
+            "mean_ms": round(float(values.mean()), 4),
+            "throughput_items_s": round(batch_size * values.size * 1000.0 / float(values.sum()), 3)}
+
+
+def artifact_size(entry: RepositoryEntry) -> int:
+    """Bytes on disk of the variant's artifact (graph file or folder named in the newest version's runtime.json)."""
+    versions = sorted((p for p in entry.folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise ConfigError(f"{entry.folder} has no numbered version folder; rebuild the variant with dyngate build")
+    spec = json.loads((versions[-1] / "runtime.json").read_text())
+    return directory_size(versions[-1] / spec["artifact"])
+
+
+def _change_pct(value, base):
+    if value is None or base in (None, 0):
+        return None
+    return round((value / base - 1.0) * 100.0, 2)
+
+
+def early_exit_build(entry: RepositoryEntry) -> dict | None:
+    """{"mean_layers", "layers", "threshold"} at the default threshold, from the technique report, or None."""
+    report = entry.metadata.get("technique_report") or {}
+    at = report.get("at_default")
+    if not isinstance(at, dict) or "mean_layers" not in at:
+        return None
+    return {"mean_layers": at["mean_layers"], "layers": report.get("layers"),
+            "threshold": report.get("default_threshold")}
+
+
+def add_changes(rows: list[dict], baseline: dict) -> None:
+    """Fill each row's `change` from the rows themselves: accuracy in points, everything else in %."""
+    for row in rows:
+        change = {"accuracy_pt": round((row["accuracy"] - baseline["accuracy"]) * 100.0, 2),
+                  "size_pct": _change_pct(row["size_bytes"], baseline["size_bytes"])}
+        for b in BATCH_SIZES:
+            lat, base = row["latency"][f"batch{b}"], baseline["latency"][f"batch{b}"]
+            change[f"p50_batch{b}_pct"] = _change_pct(lat["p50_ms"], base["p50_ms"])
+            change[f"p95_batch{b}_pct"] = _change_pct(lat["p95_ms"], base["p95_ms"])
+            change[f"throughput_batch{b}_pct"] = _change_pct(lat["throughput_items_s"], base["throughput_items_s"])
+        row["change"] = change
+
+
+def recommend(rows: list[dict], budget_pt: float) -> str | None:
+    """The fastest variant (batch-1 p50) whose accuracy change is ≥ -budget_pt points; None if none is."""
+    eligible = [r for r in rows if r["change"]["accuracy_pt"] >= -budget_pt - 1e-9]
+    return min(eligible, key=lambda r: r["latency"]["batch1"]["p50_ms"])["variant"] if eligible else None
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+@dataclass
+class ReportOptions:
+    """repository: the Triton model repository; models: model names (None = all); requests: timed requests
+    per variant and batch size; budget_pt: accuracy budget in points for the recommendation; out: folder."""
+
+    repository: Path
+    out: Path = Path("reports")
+    models: list[str] | None = None
+    requests: int = 100
+    warmup: int = 3  # untimed requests per variant and batch size (the first ones, sent again when timed)
+    budget_pt: float = 1.0
+    data: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.repository, self.out = Path(self.repository), Path(self.out)
+        if self.requests < 1:
+            raise ConfigError(f"requests={self.requests!r} must be ≥ 1 (timed requests per variant and batch size)")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup={self.warmup!r} must be ≥ 0")
+        if self.budget_pt < 0:
+            raise ConfigError(f"budget_pt={self.budget_pt!r} must be ≥ 0 (accuracy points the recommendation may lose)")
+
+
+def _entries(options: ReportOptions) -> dict[str, list[RepositoryEntry]]:
+    """Variants per model, the FP32 baseline first."""
+    groups = python_variants_by_model(options.repository, options.models)
+    return {model: sorted(group, key=lambda e: (e.variant != BASELINE_VARIANT, e.name))
+            for model, group in groups.items()}
+
+
+def _inputs(task: str, source, count: int) -> list[bytes]:
+    from dyngate_build.data import load_examples
+
+    examples, _ = load_examples(task, "dev", source, limit=count)
+    if not examples:
+        raise ConfigError(f"no dev examples for task {task!r} in {source}")
+    raws = [ex.raw for ex in examples]
+    return [raws[i % len(raws)] for i in range(count)]
+
+
+def _measure_variant(server, entry: RepositoryEntry, raws: list[bytes], options: ReportOptions, bar) -> dict:
+    from dyngate_measure.benchmark import measure
+
+    server.load_model(entry.name)
+    try:
+        latency, answers = {}, []
+        with ResourceSampler(server.pid) as sampler:
+            for b in BATCH_SIZES:
+                [row] = measure([entry], raws[: options.requests * b], server.endpoints, warmup=options.warmup,
+                                paths=(PATH,), batch_size=b,
+                                keep_answers=(b == 1), progress=bar.update if bar is not None else None)
+                latency[f"batch{b}"] = latency_stats(row.times[PATH], b)
+                if b == 1:
+                    answers = row.answers[PATH]
+        resources = sampler.result()
+    finally:
+        _unload(server, entry.name)
+    layers = [a["exit_layer"] for a in answers if "exit_layer" in a]
+    meta = entry.metadata
+    size = artifact_size(entry)
+    build_exit = early_exit_build(entry)
+    early_exit = None
+    if build_exit is not None or layers:
+        early_exit = {"mean_layers_build": build_exit["mean_layers"] if build_exit else None,
+                      "mean_layers_run": round(float(np.mean(layers)), 4) if layers else None,
+                      "layers": (build_exit or {}).get("layers"), "threshold": (build_exit or {}).get("threshold")}
+    return {"variant": entry.variant, "triton_name": entry.name, "technique": meta.get("technique"),
+            "engine": meta.get("engine"), "metric": meta["accuracy"]["name"], "accuracy": meta["accuracy"]["value"],
+            "accuracy_n": meta["accuracy"]["n"], "reference_accuracy": meta["reference_accuracy"]["value"],
+            "size_bytes": size, "size_mb": round(size / 1e6, 3), "metadata_size_bytes": meta.get("size_bytes"),
+            "num_parameters": meta.get("num_parameters"), "latency": latency, "resources": resources,
+            "early_exit": early_exit}
+
+
+def _unload(server, name: str, timeout_s: float = 30) -> None:
+    """Unload and wait until Triton no longer lists the model READY and its stub process has left."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
+    server.unload_model(name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ready = name in server.ready_models()
+            alive = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
+        except (ServingError, psutil.Error):
+            return
+        if not ready and (len(alive) < len(before) or not before):
+            return
+        time.sleep(0.1)
+
+
+def run_report(options: ReportOptions, log=print) -> dict:
+    """Measure every chosen model's variants through an embedded Triton; returns the report as a dict and
+    writes report.md, report.json and the PNG charts into options.out."""
+    from dyngate_build.data import DataSource
+    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+
+    groups = _entries(options)
+    source = DataSource.from_setting(options.data)
+    options.out.mkdir(parents=True, exist_ok=True)
+    http, grpc, metrics = free_ports(3)
+    config = TritonServerConfig(repository=options.repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                models=[], log_file=options.out / "triton.log")
+    total = sum(len(g) for g in groups.values()) * options.requests * len(BATCH_SIZES)
+    bar = None
+    if options.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="report", unit="req", file=sys.stderr, dynamic_ncols=True)
+    report = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "repository": str(options.repository), "machine": machine_info(),
+              "settings": {"requests": options.requests, "warmup": options.warmup, "budget_pt": options.budget_pt,
+                           "batch_sizes": list(BATCH_SIZES), "path": PATH, "data": source.location},
+              "models": {}}
+    try:
+        with TritonServer(config) as server:
+            report["versions"] = library_versions(server_version(server.endpoints["http"]))
+            for model, group in groups.items():
+                task = group[0].metadata["source"]["task"]
+                raws = _inputs(task, source, options.requests * max(BATCH_SIZES))
+                rows = []
+                for entry in group:
+                    if bar is not None:
+                        bar.set_description(f"report {entry.name}")
+                    rows.append(_measure_variant(server, entry, raws, options, bar))
+                baseline = next((r for r in rows if r["variant"] == BASELINE_VARIANT), rows[0])
+                add_changes(rows, baseline)
+                report["models"][model] = {"task": task, "baseline": baseline["variant"], "rows": rows,
+                                           "recommended": recommend(rows, options.budget_pt),
+                                           "seeds": seeds(group)}
+    finally:
+        if bar is not None:
+            bar.close()
+    write_report(report, options.out)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    return f"{value:{spec}}{suffix}"
+
+
+def _signed(value, suffix: str = "", digits: int = 1) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}{suffix}"
+
+
+def model_markdown(model: str, section: dict, budget_pt: float) -> str:
+    rows, rec = section["rows"], section["recommended"]
+    metric = rows[0]["metric"]
+    header = ["variant", f"{metric}", "Δ pt", "size MB", "Δ size", "params",
+              "b1 p50 ms", "b1 p95 ms", "b1 items/s", "Δ b1 p50", "Δ b1 items/s",
+              "b8 p50 ms", "b8 p95 ms", "b8 items/s", "Δ b8 p50", "Δ b8 items/s",
+              "server CPU %", "peak RSS MB", "GPU", "mean layers (build / run)"]
+    lines = [f"### {model} ({section['task']})", "",
+             f"Changes against `{section['baseline']}`. Recommended (fastest batch-1 p50 within {budget_pt:g} pt of "
+             f"FP32): **{rec or 'none'}**.", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        b1, b8, c, res = r["latency"]["batch1"], r["latency"]["batch8"], r["change"], r["resources"]
+        gpu = res["gpu"] if isinstance(res["gpu"], str) else (
+            f"{_fmt(res['gpu']['util_percent'], '.0f')}% / {_fmt(res['gpu']['memory_peak_mb'], '.0f')} MB")
+        ee = r["early_exit"]
+        layers = "–" if ee is None else (f"{_fmt(ee['mean_layers_build'])} / {_fmt(ee['mean_layers_run'])}"
+                                         + (f" of {ee['layers']}" if ee.get("layers") else ""))
+        name = f"**{r['variant']}** ★" if r["variant"] == rec else r["variant"]
+        cells = [name, f"{r['accuracy']:.4f}", _signed(c["accuracy_pt"], digits=2), f"{r['size_mb']:.2f}",
+                 _signed(c["size_pct"], "%"), f"{r['num_parameters']:,}" if r["num_parameters"] else "–",
+                 f"{b1['p50_ms']:.2f}", f"{b1['p95_ms']:.2f}", f"{b1['throughput_items_s']:.1f}",
+                 _signed(c["p50_batch1_pct"], "%"), _signed(c["throughput_batch1_pct"], "%"),
+                 f"{b8['p50_ms']:.2f}", f"{b8['p95_ms']:.2f}", f"{b8['throughput_items_s']:.1f}",
+                 _signed(c["p50_batch8_pct"], "%"), _signed(c["throughput_batch8_pct"], "%"),
+                 f"{res['cpu_percent']:.0f}", f"{res['peak_rss_mb']:.0f}", gpu, layers]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds_text = "; ".join(f"{k}: {v}" for k, v in section["seeds"].items())
+    lines += ["", f"Seeds: {seeds_text}.", "",
+              f"![accuracy vs latency]({model}-pareto.png)", "", f"![changes]({model}-changes.png)"]
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    m, s = report["machine"], report["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
+    lines = ["# dyngate report", "",
+             f"- Created: {report['created']}; repository: `{report['repository']}`",
+             f"- Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['memory_gb']} GB RAM; "
+             f"GPU: {m['gpu']}",
+             f"- Libraries: {versions}",
+             f"- Run: {s['requests']} timed requests per variant and batch size ({s['warmup']} warm-up) through "
+             f"Triton {s['path']}, batch {' and '.join(map(str, s['batch_sizes']))} (one request of 8 items); "
+             f"data {s['data']}; accuracy budget {s['budget_pt']:g} pt",
+             "- Accuracy: the build's dev metric (metadata.json). Size: the artifact on disk. Server CPU %: CPU "
+             "seconds per wall second of the Triton process tree × 100 (100 = one core), while only that variant "
+             "was loaded. Throughput: items/s of one client sending back to back.", ""]
+    for model, section in report["models"].items():
+        lines += [model_markdown(model, section, s["budget_pt"]), ""]
+    return "\n".join(lines)
+
+
+def write_charts(model: str, section: dict, out: Path, budget_pt: float) -> list[Path]:
+    """`<model>-pareto.png` (accuracy vs batch-1 p50, Pareto front, recommended marked) and
+    `<model>-changes.png` (bar charts of the changes against the baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, rec = section["rows"], section["recommended"]
+    names = [r["variant"] for r in rows]
+    lat = np.array([r["latency"]["batch1"]["p50_ms"] for r in rows])
+    acc = np.array([r["accuracy"] for r in rows]) * 100
+    base = next(r for r in rows if r["variant"] == section["baseline"])
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(lat, acc, s=40, color="tab:blue", zorder=3)
+    for i, (x, y, n) in enumerate(zip(lat, acc, names)):  # alternate above/below so close points stay legible
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -12), fontsize=8)
+    order = np.argsort(lat, kind="stable")
+    front, best = [], -np.inf
+    for i in order:
+        if acc[i] > best:
+            front.append(i)
+            best = acc[i]
+    ax.plot(lat[front], acc[front], "--", color="tab:gray", label="Pareto front", zorder=2)
+    ax.axhline(base["accuracy"] * 100 - budget_pt, color="tab:red", lw=0.8, ls=":",
+               label=f"budget: FP32 − {budget_pt:g} pt")
+    if rec is not None:
+        i = names.index(rec)
+        ax.scatter([lat[i]], [acc[i]], s=220, marker="*", color="gold", edgecolor="black", zorder=4,
+                   label=f"recommended: {rec}")
+    ax.set_xlabel("Triton gRPC latency p50, batch 1 (ms)")
+    ax.set_ylabel(f"{rows[0]['metric']} (%)")
+    ax.set_title(f"{model}: accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    pareto = out / f"{model}-pareto.png"
+    fig.savefig(pareto, dpi=110)
+    plt.close(fig)
+
+    panels = [("accuracy_pt", "accuracy (pt)"), ("size_pct", "size (%)"), ("p50_batch1_pct", "p50 batch 1 (%)"),
+              ("p50_batch8_pct", "p50 batch 8 (%)"), ("throughput_batch1_pct", "throughput batch 1 (%)"),
+              ("throughput_batch8_pct", "throughput batch 8 (%)")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title) in zip(axes.ravel(), panels):
+        values = [r["change"][key] if r["change"][key] is not None else 0.0 for r in rows]
+        colors = ["tab:green" if (v >= 0) == key.startswith(("accuracy", "throughput")) else "tab:red"
+                  for v in values]
+        ax.bar(range(len(rows)), values, color=colors)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{model}: change against {section['baseline']} (green = better)")
+    fig.tight_layout()
+    changes = out / f"{model}-changes.png"
+    fig.savefig(changes, dpi=110)
+    plt.close(fig)
+    return [pareto, changes]
+
+
+def write_report(report: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out / "report.md", "json": out / "report.json"}
+    for model, section in report["models"].items():
+        charts = write_charts(model, section, out, report["settings"]["budget_pt"])
+        section["charts"] = [p.name for p in charts]
+    files["markdown"].write_text(markdown(report) + "\n")
+    files["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return files
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", default=os.environ.get("DYNGATE_REPOSITORY", "model_repository"))
+    parser.add_argument("--model", action="append", help="model name in the repository (repeatable; default: all)")
+    parser.add_argument("--requests", type=int, default=100, help="timed requests per variant and batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed requests per variant and batch size")
+    parser.add_argument("--budget-pt", type=float, default=1.0,
+                        help="accuracy points the recommended variant may lose against FP32")
+    parser.add_argument("--data", default=None, help="data folder or hf:<datasets id> (default: $DYNGATE_DATA, "
+                                                     "else ../shared/data)")
+    parser.add_argument("--out", default="reports", help="folder for report.md, report.json and the PNG charts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def options_from_args(args) -> ReportOptions:
+    return ReportOptions(repository=Path(args.repository), out=Path(args.out), models=args.model,
+                         requests=args.requests, warmup=args.warmup, budget_pt=args.budget_pt, data=args.data,
+                         progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    report = run_report(options_from_args(parser.parse_args(argv)))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
