@@ -1,4 +1,4 @@
-"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, report.
+"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, report, deploy.
 
     dyngate build --model distilbert-tiny --techniques fp32,torchscript
     dyngate serve --repository model_repository
@@ -6,6 +6,7 @@
     dyngate reload --model distilbert-tiny --variant fp32 --triton-url http://127.0.0.1:8000
     dyngate gateway --triton 127.0.0.1:8001
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
+    dyngate deploy kubernetes --repository model_repository --out deploy/k8s
 
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
 Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
@@ -163,6 +164,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from dyngate_deploy.kubernetes import options_from_args, write_kubernetes
+
+    write_kubernetes(options_from_args(args), log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +241,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_report_arguments(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("deploy", help="write Kubernetes manifests (Kustomize base + cpu/gpu overlays) for the repository")
+    from dyngate_deploy.kubernetes import add_arguments as add_deploy_arguments
+
+    add_deploy_arguments(p)
+    p.set_defaults(func=cmd_deploy)
     return parser
 
 
