@@ -26,7 +26,8 @@ API endpoints (gradio_client, by name):
 Plain HTTP (same server): POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant",
 "accuracy_budget", "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...},
 unknown model -> 404, a body over limits.max_body_bytes (any route) -> 413, Triton down -> 503.
-GET /api/status, GET /api/models. With a login, every route but Gradio's login page asks for it.
+GET /api/status, GET /api/models, GET /metrics (the gateway's Prometheus metrics, dyngate_gateway/telemetry.py).
+With a login, every route but Gradio's login page asks for it.
 
     dyngate gateway --repository model_repository --triton 127.0.0.1:8001     # http://127.0.0.1:7860
 """
@@ -41,19 +42,20 @@ import secrets
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from dyngate_build.errors import DyngateError, InputError, ServingError
 from dyngate_gateway import compare, handlers, metrics, models_view
 from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
 from dyngate_gateway.routing import POLICIES, Router
+from dyngate_gateway.telemetry import GatewayTelemetry
 
 TITLE = "dyngate gateway"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
@@ -120,8 +122,14 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         if view is None:
             raise handlers.InputError(f"unknown model {name!r}; the repository's models are: "
                                       f"{', '.join(catalog) or 'none (run dyngate build)'}")
-        result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
-                                           limits=state.config.limits)
+        start = time.perf_counter()
+        try:
+            result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
+                                               limits=state.config.limits)
+        except DyngateError as e:
+            state.telemetry.failed(view, "compare", e, time.perf_counter() - start)
+            raise
+        state.telemetry.compared(view, result, time.perf_counter() - start)
         return _table(result.rows), result.answers
 
     def on_image(path: str | None):
@@ -132,10 +140,10 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                  exit_value):
         state.refresh()
         view = state.router.view(name)
-        return state.router.route(view.name, text_value if view.is_text else None, policy_value,
-                                  variant=variant_value or None, accuracy_budget=budget_value,
-                                  threshold=threshold_value, exit_threshold=exit_value,
-                                  image=None if view.is_text else image_path)
+        return state.telemetry.routed(view, policy_value, lambda: state.router.route(
+            view.name, text_value if view.is_text else None, policy_value, variant=variant_value or None,
+            accuracy_budget=budget_value, threshold=threshold_value, exit_threshold=exit_value,
+            image=None if view.is_text else image_path))
 
     def route_summary(answer):
         if not answer:
@@ -332,6 +340,7 @@ class GatewayState:
     router: Router
     monitor: metrics.MetricsMonitor
     config: GatewayConfig
+    telemetry: GatewayTelemetry = field(default_factory=GatewayTelemetry)  # GET /metrics
 
     def __post_init__(self):
         self._dev: dict[str, list[bytes]] = {}
@@ -472,10 +481,10 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                 return error(400, "image_base64 is not valid base64")
         text = body.get("text")
         try:
-            answer = state.router.route(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
-                                        accuracy_budget=body.get("accuracy_budget"),
-                                        threshold=body.get("threshold"), exit_threshold=body.get("exit_threshold"),
-                                        image=image)
+            answer = state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.route(
+                model, text, body.get("policy") or "fastest", variant=body.get("variant"),
+                accuracy_budget=body.get("accuracy_budget"), threshold=body.get("threshold"),
+                exit_threshold=body.get("exit_threshold"), image=image))
         except InputError as e:
             return error(400, str(e))
         except (ValueError, TypeError, OverflowError) as e:  # e.g. float("abc"), float(10**400)
@@ -505,6 +514,13 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return JSONResponse({"triton_ready": ready, "triton": state.clients.url, "status": line},
                                 status_code=200 if ready else 503)
         return guarded(status)(request)
+
+    @app.get("/metrics")
+    def prometheus_metrics(request: Request):
+        def scrape():
+            body, content_type = state.telemetry.exposition()
+            return Response(body, media_type=content_type)
+        return guarded(scrape)(request)
 
     @app.get("/api/models")
     def api_models(request: Request):
