@@ -121,6 +121,7 @@ def test_service_ports_match_container_ports_and_local_defaults(deployed, kubect
         "http": 8000, "grpc": 8001, "metrics": 8002}  # what `dyngate serve` listens on
     gateway = one(objects, "Service", "dyngate-gateway")
     assert [p["port"] for p in gateway["spec"]["ports"]] == [gateway_port()] == [7860]
+    assert gateway["spec"]["sessionAffinity"] == "ClientIP"  # a Gradio session stays on one gateway replica
 
 
 def test_gateway_reaches_triton_by_its_service_name(deployed, kubectl):

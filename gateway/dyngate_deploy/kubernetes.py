@@ -336,8 +336,9 @@ def gateway_objects(options: DeployOptions, facts: RepositoryFacts) -> dict[str,
     }
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
-        "spec": {"selector": selector, "ports": [{"name": "http", "port": port, "targetPort": "http",
-                                                  "protocol": "TCP"}]},
+        # Gradio's page keeps a session (queue join, then its event stream) on one process: one client, one pod
+        "spec": {"selector": selector, "sessionAffinity": "ClientIP",
+                 "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
     }
     return {"gateway-deployment.yaml": deployment, "gateway-service.yaml": service,
             "gateway-pdb.yaml": _pdb(options, "gateway", selector)}
