@@ -448,7 +448,7 @@ def gateway_dockerfile() -> str:
         "COPY pyproject.toml README.md ./",
         "COPY build build",
         "COPY gateway gateway",
-        f"RUN pip install --no-cache-dir --extra-index-url {image.TORCH_INDEX['cpu']} . && useradd -u 1000 dyngate",
+        f"RUN pip install --no-cache-dir --extra-index-url {image.TORCH_INDEX['cpu']} . && useradd -m -u 1000 dyngate",
         "USER 1000",
         'ENTRYPOINT ["dyngate"]',
     ]) + "\n"
