@@ -27,7 +27,7 @@ N_INPUTS = 8
 def references(preset_checkpoints, cache_dir, data_source, tmp_path_factory):
     """Per preset: (dev examples, PyTorch reference predictions on them through the serving runtime)."""
     from dyngate_build.data import load_examples
-    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.sources import load_source
 
     result = {}

@@ -172,11 +172,12 @@ def _staged_model(staging: Path, name: str, marker: str) -> None:
 
 
 def test_without_triton_a_rebuild_adds_a_version_and_keeps_only_the_one_before(tmp_path):
-    from dyngate_build.pipeline import _after_publish
+    from dyngate_build.repository import keep_previous_version
 
     repository, log = tmp_path / "repo", []
     for build_number in range(1, 4):
-        with staged_repository(repository, _after_publish(None, log.append)) as staging:
+        with staged_repository(repository, lambda published: [keep_previous_version(p, log.append)
+                                                              for p in published]) as staging:
             _staged_model(staging, "m__v", f"build {build_number}")
     folder = repository / "m__v"
     assert version_numbers(folder) == [2, 3]  # 2 may still be served by a Triton nobody told; 1 is gone

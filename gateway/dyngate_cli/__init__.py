@@ -75,7 +75,7 @@ def cmd_build(args) -> int:
         build(BuildOptions(
             model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
             cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-            threads=args.threads, native=not args.no_native, triton_url=args.triton_url))
+            threads=args.threads, native=not args.no_native))
     return 0
 
 
