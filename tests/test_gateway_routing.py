@@ -88,9 +88,9 @@ def test_named_variant_and_most_accurate(catalog, clients):
 def test_fastest_uses_live_p50_within_the_accuracy_budget(catalog, clients):
     view = copy.deepcopy(catalog[TEXT_MODEL])
     fast, slow = view.variant_names[:2]
-    best = max(float(e.metadata["accuracy"]["value"]) for e in view.variants.values())
-    view.variants[fast].metadata["accuracy"]["value"] = best - 0.05  # fast but 5 points worse
-    view.variants[slow].metadata["accuracy"]["value"] = best
+    best = max(float(e.metadata.accuracy.value) for e in view.variants.values())
+    view.variants[fast].metadata.accuracy.value = best - 0.05  # fast but 5 points worse
+    view.variants[slow].metadata.accuracy.value = best
     router = Router({TEXT_MODEL: view}, clients)
     for _ in range(5):
         router.live.record(view.variants[fast].name, 1.0)

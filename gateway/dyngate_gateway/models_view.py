@@ -80,16 +80,14 @@ def model_rows(repository: Path, clients: ClientPool) -> list[list]:
     rows = []
     for entry in list_models(Path(repository)):
         meta = entry.metadata
-        accuracy = meta.get("accuracy") or {}
         if down:
             state, version, reason = "Triton unreachable", "", ""
         else:
             state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
-        rows.append([entry.name, entry.model, entry.variant, meta.get("technique", entry.variant),
-                     "native" if entry.native else entry.backend, meta.get("size_mb"),
-                     None if accuracy.get("value") is None else f"{accuracy.get('name', 'accuracy')} "
-                                                                f"{accuracy['value']:.4f}",
-                     (meta.get("latency_in_process") or {}).get("p50_ms"), state, version, reason])
+        rows.append([entry.name, entry.model, entry.variant, meta.technique if meta else entry.variant,
+                     "native" if entry.native else entry.backend, meta.size_mb if meta else None,
+                     f"{meta.accuracy.name} {meta.accuracy.value:.4f}" if meta else None,
+                     meta.latency_in_process.p50_ms if meta else None, state, version, reason])
     return rows
 
 

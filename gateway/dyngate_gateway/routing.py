@@ -68,17 +68,18 @@ def confidence(answer: dict) -> float:
 
 
 def _accuracy(view: ModelView, variant: str) -> float | None:
-    value = (view.variants[variant].metadata.get("accuracy") or {}).get("value")
-    return None if value is None else float(value)
+    meta = view.variants[variant].metadata
+    return None if meta is None else float(meta.accuracy.value)
 
 
 def _build_p50(view: ModelView, variant: str) -> float | None:
-    value = (view.variants[variant].metadata.get("latency_in_process") or {}).get("p50_ms")
-    return None if value is None else float(value)
+    meta = view.variants[variant].metadata
+    return None if meta is None else float(meta.latency_in_process.p50_ms)
 
 
 def _size(view: ModelView, variant: str) -> float:
-    return float(view.variants[variant].metadata.get("size_mb") or 0.0)
+    meta = view.variants[variant].metadata
+    return 0.0 if meta is None else float(meta.size_mb)
 
 
 class LiveLatency:

@@ -135,13 +135,13 @@ def seeds(entries: list[RepositoryEntry]) -> dict:
     """Seeds behind the model's numbers: the preset's training seed (its preset.json, when the checkpoint has
     one) and any seed a technique recorded; the report itself draws nothing at random."""
     out = {}
-    checkpoint = entries[0].metadata.get("source", {}).get("checkpoint")
+    checkpoint = entries[0].metadata.source.checkpoint if entries[0].metadata else None
     preset = Path(checkpoint) / "preset.json" if checkpoint else None
     if preset is not None and preset.is_file():
         for key, value in _find_seeds(json.loads(preset.read_text())).items():
             out[f"checkpoint {key}"] = value
     for entry in entries:
-        for key, value in _find_seeds(entry.metadata.get("technique_report") or {}).items():
+        for key, value in _find_seeds(entry.metadata.technique_report if entry.metadata else {}).items():
             out[f"{entry.variant} {key}"] = value
     out["report inputs"] = "first dev examples in file order (no sampling)"
     return out
@@ -272,7 +272,7 @@ def _change_pct(value, base):
 
 def early_exit_build(entry: RepositoryEntry) -> dict | None:
     """{"mean_layers", "layers", "threshold"} at the default threshold, from the technique report, or None."""
-    report = entry.metadata.get("technique_report") or {}
+    report = entry.metadata.technique_report if entry.metadata else {}
     at = report.get("at_default")
     if not isinstance(at, dict) or "mean_layers" not in at:
         return None
@@ -368,11 +368,11 @@ def _measure_variant(server, entry: RepositoryEntry, raws: list[bytes], options:
         early_exit = {"mean_layers_build": build_exit["mean_layers"] if build_exit else None,
                       "mean_layers_run": round(float(np.mean(layers)), 4) if layers else None,
                       "layers": (build_exit or {}).get("layers"), "threshold": (build_exit or {}).get("threshold")}
-    return {"variant": entry.variant, "triton_name": entry.name, "technique": meta.get("technique"),
-            "engine": meta.get("engine"), "metric": meta["accuracy"]["name"], "accuracy": meta["accuracy"]["value"],
-            "accuracy_n": meta["accuracy"]["n"], "reference_accuracy": meta["reference_accuracy"]["value"],
-            "size_bytes": size, "size_mb": round(size / 1e6, 3), "metadata_size_bytes": meta.get("size_bytes"),
-            "num_parameters": meta.get("num_parameters"), "latency": latency, "resources": resources,
+    return {"variant": entry.variant, "triton_name": entry.name, "technique": meta.technique,
+            "engine": meta.engine, "metric": meta.accuracy.name, "accuracy": meta.accuracy.value,
+            "accuracy_n": meta.accuracy.n, "reference_accuracy": meta.reference_accuracy.value,
+            "size_bytes": size, "size_mb": round(size / 1e6, 3), "metadata_size_bytes": meta.size_bytes,
+            "num_parameters": meta.num_parameters, "latency": latency, "resources": resources,
             "early_exit": early_exit}
 
 
@@ -421,7 +421,7 @@ def run_report(options: ReportOptions, log=print) -> dict:
         with TritonServer(config) as server:
             report["versions"] = library_versions(server_version(server.endpoints["http"]))
             for model, group in groups.items():
-                task = group[0].metadata["source"]["task"]
+                task = group[0].metadata.source.task
                 raws = _inputs(task, source, options.requests * max(BATCH_SIZES))
                 rows = []
                 for entry in group:
