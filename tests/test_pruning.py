@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.techniques.pruning.core import (head_scores, layers_of, num_parameters, prune_heads, prune_structured, sparsify)
+from dyngate_build.techniques.pruning.core import (head_scores, layers_of, num_parameters, prune_heads, prune_structured,
+                                                   sparsify)
 
 
 def _distilbert():

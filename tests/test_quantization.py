@@ -14,7 +14,7 @@ import torch
 from dyngate_build.errors import ConfigError, ExportError
 from dyngate_build.techniques import BuildContext, get_technique, make_config
 from dyngate_build.techniques.quantization.core import (check_group_size, dequantize_groups, op_counts,
-                                                  quantizable_linears, quantize_groups)
+                                                         quantizable_linears, quantize_groups)
 
 QUANTIZATION_TECHNIQUES = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice, check_range
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.early_exit.thresholds import NEVER_EXIT, check_threshold, measure_curve, own_full_model_gap
+from dyngate_build.techniques.early_exit.thresholds import (NEVER_EXIT, check_threshold, measure_curve,
+                                                           own_full_model_gap)
 
 DEFAULT_GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
 ONNX_ENGINE = "early-exit-onnx"

@@ -154,7 +154,8 @@ def export_torchscript(segments: Segments, path: Path, criterion: str) -> Path:
     """Trace each segment, script the exit loop around them, save to `path`."""
     if tuple(segments.layer_inputs) not in _SCRIPTED:
         raise ExportError(f"TorchScript early exit has no scripted step for layer inputs {segments.layer_inputs}; "
-                          f"add one to build/dyngate_build/techniques/early_exit/torchscript_export.py _SCRIPTED or serve the ONNX early-exit variant")
+                          f"add one to _SCRIPTED in build/dyngate_build/techniques/early_exit/torchscript_export.py "
+                          f"or serve the ONNX early-exit variant")
     embed_class, step_class = _SCRIPTED[tuple(segments.layer_inputs)]
     example = segments.example
     try:

@@ -30,8 +30,8 @@ import numpy as np
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.quantization.core import (calibration_feeds, check_distillation, dequantize_groups, distill_fake_quantized,
-                                                  quantizable_linears, quantize_groups)
+from dyngate_build.techniques.quantization.core import (calibration_feeds, check_distillation, dequantize_groups,
+                                                         distill_fake_quantized, quantizable_linears, quantize_groups)
 
 BITS = ("ternary", "binary")
 EMBEDDING_BITS = (8, 32)
@@ -282,8 +282,8 @@ def apply(context: BuildContext, config: XtcConfig) -> Variant:
     student = source.model
     if config.kd:
         batches = calibration_feeds(context, config.kd_samples, batch_size=config.kd_batch_size)
-        student, result = distill_fake_quantized(source.model, batches, config.bits, config.group_size, config.kd_steps,
-                                  config.kd_learning_rate)
+        student, result = distill_fake_quantized(source.model, batches, config.bits, config.group_size,
+                                                 config.kd_steps, config.kd_learning_rate)
         report["kd"] = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
                         "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
                         "samples": sum(int(next(iter(b.values())).shape[0]) for b in batches)}
