@@ -71,7 +71,9 @@ def test_cli_and_configs_default_to_loopback(tmp_path):
     assert gateway_app.DEFAULT_HOST == "127.0.0.1"
     import inspect
 
-    for fn in (gateway_app.serve, gateway_app.launch, gateway_app.create_app):
+    from dyngate_gateway.api import create_app
+
+    for fn in (gateway_app.serve, gateway_app.launch, create_app):
         assert inspect.signature(fn).parameters["host"].default == "127.0.0.1", fn.__name__
 
     config = TritonServerConfig(repository=tmp_path)
