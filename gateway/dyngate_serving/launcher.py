@@ -76,10 +76,9 @@ def server_libs() -> Path:
 
 
 def cache_dir() -> Path:
-    """dyngate's cache folder: `$DYNGATE_CACHE_DIR`, else `$XDG_CACHE_HOME/dyngate`, else `~/.cache/dyngate`."""
-    if os.environ.get("DYNGATE_CACHE_DIR"):
-        return Path(os.environ["DYNGATE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dyngate"
+    """dyngate's cache folder, the one `dyngate build --cache-dir` defaults to: `$DYNGATE_CACHE`, else `.cache`
+    (absolute: Triton gets it as a flag)."""
+    return Path(os.environ.get("DYNGATE_CACHE") or ".cache").resolve()
 
 
 def backend_directory(root: Path | None = None) -> Path:
@@ -259,15 +258,15 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Wait until the server answers ready and the requested models are READY (or raise ServingError)."""
+        """Wait until the server answers ready on gRPC and HTTP and the requested models are READY (or raise
+        ServingError)."""
         timeout_s = self.config.startup_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.is_alive():
                 raise self._died()
-            with self.client(timeout_s=2) as client:  # a new channel each time: no reconnect back-off
-                if client.is_ready():
-                    break
+            if all(self._answers_ready(protocol) for protocol in ("grpc", "http")):
+                break
             if time.monotonic() > deadline:
                 raise ServingError(f"Triton did not become ready within {timeout_s:.0f} s (startup_timeout_s)."
                                    + self._tail())
@@ -406,6 +405,12 @@ class TritonServer:
     def _ports(self) -> dict[str, int]:
         c = self.config
         return {"http": c.http_port, "grpc": c.grpc_port, "metrics": c.metrics_port}
+
+    def _answers_ready(self, protocol: str) -> bool:
+        """Whether the endpoint of `protocol` answers ready (Triton opens gRPC before HTTP); a new client each
+        time, so a gRPC channel's reconnect back-off never delays the answer."""
+        with TritonClient(self.endpoints[protocol], timeout_s=2) as client:
+            return client.is_ready()
 
     def _died(self) -> ServingError:
         code = self._process.returncode if self._process is not None else None
