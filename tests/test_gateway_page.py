@@ -2,7 +2,7 @@
 process, Debian's Chromium through Playwright, and gradio_client by api_name. No mocks.
 
 Fixtures from tests/conftest.py: `built_repository` (a built model repository) and `triton` (a started
-dyngate_serving.triton_server.TritonServer serving it). No timing assertions.
+dyngate_serving.launcher.TritonServer serving it). No timing assertions.
 """
 
 from __future__ import annotations
