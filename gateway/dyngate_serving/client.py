@@ -258,13 +258,18 @@ class TritonClient:
         if _unreachable(e):
             return self._unreachable_error(e)
         try:
-            ready = self.ready_models()
+            return self._not_ready(model) or ServingError(f"Triton at {self.url} failed on model {model!r}: "
+                                                          f"{_message(e)}")
         except ServingError as inner:
             return inner
-        if model not in ready:
-            return ServingError(f"model {model!r} is not ready on Triton at {self.url}; ready models: "
-                                f"{', '.join(ready) or 'none'}")
-        return ServingError(f"Triton at {self.url} failed on model {model!r}: {_message(e)}")
+
+    def _not_ready(self, model: str) -> ServingError | None:
+        """The error for a model Triton does not have READY, or None when it is READY."""
+        ready = self.ready_models()
+        if model in ready:
+            return None
+        return ServingError(f"model {model!r} is not ready on Triton at {self.url}; ready models: "
+                            f"{', '.join(ready) or 'none'}")
 
     def _infer_error(self, model: str, e: Exception) -> Exception:
         if _unreachable(e):
@@ -272,10 +277,11 @@ class TritonClient:
         status = str(getattr(e, "status", lambda: "")() or "")
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
             self._signatures.pop(model, None)  # a reloaded model may have changed; look again next time
-            error = self._model_error(model, e)
-            if "is not ready" in str(error):
-                return error
-            return InputError(f"{model}: {_message(e)}")
+            try:
+                not_ready = self._not_ready(model)
+            except ServingError:
+                not_ready = None
+            return not_ready or InputError(f"{model}: {_message(e)}")
         return self._model_error(model, e)
 
 
