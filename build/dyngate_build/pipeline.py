@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dyngate_build import __version__
-from dyngate_build.errors import ConfigError, ExportError
+from dyngate_build.errors import ConfigError, ExportError, ServingError
 from dyngate_build.evaluate import (Agreement, Latency, Metric, TorchReferenceEngine, agreement, latency,
                             run_predictor, task_metric)
 from dyngate_build.repository import (MODEL_PY_SOURCE, RUNTIME_SOURCE, Published, ServingOptions, directory_size,
-                              finish_model, keep_previous_version, native_config, python_config, staged_repository,
+                              finish_model, native_config, python_config, remove_versions, staged_repository,
                               triton_name, write_version)
 from dyngate_build.runtime import TOKENIZER_FILE, Predictor, RuntimeSpec
 from dyngate_build.techniques import BuildContext, Variant, get_technique, make_config
@@ -63,6 +63,8 @@ class BuildOptions:
         threads: intra-op threads of served variants (0 = library default).
         native: also write the native flavour (onnxruntime_onnx / pytorch_libtorch) where a variant has one.
         serving: Triton scheduling settings.
+        triton_url: HTTP endpoint of a running Triton (explicit model control) to roll the new versions out
+            to, e.g. "http://127.0.0.1:8000"; None: only write the repository.
     """
 
     model: str
@@ -77,6 +79,7 @@ class BuildOptions:
     threads: int = 0
     native: bool = True
     serving: ServingOptions = field(default_factory=ServingOptions)
+    triton_url: str | None = None
 
     def __post_init__(self):
         if not self.techniques:
@@ -180,7 +183,7 @@ def _check(variant: Variant, agree: Agreement) -> None:
             f"{agree.top1:.2%} (required ≥{tol.min_top1_agreement:.0%}); nothing was written")
 
 
-def build(options: BuildOptions, log=print, after_publish=None) -> list[VariantReport]:
+def build(options: BuildOptions, log=print) -> list[VariantReport]:
     """Run one build (see module docstring). Returns one report per variant.
 
     Raises ConfigError/SourceError before anything is written; ExportError when a variant fails its check or
@@ -190,6 +193,13 @@ def build(options: BuildOptions, log=print, after_publish=None) -> list[VariantR
     """
     from dyngate_build.data import DataSource, load_examples
     from dyngate_build.sources import load_source
+
+    control = None
+    if options.triton_url:
+        from dyngate_serving.triton_server import ModelControl
+
+        control = ModelControl(options.triton_url)
+        control.index()  # unreachable: fail now, not after the work
 
     configs = {name: make_config(name, options.technique_options.get(name)) for name in options.techniques}
     data_source = DataSource.from_setting(options.data)
@@ -211,7 +221,7 @@ def build(options: BuildOptions, log=print, after_publish=None) -> list[VariantR
 
     reports: list[VariantReport] = []
     with tempfile.TemporaryDirectory(prefix="dyngate-build-") as tmp, \
-            staged_repository(options.repository, after_publish or _keep_previous(log)) as staging:
+            staged_repository(options.repository, _after_publish(control, log)) as staging:
         work_dir = Path(tmp)
         reference = reference_predictor(source, work_dir, options.threads)
         context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference,
@@ -233,10 +243,38 @@ def build(options: BuildOptions, log=print, after_publish=None) -> list[VariantR
     return reports
 
 
-def _keep_previous(log):
+def _after_publish(control, log):
+    """What happens once the build's models are in the repository (see the module docstring, step 6)."""
+
+    def keep_one_previous(p: Published) -> None:
+        removed = remove_versions(p.folder, p.previous[:-1])
+        if p.previous:
+            log(f"  {p.name}: version {p.version} written; version {p.previous[-1]} kept for a Triton that may still "
+                f"serve it (`dyngate reload` or `dyngate build --triton-url` switches over and removes it)"
+                + (f"; removed older version(s) {removed}" if removed else ""))
+
     def after(published: list[Published]) -> None:
-        for p in published:
-            keep_previous_version(p, log)
+        if control is None:
+            for p in published:
+                keep_one_previous(p)
+            return
+        from dyngate_serving.triton_server import roll_out
+
+        pending = list(published)
+        try:
+            loaded = control.ready_models()
+            while pending:
+                p = pending[0]
+                if p.name in loaded or (p.is_new and p.backend == "python"):
+                    roll_out(control, p.folder, log)
+                else:  # not served by this Triton (e.g. a native flavour on the embedded server)
+                    keep_one_previous(p)
+                pending.pop(0)
+        except ServingError as e:
+            for p in pending:
+                p.undo()
+            names = ", ".join(p.name for p in pending)
+            raise ServingError(f"{e}. The repository keeps {names} as before this build") from e
 
     return after
 

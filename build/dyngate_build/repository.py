@@ -315,16 +315,6 @@ def publish_model(staged: Path, repository: Path, trash: Path) -> Published:
     return published
 
 
-def keep_previous_version(published: Published, log=print) -> None:
-    """After a publish without a Triton to roll out to: keep the version before the new one (a running Triton
-    may still serve it; `dyngate reload` switches over and removes it) and delete older ones."""
-    removed = remove_versions(published.folder, published.previous[:-1])
-    if published.previous:
-        log(f"  {published.name}: version {published.version} written; version {published.previous[-1]} kept for a "
-            f"Triton that may still serve it (`dyngate reload` or `dyngate build --triton` switches over and "
-            f"removes it)" + (f"; removed older version(s) {removed}" if removed else ""))
-
-
 @contextlib.contextmanager
 def staged_repository(repository: Path, after_publish=None):
     """Yield a staging folder beside `repository`; on success move every model folder in it into place.
