@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     from dyngate_gateway.app import serve
     from dyngate_serving.client import TritonClient
     from dyngate_gateway.config import GatewayConfig
-    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+    from dyngate_serving.launcher import TritonServer, TritonServerConfig
+    from dyngate_serving.net import free_port, free_ports
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")

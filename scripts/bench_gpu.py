@@ -132,7 +132,7 @@ def synchronised(fn, device: str):
 
 def main(argv=None) -> int:
     from dyngate_measure.benchmark import write_bench
-    from dyngate_measure.report import library_versions, machine_info
+    from dyngate_measure.machine import library_versions, machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv")

@@ -23,11 +23,11 @@ from dyngate_serving.client import TritonClient
 from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import ClientPool, Limits, load_catalog
 from dyngate_gateway.routing import Router, RoutingConfig, confidence
-from dyngate_serving.triton_server import free_port
+from dyngate_serving.net import free_port
 from tests.conftest import running_gateway
 
 TEXT_MODEL, IMAGE_MODEL = "distilbert-tiny", "vit-tiny"
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from dyngate_serving.net import DIRECT as _DIRECT
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from dyngate_cli import main as cli_main
 from dyngate_build.repository import directory_size, list_models
-from dyngate_measure.report import BATCH_SIZES, NO_GPU, add_changes, recommend
+from dyngate_measure.machine import NO_GPU
+from dyngate_measure.report import BATCH_SIZES, add_changes, recommend
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODELS = ("distilbert-tiny", "vit-tiny")

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError
+from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
 from dyngate_serving.client import TritonClient
 
@@ -305,7 +305,7 @@ def compare_variants(clients: ClientPool, view: ModelView, text: str | None, ima
         except InputError:
             raise
         except ServingError as e:
-            if "not reachable" in str(e):
+            if isinstance(e, TritonUnreachable):
                 clients.reset()
                 raise
             failures.append(str(e))

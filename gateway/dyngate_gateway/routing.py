@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dyngate_build.errors import InputError, ServingError
+from dyngate_build.errors import InputError, ServingError, TritonUnreachable
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
@@ -225,7 +225,7 @@ class Router:
             try:
                 step = self._call(view, chosen, data, params)
             except ServingError as e:
-                if "not reachable" in str(e) or not self._others_left(view, chosen):
+                if isinstance(e, TritonUnreachable) or not self._others_left(view, chosen):
                     raise
                 skipped.append(f"{chosen} failed ({e})")
                 continue  # _call marked it failed: the next choice leaves it out
@@ -303,7 +303,7 @@ class Router:
             try:
                 step = self._call(view, variant, data, params)
             except ServingError as e:
-                if "not reachable" in str(e) or i == len(order) - 1:
+                if isinstance(e, TritonUnreachable) or i == len(order) - 1:
                     raise
                 skipped.append(f"{variant} failed ({e})")
                 continue
@@ -330,7 +330,7 @@ class Router:
         try:
             result = client.predict(name, data, params)
         except ServingError as e:
-            if "not reachable" in str(e):
+            if isinstance(e, TritonUnreachable):
                 self.clients.reset()
             else:
                 with self._ready_lock:

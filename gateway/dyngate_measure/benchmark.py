@@ -1,6 +1,6 @@
 """`make bench`: every dyngate variant against the baselines a user would otherwise ship, in one interleaved run.
 
-    python -m dyngate_measure.benchmark --repository model_repository --requests 200 --repeats 3 --base --out reports
+    dyngate bench --repository model_repository --requests 200 --repeats 3 --base --out reports
 
 Rows of one table, all timed in the same loop (for each request, every row once, in a rotating order, so slow
 drift of the machine hits every row alike), on real dev inputs at natural length (SST-2 sentences for text):
@@ -607,7 +607,7 @@ def run_bench(options: BenchOptions, log=print) -> dict:
     import torch
 
     from dyngate_build.data import DataSource
-    from dyngate_measure.report import library_versions, machine_info, server_version
+    from dyngate_measure.machine import library_versions, machine_info, server_version
 
     torch.set_num_threads(options.threads)
     source_data = DataSource.from_setting(options.data)
@@ -625,7 +625,8 @@ def run_bench(options: BenchOptions, log=print) -> dict:
             groups = python_variants_by_model(options.repository, options.models)
             triton_paths = [p for p in options.paths if p != "in-process"]
             if triton_paths:
-                from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+                from dyngate_serving.launcher import TritonServer, TritonServerConfig
+                from dyngate_serving.net import free_ports
 
                 http, grpc, metrics = free_ports(3)
                 config = TritonServerConfig(repository=options.repository, http_port=http, grpc_port=grpc,
@@ -741,8 +742,8 @@ def write_bench(result: dict, out: Path, stem: str = "bench", title: str = "dyng
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dyngate bench` (and `python -m dyngate_measure.benchmark`)."""
     parser.add_argument("--repository", default=os.environ.get("DYNGATE_REPOSITORY", "model_repository"))
     parser.add_argument("--no-repository", action="store_true", help="only the --base section")
     parser.add_argument("--model", action="append", help="model name(s) in the repository (default: all)")
@@ -763,16 +764,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.environ.get("DYNGATE_CACHE", ".cache"))
     parser.add_argument("--out", default="reports", help="folder for bench.md and bench.json")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def options_from_args(args) -> BenchOptions:
+    """BenchOptions from parsed `add_arguments` options; ConfigError for a bad value."""
+    return BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
+                        models=args.model, requests=args.requests, repeats=args.repeats, warmup=args.warmup,
+                        batch_sizes=tuple(args.batch_sizes), threads=args.threads,
+                        paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
+                        base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
+                        base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
+                        progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        options = BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
-                               models=args.model, requests=args.requests, repeats=args.repeats, warmup=args.warmup,
-                               batch_sizes=tuple(args.batch_sizes), threads=args.threads,
-                               paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
-                               base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
-                               base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
-                               progress=not args.no_progress)
-        result = run_bench(options)
+        result = run_bench(options_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
