@@ -43,8 +43,9 @@ def embedded_server_version() -> str:
     Starts the embedded server on an empty repository and free loopback ports for a few seconds.
     Raises ServingError when it cannot start or does not answer.
     """
-    from dyngate_measure.report import server_version
-    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+    from dyngate_measure.machine import server_version
+    from dyngate_serving.launcher import TritonServer, TritonServerConfig
+    from dyngate_serving.net import free_ports
 
     http, grpc, metrics = free_ports(3)
     with tempfile.TemporaryDirectory(prefix="dyngate-version-") as empty:

@@ -16,8 +16,8 @@ What is written (DIR = `out`):
     DIR/gateway.Dockerfile    the gateway's image, built from the dyngate source tree
 
 Names, ports and environment variable names are the ones the local commands use: Triton's ports are the
-defaults of `dyngate_serving.triton_server.TritonServerConfig` (`dyngate serve`), the gateway's port is
-`dyngate_gateway.app.DEFAULT_PORT`, the login variables are `dyngate_gateway.config.USER_ENV` /
+defaults of `dyngate_serving.launcher.TritonServerConfig` (`dyngate serve`), the gateway's port is
+`dyngate_gateway.config.DEFAULT_PORT`, the login variables are `dyngate_gateway.config.USER_ENV` /
 `PASSWORD_ENV`, the Triton model names are the repository's folders. The login itself is read from a
 Kubernetes Secret (`secretKeyRef`) that the user creates; no secret value is ever written.
 
@@ -41,8 +41,9 @@ from pathlib import Path
 import yaml
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.repository import CONFIG_FILE, METADATA_FILE, RepositoryEntry, directory_size, latest_version_dir
-from dyngate_build.repository import list_models, read_config
+from dyngate_build.metadata import METADATA_FILE
+from dyngate_build.repository import CONFIG_FILE, RepositoryEntry, directory_size, list_models, newest_version_dir
+from dyngate_build.repository import read_config
 from dyngate_build.runtime import RuntimeSpec
 from dyngate_deploy import image
 
@@ -68,7 +69,7 @@ _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 def triton_ports() -> dict[str, int]:
     """Port name -> number of Triton's endpoints, the defaults of `dyngate serve` (TritonServerConfig)."""
-    from dyngate_serving.triton_server import TritonServerConfig
+    from dyngate_serving.launcher import TritonServerConfig
 
     defaults = TritonServerConfig(repository=Path(MODELS_MOUNT))
     return {"http": defaults.http_port, "grpc": defaults.grpc_port, "metrics": defaults.metrics_port}
@@ -76,7 +77,7 @@ def triton_ports() -> dict[str, int]:
 
 def gateway_port() -> int:
     """The gateway's port, the default of `dyngate gateway`."""
-    from dyngate_gateway.app import DEFAULT_PORT
+    from dyngate_gateway.config import DEFAULT_PORT
 
     return DEFAULT_PORT
 
@@ -193,11 +194,11 @@ def read_repository(repository: Path) -> RepositoryFacts:
     for entry in models:
         config = read_config(entry.folder)
         count = sum(max(1, g.count) for g in config.instance_group) or 1
-        graph = directory_size(latest_version_dir(entry.folder))
+        graph = directory_size(newest_version_dir(entry.folder))
         memory += count * graph
         if entry.backend != "python":
             continue
-        spec = RuntimeSpec.load(str(latest_version_dir(entry.folder)))
+        spec = RuntimeSpec.load(str(newest_version_dir(entry.folder)))
         item = limits.max_image_bytes if spec.client_input == "IMAGE" else 4 * limits.max_text_chars
         instances += count
         shm += count * (SHM_DEFAULT_BYTES + max(1, config.max_batch_size) * item)
