@@ -181,6 +181,8 @@ def test_smoothquant(context, dev_feeds):
     variant = _apply(context, "smoothquant", samples=32)
     _assert_static_integer_graph(variant.artifact, len(quantizable_linears(context.source.model)))
     report = variant.report
+    tried = report["alpha_logit_mse"]  # α chosen by the smallest quantized logit error on calibration inputs
+    assert len(tried) == 3 and tried[f"{variant.params['alpha']:g}"] == min(tried.values())
     assert report["equivalence_relative_error"] <= 1e-4
     layers = sorted(n for g in report["groups"] for n in g["layers"])
     assert layers == sorted(n for n, _ in quantizable_linears(context.source.model))
