@@ -10,7 +10,7 @@
    (an elementwise op, cheap next to the MatMul) in every family, and proves the result equal.
 4. Prove: the smoothed FP32 model must match the original within relative error 1e-4 on real inputs
    (ExportError otherwise). Record per-group outlier ratio (max/median of channel maxima) before and after.
-5. Quantize with `dyngate_build.techniques.int8_static.quantize_static_w8a8` (same calibration inputs).
+5. Quantize with `dyngate_build.techniques.quantization.int8_static.quantize_static_w8a8` (same calibration inputs).
 6. α: given, or (default) the one of `ALPHA_GRID` whose quantized graph has the smallest mean squared logit
    error against the FP32 model on the calibration inputs (the paper tunes α per model; on the
    distilbert-tiny preset a fixed α=0.5 lost 1 dev sentence more than plain int8-static).
@@ -27,8 +27,8 @@ import torch
 from dyngate_build.errors import ConfigError, ExportError, check_range
 from dyngate_build.export import export_onnx
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.int8_static import check_static_options, pad_id, quantize_static_w8a8
-from dyngate_build.techniques.quantization_common import calibration_feeds, quantizable_linears, relative_error
+from dyngate_build.techniques.quantization.int8_static import check_static_options, pad_id, quantize_static_w8a8
+from dyngate_build.techniques.quantization.core import calibration_feeds, quantizable_linears, relative_error
 
 EQUIVALENCE_LIMIT = 1e-4
 ALPHA_GRID = (0.25, 0.5, 0.75)
