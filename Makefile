@@ -59,7 +59,7 @@ BENCH_BASE ?= 1
 BENCH_BASE_REQUESTS ?= 30
 BENCH_THREADS ?= 1
 BENCH_OUT ?= reports
-# The model of DistilBERT's depth the bench builds first (trained once, ~8 min on 2 cores, then reused from the
+# The model of DistilBERT's depth the bench builds first (trained once, 28 min measured on a busy 2-core machine, then reused from the
 # cache) and the variants it compares there; BENCH_MODEL= (empty) measures the repository as it is.
 BENCH_MODEL ?= distilbert-6l
 BENCH_TECHNIQUES ?= fp32,int8-dynamic,int8-static,smoothquant,zeroquant-w8a8,zeroquant-w4a8,early-exit,stacked
