@@ -7,7 +7,7 @@ DYNGATE := $(BIN)/dyngate
 # Data: ../shared/data when it exists (SST-2, CoNLL-2003); override with DATA=folder or DATA=hf:<datasets id>.
 DATA ?= $(if $(DYNGATE_DATA),$(DYNGATE_DATA),$(wildcard ../shared/data))
 DATA_FLAG := $(if $(DATA),--data $(DATA),)
-# `make demo PRESETS="distilbert-6l vit-tiny deberta-tiny"` serves the 6-layer preset (trained once, ~8 min).
+# `make demo PRESETS="distilbert-6l vit-tiny deberta-tiny"` serves the 6-layer preset (trained once, then cached).
 PRESETS ?= distilbert-tiny vit-tiny deberta-tiny
 TECHNIQUES ?= fp32,torchscript
 REPOSITORY ?= model_repository
