@@ -137,12 +137,41 @@ def test_int8_dynamic(context, dev_feeds):
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
 
 
+def _integer_matmul_inputs(path) -> list[tuple]:
+    """(activation zero-point dtype, weight dtype) of every MatMul fed by DequantizeLinear on both inputs."""
+    graph = onnx.load(str(path)).graph
+    produced = {out: node for node in graph.node for out in node.output}
+    constants = {i.name: i for i in graph.initializer}
+    pairs = []
+    for node in graph.node:
+        dq = [produced.get(name) for name in node.input[:2]]
+        if node.op_type == "MatMul" and all(d is not None and d.op_type == "DequantizeLinear" for d in dq):
+            act_zp, weight = constants[dq[0].input[2]], constants[dq[1].input[0]]
+            pairs.append((onnx.helper.tensor_dtype_to_np_dtype(act_zp.data_type),
+                          onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)))
+    return pairs
+
+
+def _assert_static_integer_graph(path, linears):
+    """The static property: no run-time activation statistics, every weight MatMul an integer U8S8 MatMul."""
+    counts = op_counts(path)
+    assert counts["DynamicQuantizeLinear"] == 0 and counts["QuantizeLinear"] >= 1
+    pairs = _integer_matmul_inputs(path)
+    assert len(pairs) == linears and set(pairs) == {(np.dtype(np.uint8), np.dtype(np.int8))}
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_int8_static(context, dev_feeds, method):
+    import onnxruntime as ort
+
     variant = _apply(context, "int8-static", method=method, samples=16)
-    counts = op_counts(variant.artifact)
-    linears = len(quantizable_linears(context.source.model))
-    assert counts["QuantizeLinear"] >= linears and counts["DequantizeLinear"] >= 2 * linears
+    _assert_static_integer_graph(variant.artifact, len(quantizable_linears(context.source.model)))
+    # ONNX Runtime fuses each Q -> DQ -> MatMul into an integer kernel when it loads the graph
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(context.work_dir / f"int8-static-{method}-optimized.onnx")
+    ort.InferenceSession(str(variant.artifact), options, providers=["CPUExecutionProvider"])
+    fused = op_counts(options.optimized_model_filepath)
+    assert fused["MatMulIntegerToFloat"] + fused["QLinearMatMul"] == len(quantizable_linears(context.source.model))
     assert variant.params["samples"] == 16 and variant.params["method"] == method
     max_diff, _, top1 = _errors(variant.artifact, context.fp32_onnx(), dev_feeds)
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
@@ -150,9 +179,10 @@ def test_int8_static(context, dev_feeds, method):
 
 def test_smoothquant(context, dev_feeds):
     variant = _apply(context, "smoothquant", samples=32)
-    counts = op_counts(variant.artifact)
-    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
+    _assert_static_integer_graph(variant.artifact, len(quantizable_linears(context.source.model)))
     report = variant.report
+    tried = report["alpha_logit_mse"]  # α chosen by the smallest quantized logit error on calibration inputs
+    assert len(tried) == 3 and tried[f"{variant.params['alpha']:g}"] == min(tried.values())
     assert report["equivalence_relative_error"] <= 1e-4
     layers = sorted(n for g in report["groups"] for n in g["layers"])
     assert layers == sorted(n for n, _ in quantizable_linears(context.source.model))
@@ -214,17 +244,46 @@ def test_zeroquant_w4a8(context, dev_feeds, group_size):
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
 
 
-@pytest.mark.parametrize("kernel", ["matmulinteger", "matmulnbits"])
+@pytest.mark.parametrize("kernel", ["tokenwise", "matmulnbits"])
 def test_zeroquant_w8a8(context, dev_feeds, kernel):
     variant = _apply(context, "zeroquant-w8a8", kernel=kernel)
     counts = op_counts(variant.artifact)
     linears = len(quantizable_linears(context.source.model))
-    if kernel == "matmulinteger":
-        assert counts["MatMulInteger"] >= linears and counts["DynamicQuantizeLinear"] > 0
+    if kernel == "tokenwise":  # per-row scales (ReduceMax over the last axis), no per-tensor DynamicQuantizeLinear
+        graph = onnx.load(str(variant.artifact)).graph
+        assert counts["MatMulInteger"] == linears and counts["DynamicQuantizeLinear"] == 0
+        axes = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        reduce = [n for n in graph.node if n.op_type == "ReduceMax"]
+        assert reduce and all(axes[n.input[1]].tolist() == [-1] for n in reduce)
+        weights = [axes[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger"]
+        assert all(w.dtype == np.int8 for w in weights)
     else:
         assert counts["MatMulNBits"] == linears
     max_diff, _, top1 = _errors(variant.artifact, context.fp32_onnx(), dev_feeds)
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
+
+
+def _alone_and_in_batch(path, context, texts: list[bytes]) -> float:
+    """max |Δlogit| between each text run alone and the same text inside one request of all `texts`."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = session.run(None, context.feeds(texts, batch_size=len(texts))[0])[0]
+    alone = np.concatenate([session.run(None, f)[0] for f in context.feeds(texts, batch_size=1)])
+    return float(np.abs(batch - alone).max())
+
+
+def test_tokenwise_scales_make_answers_independent_of_batch_neighbours(context, data_source):
+    """ZeroQuant's token-wise activation scales: a text's logits are the same alone and inside a 32-text request
+    (padded to the longest); int8-dynamic's per-tensor scale moves them (the test can fail)."""
+    from dyngate_build.data import load_examples
+
+    examples, _ = load_examples("text-classification", "dev", data_source, limit=32)
+    texts = [ex.raw for ex in examples]
+    assert _alone_and_in_batch(context.fp32_onnx(), context, texts) <= 1e-5
+    for name in ("zeroquant-w8a8", "zeroquant-w4a8"):
+        assert _alone_and_in_batch(_apply(context, name).artifact, context, texts) <= 1e-4, name
+    assert _alone_and_in_batch(_apply(context, "int8-dynamic").artifact, context, texts) > 1e-4
 
 
 @pytest.mark.parametrize("bits", [8, 4, "ternary", "binary"])

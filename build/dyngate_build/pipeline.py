@@ -57,7 +57,8 @@ class BuildOptions:
         cache_dir: where presets and other reusable artefacts live.
         data: data setting (folder or "hf:<datasets id>"); None = $DYNGATE_DATA or ../shared/data.
         eval_limit: dev examples for the task metric (None = the whole split).
-        check_limit: dev examples for the agreement check against the FP32 reference.
+        check_limit: dev examples for the agreement check against the FP32 reference (None = every dev example
+            the build evaluates, so top-1 agreement and max |Δlogit| describe the same split as the metric).
         latency_samples: batch-1 requests timed in process per variant.
         threads: intra-op threads of served variants (0 = library default).
         native: also write the native flavour (onnxruntime_onnx / pytorch_libtorch) where a variant has one.
@@ -71,7 +72,7 @@ class BuildOptions:
     cache_dir: Path = Path(".cache")
     data: str | None = None
     eval_limit: int | None = 1000
-    check_limit: int = 64
+    check_limit: int | None = None
     latency_samples: int = 100
     threads: int = 0
     native: bool = True
@@ -81,7 +82,7 @@ class BuildOptions:
         if not self.techniques:
             raise ConfigError("techniques is empty; name at least one, e.g. fp32")
         for name, value in (("check_limit", self.check_limit), ("latency_samples", self.latency_samples)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"{name}={value} must be ≥1")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"eval_limit={self.eval_limit} must be ≥1 (or None for the whole split)")
@@ -189,7 +190,25 @@ def build(options: BuildOptions, log=print,
                 f"max|Δlogit| {report.agreement.max_abs_logit:.2e}, top-1 {report.agreement.top1:.2%}, "
                 f"{report.size_bytes / 1e6:.2f} MB, p50 {report.latency.p50_ms:.2f} ms")
     log(summary_table(source.name, reference_metric, reports))
+    fastest = fastest_int8(reports)
+    if fastest:
+        log(fastest)
     return reports
+
+
+INT8_TECHNIQUES = ("int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")
+
+
+def fastest_int8(reports: list[VariantReport]) -> str | None:
+    """One line naming the INT8 variant with the lowest in-process p50 of this build, on this machine (CPU
+    name and core count), with the others' p50; None when fewer than two INT8 variants were built."""
+    int8 = sorted((r for r in reports if r.technique in INT8_TECHNIQUES), key=lambda r: r.latency.p50_ms)
+    if len(int8) < 2:
+        return None
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    others = ", ".join(f"{r.variant} {r.latency.p50_ms:.2f} ms" for r in int8[1:])
+    return (f"fastest INT8 variant on this machine ({machine}): {int8[0].variant} p50 {int8[0].latency.p50_ms:.2f} ms "
+            f"(batch 1, in process; {others})")
 
 
 def _keep_previous_versions(log) -> Callable[[list[Published]], None]:
@@ -214,18 +233,22 @@ class _Measure:
 
 
 def summary_table(model: str, reference: Metric, reports: list[VariantReport]) -> str:
-    """The end-of-build table: one row per variant with metric, agreement, size and p50 next to the first row's."""
+    """The end-of-build table: one row per variant with metric, agreement (top-1 and max |Δlogit| against the
+    FP32 reference on `n` dev examples), size, p50 and its speed-up over the fp32 variant (fp32 p50 / row p50;
+    "–" when fp32 was not built)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{model}: PyTorch FP32 {reference.name} {reference.value:.4f}")
-    for column in ("variant", reference.name, "Δ pt", "max |Δlogit|", "top-1", "MB", "p50 ms", "× first"):
+    n = max((r.agreement.n for r in reports), default=0)
+    table = Table(title=f"{model}: PyTorch FP32 {reference.name} {reference.value:.4f}; agreement with it on {n} "
+                        f"dev examples")
+    for column in ("variant", reference.name, "Δ pt", "max |Δlogit|", "top-1", "MB", "p50 ms", "× fp32"):
         table.add_column(column, justify="left" if column == "variant" else "right")
-    base = reports[0].latency.p50_ms if reports else 1.0
+    fp32 = next((r.latency.p50_ms for r in reports if r.variant == "fp32"), None)
     for r in reports:
         table.add_row(r.variant, f"{r.metric.value:.4f}", f"{(r.metric.value - reference.value) * 100:+.2f}",
                       f"{r.agreement.max_abs_logit:.2e}", f"{r.agreement.top1:.2%}", f"{r.size_bytes / 1e6:.2f}",
-                      f"{r.latency.p50_ms:.2f}", f"{r.latency.p50_ms / base:.2f}")
+                      f"{r.latency.p50_ms:.2f}", f"{fp32 / r.latency.p50_ms:.2f}" if fp32 else "–")
     console = Console(width=120, record=True, file=io.StringIO())
     console.print(table)
     return console.export_text()
@@ -240,12 +263,13 @@ def _write_variant(staging: Path, source, variant: Variant, options: BuildOption
                                        artifact_name=artifact_name, runtime=variant.runtime, threads=options.threads)
 
     predictor = _load_checked(version_dir, artifact_name, variant)
+    examples = measure.examples
     checked = run_predictor(predictor, measure.check_raws, options=variant.check_options)
     agree = agreement(checked, measure.reference_predictions[: len(checked)])
     check_agreement(variant, agree)
-    examples = measure.examples
-    metric = task_metric(source.family.task, run_predictor(predictor, [ex.raw for ex in examples]),
-                         examples, source.labels)
+    if variant.check_options or len(checked) != len(examples):  # else the check already answered every example
+        checked = run_predictor(predictor, [ex.raw for ex in examples])
+    metric = task_metric(source.family.task, checked, examples, source.labels)
     lat = latency(predictor, measure.latency_raws)
     size = directory_size(version_dir / artifact_name)
     family = source.family

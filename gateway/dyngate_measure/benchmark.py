@@ -58,7 +58,7 @@ BASELINE_LABELS = {EAGER: "PyTorch eager FP32", ORT_FP32: "ONNX Runtime FP32", O
 # that keep them free of fine-tuning (pruned: structure only, no KD recovery; zeroquant: kd off by default).
 # (row name, technique, options); the MatMulNBits 8-bit kernel row is there because it measured slower than FP32.
 BASE_TECHNIQUES = (("fp16", "fp16", {}), ("torchscript", "torchscript", {}), ("int8-dynamic", "int8-dynamic", {}),
-                   ("int8-static", "int8-static", {}), ("smoothquant", "smoothquant", {}),
+                   ("int8-static", "int8-static", {}), ("smoothquant", "smoothquant", {"alpha": 0.5}),
                    ("zeroquant-w8a8", "zeroquant-w8a8", {}),
                    ("zeroquant-w8a8 (MatMulNBits)", "zeroquant-w8a8", {"kernel": "matmulnbits"}),
                    ("zeroquant-w4a8", "zeroquant-w4a8", {}),

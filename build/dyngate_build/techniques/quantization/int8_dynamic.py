@@ -1,7 +1,9 @@
 """`int8-dynamic`: ONNX Runtime dynamic quantization (INT8 weights; activations quantized per run).
 
 MatMul weights become INT8 (per output channel unless `per_channel=False`) and run as MatMulInteger after a
-DynamicQuantizeLinear of the activation, whose scale is computed on every run. Embedding tables (Gather)
+DynamicQuantizeLinear of the activation, whose scale is computed on every run over the whole tensor, i.e.
+over every text of the request: a text's logits depend on its batch neighbours (ZeroQuant's token-wise
+scales, `zeroquant-w8a8`, remove that). Embedding tables (Gather)
 are stored INT8 and dequantized after the lookup. Gemm (the classifier head) and LayerNorm stay FP32.
 """
 
@@ -46,7 +48,7 @@ def quantize_dynamic_int8(fp32: Path, out: Path, per_channel: bool = True, weigh
 
 @register("int8-dynamic", Int8DynamicConfig)
 def apply(context: BuildContext, config: Int8DynamicConfig) -> Variant:
-    """INT8 dynamic quantization of the FP32 ONNX graph (ONNX Runtime MatMulInteger)."""
+    """INT8 dynamic (ONNX Runtime MatMulInteger): one activation scale per batch, answers move with batch neighbours."""
     out = quantize_dynamic_int8(context.fp32_onnx(), context.work_dir / "int8-dynamic.onnx", config.per_channel,
                                 config.weight_type)
     return Variant(
