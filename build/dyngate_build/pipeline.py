@@ -33,7 +33,7 @@ from pathlib import Path
 from dyngate_build import __version__
 from dyngate_build.errors import ConfigError, ExportError, ServingError
 from dyngate_build.evaluate import (Agreement, Latency, Metric, TorchReferenceEngine, agreement, latency,
-                            run_predictor, task_metric)
+                            run_predictor, task_metric, torch_threads_kept)
 from dyngate_build.repository import (MODEL_PY_SOURCE, RUNTIME_SOURCE, Published, ServingOptions, directory_size,
                               finish_model, native_config, python_config, remove_versions, staged_repository,
                               triton_name, write_version)
@@ -60,9 +60,9 @@ class BuildOptions:
         eval_limit: dev examples for the task metric (None = the whole split).
         check_limit: dev examples for the agreement check against the FP32 reference.
         latency_samples: batch-1 requests timed in process per variant.
-        threads: intra-op threads of served variants (0 = library default).
         native: also write the native flavour (onnxruntime_onnx / pytorch_libtorch) where a variant has one.
-        serving: Triton scheduling settings.
+        serving: how variants are served (batching, instances, threads per instance; one place for all
+            of it, see ServingOptions); the build's in-process checks and latency use the same threads.
         triton_url: HTTP endpoint of a running Triton (explicit model control) to roll the new versions out
             to, e.g. "http://127.0.0.1:8000"; None: only write the repository.
     """
@@ -76,7 +76,6 @@ class BuildOptions:
     eval_limit: int | None = 1000
     check_limit: int = 64
     latency_samples: int = 100
-    threads: int = 0
     native: bool = True
     serving: ServingOptions = field(default_factory=ServingOptions)
     triton_url: str | None = None
@@ -151,7 +150,7 @@ def reference_predictor(source, work_dir: Path, threads: int = 0) -> Predictor:
 
 
 def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metric: Metric, reference: Metric,
-              agree: Agreement, lat: Latency, threads: int) -> dict:
+              agree: Agreement, lat: Latency, serving: ServingOptions) -> dict:
     return {
         "model": source.name, "variant": variant.name, "triton_name": name, "flavour": flavour,
         "technique": variant.technique, "params": variant.params, "engine": variant.engine,
@@ -165,7 +164,8 @@ def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metr
         "agreement": agree.as_dict(),
         "tolerance": {"max_abs_logit": variant.tolerance.max_abs_logit,
                       "min_top1_agreement": variant.tolerance.min_top1_agreement},
-        "latency_in_process": {**lat.as_dict(), "batch_size": 1, "threads": threads or os.cpu_count()},
+        "latency_in_process": {**lat.as_dict(), "batch_size": 1, "threads": serving.threads},
+        "serving": serving.as_dict(),
         "notes": variant.notes,
         "technique_report": variant.report,
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -223,7 +223,7 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
     with tempfile.TemporaryDirectory(prefix="dyngate-build-") as tmp, \
             staged_repository(options.repository, _after_publish(control, log)) as staging:
         work_dir = Path(tmp)
-        reference = reference_predictor(source, work_dir, options.threads)
+        reference = reference_predictor(source, work_dir, options.serving.threads)
         context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference,
                                dev=examples)
         reference_predictions = run_predictor(reference, raws)
@@ -234,7 +234,8 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
         preprocessing = _preprocessing_files(source, work_dir)
         for technique_name in options.techniques:
             variant = get_technique(technique_name).apply(context, configs[technique_name])
-            report = _write_variant(staging, source, variant, preprocessing, options, measure)
+            with torch_threads_kept():
+                report = _write_variant(staging, source, variant, preprocessing, options, measure)
             reports.append(report)
             log(f"  {report.triton_name}: {report.metric.name} {report.metric.value:.4f}, "
                 f"max|Δlogit| {report.agreement.max_abs_logit:.2e}, top-1 {report.agreement.top1:.2%}, "
@@ -318,7 +319,8 @@ def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict,
     files = {**preprocessing, "model.py": MODEL_PY_SOURCE, "dyngate_runtime.py": RUNTIME_SOURCE}
     version_dir = write_version(staging, name, VERSION, files)
     _copy_artifact(variant.artifact, version_dir / artifact_name)
-    runtime_spec(source, variant.engine, options.threads, variant.runtime, artifact_name).save(str(version_dir))
+    runtime_spec(source, variant.engine, options.serving.threads, variant.runtime, artifact_name).save(
+        str(version_dir))
 
     predictor = _load_checked(version_dir, artifact_name, variant)
     checked = run_predictor(predictor, measure.check_raws, options=variant.check_options)
@@ -331,7 +333,7 @@ def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict,
     size = directory_size(version_dir / artifact_name)
     family = source.family
     metadata = _metadata(source, variant, name, "python", size, metric, measure.reference_metric, agree, lat,
-                         options.threads)
+                         options.serving)
     logits_rank = 2 if family.task == "token-classification" else 1
     finish_model(version_dir.parent, python_config(name, family.client_input, logits_rank, options.serving),
                  metadata)
