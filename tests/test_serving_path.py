@@ -50,9 +50,12 @@ def test_configs_carry_the_serving_options():
                                  "kind": "KIND_CPU"}
 
 
-def test_built_variants_say_how_they_are_served(built_repository):
+def test_built_variants_say_how_they_are_served(built_repository, triton):
     """Every python-backend variant: instances in config.pbtxt, threads in runtime.json, both in metadata.json
-    (what the Models tab shows), all from the one ServingOptions of the build."""
+    and in the Models tab, all from the one ServingOptions of the build."""
+    from dyngate_gateway import models_view
+    from dyngate_gateway.handlers import ClientPool
+
     expected = ServingOptions()
     folder = built_repository / MODEL
     config = read_config(folder)
@@ -61,6 +64,11 @@ def test_built_variants_say_how_they_are_served(built_repository):
     runtime = json.loads(next(folder.glob("[0-9]*/runtime.json")).read_text())
     assert runtime["threads"] == expected.threads >= 1
     assert json.loads((folder / "metadata.json").read_text())["serving"] == expected.as_dict()
+    rows = [dict(zip(models_view.HEADERS, r))
+            for r in models_view.model_rows(built_repository, ClientPool(triton.endpoints["grpc"]))]
+    shown = next(r["serving"] for r in rows if r["triton model"] == MODEL)
+    assert shown == models_view.serving_text(expected.as_dict())
+    assert f"{expected.instances} instance" in shown and f"{expected.threads} thread" in shown
 
 
 @pytest.fixture(scope="module")

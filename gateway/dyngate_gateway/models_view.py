@@ -13,7 +13,7 @@ from dyngate_serving.client import TritonClient
 from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
 HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
-           "state", "version", "reason"]
+           "serving", "state", "version", "reason"]
 CONTROL_TIMEOUT_S = 180.0
 SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while
 
@@ -89,8 +89,19 @@ def model_rows(repository: Path, clients: ClientPool) -> list[list]:
                      "native" if entry.native else entry.backend, meta.get("size_mb"),
                      None if accuracy.get("value") is None else f"{accuracy.get('name', 'accuracy')} "
                                                                 f"{accuracy['value']:.4f}",
-                     (meta.get("latency_in_process") or {}).get("p50_ms"), state, version, reason])
+                     (meta.get("latency_in_process") or {}).get("p50_ms"), serving_text(meta.get("serving")), state,
+                     version, reason])
     return rows
+
+
+def serving_text(serving: dict | None) -> str:
+    """How a variant is served, from its metadata's "serving" (dyngate_build.repository.ServingOptions.as_dict),
+    e.g. "1 instance × 1 thread, batch ≤32, queue delay 0 µs"; "" for a build that did not record it."""
+    if not serving:
+        return ""
+    instances, threads = serving.get("instances"), serving.get("threads")
+    return (f"{instances} instance{'s' if instances != 1 else ''} × {threads} thread{'s' if threads != 1 else ''}, "
+            f"batch ≤{serving.get('max_batch_size')}, queue delay {serving.get('queue_delay_us')} µs")
 
 
 def control(clients: ClientPool, repository: Path, name: str | None, action: str) -> str:
