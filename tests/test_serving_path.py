@@ -201,3 +201,81 @@ def test_a_slow_client_does_not_block_others(triton):
     finally:
         slow.close()
     _healthy(triton)
+
+
+# ---------------------------------------------------------------------------------------------- the gateway
+
+@pytest.fixture(scope="module")
+def gateway(built_repository, triton):
+    from tests.conftest import running_gateway
+
+    with running_gateway(built_repository, triton, server_pid=triton.pid) as running:
+        yield running
+
+
+BODY = json.dumps({"model": "distilbert-tiny", "text": "a fine, warm film", "policy": "variant",
+                   "variant": "fp32"}).encode()
+
+
+def _gateway_request(url: str, body: bytes = BODY) -> bytes:
+    host, port = url.split("://")[1].split(":")
+    return (f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _gateway_healthy(gateway, triton) -> None:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{gateway.url}/api/status", timeout=30) as response:
+        assert json.loads(response.read())["triton_ready"] is True
+    request = urllib.request.Request(f"{gateway.url}/api/predict", data=BODY,
+                                     headers={"content-type": "application/json"})
+    with opener.open(request, timeout=30) as response:
+        assert json.loads(response.read())["served_by"] == "fp32"
+    _healthy(triton)
+
+
+def test_gateway_answers_a_thousand_requests_queued_at_once(gateway, triton):
+    import aiohttp
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=False,
+                                         timeout=aiohttp.ClientTimeout(total=600)) as session:
+            async def one():
+                async with session.post(f"{gateway.url}/api/predict", data=BODY,
+                                        headers={"content-type": "application/json"}) as response:
+                    return response.status, await response.json()
+
+            return await asyncio.gather(*(one() for _ in range(1000)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    failed = [r for r in results if isinstance(r, BaseException) or r[0] != 200]
+    assert not failed, failed[:3]
+    assert all(answer["served_by"] == "fp32" for _, answer in results)
+    _gateway_healthy(gateway, triton)
+
+
+def test_gateway_survives_clients_that_hang_up_mid_request_and_slow_clients(gateway, triton):
+    host, port = gateway.url.split("://")[1].split(":")
+    request = _gateway_request(gateway.url)
+    for _ in range(50):  # the whole request, then gone before the answer
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(request)
+    for cut in (10, len(request) - 5):  # half a request, then gone
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(request[:cut])
+    slow = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        slow.sendall(request[:len(request) // 2])
+        _gateway_healthy(gateway, triton)  # others are answered while the slow one dawdles
+        for byte in request[len(request) // 2:]:
+            slow.sendall(bytes([byte]))
+            time.sleep(0.002)
+        reply = b""
+        while b"\r\n\r\n" not in reply and (chunk := slow.recv(65536)):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    finally:
+        slow.close()
+    _gateway_healthy(gateway, triton)

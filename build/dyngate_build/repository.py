@@ -243,7 +243,7 @@ def write_floor_model(repository: Path, client_input: str = "TEXT", logits_shape
     write_version(Path(repository), name, 1, {"model.py": FLOOR_PY_SOURCE})
     config = python_config(name, client_input, len(logits_shape), options)
     config["parameters"] = {"logits_shape": {"string_value": ",".join(str(int(d)) for d in logits_shape)}}
-    finish_model(folder, config, {"model": name, "variant": "floor", "technique": "none", "flavour": "floor"})
+    write_config(folder, config)  # no metadata.json: it is no variant, and the gateway lists none for it
     return folder
 
 

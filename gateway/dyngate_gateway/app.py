@@ -114,25 +114,26 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                 gr.update(visible=view.is_text), gr.update(visible=not view.is_text))
 
     @handlers.user_errors
-    def on_predict(name: str | None, text_value: str | None, image_path: str | None, chosen: list[str] | None):
+    async def on_predict(name: str | None, text_value: str | None, image_path: str | None,
+                         chosen: list[str] | None):
         state.refresh()
         view = catalog.get(name or "")
         if view is None:
             raise handlers.InputError(f"unknown model {name!r}; the repository's models are: "
                                       f"{', '.join(catalog) or 'none (run dyngate build)'}")
-        result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
-                                           limits=state.config.limits)
+        result = await handlers.compare_variants(clients, view, text_value, image_path, chosen,
+                                                 limits=state.config.limits)
         return _table(result.rows), result.answers
 
     def on_image(path: str | None):
         return handlers.image_preview(path)
 
     @handlers.user_errors
-    def on_route(name, text_value, image_path, policy_value, variant_value, budget_value, threshold_value,
-                 exit_value):
+    async def on_route(name, text_value, image_path, policy_value, variant_value, budget_value, threshold_value,
+                       exit_value):
         state.refresh()
         view = state.router.view(name)
-        return state.router.route(view.name, text_value if view.is_text else None, policy_value,
+        return await state.router.aroute(view.name, text_value if view.is_text else None, policy_value,
                                   variant=variant_value or None, accuracy_budget=budget_value,
                                   threshold=threshold_value, exit_threshold=exit_value,
                                   image=None if view.is_text else image_path)
@@ -441,7 +442,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return fn() if authorized(request) else unauthorized()
         return wrapper
 
-    def predict(body) -> JSONResponse:
+    async def predict(body) -> JSONResponse:
         if not isinstance(body, dict):
             return error(400, "the body must be a JSON object: {\"model\": ..., \"text\": ... | \"image_base64\": "
                               "..., \"policy\": ...}")
@@ -472,7 +473,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                 return error(400, "image_base64 is not valid base64")
         text = body.get("text")
         try:
-            answer = state.router.route(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
+            answer = await state.router.aroute(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
                                         accuracy_budget=body.get("accuracy_budget"),
                                         threshold=body.get("threshold"), exit_threshold=body.get("exit_threshold"),
                                         image=image)
@@ -486,8 +487,6 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
 
     @app.post("/api/predict")
     async def api_predict(request: Request):
-        import anyio
-
         if not authorized(request):
             return unauthorized()
         try:
@@ -496,7 +495,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return error(400, f"the body is not JSON: {e}")
         except RecursionError:
             return error(400, "the body is not JSON this route accepts: nested too deeply")
-        return await anyio.to_thread.run_sync(predict, body)  # a worker thread: ClientPool gives it a client
+        return await predict(body)  # on the event loop: the router awaits Triton through the loop's shared client
 
     @app.get("/api/status")
     def api_status(request: Request):

@@ -32,6 +32,7 @@ Writes `<out>/bench.md` and `<out>/bench.json` (machine, library versions, setti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -308,6 +309,74 @@ def concurrent_run(make_call: Callable[[], tuple[Callable, Callable]], requests:
             "p90_ms": round(float(np.percentile(times, 90)), 4)}
 
 
+@contextlib.contextmanager
+def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: float = 180):
+    """`dyngate gateway` for `repository` in front of the Triton at `grpc_url`, on a free loopback port, in a
+    process of its own (its event loop shares no GIL with the bench's clients); yields its url. ServingError
+    with the log's tail when it does not answer within `timeout_s`."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from dyngate_build.errors import ServingError
+    from dyngate_serving.triton_server import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dyngate_cli", "gateway", "--repository", str(repository),
+                                    "--triton", grpc_url.split("://")[-1], "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                opener.open(f"{url}/api/status", timeout=5).close()
+                break
+            except urllib.error.HTTPError:  # it answers (503 while Triton loads): up
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log_file.read_text(errors="replace")[-2000:]
+                    raise ServingError(f"the gateway did not start on {url}; its log ends:\n{tail}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _gateway_call(url: str, entry) -> tuple[Callable, Callable]:
+    """(call, close): POST /api/predict {"model", "text" | "image_base64", "policy": "variant", "variant"} of
+    one request (a list with one raw input) over one kept-alive connection, as a client of the gateway would."""
+    import base64
+    import http.client
+
+    from dyngate_build.errors import ServingError
+
+    host, port = url.split("://")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    text = (entry.metadata.get("client_input") or "TEXT") == "TEXT"
+
+    def call(batch: list[bytes]) -> bytes:
+        raw = batch[0]
+        field = {"text": raw.decode()} if text else {"image_base64": base64.b64encode(raw).decode()}
+        body = json.dumps({"model": entry.model, **field, "policy": "variant", "variant": entry.variant})
+        connection.request("POST", "/api/predict", body, {"content-type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise ServingError(f"gateway answered HTTP {response.status}: {data[:200]!r}")
+        return data
+
+    return call, connection.close
+
+
 def serving_repository(repository: Path, groups: dict[str, list], target: Path) -> dict[str, str]:
     """A repository at `target` that Triton serves for the bench: a symlink to every model folder of `groups`
     and, per model, the empty model (`write_floor_model`) with that model's input and output shapes. Returns
@@ -332,12 +401,17 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
     """Where a served request's time goes, per variant of `model`: batch-1 p50 in process (the variant's own
     runtime.json threads, as served), over gRPC and over HTTP, the empty model's (`floor`) p50 on each protocol,
     and overhead = round trip - in process - floor; then requests/s of CONCURRENCY threads against one client
-    sending back to back (single stream: 1000 / mean batch-1 ms). All batch-1 rows are interleaved."""
+    sending back to back (single stream: 1000 / mean batch-1 ms). All batch-1 rows are interleaved. With
+    endpoints["gateway"] (a gateway in front of the same Triton) each variant also goes through the gateway's
+    POST /api/predict (policy "variant"), reported with what it adds over direct gRPC."""
     from dyngate_serving.client import TritonClient
 
     requests = [[raw] for raw in raws[:options.requests]]
     protocols = [p for p in OVERHEAD_PATHS if p != "in-process"]
+    variant_paths = list(OVERHEAD_PATHS) + (["gateway"] if "gateway" in endpoints else [])
+    entries = {e.name: e for e in group}
     clients = {p: TritonClient(endpoints[p], p) for p in protocols}
+    gateway = {e.name: _gateway_call(endpoints["gateway"], e) for e in group} if "gateway" in endpoints else {}
     predictors = {e.name: variant_predictor(newest_version(e)) for e in group}
     calls: dict[tuple[str, str], Callable] = {}
     for p in protocols:
@@ -346,6 +420,8 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
         calls[(e.name, "in-process")] = predictors[e.name].predict
         for p in protocols:
             calls[(e.name, p)] = _triton_call(clients[p], e.name)
+        if gateway:
+            calls[(e.name, "gateway")] = gateway[e.name][0]
     try:
         per_repeat: dict[tuple[str, str], list[list[float]]] = {k: [] for k in calls}
         for _ in range(options.repeats):
@@ -355,11 +431,15 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
     finally:
         for client in clients.values():
             client.close()
+        for _, close in gateway.values():
+            close()
     latency = {key: latency_summary(t, 1) for key, t in per_repeat.items()}
 
     def make(name: str, path: str):
         if path == "in-process":
             return lambda: (predictors[name].predict, lambda: None)
+        if path == "gateway":
+            return lambda: _gateway_call(endpoints["gateway"], entries[name])
 
         def factory():
             client = TritonClient(endpoints[path], path)
@@ -368,7 +448,7 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
 
     rows = []
     for name, variant in [(floor, "floor")] + [(e.name, e.variant) for e in group]:
-        paths = protocols if name == floor else list(OVERHEAD_PATHS)
+        paths = protocols if name == floor else variant_paths
         row = {"triton_name": name, "variant": variant, "paths": {}}
         for path in paths:
             lat = latency[(name, path)]
@@ -376,9 +456,12 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
             cell = {"p50_ms": lat["p50_ms"], "p50_min_ms": lat["p50_min_ms"], "p50_max_ms": lat["p50_max_ms"],
                     "single_rps": lat["throughput_items_s"], f"c{CONCURRENCY}": conc,
                     f"c{CONCURRENCY}_vs_single": round(conc["throughput_rps"] / lat["throughput_items_s"], 3)}
-            if name != floor and path != "in-process":
+            if path == "gateway":  # what the gateway adds to the direct gRPC round trip it makes
+                cell["over_grpc_ms"] = round(lat["p50_ms"] - latency[(name, "grpc")]["p50_ms"], 4)
+            elif name != floor and path != "in-process":
                 cell["overhead_ms"] = round(lat["p50_ms"] - latency[(name, "in-process")]["p50_ms"]
                                             - latency[(floor, path)]["p50_ms"], 4)
+            if name != floor and path != "in-process":
                 cell[f"c{CONCURRENCY}_vs_in_process"] = round(
                     conc["throughput_rps"] / row["paths"]["in-process"][f"c{CONCURRENCY}"]["throughput_rps"], 3)
             row["paths"][path] = cell
@@ -397,12 +480,16 @@ def overhead_markdown(sections: list[dict]) -> str:
              f"the same protocol (the floor: a python-backend model with the same inputs and outputs that answers a "
              f"constant). c{CONCURRENCY}: requests/s of {CONCURRENCY} concurrent clients (each request one input), "
              f"× single: against one client back to back, × in process: against {CONCURRENCY} threads calling the "
-             "variant in process.", ""]
+             "variant in process. Gateway: POST /api/predict (policy variant) to a `dyngate gateway` in front of "
+             "the same Triton; gateway − gRPC: what it adds to the direct gRPC round trip.", ""]
     for section in sections:
         c = f"c{section['concurrency']}"
-        header = ["variant", "in process p50", "gRPC p50", "gRPC overhead", "HTTP p50", "HTTP overhead",
-                  f"in process {c} req/s", f"gRPC {c} req/s (× single, × in process)",
-                  f"HTTP {c} req/s (× single, × in process)"]
+        gateway = any("gateway" in r["paths"] for r in section["rows"])
+        header = ["variant", "in process p50", "gRPC p50", "gRPC overhead", "HTTP p50", "HTTP overhead"]
+        header += ["gateway p50", "gateway − gRPC"] if gateway else []
+        header += [f"in process {c} req/s", f"gRPC {c} req/s (× single, × in process)",
+                   f"HTTP {c} req/s (× single, × in process)"]
+        header += [f"gateway {c} req/s (× single, × in process)"] if gateway else []
         lines += [f"### {section['model']} ({section['requests']} requests × {section['repeats']} repeats)", "",
                   "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for row in section["rows"]:
@@ -425,8 +512,12 @@ def overhead_markdown(sections: list[dict]) -> str:
 
             name = "floor (empty model)" if row["variant"] == "floor" else row["variant"]
             inproc = f"{p['in-process'][c]['throughput_rps']:.0f}" if "in-process" in p else "–"
-            lines.append("| " + " | ".join([name, ms("in-process"), ms("grpc"), over("grpc"), ms("http"),
-                                              over("http"), inproc, conc("grpc"), conc("http")]) + " |")
+            cells = [name, ms("in-process"), ms("grpc"), over("grpc"), ms("http"), over("http")]
+            if gateway:
+                cells += [ms("gateway"),
+                          f"{p['gateway']['over_grpc_ms']:+.2f}" if "gateway" in p else "–"]
+            cells += [inproc, conc("grpc"), conc("http")] + ([conc("gateway")] if gateway else [])
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -493,7 +584,9 @@ def evaluate(predictor, examples: list, task: str, labels: list[str]) -> float:
 class BenchOptions:
     """repository: Triton model repository (None: no preset sections). models: model names (None = all).
     requests: timed requests per row, batch size and repeat; repeats: interleaved runs; warmup: untimed requests
-    per row, batch size and repeat. overhead: add the serving overhead section (`overhead_section`). threads: intra-op threads of in-process rows (0 = all cores).
+    per row, batch size and repeat. threads: intra-op threads of in-process rows (0 = all cores).
+    overhead: add the serving overhead section (`overhead_section`); gateway: with a `dyngate gateway` process
+    in front of the bench's Triton in that section.
     paths: Triton paths besides in-process. base: add the DistilBERT-base section; base_requests: its
     requests (default: `requests`); base_exit_layer: its early exit layer (None = from the trained preset)."""
 
@@ -516,6 +609,7 @@ class BenchOptions:
     cache_dir: Path = Path(os.environ.get("DYNGATE_CACHE", ".cache"))
     progress: bool = True
     overhead: bool = True
+    gateway: bool = True
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -790,7 +884,8 @@ def _overhead(model: str, group: list, floor: str, source_data, options: BenchOp
     group = sorted(group, key=lambda e: (e.variant != "fp32", e.variant))
     task = group[0].metadata["source"]["task"]
     raws = [ex.raw for ex in load_examples(task, "dev", source_data, limit=options.requests)[0]]
-    per_row = options.requests * (options.repeats + 2 * len(OVERHEAD_PATHS))  # interleaved, then concurrent
+    paths = len(OVERHEAD_PATHS) + ("gateway" in endpoints)
+    per_row = options.requests * (options.repeats + 2 * paths)  # interleaved, then concurrent
     bar = _bar(options, per_row * (len(group) + 1), f"serving overhead {model}")
     try:
         with torch_threads_kept():
@@ -832,15 +927,19 @@ def run_bench(options: BenchOptions, log=print) -> dict:
                 config = TritonServerConfig(repository=served, http_port=http, grpc_port=grpc, metrics_port=metrics,
                                             models=[e.name for g in groups.values() for e in g] + list(floors.values()),
                                             log_file=options.out / "bench-triton.log")
-                with TritonServer(config) as server:
+                with TritonServer(config) as server, contextlib.ExitStack() as stack:
                     result["versions"] = library_versions(server_version(server.endpoints["http"]))
+                    endpoints = dict(server.endpoints)
+                    if options.overhead and options.gateway:
+                        endpoints["gateway"] = stack.enter_context(gateway_process(
+                            served, server.endpoints["grpc"], options.out / "bench-gateway.log"))
                     for model, group in groups.items():
                         (tmp / model).mkdir()
                         result["sections"].append(preset_section(model, group, source_data, options,
                                                                  server.endpoints, tmp / model))
                         if options.overhead:
                             result["serving_overhead"].append(_overhead(model, group, floors[model], source_data,
-                                                                        options, server.endpoints))
+                                                                        options, endpoints))
             else:
                 for model, group in groups.items():
                     (tmp / model).mkdir()
@@ -970,6 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports", help="folder for bench.md and bench.json")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-overhead", action="store_true", help="skip the serving overhead section")
+    parser.add_argument("--no-gateway", action="store_true", help="no gateway path in the serving overhead section")
     args = parser.parse_args(argv)
     try:
         options = BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
@@ -978,7 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
                                paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
                                base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
                                base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
-                               progress=not args.no_progress, overhead=not args.no_overhead)
+                               progress=not args.no_progress, overhead=not args.no_overhead,
+                               gateway=not args.no_gateway)
         result = run_bench(options)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
