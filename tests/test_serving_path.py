@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dyngate_build.errors import ConfigError, RepositoryError
+from dyngate_build.metadata import ServingRecord
 from dyngate_build.repository import (FLOOR_NAME, ServingOptions, instances_for, native_config, python_config,
                                       read_config, threads_for, triton_name, write_floor_model)
 from dyngate_serving.client import TritonClient
@@ -67,7 +68,7 @@ def test_built_variants_say_how_they_are_served(built_repository, triton):
     rows = [dict(zip(models_view.HEADERS, r))
             for r in models_view.model_rows(built_repository, ClientPool(triton.endpoints["grpc"]))]
     shown = next(r["serving"] for r in rows if r["triton model"] == MODEL)
-    assert shown == models_view.serving_text(expected.as_dict())
+    assert shown == models_view.serving_text(ServingRecord(**expected.as_dict()))
     assert f"{expected.instances} instance" in shown and f"{expected.threads} thread" in shown
 
 

@@ -87,11 +87,7 @@ def parse_levels(text) -> list[int]:
 
 def server_stats(client: TritonClient, model: str) -> dict[str, tuple[int, int]]:
     """Triton's cumulative statistics of `model`: {"success"|"queue"|...: (count, ns)}."""
-    raw = client._client  # tritonclient's own client: the statistics API is not wrapped by TritonClient
-    if client.protocol == "grpc":
-        stats = raw.get_inference_statistics(model, as_json=True, client_timeout=client.timeout_s)
-    else:
-        stats = raw.get_inference_statistics(model)
+    stats = client.statistics(model)
     out = {k: (0, 0) for k in _STAT_KEYS}
     for entry in stats.get("model_stats", []):
         inference = entry.get("inference_stats") or {}

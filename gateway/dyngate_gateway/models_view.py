@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dyngate_build.errors import InputError, ServingError
 from dyngate_build.repository import list_models, version_numbers
-from dyngate_serving.client import TritonClient
+from dyngate_serving.client import TritonClient, short_reason
 from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
 HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
@@ -21,12 +21,8 @@ SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a whil
 def repository_index(clients: ClientPool) -> dict[str, list[dict]]:
     """Triton's repository index by model name: one entry per version Triton knows (a model it never loaded has
     one bare entry). ServingError when Triton is unreachable."""
-    client = TritonClient(clients.url, clients.protocol, timeout_s=STATUS_TIMEOUT_S)
-    try:
-        index = client._call(client._client.get_model_repository_index, json=True)
-    finally:
-        client.close()
-    models = index.get("models", []) if isinstance(index, dict) else index
+    with TritonClient(clients.url, clients.protocol, timeout_s=STATUS_TIMEOUT_S) as client:
+        models = client.index()
     by_name: dict[str, list[dict]] = {}
     for m in models:
         by_name.setdefault(m["name"], []).append(m)
@@ -51,8 +47,6 @@ def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
     UNAVAILABLE (not loaded). reason: Triton's load error (without its traceback) for FAILED, else "".
     Failures of versions no longer on disk are history and ignored.
     """
-    from dyngate_serving.triton_server import short_reason
-
     on_disk = version_numbers(folder)
     newest = on_disk[-1] if on_disk else None
     versions = {int(e["version"]): e for e in entries if str(e.get("version") or "").isdigit()}
@@ -80,28 +74,26 @@ def model_rows(repository: Path, clients: ClientPool) -> list[list]:
     rows = []
     for entry in list_models(Path(repository)):
         meta = entry.metadata
-        accuracy = meta.get("accuracy") or {}
         if down:
             state, version, reason = "Triton unreachable", "", ""
         else:
             state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
-        rows.append([entry.name, entry.model, entry.variant, meta.get("technique", entry.variant),
-                     "native" if entry.native else entry.backend, meta.get("size_mb"),
-                     None if accuracy.get("value") is None else f"{accuracy.get('name', 'accuracy')} "
-                                                                f"{accuracy['value']:.4f}",
-                     (meta.get("latency_in_process") or {}).get("p50_ms"), serving_text(meta.get("serving")), state,
-                     version, reason])
+        rows.append([entry.name, entry.model, entry.variant, meta.technique if meta else entry.variant,
+                     "native" if entry.native else entry.backend, meta.size_mb if meta else None,
+                     f"{meta.accuracy.name} {meta.accuracy.value:.4f}" if meta else None,
+                     meta.latency_in_process.p50_ms if meta else None, serving_text(meta.serving if meta else None),
+                     state, version, reason])
     return rows
 
 
-def serving_text(serving: dict | None) -> str:
-    """How a variant is served, from its metadata's "serving" (dyngate_build.repository.ServingOptions.as_dict),
-    e.g. "1 instance × 1 thread, batch ≤32, queue delay 0 µs"; "" for a build that did not record it."""
-    if not serving:
+def serving_text(serving) -> str:
+    """How a variant is served, from its metadata's `serving` (dyngate_build.metadata.ServingRecord), e.g.
+    "1 instance × 1 thread, batch ≤32, queue delay 0 µs"; "" for a build that did not record it."""
+    if serving is None:
         return ""
-    instances, threads = serving.get("instances"), serving.get("threads")
+    instances, threads = serving.instances, serving.threads
     return (f"{instances} instance{'s' if instances != 1 else ''} × {threads} thread{'s' if threads != 1 else ''}, "
-            f"batch ≤{serving.get('max_batch_size')}, queue delay {serving.get('queue_delay_us')} µs")
+            f"batch ≤{serving.max_batch_size}, queue delay {serving.queue_delay_us} µs")
 
 
 def control(clients: ClientPool, repository: Path, name: str | None, action: str) -> str:
@@ -113,23 +105,8 @@ def control(clients: ClientPool, repository: Path, name: str | None, action: str
         raise InputError(f"{name!r} is not in the repository; its models are: {', '.join(known)}")
     if action not in ("load", "unload"):
         raise InputError(f"action={action!r}: choose load or unload")
-    client = TritonClient(clients.url, clients.protocol, timeout_s=CONTROL_TIMEOUT_S)
-    try:
-        method = getattr(client._client, f"{action}_model")
-        if client.protocol == "grpc":
-            method(name, client_timeout=CONTROL_TIMEOUT_S)
-        else:
-            method(name)
-    except Exception as e:
-        from dyngate_serving.client import _message, _unreachable
-
-        if _unreachable(e):
-            raise ServingError(f"Triton at {clients.url} is not reachable: {_message(e)}") from e
-        from dyngate_serving.triton_server import short_reason
-
-        raise ServingError(f"Triton could not {action} {name}: {short_reason(_message(e))}") from e
-    finally:
-        client.close()
+    with TritonClient(clients.url, clients.protocol, timeout_s=CONTROL_TIMEOUT_S) as client:
+        getattr(client, action)(name, timeout_s=CONTROL_TIMEOUT_S)  # over gRPC: inference is not stalled
     # Triton answers an unload before the model's instances have stopped: wait until the index agrees
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """`make bench`: every dyngate variant against the baselines a user would otherwise ship, in one interleaved run.
 
-    python -m dyngate_measure.benchmark --repository model_repository --requests 200 --repeats 3 --base --out reports
+    dyngate bench --repository model_repository --requests 200 --repeats 3 --base --out reports
 
 Rows of one table, all timed in the same loop (for each request, every row once, in a rotating order, so slow
 drift of the machine hits every row alike), on real dev inputs at natural length (SST-2 sentences for text):
@@ -36,7 +36,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import numpy as np
 
 from dyngate_build.errors import ConfigError
 from dyngate_build.evaluate import Latency, summarize_ms, torch_threads_kept
-from dyngate_build.repository import directory_size, list_models, python_variants_by_model
+from dyngate_build.repository import directory_size, list_models, newest_version_dir, python_variants_by_model
 
 PATHS = ("in-process", "http", "grpc")
 BATCH_SIZES = (1, 8)
@@ -120,13 +119,6 @@ def variant_predictor(folder: str | Path, threads: int = 0):
     return Predictor(str(folder), engine=ENGINES[spec.engine](str(folder), spec))
 
 
-def newest_version(entry) -> Path:
-    versions = sorted((p for p in entry.folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    if not versions:
-        raise ConfigError(f"{entry.folder} has no numbered version folder; rebuild it with dyngate build")
-    return versions[-1]
-
-
 def _triton_call(client, name: str) -> Callable:
     """A call sending one request (a list of raw inputs) to Triton model `name` through `client`."""
     return lambda batch: client.predict_batch(name, batch)
@@ -161,7 +153,7 @@ def measure(entries, raws: list[bytes], endpoints: dict[str, str], warmup: int =
         for e in entries:
             for path in paths:
                 if path == "in-process":
-                    calls[(e.name, path)] = variant_predictor(newest_version(e)).predict
+                    calls[(e.name, path)] = variant_predictor(newest_version_dir(e.folder)).predict
                 else:
                     calls[(e.name, path)] = _triton_call(clients[path], e.name)
         answers: dict[tuple[str, str], list[dict]] = {key: [] for key in calls}
@@ -319,7 +311,7 @@ def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: 
     import urllib.request
 
     from dyngate_build.errors import ServingError
-    from dyngate_serving.triton_server import free_port
+    from dyngate_serving.net import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -361,7 +353,7 @@ def _gateway_call(url: str, entry) -> tuple[Callable, Callable]:
 
     host, port = url.split("://")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=120)
-    text = (entry.metadata.get("client_input") or "TEXT") == "TEXT"
+    text = entry.metadata.client_input == "TEXT"
 
     def call(batch: list[bytes]) -> bytes:
         raw = batch[0]
@@ -389,10 +381,9 @@ def serving_repository(repository: Path, groups: dict[str, list], target: Path) 
         for entry in group:
             (target / entry.name).symlink_to(entry.folder.resolve(), target_is_directory=True)
         meta = group[0].metadata
-        labels = len(meta.get("labels") or [0, 0])
-        shape = (1, labels) if meta.get("source", {}).get("task") == "token-classification" else (labels,)
+        shape = (1, len(meta.labels)) if meta.task == "token-classification" else (len(meta.labels),)
         floors[model] = f"{model}.floor"
-        write_floor_model(target, meta.get("client_input", "TEXT"), shape, name=floors[model])
+        write_floor_model(target, meta.client_input, shape, name=floors[model])
     return floors
 
 
@@ -412,7 +403,7 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
     entries = {e.name: e for e in group}
     clients = {p: TritonClient(endpoints[p], p) for p in protocols}
     gateway = {e.name: _gateway_call(endpoints["gateway"], e) for e in group} if "gateway" in endpoints else {}
-    predictors = {e.name: variant_predictor(newest_version(e)) for e in group}
+    predictors = {e.name: variant_predictor(newest_version_dir(e.folder)) for e in group}
     calls: dict[tuple[str, str], Callable] = {}
     for p in protocols:
         calls[(floor, p)] = _triton_call(clients[p], floor)
@@ -545,7 +536,7 @@ def quantize_dynamic_default(fp32: Path, out: Path) -> Path:
     """`onnxruntime.quantization.quantize_dynamic` with its default settings (what Optimum users ship)."""
     from onnxruntime.quantization import quantize_dynamic
 
-    from dyngate_build.techniques.quantization_common import quiet_ort_quantization
+    from dyngate_build.techniques.quantization.core import quiet_ort_quantization
 
     with quiet_ort_quantization():
         quantize_dynamic(str(fp32), str(out))
@@ -657,19 +648,19 @@ def preset_section(model: str, group: list, source_data, options: BenchOptions, 
 
     group = sorted(group, key=lambda e: (e.variant != "fp32", e.variant))
     meta = group[0].metadata
-    task = meta["source"]["task"]
-    source = load_source(meta["source"]["checkpoint"], options.cache_dir)
+    task = meta.source.task
+    source = load_source(meta.source.checkpoint, options.cache_dir)
     fp32_entry = next((e for e in group if e.variant == "fp32"), None)
-    folder = newest_version(fp32_entry or group[0])
+    folder = newest_version_dir((fp32_entry or group[0]).folder)
     if fp32_entry is not None:
         fp32_onnx = folder / "model.onnx"
     else:
         fp32_onnx = export_onnx(source.model, source.family, work_dir / "fp32.onnx")
     baselines = baseline_predictors(source.model, source.family.onnx_inputs, fp32_onnx, folder, work_dir,
                                     options.threads)
-    n_eval = meta["accuracy"]["n"]
+    n_eval = meta.accuracy.n
     examples, _ = load_examples(task, "dev", source_data, limit=n_eval)
-    metric = meta["accuracy"]["name"]
+    metric = meta.accuracy.name
     candidates = []
     for name, (predictor, size, notes) in baselines.items():
         candidates.append(Candidate(BASELINE_LABELS[name], "baseline", "in-process", predictor.predict,
@@ -679,10 +670,10 @@ def preset_section(model: str, group: list, source_data, options: BenchOptions, 
     clients = {p: TritonClient(endpoints[p], p) for p in options.paths if p != "in-process"}
     try:
         for entry in group:
-            version = newest_version(entry)
+            version = newest_version_dir(entry.folder)
             spec = json.loads((version / "runtime.json").read_text())
             size = directory_size(version / spec["artifact"])
-            acc = entry.metadata["accuracy"]["value"]
+            acc = entry.metadata.accuracy.value
             for path in options.paths:
                 if path == "in-process":
                     call = variant_predictor(version, options.threads).predict
@@ -705,7 +696,7 @@ def preset_section(model: str, group: list, source_data, options: BenchOptions, 
     finally:
         for client in clients.values():
             client.close()
-    reference = meta.get("reference_accuracy", {}).get("value")
+    reference = meta.reference_accuracy.value
     return {"title": f"{model} (trained preset, {task}, dev inputs at natural length)",
             "model": model, "kind": "preset", "task": task, "metric": metric, "metric_n": n_eval,
             "reference_accuracy": reference, "architecture": _architecture(source.model),
@@ -727,7 +718,7 @@ def _preset_exit_layer(repository: Path | None, layers: int) -> tuple[int, str]:
     `layers` layers (rounded, within 1..layers-1); half the depth when no early-exit variant is built."""
     if repository is not None and repository.is_dir():
         for entry in list_models(repository):
-            report = entry.metadata.get("technique_report") or {}
+            report = entry.metadata.technique_report if entry.metadata else {}
             at = report.get("at_default")
             if entry.variant == "early-exit" and isinstance(at, dict) and report.get("layers"):
                 fraction = at["mean_layers"] / report["layers"]
@@ -744,8 +735,8 @@ def _tokenizer_checkpoint(options: BenchOptions) -> str:
         return options.tokenizer
     if options.repository is not None and options.repository.is_dir():
         for entry in list_models(options.repository):
-            if entry.metadata.get("source", {}).get("model_type") == "distilbert":
-                return entry.metadata["source"]["checkpoint"]
+            if entry.metadata and entry.metadata.source.model_type == "distilbert":
+                return entry.metadata.source.checkpoint
     from dyngate_build.presets import ensure_preset
 
     return str(ensure_preset("distilbert-tiny", options.cache_dir))
@@ -782,19 +773,13 @@ def base_source(options: BenchOptions):
 
 
 def _row_folder(context, name: str, engine: str, artifact: Path, artifact_name: str | None, overrides: dict,
-                threads: int) -> Path:
-    """A servable folder (runtime.json, tokenizer.json, graph) for one base-section row."""
-    from dyngate_build.pipeline import ARTIFACT_NAMES, runtime_spec
+                threads: int) -> tuple[Path, str]:
+    """A servable folder (runtime.json, tokenizer.json, graph) for one base-section row, and its graph's name."""
+    from dyngate_build.variant_folder import artifact_name_for, write_variant_folder
 
-    folder = context.work_dir / "rows" / name
-    folder.mkdir(parents=True)
-    shutil.copyfile(Path(context.reference.folder) / "tokenizer.json", folder / "tokenizer.json")
-    artifact_name = artifact_name or ARTIFACT_NAMES[engine]
-    if artifact.is_dir():
-        shutil.copytree(artifact, folder / artifact_name)
-    else:
-        shutil.copyfile(artifact, folder / artifact_name)
-    runtime_spec(context.source, engine, threads, overrides, artifact_name).save(str(folder))
+    artifact_name = artifact_name_for(engine, artifact_name)
+    folder = write_variant_folder(context.work_dir / "rows" / name, context.source, engine, artifact,
+                                  artifact_name=artifact_name, runtime=overrides, threads=threads)
     return folder, artifact_name
 
 
@@ -802,8 +787,9 @@ def base_section(options: BenchOptions, source_data, work_dir: Path, log=print) 
     """DistilBERT-base architecture, in process: baselines, the training-free techniques and early exit at a
     fixed layer, interleaved; latency only (random weights make accuracy meaningless)."""
     from dyngate_build.data import load_examples
-    from dyngate_build.early_exit import export_onnx_segments, segment_model
-    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.techniques.early_exit.onnx_export import export_onnx_segments
+    from dyngate_build.techniques.early_exit.segments import segment_model
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.techniques import BuildContext, get_technique, make_config
 
     started = time.perf_counter()
@@ -882,7 +868,7 @@ def _overhead(model: str, group: list, floor: str, source_data, options: BenchOp
     from dyngate_build.data import load_examples
 
     group = sorted(group, key=lambda e: (e.variant != "fp32", e.variant))
-    task = group[0].metadata["source"]["task"]
+    task = group[0].metadata.task
     raws = [ex.raw for ex in load_examples(task, "dev", source_data, limit=options.requests)[0]]
     paths = len(OVERHEAD_PATHS) + ("gateway" in endpoints)
     per_row = options.requests * (options.repeats + 2 * paths)  # interleaved, then concurrent
@@ -901,7 +887,7 @@ def run_bench(options: BenchOptions, log=print) -> dict:
     import torch
 
     from dyngate_build.data import DataSource
-    from dyngate_measure.report import library_versions, machine_info, server_version
+    from dyngate_measure.machine import library_versions, machine_info, server_version
 
     torch.set_num_threads(options.threads)
     source_data = DataSource.from_setting(options.data)
@@ -919,7 +905,8 @@ def run_bench(options: BenchOptions, log=print) -> dict:
             groups = python_variants_by_model(options.repository, options.models)
             triton_paths = [p for p in options.paths if p != "in-process"]
             if triton_paths or options.overhead:
-                from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+                from dyngate_serving.launcher import TritonServer, TritonServerConfig
+                from dyngate_serving.net import free_ports
 
                 served = tmp / "served-repository"
                 floors = serving_repository(options.repository, groups, served)
@@ -1046,8 +1033,8 @@ def write_bench(result: dict, out: Path, stem: str = "bench", title: str = "dyng
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dyngate bench` (and `python -m dyngate_measure.benchmark`)."""
     parser.add_argument("--repository", default=os.environ.get("DYNGATE_REPOSITORY", "model_repository"))
     parser.add_argument("--no-repository", action="store_true", help="only the --base section")
     parser.add_argument("--model", action="append", help="model name(s) in the repository (default: all)")
@@ -1070,17 +1057,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-overhead", action="store_true", help="skip the serving overhead section")
     parser.add_argument("--no-gateway", action="store_true", help="no gateway path in the serving overhead section")
+
+
+def options_from_args(args) -> BenchOptions:
+    """BenchOptions from parsed `add_arguments` options; ConfigError for a bad value."""
+    return BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
+                        models=args.model, requests=args.requests, repeats=args.repeats, warmup=args.warmup,
+                        batch_sizes=tuple(args.batch_sizes), threads=args.threads,
+                        paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
+                        base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
+                        base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
+                        progress=not args.no_progress, overhead=not args.no_overhead, gateway=not args.no_gateway)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        options = BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
-                               models=args.model, requests=args.requests, repeats=args.repeats, warmup=args.warmup,
-                               batch_sizes=tuple(args.batch_sizes), threads=args.threads,
-                               paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
-                               base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
-                               base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
-                               progress=not args.no_progress, overhead=not args.no_overhead,
-                               gateway=not args.no_gateway)
-        result = run_bench(options)
+        result = run_bench(options_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
