@@ -440,8 +440,10 @@ def short_reason(reason: str, limit: int = 400) -> str:
 
 
 def _grpc_channel_args(module, address: str) -> list[tuple] | None:
-    """tritonclient's default channel options, plus: no HTTP proxy for a server on this machine (gRPC honours
-    `http_proxy`, and a proxy cannot reach our 127.0.0.1)."""
+    """tritonclient's default channel options, plus, for a server on this machine: no HTTP proxy (gRPC honours
+    `http_proxy`, and a proxy cannot reach our 127.0.0.1), and a connection pool of the channel's own, so a
+    client made after Triton restarted connects at once instead of inheriting the process-wide pool's
+    reconnect back-off (measured: two more failed requests after the restart without it)."""
     host = address.rsplit(":", 1)[0].strip("[]")
     if host not in ("localhost", "::1") and not host.startswith("127."):
         return None
@@ -452,7 +454,7 @@ def _grpc_channel_args(module, address: str) -> list[tuple] | None:
             ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-            ("grpc.enable_http_proxy", 0)]
+            ("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
 
 
 def _message(e: Exception) -> str:
