@@ -26,6 +26,7 @@ leave at the first off-ramp whose confidence reaches it; other variants ignore i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 import time
@@ -190,7 +191,8 @@ class Router:
     def route(self, model: str, raw: bytes | str | None = None, policy: str = "fastest", variant: str | None = None,
               accuracy_budget: float | None = None, threshold: float | None = None,
               exit_threshold: float | None = None, image=None) -> dict:
-        """`aroute` for callers without an event loop (scripts, tests): runs it on a loop of its own."""
+        """`aroute` for plain (not async) callers: scripts, tests. It runs on an event loop of its own in a
+        worker thread (so a loop already running in the caller's thread, e.g. Playwright's, is no obstacle)."""
 
         async def once():
             try:
@@ -199,7 +201,8 @@ class Router:
             finally:
                 await self.clients.areset()  # the loop ends here: so does its client
 
-        return asyncio.run(once())
+        with concurrent.futures.ThreadPoolExecutor(1) as worker:
+            return worker.submit(lambda: asyncio.run(once())).result()
 
     async def aroute(self, model: str, raw: bytes | str | None = None, policy: str = "fastest",
                      variant: str | None = None, accuracy_budget: float | None = None, threshold: float | None = None,
