@@ -155,3 +155,29 @@ def test_summary_and_ratios_arithmetic():
     add_ratios(rows, ["base"])
     assert rows[1]["ratios"]["batch1"]["base"] == speedup(10.0, 4.0) == 2.5
     assert rows[0]["ratios"]["batch1"]["base"] == 1.0
+
+
+def test_serving_overhead_section_has_the_floor_and_every_variant_on_every_path(bench, built_repository):
+    out, result = bench
+    entries = [e for e in list_models(built_repository) if e.backend == "python"]
+    sections = {s["model"]: s for s in result["serving_overhead"]}
+    assert sorted(sections) == sorted(MODELS)
+    for model, section in sections.items():
+        floor, *variants = section["rows"]
+        assert floor["variant"] == "floor" and floor["triton_name"] == section["floor"]
+        assert sorted(floor["paths"]) == ["grpc", "http"]
+        assert sorted(r["triton_name"] for r in variants) == sorted(e.name for e in entries if e.model == model)
+        for row in variants:
+            paths = row["paths"]
+            assert sorted(paths) == ["gateway", "grpc", "http", "in-process"]  # a gateway process in front
+            for path in ("grpc", "http"):
+                expected = paths[path]["p50_ms"] - paths["in-process"]["p50_ms"] - floor["paths"][path]["p50_ms"]
+                assert paths[path]["overhead_ms"] == pytest.approx(expected, abs=1e-3)
+            assert paths["gateway"]["over_grpc_ms"] == pytest.approx(
+                paths["gateway"]["p50_ms"] - paths["grpc"]["p50_ms"], abs=1e-3)
+            for cell in paths.values():
+                c8 = cell["c8"]
+                assert c8["clients"] == 8 and c8["requests"] == section["requests"] and c8["throughput_rps"] > 0
+                assert cell["c8_vs_single"] == pytest.approx(c8["throughput_rps"] / cell["single_rps"], rel=1e-2)
+    text = (out / "bench.md").read_text()
+    assert "## Serving overhead" in text and "floor (empty model)" in text and "gateway − gRPC" in text

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -16,6 +17,18 @@ import torch
 
 from dyngate_build import errors
 from dyngate_build.runtime import InputError, Predictor
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Put torch's intra-op thread count back after the block: loading a TorchScript variant sets its served
+    threads for the whole process (`runtime.TorchScriptEngine`), and what runs next (training, baselines) should
+    keep the process's own."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TorchReferenceEngine:

@@ -87,9 +87,21 @@ class MachineRecord:
     cores: int | None
 
 
+@dataclass
+class ServingRecord:
+    """How Triton serves the variant (dyngate_build.repository.ServingOptions): largest batch, dynamic batching
+    window (µs), model instances, intra-op threads per instance, instance kind."""
+
+    max_batch_size: int
+    queue_delay_us: int
+    instances: int
+    threads: int
+    kind: str
+
+
 _NESTED = {"accuracy": MetricRecord, "reference_accuracy": MetricRecord, "agreement": AgreementRecord,
            "tolerance": ToleranceRecord, "latency_in_process": LatencyRecord, "source": SourceRecord,
-           "machine": MachineRecord}
+           "machine": MachineRecord, "serving": ServingRecord}
 
 
 @dataclass
@@ -128,6 +140,7 @@ class VariantMetadata:
     machine: MachineRecord | None = None
     dyngate_version: str = ""
     version: int | None = None
+    serving: ServingRecord | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -31,9 +31,10 @@ from typing import Callable
 
 from dyngate_build import __version__
 from dyngate_build.errors import ConfigError, ExportError
-from dyngate_build.evaluate import Agreement, Latency, Metric, agreement, latency, run_predictor, task_metric
-from dyngate_build.metadata import (AgreementRecord, LatencyRecord, MachineRecord, MetricRecord, SourceRecord,
-                                    ToleranceRecord, VariantMetadata)
+from dyngate_build.evaluate import (Agreement, Latency, Metric, agreement, latency, run_predictor, task_metric,
+                                    torch_threads_kept)
+from dyngate_build.metadata import (AgreementRecord, LatencyRecord, MachineRecord, MetricRecord, ServingRecord,
+                                    SourceRecord, ToleranceRecord, VariantMetadata)
 from dyngate_build.repository import (Published, ServingOptions, directory_size, finish_model, keep_previous_version,
                                       native_config, python_config, staged_repository, triton_name)
 from dyngate_build.runtime import Predictor
@@ -60,9 +61,9 @@ class BuildOptions:
         check_limit: dev examples for the agreement check against the FP32 reference (None = every dev example
             the build evaluates, so top-1 agreement and max |Δlogit| describe the same split as the metric).
         latency_samples: batch-1 requests timed in process per variant.
-        threads: intra-op threads of served variants (0 = library default).
         native: also write the native flavour (onnxruntime_onnx / pytorch_libtorch) where a variant has one.
-        serving: Triton scheduling settings.
+        serving: how variants are served (batching, instances, threads per instance; one place for all
+            of it, see ServingOptions); the build's in-process checks and latency use the same threads.
     """
 
     model: str
@@ -74,7 +75,6 @@ class BuildOptions:
     eval_limit: int | None = 1000
     check_limit: int | None = None
     latency_samples: int = 100
-    threads: int = 0
     native: bool = True
     serving: ServingOptions = field(default_factory=ServingOptions)
 
@@ -106,7 +106,7 @@ class VariantReport:
 
 
 def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metric: Metric, reference: Metric,
-              agree: Agreement, lat: Latency, threads: int) -> VariantMetadata:
+              agree: Agreement, lat: Latency, serving: ServingOptions) -> VariantMetadata:
     family = source.family
     return VariantMetadata(
         model=source.name, variant=variant.name, triton_name=name, flavour=flavour,
@@ -120,7 +120,8 @@ def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metr
         agreement=AgreementRecord(**agree.as_dict()),
         tolerance=ToleranceRecord(max_abs_logit=variant.tolerance.max_abs_logit,
                                   min_top1_agreement=variant.tolerance.min_top1_agreement),
-        latency_in_process=LatencyRecord(**lat.as_dict(), batch_size=1, threads=threads or os.cpu_count()),
+        latency_in_process=LatencyRecord(**lat.as_dict(), batch_size=1, threads=serving.threads),
+        serving=ServingRecord(**serving.as_dict()),
         notes=variant.notes,
         technique_report=variant.report,
         built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -174,7 +175,7 @@ def build(options: BuildOptions, log=print,
     with tempfile.TemporaryDirectory(prefix="dyngate-build-") as tmp, \
             staged_repository(options.repository, after_publish or _keep_previous_versions(log)) as staging:
         work_dir = Path(tmp)
-        reference = reference_predictor(source, work_dir, options.threads)
+        reference = reference_predictor(source, work_dir, options.serving.threads)
         context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference,
                                dev=examples)
         reference_predictions = run_predictor(reference, raws)
@@ -184,7 +185,8 @@ def build(options: BuildOptions, log=print,
                            raws[: options.check_limit], raws[: options.latency_samples])
         for technique_name in options.techniques:
             variant = get_technique(technique_name).apply(context, configs[technique_name])
-            report = _write_variant(staging, source, variant, options, measure)
+            with torch_threads_kept():
+                report = _write_variant(staging, source, variant, options, measure)
             reports.append(report)
             log(f"  {report.triton_name}: {report.metric.name} {report.metric.value:.4f}, "
                 f"max|Δlogit| {report.agreement.max_abs_logit:.2e}, top-1 {report.agreement.top1:.2%}, "
@@ -260,7 +262,8 @@ def _write_variant(staging: Path, source, variant: Variant, options: BuildOption
     name = triton_name(source.name, variant.name)
     artifact_name = artifact_name_for(variant.engine, variant.artifact_name)
     version_dir = write_variant_folder(staging / name / str(VERSION), source, variant.engine, variant.artifact,
-                                       artifact_name=artifact_name, runtime=variant.runtime, threads=options.threads)
+                                       artifact_name=artifact_name, runtime=variant.runtime,
+                                       threads=options.serving.threads)
 
     predictor = _load_checked(version_dir, artifact_name, variant)
     examples = measure.examples
@@ -274,7 +277,7 @@ def _write_variant(staging: Path, source, variant: Variant, options: BuildOption
     size = directory_size(version_dir / artifact_name)
     family = source.family
     metadata = _metadata(source, variant, name, "python", size, metric, measure.reference_metric, agree, lat,
-                         options.threads)
+                         options.serving)
     logits_rank = 2 if family.task == "token-classification" else 1
     finish_model(version_dir.parent, python_config(name, family.client_input, logits_rank, options.serving),
                  metadata)

@@ -53,11 +53,13 @@ SEPARATOR = "__"
 NATIVE_SUFFIX = "native"
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MAX_BATCH_SIZE = 32
-DEFAULT_QUEUE_DELAY_US = 2000
+DEFAULT_QUEUE_DELAY_US = 0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 
 RUNTIME_SOURCE = Path(__file__).with_name("runtime.py")
 MODEL_PY_SOURCE = Path(__file__).with_name("triton_model.py")
+FLOOR_PY_SOURCE = Path(__file__).with_name("floor_model.py")
+FLOOR_NAME = "dyngate-floor"
 
 
 def check_name(field: str, value: str) -> str:
@@ -89,26 +91,65 @@ def model_name_for(source: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- configs
 
+def machine_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, so a container's limit counts), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_for(cores: int) -> int:
+    """Intra-op threads per model instance on a machine with `cores` cores: 1 up to 2 cores, then half the
+    cores, at most 4. Small encoders at batch ≤32 gain little past 4 threads, and the other half of the cores
+    is left to Triton's front end, tokenization in the stubs and the clients (see `instances_for`)."""
+    return 1 if cores <= 2 else min(4, cores // 2)
+
+
+def instances_for(cores: int) -> int:
+    """Model instances (python-backend stub processes) per variant: one per 2 x `threads_for(cores)` cores, at
+    least 1 (2 cores: 1 instance of 1 thread; 16 cores: 2 instances of 4 threads)."""
+    return max(1, cores // (2 * threads_for(cores)))
+
+
 @dataclass(frozen=True)
 class ServingOptions:
-    """Triton scheduling settings written into every config.
+    """How every variant is served; the one place these are set. Written into each config.pbtxt
+    (max_batch_size, dynamic_batching, instance_group; native flavours also get their backend's thread
+    parameters), into each runtime.json (`threads`: ONNX Runtime intra_op_num_threads /
+    torch.set_num_threads in the stub, one inter-op thread, no spinning) and into metadata.json ("serving"),
+    which the Models tab shows.
 
-    max_batch_size: largest batch Triton forms (requests x items). queue_delay_us: dynamic batching window
-    in microseconds. instances: model instances (processes for the python backend). kind: KIND_CPU/KIND_GPU.
+    max_batch_size: largest batch Triton forms (requests x items).
+    queue_delay_us: dynamic batching window in microseconds. 0 (measured, see DESIGN.md): a lone request never
+        waits, and Triton still merges whatever queued while the instance was busy, so concurrent clients are
+        batched anyway.
+    instances: model instances per variant (processes for the python backend); default `instances_for` the
+        machine's cores.
+    threads: intra-op threads per instance (≥1); default `threads_for` the machine's cores.
+    kind: KIND_CPU / KIND_GPU.
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
-    instances: int = 1
+    instances: int = field(default_factory=lambda: instances_for(machine_cores()))
+    threads: int = field(default_factory=lambda: threads_for(machine_cores()))
     kind: str = "KIND_CPU"
 
     def __post_init__(self):
-        if self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size={self.max_batch_size} must be ≥1")
-        if self.instances < 1:
-            raise ConfigError(f"instances={self.instances} must be ≥1")
+        for name in ("max_batch_size", "instances", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"serving {name}={value!r} must be an integer ≥1")
+        if not isinstance(self.queue_delay_us, int) or self.queue_delay_us < 0:
+            raise ConfigError(f"serving queue_delay_us={self.queue_delay_us!r} must be an integer ≥0 (microseconds)")
         if self.kind not in ("KIND_CPU", "KIND_GPU"):
-            raise ConfigError(f"kind={self.kind!r}; choose KIND_CPU or KIND_GPU")
+            raise ConfigError(f"serving kind={self.kind!r}; choose KIND_CPU or KIND_GPU")
+
+    def as_dict(self) -> dict:
+        """The settings as metadata.json stores them (and the Models tab reads them)."""
+        return {"max_batch_size": self.max_batch_size, "queue_delay_us": self.queue_delay_us,
+                "instances": self.instances, "threads": self.threads, "kind": self.kind}
 
 
 def _to_proto(config: dict) -> model_config_pb2.ModelConfig:
@@ -155,7 +196,17 @@ def native_config(name: str, platform: str, family, num_labels: int, image_size:
     dims = [-1, num_labels] if family.task == "token-classification" else [num_labels]
     output = "logits__0" if platform == "pytorch_libtorch" else "logits"
     return {"name": name, "platform": platform, **_scheduling(options), "input": inputs,
-            "output": [{"name": output, "data_type": "TYPE_FP32", "dims": dims}]}
+            "output": [{"name": output, "data_type": "TYPE_FP32", "dims": dims}],
+            "parameters": native_thread_parameters(platform, options.threads)}
+
+
+def native_thread_parameters(platform: str, threads: int) -> dict:
+    """Config `parameters` giving a native backend `threads` intra-op threads and one inter-op thread
+    (onnxruntime backend: intra_op_thread_count / inter_op_thread_count; pytorch backend:
+    INTRA_OP_THREAD_COUNT / INTER_OP_THREAD_COUNT)."""
+    keys = (("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT") if platform == "pytorch_libtorch"
+            else ("intra_op_thread_count", "inter_op_thread_count"))
+    return {keys[0]: {"string_value": str(threads)}, keys[1]: {"string_value": "1"}}
 
 
 def write_config(folder: Path, config: dict) -> model_config_pb2.ModelConfig:
@@ -178,6 +229,26 @@ def read_config(folder: Path) -> model_config_pb2.ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+def write_floor_model(repository: Path, client_input: str = "TEXT", logits_shape: tuple[int, ...] = (2,),
+                      options: ServingOptions | None = None, name: str = FLOOR_NAME) -> Path:
+    """Write the empty python-backend model (build/dyngate_build/floor_model.py) into `repository`; returns its folder.
+
+    It has a variant's inputs and outputs (`client_input` BYTES [batch, 1] in; RESULT and LOGITS FP32
+    [batch, *logits_shape] out) and the same scheduling (`options`, default `ServingOptions()`), and answers a
+    constant: its round trip is the floor a served variant cannot go below. Raises RepositoryError when the
+    folder exists already.
+    """
+    options = options or ServingOptions()
+    folder = Path(repository) / check_name("name", name)
+    if folder.exists():
+        raise RepositoryError(f"{folder} exists already; write the floor model into an empty repository")
+    write_version(Path(repository), name, 1, {"model.py": FLOOR_PY_SOURCE})
+    config = python_config(name, client_input, len(logits_shape), options)
+    config["parameters"] = {"logits_shape": {"string_value": ",".join(str(int(d)) for d in logits_shape)}}
+    write_config(folder, config)  # no metadata.json: it is no variant, and the gateway lists none for it
+    return folder
+
 
 def directory_size(path: Path) -> int:
     """Bytes of all files under `path` (or of the file itself)."""

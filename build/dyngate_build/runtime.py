@@ -76,7 +76,9 @@ class RuntimeSpec:
         max_text_chars: longer texts are refused with InputError.
         image: ImageSpec for image tasks.
         input_dtype: dtype of floating graph inputs ("float32"; "float16" for half-precision TorchScript).
-        threads: intra-op threads (0 = library default).
+        threads: intra-op threads of the engine (ONNX Runtime intra_op_num_threads, torch.set_num_threads), with
+            one inter-op thread and no spin-waiting; 0 = the library's defaults (all cores, spinning). Served
+            variants get `dyngate_build.repository.ServingOptions.threads`.
         device: "cpu" or "cuda" (used when the library and a GPU are there, else CPU).
         extra: engine-specific settings (pad_token_id, exit_threshold, ...).
         schema_version: RUNTIME_SCHEMA_VERSION of the dyngate that wrote the file.
@@ -231,6 +233,10 @@ def onnx_session(path: str, spec: RuntimeSpec):
     if spec.threads:
         options.intra_op_num_threads = spec.threads
         options.inter_op_num_threads = 1
+        # Idle pool threads spin-wait for the next run by default: with several stubs and Triton's own threads
+        # on a few cores, the spinning takes the CPU the next request needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if spec.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -252,7 +258,11 @@ class OnnxEngine:
 
 
 class TorchScriptEngine:
-    """A `torch.jit.load`ed module; called with graph inputs in order; returns {"logits": float32 array}."""
+    """A `torch.jit.load`ed module; called with graph inputs in order; returns {"logits": float32 array}.
+
+    `spec.threads` sets torch's intra-op threads for the whole process (`torch.set_num_threads`) and, when
+    torch has not run anything parallel yet (a fresh Triton stub), one inter-op thread.
+    """
 
     def __init__(self, folder: str, spec: RuntimeSpec):
         import torch
@@ -260,6 +270,10 @@ class TorchScriptEngine:
         self.torch = torch
         if spec.threads:
             torch.set_num_threads(spec.threads)
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError:  # parallel work already ran in this process (the build): keep its pool
+                pass
         use_cuda = spec.device == "cuda" and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.module = torch.jit.load(os.path.join(folder, spec.artifact), map_location=self.device).eval()

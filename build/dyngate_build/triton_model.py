@@ -33,38 +33,27 @@ class TritonPythonModel:
         self.predictor = Predictor(folder)
 
     def execute(self, requests):
-        raws, owners, options = [], [], []
-        responses = [None] * len(requests)
-        for index, request in enumerate(requests):
-            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
-            try:
-                params = json.loads(request.parameters() or "{}")
-            except ValueError:
-                params = {}
-            if not isinstance(params, dict):
-                params = {}
-            values = tensor.as_numpy().reshape(-1)
-            for value in values:
-                raws.append(value if isinstance(value, bytes) else str(value).encode())
-                owners.append(index)
-            options.append(params)
-        # Requests with different options (e.g. exit thresholds) run as separate batches.
+        # Requests with different parameters (e.g. exit thresholds) run as separate batches; requests whose
+        # parameter text is the same share one engine run (the usual case: one group).
         groups: dict[str, list[int]] = {}
-        for index, params in enumerate(options):
-            groups.setdefault(json.dumps(params, sort_keys=True), []).append(index)
-        for key, indices in groups.items():
-            positions = [p for p, owner in enumerate(owners) if owner in indices]
+        inputs = []
+        for index, request in enumerate(requests):
+            groups.setdefault(request.parameters() or "{}", []).append(index)
+            values = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)
+            inputs.append([v if isinstance(v, bytes) else str(v).encode() for v in values])
+        responses = [None] * len(requests)
+        for text, indices in groups.items():
+            raws = [raw for i in indices for raw in inputs[i]]
             try:
-                results = self.predictor.predict([raws[p] for p in positions], json.loads(key))
+                results = self.predictor.predict(raws, _options(text))
             except InputError as e:
-                results = [e] * len(positions)
+                results = [e] * len(raws)
             except Exception as e:  # a bug or an engine failure: fail these requests, keep serving
-                results = [RuntimeError(f"{type(e).__name__}: {e}")] * len(positions)
-            per_request: dict[int, list] = {i: [] for i in indices}
-            for p, result in zip(positions, results):
-                per_request[owners[p]].append(result)
-            for index, items in per_request.items():
-                responses[index] = self._response(items)
+                results = [RuntimeError(f"{type(e).__name__}: {e}")] * len(raws)
+            start = 0
+            for i in indices:
+                responses[i] = self._response(results[start:start + len(inputs[i])])
+                start += len(inputs[i])
         return responses
 
     def _response(self, items):
@@ -77,14 +66,26 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(where + str(error), code))
         answers = np.array([[json.dumps(r.answer, default=json_default).encode()] for r in items],
                            dtype=np.object_)
-        shapes = [r.logits.shape for r in items]
-        logits = np.zeros((len(items),) + tuple(max(s) for s in zip(*shapes)), dtype=np.float32)
-        for i, r in enumerate(items):
-            logits[(i,) + tuple(slice(0, n) for n in r.logits.shape)] = r.logits
+        if len(items) == 1:
+            logits = items[0].logits[None]
+        else:  # token tasks: pad every item's [L, C] to the longest
+            shapes = [r.logits.shape for r in items]
+            logits = np.zeros((len(items),) + tuple(max(s) for s in zip(*shapes)), dtype=np.float32)
+            for i, r in enumerate(items):
+                logits[(i,) + tuple(slice(0, n) for n in r.logits.shape)] = r.logits
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(self.result_name, answers),
-            pb_utils.Tensor(self.logits_name, logits),
+            pb_utils.Tensor(self.logits_name, np.ascontiguousarray(logits, dtype=np.float32)),
         ])
 
     def finalize(self):
         self.predictor = None
+
+
+def _options(text: str) -> dict:
+    """A request's parameters (JSON text from `request.parameters()`) as engine options; {} when unreadable."""
+    try:
+        options = json.loads(text)
+    except ValueError:
+        return {}
+    return options if isinstance(options, dict) else {}

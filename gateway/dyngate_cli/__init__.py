@@ -63,6 +63,7 @@ def parse_params(items: list[str]) -> dict:
 
 def cmd_build(args) -> int:
     from dyngate_build.pipeline import BuildOptions, build
+    from dyngate_build.repository import ServingOptions
     from dyngate_build.techniques import TECHNIQUES, known_techniques
 
     if args.list:
@@ -75,6 +76,8 @@ def cmd_build(args) -> int:
                           "a checkpoint folder or a hub id")
     techniques = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
     options = parse_options(args.option)
+    serving = ServingOptions(**{k: v for k, v in (("threads", args.threads), ("instances", args.instances),
+                                                   ("queue_delay_us", args.queue_delay_us)) if v is not None})
     hook = None
     if args.triton:
         from dyngate_serving.client import model_control_client
@@ -87,7 +90,7 @@ def cmd_build(args) -> int:
         build(BuildOptions(
             model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
             cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-            threads=args.threads, native=not args.no_native), after_publish=hook)
+            serving=serving, native=not args.no_native), after_publish=hook)
     return 0
 
 
@@ -218,7 +221,12 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data folder or hf:<datasets id> (default: $DYNGATE_DATA, "
                                                 "else ../shared/data)")
     p.add_argument("--eval-limit", type=int, default=1000, help="dev examples for the metric (0 = all)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads of served variants (0 = default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per model instance (default: from the machine's cores)")
+    p.add_argument("--instances", type=int, default=None,
+                   help="Triton model instances per variant (default: from the machine's cores)")
+    p.add_argument("--queue-delay-us", type=int, default=None,
+                   help="dynamic batching window in microseconds (default 0: a lone request never waits)")
     p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
     p.add_argument("--list", action="store_true", help="list the techniques and exit")
     p.add_argument("--triton", "--triton-url", dest="triton", default=None, metavar="HOST:PORT",

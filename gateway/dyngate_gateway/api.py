@@ -58,7 +58,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return fn() if authorized(request) else unauthorized()
         return wrapper
 
-    def predict(body) -> JSONResponse:
+    async def predict(body) -> JSONResponse:
         if not isinstance(body, dict):
             return error(400, "the body must be a JSON object: {\"model\": ..., \"text\": ... | \"image_base64\": "
                               "..., \"policy\": ...}")
@@ -89,7 +89,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                 return error(400, "image_base64 is not valid base64")
         text = body.get("text")
         try:
-            answer = state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.route(
+            answer = await state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.aroute(
                 model, text, body.get("policy") or "fastest", variant=body.get("variant"),
                 accuracy_budget=body.get("accuracy_budget"), threshold=body.get("threshold"),
                 exit_threshold=body.get("exit_threshold"), image=image))
@@ -103,8 +103,6 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
 
     @app.post("/api/predict")
     async def api_predict(request: Request):
-        import anyio
-
         if not authorized(request):
             return unauthorized()
         try:
@@ -113,7 +111,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return error(400, f"the body is not JSON: {e}")
         except RecursionError:
             return error(400, "the body is not JSON this route accepts: nested too deeply")
-        return await anyio.to_thread.run_sync(predict, body)  # a worker thread: ClientPool gives it a client
+        return await predict(body)  # on the event loop: the router awaits Triton through the loop's shared client
 
     @app.get("/api/status")
     def api_status(request: Request):

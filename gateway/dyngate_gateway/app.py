@@ -110,7 +110,8 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                 gr.update(visible=view.is_text), gr.update(visible=not view.is_text))
 
     @handlers.user_errors
-    def on_predict(name: str | None, text_value: str | None, image_path: str | None, chosen: list[str] | None):
+    async def on_predict(name: str | None, text_value: str | None, image_path: str | None,
+                         chosen: list[str] | None):
         state.refresh()
         view = catalog.get(name or "")
         if view is None:
@@ -118,8 +119,8 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                                       f"{', '.join(catalog) or 'none (run dyngate build)'}")
         start = time.perf_counter()
         try:
-            result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
-                                               limits=state.config.limits)
+            result = await handlers.compare_variants(clients, view, text_value, image_path, chosen,
+                                                     limits=state.config.limits)
         except DyngateError as e:
             state.telemetry.failed(view, "compare", e, time.perf_counter() - start)
             raise
@@ -130,11 +131,11 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         return handlers.image_preview(path)
 
     @handlers.user_errors
-    def on_route(name, text_value, image_path, policy_value, variant_value, budget_value, threshold_value,
-                 exit_value):
+    async def on_route(name, text_value, image_path, policy_value, variant_value, budget_value, threshold_value,
+                       exit_value):
         state.refresh()
         view = state.router.view(name)
-        return state.telemetry.routed(view, policy_value, lambda: state.router.route(
+        return await state.telemetry.routed(view, policy_value, lambda: state.router.aroute(
             view.name, text_value if view.is_text else None, policy_value, variant=variant_value or None,
             accuracy_budget=budget_value, threshold=threshold_value, exit_threshold=exit_value,
             image=None if view.is_text else image_path))

@@ -4,8 +4,8 @@
 without a browser:
 
     catalog = load_catalog(Path("model_repository"))          # model -> ModelView (its python-backend variants)
-    clients = ClientPool("127.0.0.1:8001")                      # one TritonClient per thread
-    result = compare_variants(clients, catalog["distilbert-tiny"], text="a fine film", image=None,
+    clients = ClientPool("127.0.0.1:8001")                      # per event loop one shared async client
+    result = await compare_variants(clients, catalog["distilbert-tiny"], text="a fine film", image=None,
                               variants=["fp32", "torchscript"])
     result.rows, result.answers
 
@@ -16,14 +16,16 @@ the problem; `user_errors` turns those into `gr.Error` for the page.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
-from dyngate_serving.client import TritonClient
+from dyngate_serving.client import AsyncTritonClient, TritonClient
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
@@ -154,15 +156,30 @@ def all_variant_names(catalog: dict[str, ModelView]) -> list[str]:
 # --------------------------------------------------------------------------------------------- the clients
 
 class ClientPool:
-    """One `TritonClient` per thread for one Triton url (tritonclient clients are not thread-safe).
-
-    Gradio runs handlers on a thread pool; each worker thread gets and keeps its own client.
+    """The Triton clients of one Triton url: per event loop one `AsyncTritonClient` that every request on the
+    loop shares (`aio()`: the JSON route, the page's handlers), and per thread one `TritonClient` for code that
+    runs in threads (`get()`: tritonclient clients are not thread-safe).
     """
 
     def __init__(self, url: str, protocol: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
         self.url, self.timeout_s = url, timeout_s
         self.protocol = protocol or ("http" if url.startswith("http://") else "grpc")
         self._local = threading.local()
+        self._aio: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> AsyncTritonClient
+
+    def aio(self) -> AsyncTritonClient:
+        """The running event loop's client (made on first use, then kept: one connection for the loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._aio.get(loop)
+        if client is None:
+            client = self._aio[loop] = AsyncTritonClient(self.url, protocol=self.protocol, timeout_s=self.timeout_s)
+        return client
+
+    async def areset(self) -> None:
+        """Close and drop the running loop's client (after Triton went away, or before the loop ends)."""
+        client = self._aio.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
 
     def get(self) -> TritonClient:
         client = getattr(self._local, "client", None)
@@ -287,26 +304,28 @@ def check_variants(view: ModelView, variants: list[str] | None) -> list[str]:
     return [v for v in view.variant_names if v in chosen]
 
 
-def compare_variants(clients: ClientPool, view: ModelView, text: str | None, image, variants: list[str] | None,
-                     params: dict | None = None, limits: Limits | None = None) -> Comparison:
-    """Send one input to each chosen variant of `view`, one after the other (so timings do not compete).
+async def compare_variants(clients: ClientPool, view: ModelView, text: str | None, image,
+                           variants: list[str] | None, params: dict | None = None,
+                           limits: Limits | None = None) -> Comparison:
+    """Send one input to each chosen variant of `view`, one after the other (so timings do not compete), through
+    the event loop's shared client (`ClientPool.aio`).
 
     InputError (bad input; every variant would refuse it) and an unreachable Triton stop the whole request.
     A variant that fails on its own (e.g. not loaded) gets an error row; if all fail, ServingError.
     """
     raw = read_input(view, text, image, limits)
     chosen = check_variants(view, variants)
-    client = clients.get()
+    client = clients.aio()
     rows, answers, failures = [], {}, []
     for variant in chosen:
         name = view.variants[variant].name
         try:
-            result = client.predict(name, raw, params)
+            result = await client.predict(name, raw, params)
         except InputError:
             raise
         except ServingError as e:
             if isinstance(e, TritonUnreachable):
-                clients.reset()
+                await clients.areset()
                 raise
             failures.append(str(e))
             rows.append([variant, name, f"error: {e}", None, None])
@@ -323,7 +342,21 @@ def compare_variants(clients: ClientPool, view: ModelView, text: str | None, ima
 # ---------------------------------------------------------------------------------------- for the page
 
 def user_errors(fn):
-    """Decorator for event handlers: dyngate's errors become `gr.Error` (shown to the person, server goes on)."""
+    """Decorator for event handlers (plain or async): dyngate's errors become `gr.Error` (shown to the person,
+    server goes on)."""
+    import inspect
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            import gradio as gr
+
+            try:
+                return await fn(*args, **kwargs)
+            except DyngateError as e:
+                raise gr.Error(str(e), print_exception=False) from e
+
+        return async_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -13,7 +13,7 @@ from dyngate_serving.client import TritonClient, short_reason
 from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
 HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
-           "state", "version", "reason"]
+           "state", "version", "reason", "serving"]
 CONTROL_TIMEOUT_S = 180.0
 SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while
 
@@ -81,8 +81,19 @@ def model_rows(repository: Path, clients: ClientPool) -> list[list]:
         rows.append([entry.name, entry.model, entry.variant, meta.technique if meta else entry.variant,
                      "native" if entry.native else entry.backend, meta.size_mb if meta else None,
                      f"{meta.accuracy.name} {meta.accuracy.value:.4f}" if meta else None,
-                     meta.latency_in_process.p50_ms if meta else None, state, version, reason])
+                     meta.latency_in_process.p50_ms if meta else None, state, version, reason,
+                     serving_text(meta.serving if meta else None)])
     return rows
+
+
+def serving_text(serving) -> str:
+    """How a variant is served, from its metadata's `serving` (dyngate_build.metadata.ServingRecord), e.g.
+    "1 instance × 1 thread, batch ≤32, queue delay 0 µs"; "" for a build that did not record it."""
+    if serving is None:
+        return ""
+    instances, threads = serving.instances, serving.threads
+    return (f"{instances} instance{'s' if instances != 1 else ''} × {threads} thread{'s' if threads != 1 else ''}, "
+            f"batch ≤{serving.max_batch_size}, queue delay {serving.queue_delay_us} µs")
 
 
 def control(clients: ClientPool, repository: Path, name: str | None, action: str) -> str:

@@ -1,7 +1,8 @@
 """Routing policies: which variant(s) of a model answer one request, and why. Plain Python, no Gradio.
 
     router = Router(catalog, clients, RoutingConfig(ab_weights={"distilbert-tiny": {"fp32": 3, "torchscript": 1}}))
-    router.route("distilbert-tiny", b"a fine film", policy="cascade", threshold=0.9)
+    await router.aroute("distilbert-tiny", b"a fine film", policy="cascade", threshold=0.9)   # on the event loop
+    router.route("distilbert-tiny", b"a fine film", policy="cascade", threshold=0.9)          # without one
     -> {"model": ..., "policy": "cascade", "served_by": "torchscript", "triton_model": ...,
         "route": [{"variant": "fp32", "confidence": 0.62, ...}, {"variant": "torchscript", ...}],
         "reason": "...", "answer": {...}, "latency_ms": ...}
@@ -24,6 +25,8 @@ leave at the first off-ramp whose confidence reaches it; other variants ignore i
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import random
 import threading
 import time
@@ -119,14 +122,30 @@ class Router:
 
     def ready_models(self, fresh: bool = False) -> set[str]:
         """Triton's READY models (cached READY_TTL_S); ServingError when Triton is unreachable."""
-        with self._ready_lock:
-            if not fresh and self._ready and time.monotonic() - self._ready[0] < READY_TTL_S:
-                return self._ready[1]
+        cached = None if fresh else self._cached_ready()
+        if cached is not None:
+            return cached
         client = self.clients.status_client()
         try:
             ready = set(client.ready_models())
         finally:
             client.close()
+        return self._keep_ready(ready)
+
+    async def aready_models(self, fresh: bool = False) -> set[str]:
+        """`ready_models` on the event loop (its shared async client), same cache."""
+        cached = None if fresh else self._cached_ready()
+        if cached is not None:
+            return cached
+        return self._keep_ready(set(await self.clients.aio().ready_models()))
+
+    def _cached_ready(self) -> set[str] | None:
+        with self._ready_lock:
+            if self._ready and time.monotonic() - self._ready[0] < READY_TTL_S:
+                return self._ready[1]
+        return None
+
+    def _keep_ready(self, ready: set[str]) -> set[str]:
         with self._ready_lock:
             self._ready = (time.monotonic(), ready)
         return ready
@@ -172,9 +191,26 @@ class Router:
     def route(self, model: str, raw: bytes | str | None = None, policy: str = "fastest", variant: str | None = None,
               accuracy_budget: float | None = None, threshold: float | None = None,
               exit_threshold: float | None = None, image=None) -> dict:
+        """`aroute` for plain (not async) callers: scripts, tests. It runs on an event loop of its own in a
+        worker thread (so a loop already running in the caller's thread, e.g. Playwright's, is no obstacle)."""
+
+        async def once():
+            try:
+                return await self.aroute(model, raw, policy, variant, accuracy_budget, threshold, exit_threshold,
+                                         image)
+            finally:
+                await self.clients.areset()  # the loop ends here: so does its client
+
+        with concurrent.futures.ThreadPoolExecutor(1) as worker:
+            return worker.submit(lambda: asyncio.run(once())).result()
+
+    async def aroute(self, model: str, raw: bytes | str | None = None, policy: str = "fastest",
+                     variant: str | None = None, accuracy_budget: float | None = None, threshold: float | None = None,
+                     exit_threshold: float | None = None, image=None) -> dict:
         """Answer one input of `model` by `policy`; the answer names the variant(s) that served it and why.
 
         raw: text (str) or the encoded bytes; image: a file path or bytes for image models (instead of raw).
+        Runs on the event loop: Triton is asked through the loop's shared async client, nothing blocks.
         """
         view = self.view(model)
         text = raw if isinstance(raw, str) else None
@@ -208,8 +244,6 @@ class Router:
             raise InputError(f"threshold={cut} is outside [0, 1]; it is the top-1 probability a cascade step "
                              "must reach to answer")
 
-        if policy == "cascade":
-            return self._cascade(view, data, cut, params)
         if policy == "variant":
             if not variant:
                 raise InputError(f"policy 'variant' needs a variant: one of {', '.join(view.variant_names)}")
@@ -217,15 +251,18 @@ class Router:
                 raise InputError(f"unknown variant {variant!r} for model {view.name}; its variants are: "
                                  f"{', '.join(view.variant_names)}")
             chosen, reason = variant, f"variant {variant!r} was asked for"
-            step = self._call(view, chosen, data, params)
+            step = await self._call(view, chosen, data, params)
             return self._answer(view, policy, [step], reason, params)
+        ready = await self.aready_models()
+        if policy == "cascade":
+            return await self._cascade(view, data, cut, params, ready)
         skipped: list[str] = []
         while True:
-            chosen, reason = self._choose(view, policy, budget)
+            chosen, reason = self._choose(view, policy, budget, ready)
             try:
-                step = self._call(view, chosen, data, params)
+                step = await self._call(view, chosen, data, params)
             except ServingError as e:
-                if isinstance(e, TritonUnreachable) or not self._others_left(view, chosen):
+                if isinstance(e, TritonUnreachable) or not self._others_left(view, chosen, ready):
                     raise
                 skipped.append(f"{chosen} failed ({e})")
                 continue  # _call marked it failed: the next choice leaves it out
@@ -235,9 +272,8 @@ class Router:
 
     # ---- policies
 
-    def _ready_variants(self, view: ModelView) -> list[str]:
+    def _ready_variants(self, view: ModelView, ready: set[str]) -> list[str]:
         """READY variants of `view`, less those that failed within FAILED_TTL_S (unless that leaves none)."""
-        ready = self.ready_models()
         names = [v for v in view.variant_names if view.variants[v].name in ready]
         if not names:
             raise ServingError(f"no variant of {view.name} is loaded on Triton at {self.clients.url}; load one "
@@ -250,14 +286,13 @@ class Router:
             failed = self._failed.get(triton_model)
         return failed is not None and time.monotonic() - failed[0] < FAILED_TTL_S
 
-    def _others_left(self, view: ModelView, variant: str) -> bool:
+    def _others_left(self, view: ModelView, variant: str, ready: set[str]) -> bool:
         """Whether a variant other than `variant` is READY and has not failed recently."""
-        ready = self.ready_models()
         return any(v != variant and view.variants[v].name in ready and not self._recently_failed(view.variants[v].name)
                    for v in view.variant_names)
 
-    def _choose(self, view: ModelView, policy: str, budget: float) -> tuple[str, str]:
-        names = self._ready_variants(view)
+    def _choose(self, view: ModelView, policy: str, budget: float, ready: set[str]) -> tuple[str, str]:
+        names = self._ready_variants(view, ready)
         accuracy = {v: _accuracy(view, v) for v in names}
         p50 = {v: self.p50(view, v) for v in names}
         speed = lambda v: p50[v][0] if p50[v][0] is not None else float("inf")  # noqa: E731
@@ -293,15 +328,15 @@ class Router:
         share = dict(pool)[chosen] / total
         return chosen, f"A/B split {dict(pool)}: drew {chosen} (share {share:.0%})"
 
-    def _cascade(self, view: ModelView, data: bytes, cut: float, params: dict | None) -> dict:
-        order = self.cascade_order(view, self.ready_models())
+    async def _cascade(self, view: ModelView, data: bytes, cut: float, params: dict | None, ready: set[str]) -> dict:
+        order = self.cascade_order(view, ready)
         if not order:
-            self._ready_variants(view)  # raises the clear error
+            self._ready_variants(view, ready)  # raises the clear error
         order = [v for v in order if not self._recently_failed(view.variants[v].name)] or order
         steps, skipped = [], []
         for i, variant in enumerate(order):
             try:
-                step = self._call(view, variant, data, params)
+                step = await self._call(view, variant, data, params)
             except ServingError as e:
                 if isinstance(e, TritonUnreachable) or i == len(order) - 1:
                     raise
@@ -324,14 +359,13 @@ class Router:
 
     # ---- helpers
 
-    def _call(self, view: ModelView, variant: str, data: bytes, params: dict | None) -> dict:
+    async def _call(self, view: ModelView, variant: str, data: bytes, params: dict | None) -> dict:
         name = view.variants[variant].name
-        client = self.clients.get()
         try:
-            result = client.predict(name, data, params)
+            result = await self.clients.aio().predict(name, data, params)
         except ServingError as e:
             if isinstance(e, TritonUnreachable):
-                self.clients.reset()
+                await self.clients.areset()
             else:
                 with self._ready_lock:
                     self._failed[name] = (time.monotonic(), str(e))

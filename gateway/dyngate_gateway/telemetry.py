@@ -6,7 +6,7 @@ the tests, never share counters). Labels take only names the repository defines 
 fixed outcome set, never raw request text, so the series stay bounded.
 
     telemetry = GatewayTelemetry()
-    answer = telemetry.routed(view, "cascade", lambda: router.route(view.name, text, "cascade"))
+    answer = await telemetry.routed(view, "cascade", lambda: router.aroute(view.name, text, "cascade"))
     telemetry.compared(view, comparison, seconds)           # the page's side-by-side Predict
     body, content_type = telemetry.exposition()
 
@@ -24,7 +24,7 @@ Metrics (prometheus_client appends `_total` to counters, `_bucket/_sum/_count` t
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -72,12 +72,12 @@ class GatewayTelemetry:
             return policy
         return "variant" if policy in view.variants else "unknown"
 
-    def routed(self, view: ModelView, policy: str | None, call: Callable[[], dict]) -> dict:
-        """Run `call` (one Router.route for `view`'s model) and record it; its answer or error passes through."""
+    async def routed(self, view: ModelView, policy: str | None, call: Callable[[], Awaitable[dict]]) -> dict:
+        """Await `call()` (one Router.aroute for `view`'s model) and record it; its answer or error passes through."""
         label = self.policy_label(view, policy)
         start = time.perf_counter()
         try:
-            answer = call()
+            answer = await call()
         except Exception as e:
             self.requests.labels(view.name, "", label, outcome_of(e)).inc()
             self.request_seconds.labels(view.name, label).observe(time.perf_counter() - start)

@@ -32,6 +32,7 @@ Writes `<out>/bench.md` and `<out>/bench.json` (machine, library versions, setti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -46,7 +47,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.evaluate import Latency, summarize_ms
+from dyngate_build.evaluate import Latency, summarize_ms, torch_threads_kept
 from dyngate_build.repository import directory_size, list_models, newest_version_dir, python_variants_by_model
 
 PATHS = ("in-process", "http", "grpc")
@@ -254,6 +255,264 @@ def request_groups(raws: list[bytes], requests: int, batch_size: int) -> list[li
     return [[raws[(i * batch_size + j) % len(raws)] for j in range(batch_size)] for i in range(requests)]
 
 
+# ------------------------------------------------------------------------------------------------ serving overhead
+
+OVERHEAD_PATHS = ("in-process", "grpc", "http")
+CONCURRENCY = 8
+
+
+def concurrent_run(make_call: Callable[[], tuple[Callable, Callable]], requests: Sequence, clients: int) -> dict:
+    """`clients` threads send `requests` (each once, shared in order) back to back; each thread first gets its own
+    (call, close) from `make_call()` (tritonclient clients are not thread-safe). Returns {"clients", "requests",
+    "wall_s", "throughput_rps" (requests/s), "p50_ms", "p90_ms"}; a failed call raises after all threads stop."""
+    import itertools
+    import threading
+
+    if clients < 1 or not requests:
+        raise ConfigError(f"clients={clients!r} must be >= 1 and requests non-empty")
+    counter, times, failures = itertools.count(), [], []
+    ready = threading.Barrier(clients + 1)
+
+    def worker():
+        call, close = make_call()
+        try:
+            ready.wait()
+            while (i := next(counter)) < len(requests) and not failures:
+                start = time.perf_counter()
+                call(requests[i])
+                times.append((time.perf_counter() - start) * 1000)
+        except BaseException as e:  # re-raised below, in the caller's thread
+            failures.append(e)
+        finally:
+            close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if failures:
+        raise failures[0]
+    return {"clients": clients, "requests": len(times), "wall_s": round(wall, 3),
+            "throughput_rps": round(len(times) / wall, 2), "p50_ms": round(float(np.percentile(times, 50)), 4),
+            "p90_ms": round(float(np.percentile(times, 90)), 4)}
+
+
+@contextlib.contextmanager
+def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: float = 180):
+    """`dyngate gateway` for `repository` in front of the Triton at `grpc_url`, on a free loopback port, in a
+    process of its own (its event loop shares no GIL with the bench's clients); yields its url. ServingError
+    with the log's tail when it does not answer within `timeout_s`."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from dyngate_build.errors import ServingError
+    from dyngate_serving.net import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dyngate_cli", "gateway", "--repository", str(repository),
+                                    "--triton", grpc_url.split("://")[-1], "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                opener.open(f"{url}/api/status", timeout=5).close()
+                break
+            except urllib.error.HTTPError:  # it answers (503 while Triton loads): up
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log_file.read_text(errors="replace")[-2000:]
+                    raise ServingError(f"the gateway did not start on {url}; its log ends:\n{tail}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _gateway_call(url: str, entry) -> tuple[Callable, Callable]:
+    """(call, close): POST /api/predict {"model", "text" | "image_base64", "policy": "variant", "variant"} of
+    one request (a list with one raw input) over one kept-alive connection, as a client of the gateway would."""
+    import base64
+    import http.client
+
+    from dyngate_build.errors import ServingError
+
+    host, port = url.split("://")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    text = entry.metadata.client_input == "TEXT"
+
+    def call(batch: list[bytes]) -> bytes:
+        raw = batch[0]
+        field = {"text": raw.decode()} if text else {"image_base64": base64.b64encode(raw).decode()}
+        body = json.dumps({"model": entry.model, **field, "policy": "variant", "variant": entry.variant})
+        connection.request("POST", "/api/predict", body, {"content-type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise ServingError(f"gateway answered HTTP {response.status}: {data[:200]!r}")
+        return data
+
+    return call, connection.close
+
+
+def serving_repository(repository: Path, groups: dict[str, list], target: Path) -> dict[str, str]:
+    """A repository at `target` that Triton serves for the bench: a symlink to every model folder of `groups`
+    and, per model, the empty model (`write_floor_model`) with that model's input and output shapes. Returns
+    model -> its floor model's name."""
+    from dyngate_build.repository import write_floor_model
+
+    target.mkdir(parents=True, exist_ok=True)
+    floors = {}
+    for model, group in groups.items():
+        for entry in group:
+            (target / entry.name).symlink_to(entry.folder.resolve(), target_is_directory=True)
+        meta = group[0].metadata
+        shape = (1, len(meta.labels)) if meta.task == "token-classification" else (len(meta.labels),)
+        floors[model] = f"{model}.floor"
+        write_floor_model(target, meta.client_input, shape, name=floors[model])
+    return floors
+
+
+def overhead_section(model: str, group: list, floor: str, raws: list[bytes], endpoints: dict,
+                     options: "BenchOptions", progress: Callable[[int], None] | None = None) -> dict:
+    """Where a served request's time goes, per variant of `model`: batch-1 p50 in process (the variant's own
+    runtime.json threads, as served), over gRPC and over HTTP, the empty model's (`floor`) p50 on each protocol,
+    and overhead = round trip - in process - floor; then requests/s of CONCURRENCY threads against one client
+    sending back to back (single stream: 1000 / mean batch-1 ms). All batch-1 rows are interleaved. With
+    endpoints["gateway"] (a gateway in front of the same Triton) each variant also goes through the gateway's
+    POST /api/predict (policy "variant"), reported with what it adds over direct gRPC."""
+    from dyngate_serving.client import TritonClient
+
+    requests = [[raw] for raw in raws[:options.requests]]
+    protocols = [p for p in OVERHEAD_PATHS if p != "in-process"]
+    variant_paths = list(OVERHEAD_PATHS) + (["gateway"] if "gateway" in endpoints else [])
+    entries = {e.name: e for e in group}
+    clients = {p: TritonClient(endpoints[p], p) for p in protocols}
+    gateway = {e.name: _gateway_call(endpoints["gateway"], e) for e in group} if "gateway" in endpoints else {}
+    predictors = {e.name: variant_predictor(newest_version_dir(e.folder)) for e in group}
+    calls: dict[tuple[str, str], Callable] = {}
+    for p in protocols:
+        calls[(floor, p)] = _triton_call(clients[p], floor)
+    for e in group:
+        calls[(e.name, "in-process")] = predictors[e.name].predict
+        for p in protocols:
+            calls[(e.name, p)] = _triton_call(clients[p], e.name)
+        if gateway:
+            calls[(e.name, "gateway")] = gateway[e.name][0]
+    try:
+        per_repeat: dict[tuple[str, str], list[list[float]]] = {k: [] for k in calls}
+        for _ in range(options.repeats):
+            times = interleave(calls, requests, options.warmup, progress)
+            for key, t in times.items():
+                per_repeat[key].append(t)
+    finally:
+        for client in clients.values():
+            client.close()
+        for _, close in gateway.values():
+            close()
+    latency = {key: latency_summary(t, 1) for key, t in per_repeat.items()}
+
+    def make(name: str, path: str):
+        if path == "in-process":
+            return lambda: (predictors[name].predict, lambda: None)
+        if path == "gateway":
+            return lambda: _gateway_call(endpoints["gateway"], entries[name])
+
+        def factory():
+            client = TritonClient(endpoints[path], path)
+            return _triton_call(client, name), client.close
+        return factory
+
+    rows = []
+    for name, variant in [(floor, "floor")] + [(e.name, e.variant) for e in group]:
+        paths = protocols if name == floor else variant_paths
+        row = {"triton_name": name, "variant": variant, "paths": {}}
+        for path in paths:
+            lat = latency[(name, path)]
+            conc = concurrent_run(make(name, path), requests, CONCURRENCY)
+            cell = {"p50_ms": lat["p50_ms"], "p50_min_ms": lat["p50_min_ms"], "p50_max_ms": lat["p50_max_ms"],
+                    "single_rps": lat["throughput_items_s"], f"c{CONCURRENCY}": conc,
+                    f"c{CONCURRENCY}_vs_single": round(conc["throughput_rps"] / lat["throughput_items_s"], 3)}
+            if path == "gateway":  # what the gateway adds to the direct gRPC round trip it makes
+                cell["over_grpc_ms"] = round(lat["p50_ms"] - latency[(name, "grpc")]["p50_ms"], 4)
+            elif name != floor and path != "in-process":
+                cell["overhead_ms"] = round(lat["p50_ms"] - latency[(name, "in-process")]["p50_ms"]
+                                            - latency[(floor, path)]["p50_ms"], 4)
+            if name != floor and path != "in-process":
+                cell[f"c{CONCURRENCY}_vs_in_process"] = round(
+                    conc["throughput_rps"] / row["paths"]["in-process"][f"c{CONCURRENCY}"]["throughput_rps"], 3)
+            row["paths"][path] = cell
+            if progress is not None:
+                progress(len(requests))
+        rows.append(row)
+    return {"model": model, "floor": floor, "concurrency": CONCURRENCY, "requests": len(requests),
+            "repeats": options.repeats, "rows": rows}
+
+
+def overhead_markdown(sections: list[dict]) -> str:
+    """The serving overhead tables: one per model, a row per variant (the floor first)."""
+    lines = ["## Serving overhead", "",
+             "Batch 1, one client: p50 ms (min–max over repeats) in process (the variant's runtime.json threads, as "
+             "served), over gRPC and HTTP; **overhead** = round trip − in process − the empty model's round trip on "
+             f"the same protocol (the floor: a python-backend model with the same inputs and outputs that answers a "
+             f"constant). c{CONCURRENCY}: requests/s of {CONCURRENCY} concurrent clients (each request one input), "
+             f"× single: against one client back to back, × in process: against {CONCURRENCY} threads calling the "
+             "variant in process. Gateway: POST /api/predict (policy variant) to a `dyngate gateway` in front of "
+             "the same Triton; gateway − gRPC: what it adds to the direct gRPC round trip.", ""]
+    for section in sections:
+        c = f"c{section['concurrency']}"
+        gateway = any("gateway" in r["paths"] for r in section["rows"])
+        header = ["variant", "in process p50", "gRPC p50", "gRPC overhead", "HTTP p50", "HTTP overhead"]
+        header += ["gateway p50", "gateway − gRPC"] if gateway else []
+        header += [f"in process {c} req/s", f"gRPC {c} req/s (× single, × in process)",
+                   f"HTTP {c} req/s (× single, × in process)"]
+        header += [f"gateway {c} req/s (× single, × in process)"] if gateway else []
+        lines += [f"### {section['model']} ({section['requests']} requests × {section['repeats']} repeats)", "",
+                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for row in section["rows"]:
+            p = row["paths"]
+
+            def ms(path):
+                return _ms(p[path]) if path in p else "–"
+
+            def over(path):
+                return f"{p[path]['overhead_ms']:+.2f}" if "overhead_ms" in p.get(path, {}) else "–"
+
+            def conc(path):
+                if path not in p:
+                    return "–"
+                cell = p[path]
+                text = f"{cell[c]['throughput_rps']:.0f} (×{cell[c + '_vs_single']:.2f}"
+                if c + "_vs_in_process" in cell:
+                    text += f", ×{cell[c + '_vs_in_process']:.2f}"
+                return text + ")"
+
+            name = "floor (empty model)" if row["variant"] == "floor" else row["variant"]
+            inproc = f"{p['in-process'][c]['throughput_rps']:.0f}" if "in-process" in p else "–"
+            cells = [name, ms("in-process"), ms("grpc"), over("grpc"), ms("http"), over("http")]
+            if gateway:
+                cells += [ms("gateway"),
+                          f"{p['gateway']['over_grpc_ms']:+.2f}" if "gateway" in p else "–"]
+            cells += [inproc, conc("grpc"), conc("http")] + ([conc("gateway")] if gateway else [])
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ baselines
 
 class OrtSessionEngine:
@@ -317,6 +576,8 @@ class BenchOptions:
     """repository: Triton model repository (None: no preset sections). models: model names (None = all).
     requests: timed requests per row, batch size and repeat; repeats: interleaved runs; warmup: untimed requests
     per row, batch size and repeat. threads: intra-op threads of in-process rows (0 = all cores).
+    overhead: add the serving overhead section (`overhead_section`); gateway: with a `dyngate gateway` process
+    in front of the bench's Triton in that section.
     paths: Triton paths besides in-process. base: add the DistilBERT-base section; base_requests: its
     requests (default: `requests`); base_exit_layer: its early exit layer (None = from the trained preset)."""
 
@@ -338,6 +599,8 @@ class BenchOptions:
     tokenizer: str | None = None  # checkpoint folder whose tokenizer the base section uses
     cache_dir: Path = Path(os.environ.get("DYNGATE_CACHE", ".cache"))
     progress: bool = True
+    overhead: bool = True
+    gateway: bool = True
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -601,6 +864,23 @@ def base_section(options: BenchOptions, source_data, work_dir: Path, log=print) 
             "rows": rows}
 
 
+def _overhead(model: str, group: list, floor: str, source_data, options: BenchOptions, endpoints: dict) -> dict:
+    from dyngate_build.data import load_examples
+
+    group = sorted(group, key=lambda e: (e.variant != "fp32", e.variant))
+    task = group[0].metadata.task
+    raws = [ex.raw for ex in load_examples(task, "dev", source_data, limit=options.requests)[0]]
+    paths = len(OVERHEAD_PATHS) + ("gateway" in endpoints)
+    per_row = options.requests * (options.repeats + 2 * paths)  # interleaved, then concurrent
+    bar = _bar(options, per_row * (len(group) + 1), f"serving overhead {model}")
+    try:
+        with torch_threads_kept():
+            return overhead_section(model, group, floor, raws, endpoints, options, bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def run_bench(options: BenchOptions, log=print) -> dict:
     """Every preset section (through an embedded Triton) and, with `options.base`, the base section; writes
     bench.md and bench.json into `options.out` and returns the result."""
@@ -618,26 +898,35 @@ def run_bench(options: BenchOptions, log=print) -> dict:
                            "batch_sizes": list(options.batch_sizes), "threads": options.threads,
                            "paths": list(options.paths), "data": source_data.location, "span": SPAN,
                            "base_requests": (options.base_requests or options.requests) if options.base else None},
-              "sections": []}
+              "sections": [], "serving_overhead": []}
     with tempfile.TemporaryDirectory(prefix="dyngate-bench-") as tmp:
         tmp = Path(tmp)
         if options.repository is not None:
             groups = python_variants_by_model(options.repository, options.models)
             triton_paths = [p for p in options.paths if p != "in-process"]
-            if triton_paths:
+            if triton_paths or options.overhead:
                 from dyngate_serving.launcher import TritonServer, TritonServerConfig
                 from dyngate_serving.net import free_ports
 
+                served = tmp / "served-repository"
+                floors = serving_repository(options.repository, groups, served)
                 http, grpc, metrics = free_ports(3)
-                config = TritonServerConfig(repository=options.repository, http_port=http, grpc_port=grpc,
-                                            metrics_port=metrics, models=[e.name for g in groups.values() for e in g],
+                config = TritonServerConfig(repository=served, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                            models=[e.name for g in groups.values() for e in g] + list(floors.values()),
                                             log_file=options.out / "bench-triton.log")
-                with TritonServer(config) as server:
+                with TritonServer(config) as server, contextlib.ExitStack() as stack:
                     result["versions"] = library_versions(server_version(server.endpoints["http"]))
+                    endpoints = dict(server.endpoints)
+                    if options.overhead and options.gateway:
+                        endpoints["gateway"] = stack.enter_context(gateway_process(
+                            served, server.endpoints["grpc"], options.out / "bench-gateway.log"))
                     for model, group in groups.items():
                         (tmp / model).mkdir()
                         result["sections"].append(preset_section(model, group, source_data, options,
                                                                  server.endpoints, tmp / model))
+                        if options.overhead:
+                            result["serving_overhead"].append(_overhead(model, group, floors[model], source_data,
+                                                                        options, endpoints))
             else:
                 for model, group in groups.items():
                     (tmp / model).mkdir()
@@ -728,6 +1017,8 @@ def header_markdown(result: dict, title: str = "dyngate bench") -> list[str]:
 
 def markdown(result: dict, title: str = "dyngate bench") -> str:
     lines = header_markdown(result, title)
+    if result.get("serving_overhead"):
+        lines += [overhead_markdown(result["serving_overhead"]), ""]
     for section in result["sections"]:
         lines += [section_markdown(section), ""]
     return "\n".join(lines)
@@ -764,6 +1055,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=os.environ.get("DYNGATE_CACHE", ".cache"))
     parser.add_argument("--out", default="reports", help="folder for bench.md and bench.json")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the serving overhead section")
+    parser.add_argument("--no-gateway", action="store_true", help="no gateway path in the serving overhead section")
 
 
 def options_from_args(args) -> BenchOptions:
@@ -774,7 +1067,7 @@ def options_from_args(args) -> BenchOptions:
                         paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
                         base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
                         base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, overhead=not args.no_overhead, gateway=not args.no_gateway)
 
 
 def main(argv: list[str] | None = None) -> int:

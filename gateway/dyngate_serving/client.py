@@ -23,6 +23,7 @@ tritonclient clients are NOT thread-safe: create one `TritonClient` per thread (
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -64,18 +65,7 @@ class TritonClient:
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
-        address, scheme_protocol = url, None
-        for scheme, name in _SCHEMES.items():
-            if url.startswith(scheme):
-                address, scheme_protocol = url[len(scheme):].rstrip("/"), name
-        protocol = protocol or scheme_protocol
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol={protocol!r} is not supported; choose one of: {', '.join(PROTOCOLS)} "
-                              "(or give the url a grpc:// or http:// scheme)")
-        if scheme_protocol and scheme_protocol != protocol:
-            raise ConfigError(f"url={url!r} says {scheme_protocol} but protocol={protocol!r}; make them agree")
-        if timeout_s <= 0:
-            raise ConfigError(f"timeout_s={timeout_s!r} must be > 0")
+        address, protocol = _endpoint(url, protocol, timeout_s)
         self.url, self.protocol, self.timeout_s = address, protocol, timeout_s
         if protocol == "grpc":
             import tritonclient.grpc as module
@@ -159,14 +149,7 @@ class TritonClient:
         if signature.max_batch_size and len(raws) > signature.max_batch_size:
             raise InputError(f"{len(raws)} inputs in one request exceed {model}'s max_batch_size "
                              f"{signature.max_batch_size}; send at most {signature.max_batch_size} at a time")
-        data = np.array([[r] for r in raws], dtype=np.object_)
-        tensor = self._module.InferInput(signature.input_name, list(data.shape), "BYTES")
-        tensor.set_data_from_numpy(data)
-        if self.protocol == "http":
-            outputs = [self._module.InferRequestedOutput(n, binary_data=True)
-                       for n in (signature.result_name, signature.logits_name)]
-        else:
-            outputs = [self._module.InferRequestedOutput(n) for n in (signature.result_name, signature.logits_name)]
+        tensor, outputs = _request(self._module, self.protocol, signature, raws)
         started = time.perf_counter()
         try:
             if self.protocol == "grpc":
@@ -176,15 +159,7 @@ class TritonClient:
                 result = self._client.infer(model, [tensor], outputs=outputs, parameters=params or None)
         except Exception as e:
             raise self._infer_error(model, e) from e
-        latency_ms = (time.perf_counter() - started) * 1000
-        texts = result.as_numpy(signature.result_name).reshape(-1)
-        logits = result.as_numpy(signature.logits_name)
-        answers = []
-        for i, text in enumerate(texts):
-            text = text.decode() if isinstance(text, bytes) else str(text)
-            answers.append(Answer(answer=json.loads(text), logits=np.asarray(logits[i], dtype=np.float32),
-                                  latency_ms=latency_ms, model=model))
-        return answers
+        return _answers(result, signature, model, (time.perf_counter() - started) * 1000)
 
     def close(self) -> None:
         try:
@@ -244,13 +219,7 @@ class TritonClient:
                 config = self._client.get_model_config(model)
         except Exception as e:
             raise self._model_error(model, e) from e
-        inputs, outputs = meta.get("inputs", []), meta.get("outputs", [])
-        result = [o["name"] for o in outputs if o.get("datatype") == "BYTES"]
-        logits = [o["name"] for o in outputs if o.get("datatype") != "BYTES"]
-        if len(inputs) != 1 or inputs[0].get("datatype") != "BYTES" or not result or not logits:
-            raise ServingError(f"model {model!r} is not a dyngate variant: it needs one BYTES input and a BYTES "
-                               f"and an FP32 output; it has inputs {inputs} and outputs {outputs}")
-        signature = _Signature(inputs[0]["name"], result[0], logits[0], int(config.get("max_batch_size", 0) or 0))
+        signature = _signature_from(model, meta, config)
         self._signatures[model] = signature
         return signature
 
@@ -285,6 +254,172 @@ class TritonClient:
         return self._model_error(model, e)
 
 
+class AsyncTritonClient:
+    """The asyncio twin of `TritonClient` for servers that answer many requests at once (the gateway): one
+    `tritonclient.grpc.aio` (or `.http.aio`) client whose connection every request of one event loop shares,
+    so no thread waits on Triton and no call blocks the loop. Same answers (`Answer`) and the same errors as
+    `TritonClient` (InputError, TritonUnreachable, ServingError). Use it only on the event loop it was first
+    used on.
+
+    url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (asyncio.wait_for).
+    """
+
+    def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
+        address, protocol = _endpoint(url, protocol, timeout_s)
+        self.url, self.protocol, self.timeout_s = address, protocol, timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as module
+            self._client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
+        else:
+            import tritonclient.http.aio as module
+            self._client = module.InferenceServerClient(address, conn_timeout=timeout_s)
+        self._module = module
+        self._signatures: dict[str, _Signature] = {}
+
+    async def is_ready(self) -> bool:
+        """True when the server answers ready; never raises."""
+        try:
+            return bool(await self._call(self._client.is_server_ready()))
+        except Exception:
+            return False
+
+    async def ready_models(self) -> list[str]:
+        """Names of the models that are loaded and ready; ServingError when Triton cannot be reached."""
+        if self.protocol == "grpc":
+            index = await self._call(self._client.get_model_repository_index(as_json=True))
+        else:
+            index = await self._call(self._client.get_model_repository_index())
+        models = index.get("models", []) if isinstance(index, dict) else index
+        return sorted({m["name"] for m in models if m.get("state") == "READY"})
+
+    async def predict(self, model: str, raw: bytes, params: dict | None = None) -> Answer:
+        """Send one input (text as UTF-8 bytes, or encoded image bytes); return its answer."""
+        raw = raw.encode() if isinstance(raw, str) else bytes(raw)
+        signature = await self._signature(model)
+        tensor, outputs = _request(self._module, self.protocol, signature, [raw])
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(self._client.infer(model, [tensor], outputs=outputs,
+                                                               parameters=params or None), self.timeout_s)
+        except Exception as e:
+            raise await self._infer_error(model, e) from e
+        return _answers(result, signature, model, (time.perf_counter() - started) * 1000)[0]
+
+    async def close(self) -> None:
+        try:
+            await self._client.close()
+        except Exception:
+            pass
+
+    async def _call(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout_s)
+        except Exception as e:
+            if _unreachable(e):
+                raise TritonUnreachable(f"Triton at {self.url} is not reachable: {_message(e)}") from e
+            raise ServingError(f"Triton at {self.url} answered with an error: {_message(e)}") from e
+
+    async def _signature(self, model: str) -> _Signature:
+        if model in self._signatures:
+            return self._signatures[model]
+        try:
+            if self.protocol == "grpc":
+                meta = await asyncio.wait_for(self._client.get_model_metadata(model, as_json=True), self.timeout_s)
+                config = (await asyncio.wait_for(self._client.get_model_config(model, as_json=True),
+                                                 self.timeout_s))["config"]
+            else:
+                meta = await asyncio.wait_for(self._client.get_model_metadata(model), self.timeout_s)
+                config = await asyncio.wait_for(self._client.get_model_config(model), self.timeout_s)
+        except Exception as e:
+            raise await self._model_error(model, e) from e
+        self._signatures[model] = _signature_from(model, meta, config)
+        return self._signatures[model]
+
+    async def _model_error(self, model: str, e: Exception) -> ServingError:
+        if _unreachable(e):
+            return TritonUnreachable(f"Triton at {self.url} is not reachable: {_message(e)}")
+        try:
+            return await self._not_ready(model) or ServingError(f"Triton at {self.url} failed on model {model!r}: "
+                                                                f"{_message(e)}")
+        except ServingError as inner:
+            return inner
+
+    async def _not_ready(self, model: str) -> ServingError | None:
+        """The error for a model Triton does not have READY, or None when it is READY."""
+        ready = await self.ready_models()
+        if model in ready:
+            return None
+        return ServingError(f"model {model!r} is not ready on Triton at {self.url}; ready models: "
+                            f"{', '.join(ready) or 'none'}")
+
+    async def _infer_error(self, model: str, e: Exception) -> Exception:
+        if _unreachable(e):
+            return TritonUnreachable(f"Triton at {self.url} is not reachable: {_message(e)}")
+        status = str(getattr(e, "status", lambda: "")() or "")
+        if status in ("StatusCode.INVALID_ARGUMENT", "400"):
+            self._signatures.pop(model, None)  # a reloaded model may have changed; look again next time
+            try:
+                not_ready = await self._not_ready(model)
+            except ServingError:
+                not_ready = None
+            return not_ready or InputError(f"{model}: {_message(e)}")
+        return await self._model_error(model, e)
+
+
+def _endpoint(url: str, protocol: str | None, timeout_s: float) -> tuple[str, str]:
+    """(address "host:port", protocol) of a client url; ConfigError for a protocol other than grpc/http, a
+    scheme that contradicts `protocol`, or a timeout ≤ 0."""
+    address, scheme_protocol = url, None
+    for scheme, name in _SCHEMES.items():
+        if url.startswith(scheme):
+            address, scheme_protocol = url[len(scheme):].rstrip("/"), name
+    protocol = protocol or scheme_protocol
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={protocol!r} is not supported; choose one of: {', '.join(PROTOCOLS)} "
+                          "(or give the url a grpc:// or http:// scheme)")
+    if scheme_protocol and scheme_protocol != protocol:
+        raise ConfigError(f"url={url!r} says {scheme_protocol} but protocol={protocol!r}; make them agree")
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout_s={timeout_s!r} must be > 0")
+    return address, protocol
+
+
+def _signature_from(model: str, meta: dict, config: dict) -> _Signature:
+    """A dyngate variant's tensor names and max_batch_size from Triton's model metadata and config (JSON);
+    ServingError when the model is not shaped like a dyngate variant."""
+    inputs, outputs = meta.get("inputs", []), meta.get("outputs", [])
+    result = [o["name"] for o in outputs if o.get("datatype") == "BYTES"]
+    logits = [o["name"] for o in outputs if o.get("datatype") != "BYTES"]
+    if len(inputs) != 1 or inputs[0].get("datatype") != "BYTES" or not result or not logits:
+        raise ServingError(f"model {model!r} is not a dyngate variant: it needs one BYTES input and a BYTES "
+                           f"and an FP32 output; it has inputs {inputs} and outputs {outputs}")
+    return _Signature(inputs[0]["name"], result[0], logits[0], int(config.get("max_batch_size", 0) or 0))
+
+
+def _request(module, protocol: str, signature: _Signature, raws: list[bytes]) -> tuple:
+    """(input tensor [n, 1] BYTES, requested outputs) of one request, for a tritonclient grpc/http module
+    (sync or aio: they share these classes)."""
+    data = np.array([[r] for r in raws], dtype=np.object_)
+    tensor = module.InferInput(signature.input_name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    names = (signature.result_name, signature.logits_name)
+    if protocol == "http":
+        return tensor, [module.InferRequestedOutput(n, binary_data=True) for n in names]
+    return tensor, [module.InferRequestedOutput(n) for n in names]
+
+
+def _answers(result, signature: _Signature, model: str, latency_ms: float) -> list[Answer]:
+    """One Answer per item of an infer result (RESULT JSON parsed, the item's LOGITS row)."""
+    texts = result.as_numpy(signature.result_name).reshape(-1)
+    logits = result.as_numpy(signature.logits_name)
+    answers = []
+    for i, text in enumerate(texts):
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        answers.append(Answer(answer=json.loads(text), logits=np.asarray(logits[i], dtype=np.float32),
+                              latency_ms=latency_ms, model=model))
+    return answers
+
+
 def model_control_client(address: str, timeout_s: float = 30) -> TritonClient:
     """The client that loads and unloads models: Triton's gRPC address "host:port" or "grpc://host:port".
 
@@ -305,8 +440,10 @@ def short_reason(reason: str, limit: int = 400) -> str:
 
 
 def _grpc_channel_args(module, address: str) -> list[tuple] | None:
-    """tritonclient's default channel options, plus: no HTTP proxy for a server on this machine (gRPC honours
-    `http_proxy`, and a proxy cannot reach our 127.0.0.1)."""
+    """tritonclient's default channel options, plus, for a server on this machine: no HTTP proxy (gRPC honours
+    `http_proxy`, and a proxy cannot reach our 127.0.0.1), and a connection pool of the channel's own, so a
+    client made after Triton restarted connects at once instead of inheriting the process-wide pool's
+    reconnect back-off (measured: two more failed requests after the restart without it)."""
     host = address.rsplit(":", 1)[0].strip("[]")
     if host not in ("localhost", "::1") and not host.startswith("127."):
         return None
@@ -317,7 +454,7 @@ def _grpc_channel_args(module, address: str) -> list[tuple] | None:
             ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-            ("grpc.enable_http_proxy", 0)]
+            ("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
 
 
 def _message(e: Exception) -> str:
