@@ -460,7 +460,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         for key in ("text", "image_base64", "policy", "variant"):
             if body.get(key) is not None and not isinstance(body[key], str):
                 return error(400, f"{key} must be a string, not {type(body[key]).__name__}")
-        for key in ("accuracy_budget", "threshold", "exit_threshold"):
+        for key in ("accuracy_budget", "threshold"):  # exit_threshold: the router applies Triton's own rule
             value = body.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
                 return error(400, f"{key} must be a number, not {type(value).__name__}")

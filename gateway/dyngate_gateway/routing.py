@@ -19,7 +19,9 @@ Policies (POLICIES):
   Only the low-confidence inputs pay for the bigger variants: input-adaptive routing at the serving level.
 
 `exit_threshold` (any policy) is sent to Triton as the request parameter `exit_threshold`: early-exit variants
-leave at the first off-ramp whose confidence reaches it; other variants ignore it.
+leave at the first off-ramp whose confidence reaches it; other variants ignore it. It is checked here by the
+served runtime's own rule (`dyngate_build.runtime.check_exit_threshold`: a number ≥ 0, ≥ 1 = never exit, no
+booleans), so the gateway and Triton accept and refuse the same values.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dyngate_build import runtime
 from dyngate_build.errors import InputError, ServingError
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
 
@@ -191,14 +194,11 @@ class Router:
             raise InputError(f"policy={policy!r} is not known; choose one of: {', '.join(POLICIES)} "
                              f"(or a variant name of {view.name}: {', '.join(view.variant_names)})")
         params = None
-        if exit_threshold is not None and str(exit_threshold).strip() != "":
+        if exit_threshold is not None and str(exit_threshold).strip() != "":  # blank: the variant's default
             try:
-                value = float(exit_threshold)
-            except (TypeError, ValueError):
-                raise InputError(f"exit_threshold={exit_threshold!r} is not a number; send a value in [0, 1]") from None
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"exit_threshold={value} is outside [0, 1]; 1.0 means never exit early")
-            params = {"exit_threshold": value}
+                params = {"exit_threshold": runtime.check_exit_threshold(exit_threshold)}  # Triton's own rule
+            except runtime.InputError as e:
+                raise InputError(str(e)) from None
         budget = self.config.accuracy_budget if accuracy_budget in (None, "") else float(accuracy_budget)
         if budget < 0:
             raise InputError(f"accuracy_budget={budget} is negative; give an allowed accuracy drop ≥ 0, e.g. 0.01")
