@@ -1,4 +1,4 @@
-"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, report.
+"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, recommend, report.
 
     dyngate build --model distilbert-tiny --techniques fp32,torchscript
     dyngate serve --repository model_repository
@@ -6,6 +6,7 @@
     dyngate reload --model distilbert-tiny --variant fp32 --triton-url http://127.0.0.1:8000
     dyngate gateway --triton 127.0.0.1:8001
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
+    dyngate recommend --model distilbert-tiny --budget 1.0
 
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
 Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
@@ -163,6 +164,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_recommend(args) -> int:
+    """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32."""
+    from dyngate_measure.recommend import recommend_from_repository
+
+    print(recommend_from_repository(Path(args.repository), args.model, args.budget).explain())
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +236,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="default: from the url's scheme (http://, grpc://), else grpc")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("recommend", help="the fastest variant built on this machine within an accuracy budget "
+                                         "of FP32, and why (from the build's metadata)")
+    p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="points of the dev metric the variant may lose against FP32 (default 1.0)")
+    p.add_argument("--repository", default=repository)
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("report", help="measure every variant through Triton: Markdown, JSON and PNG charts")
     from dyngate_measure.report import add_arguments as add_report_arguments

@@ -40,10 +40,10 @@ import numpy as np
 
 from dyngate_build.errors import ConfigError, ServingError
 from dyngate_build.repository import RepositoryEntry, directory_size, python_variants_by_model
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 
 BATCH_SIZES = (1, 8)
 PATH = "grpc"
-BASELINE_VARIANT = "fp32"
 LIBRARIES = ("torch", "onnxruntime", "transformers", "tokenizers", "numpy", "tritonclient", "nvidia-pytriton",
              "dyngate")
 NO_GPU = "no GPU"
@@ -293,10 +293,11 @@ def add_changes(rows: list[dict], baseline: dict) -> None:
         row["change"] = change
 
 
-def recommend(rows: list[dict], budget_pt: float) -> str | None:
-    """The fastest variant (batch-1 p50) whose accuracy change is ≥ -budget_pt points; None if none is."""
-    eligible = [r for r in rows if r["change"]["accuracy_pt"] >= -budget_pt - 1e-9]
-    return min(eligible, key=lambda r: r["latency"]["batch1"]["p50_ms"])["variant"] if eligible else None
+def recommendation(rows: list[dict], baseline: str, budget_pt: float) -> Recommendation:
+    """`dyngate_measure.recommend.recommend` over the report's rows: the fastest variant at batch 1 (Triton gRPC
+    p50) whose dev metric is within `budget_pt` points of `baseline`'s."""
+    candidates = [Candidate(r["variant"], r["accuracy"], r["latency"]["batch1"]["p50_ms"], r["size_mb"]) for r in rows]
+    return recommend(candidates, baseline, budget_pt, rows[0]["metric"], latency=f"Triton {PATH} p50 at batch 1")
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -430,8 +431,9 @@ def run_report(options: ReportOptions, log=print) -> dict:
                     rows.append(_measure_variant(server, entry, raws, options, bar))
                 baseline = next((r for r in rows if r["variant"] == BASELINE_VARIANT), rows[0])
                 add_changes(rows, baseline)
+                chosen = recommendation(rows, baseline["variant"], options.budget_pt)
                 report["models"][model] = {"task": task, "baseline": baseline["variant"], "rows": rows,
-                                           "recommended": recommend(rows, options.budget_pt),
+                                           "recommended": chosen.chosen, "recommendation": chosen.explain(),
                                            "seeds": seeds(group)}
     finally:
         if bar is not None:
@@ -462,6 +464,7 @@ def model_markdown(model: str, section: dict, budget_pt: float) -> str:
     lines = [f"### {model} ({section['task']})", "",
              f"Changes against `{section['baseline']}`. Recommended (fastest batch-1 p50 within {budget_pt:g} pt of "
              f"FP32): **{rec or 'none'}**.", "",
+             *(["```", section["recommendation"], "```", ""] if section.get("recommendation") else []),
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         b1, b8, c, res = r["latency"]["batch1"], r["latency"]["batch8"], r["change"], r["resources"]
