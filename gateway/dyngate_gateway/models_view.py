@@ -1,19 +1,25 @@
-"""The Models tab: every model and variant in the repository with its technique, size, accuracy and Triton's
-state, and loading/unloading through Triton's model-control API (the server runs with explicit model control).
+"""The Models tab: the served variants (python backend) with technique, size, dev metric, build p50, threads and
+instances and Triton's state, loading/unloading through Triton's model-control API (the server runs with
+explicit model control); apart from them, the native flavours, shown as what they are: for NVIDIA's container,
+not loadable by the embedded server.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from dyngate_build.errors import InputError, ServingError
-from dyngate_build.repository import list_models, version_numbers
+from dyngate_build.errors import InputError, RepositoryError, ServingError
+from dyngate_build.repository import list_models, read_config, version_numbers
+from dyngate_build.runtime import RUNTIME_FILE
 from dyngate_serving.client import TritonClient
 from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
-HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
-           "state", "version", "reason"]
+HEADERS = ["triton model", "model", "variant", "technique", "size MB", "dev metric", "build p50 ms",
+           "threads × instances", "state", "version", "reason"]
+NATIVE_HEADERS = ["triton model", "model", "variant", "platform", "size MB", "dev metric", "serving"]
+NATIVE_NOTE = "for NVIDIA's container; not loadable here"
 CONTROL_TIMEOUT_S = 180.0
 SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while
 
@@ -71,26 +77,59 @@ def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
     return state, "" if newest is None else f"{newest} on disk", ""
 
 
+def _dev_metric(meta: dict) -> str | None:
+    accuracy = meta.get("accuracy") or {}
+    if accuracy.get("value") is None:
+        return None
+    return f"{accuracy.get('name', 'accuracy')} {accuracy['value']:.4f}"
+
+
+def serving_shape(entry) -> str:
+    """"threads × instances" of a served variant: intra-op threads from its newest runtime.json ("default" for
+    0, the library's own choice) and model instances from config.pbtxt's instance_group."""
+    threads = "?"
+    versions = entry.versions
+    if versions:
+        try:
+            spec = json.loads((entry.folder / str(versions[-1]) / RUNTIME_FILE).read_text())
+            threads = str(spec.get("threads") or "default")
+        except (OSError, ValueError):
+            pass
+    try:
+        instances = sum(group.count or 1 for group in read_config(entry.folder).instance_group) or 1
+    except RepositoryError:
+        instances = "?"
+    return f"{threads} × {instances}"
+
+
 def model_rows(repository: Path, clients: ClientPool) -> list[list]:
-    """One row per model folder (HEADERS): the build's numbers from metadata.json and Triton's state."""
+    """One row per served model folder (HEADERS; python backend, the flavour this Triton loads): the build's
+    numbers from metadata.json, its threads and instances, and Triton's state."""
     try:
         index, down = repository_index(clients), False
     except ServingError:
         index, down = {}, True
     rows = []
     for entry in list_models(Path(repository)):
+        if entry.native:
+            continue
         meta = entry.metadata
-        accuracy = meta.get("accuracy") or {}
         if down:
             state, version, reason = "Triton unreachable", "", ""
         else:
             state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
         rows.append([entry.name, entry.model, entry.variant, meta.get("technique", entry.variant),
-                     "native" if entry.native else entry.backend, meta.get("size_mb"),
-                     None if accuracy.get("value") is None else f"{accuracy.get('name', 'accuracy')} "
-                                                                f"{accuracy['value']:.4f}",
-                     (meta.get("latency_in_process") or {}).get("p50_ms"), state, version, reason])
+                     meta.get("size_mb"), _dev_metric(meta), (meta.get("latency_in_process") or {}).get("p50_ms"),
+                     serving_shape(entry), state, version, reason])
     return rows
+
+
+def native_rows(repository: Path) -> list[list]:
+    """One row per native flavour (NATIVE_HEADERS): the variant for NVIDIA's tritonserver container (platform
+    onnxruntime_onnx / pytorch_libtorch), which the embedded server (python backend only) cannot load."""
+    return [[entry.name, entry.model, entry.variant, entry.backend, entry.metadata.get("size_mb"),
+             _dev_metric(entry.metadata), NATIVE_NOTE]
+            for entry in list_models(Path(repository)) if entry.native]
 
 
 def control(clients: ClientPool, repository: Path, name: str | None, action: str) -> str:

@@ -116,6 +116,7 @@ class Router:
         self._ready: tuple[float, set[str]] | None = None
         self._ready_lock = threading.Lock()
         self._failed: dict[str, tuple[float, str]] = {}  # triton model -> (monotonic time of failure, error)
+        self.shadow = None  # a dyngate_gateway.shadow.Shadow: routed requests are offered to it once answered
 
     # ---- state
 
@@ -177,8 +178,19 @@ class Router:
         """Answer one input of `model` by `policy`; the answer names the variant(s) that served it and why.
 
         raw: text (str) or the encoded bytes; image: a file path or bytes for image models (instead of raw).
+        Once answered, the request is offered to `self.shadow` (when set), which may mirror it to a candidate
+        variant in the background; the answer is neither changed nor delayed by that.
         """
         view = self.view(model)
+        answer, data, params = self._route(view, raw, policy, variant, accuracy_budget, threshold, exit_threshold,
+                                           image)
+        if self.shadow is not None:
+            self.shadow.offer(view, data, params, answer)
+        return answer
+
+    def _route(self, view: ModelView, raw, policy, variant, accuracy_budget, threshold, exit_threshold,
+               image) -> tuple[dict, bytes, dict | None]:
+        """route() without the shadow: (answer, the bytes sent, the request parameters)."""
         text = raw if isinstance(raw, str) else None
         image = image if image not in (None, "", b"") else (raw if isinstance(raw, (bytes, bytearray)) else None)
         if view.is_text and isinstance(image, (bytes, bytearray)) and text is None:
@@ -208,7 +220,7 @@ class Router:
                              "must reach to answer")
 
         if policy == "cascade":
-            return self._cascade(view, data, cut, params)
+            return self._cascade(view, data, cut, params), data, params
         if policy == "variant":
             if not variant:
                 raise InputError(f"policy 'variant' needs a variant: one of {', '.join(view.variant_names)}")
@@ -217,7 +229,7 @@ class Router:
                                  f"{', '.join(view.variant_names)}")
             chosen, reason = variant, f"variant {variant!r} was asked for"
             step = self._call(view, chosen, data, params)
-            return self._answer(view, policy, [step], reason, params)
+            return self._answer(view, policy, [step], reason, params), data, params
         skipped: list[str] = []
         while True:
             chosen, reason = self._choose(view, policy, budget)
@@ -230,7 +242,7 @@ class Router:
                 continue  # _call marked it failed: the next choice leaves it out
             if skipped:
                 reason += "; skipped " + "; ".join(skipped)
-            return self._answer(view, policy, [step], reason, params)
+            return self._answer(view, policy, [step], reason, params), data, params
 
     # ---- policies
 
