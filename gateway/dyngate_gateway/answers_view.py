@@ -61,3 +61,21 @@ def headline(variant: str, answer: dict, latency_ms: float | None) -> str:
     if answer.get("error"):
         bits.append(f"error: {answer['error']}")
     return " · ".join(bits)
+
+
+def arms_table(arms: dict[str, dict]) -> str:
+    """A Markdown table of the `ab` policy's arms (Router.ab_report): weight, requests, p50/p99, agreement."""
+    lines = ["| arm | weight | requests | p50 ms | p99 ms | top-1 agreement | max \\|Δ\\| | compared with (copies) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, r in arms.items():
+        a = r.get("agreement") or {}
+        cells = [f"`{arm}`", f"{r['weight']:g}", str(r["requests"]), _ms(r["p50_ms"]), _ms(r["p99_ms"]),
+                 "n/a" if a.get("top1_agreement") is None else f"{100 * a['top1_agreement']:.1f} %",
+                 "n/a" if a.get("max_abs_delta") is None else f"{a['max_abs_delta']:.3g}",
+                 f"`{a['compared_with']}` ({a['mirrored']})" if a else "not yet"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

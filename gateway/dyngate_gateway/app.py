@@ -176,8 +176,11 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         if not answer:
             return ""
         steps = " → ".join(f"`{s['variant']}` ({s['confidence']:.3f})" for s in answer["route"])
-        return (f"**served by `{answer['served_by']}`**: {answer['prediction']} · route {steps} · "
+        line = (f"**served by `{answer['served_by']}`**: {answer['prediction']} · route {steps} · "
                 f"{answer['latency_ms']:.2f} ms  \n{answer['reason']}")
+        if answer.get("arms"):
+            line += "\n\n" + answers_view.arms_table(answer["arms"])
+        return line
 
     route.click(on_route, [model, text, image, policy, route_variant, budget, threshold, exit_threshold],
                 route_json, api_name="route").then(route_summary, route_json, route_line,

@@ -13,7 +13,10 @@ Policies (POLICIES):
   has `MIN_LIVE_SAMPLES` of them, else from the build's measurement (metadata `latency_in_process`).
 - `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
 - `ab`: a weighted random split from the config (`ab_weights[model] = {variant: weight}`, equal weights when
-  the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence.
+  the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence. Its answers carry
+  `arms`: per arm the requests it answered, their p50/p99 round trips, and its agreement with the next arm on
+  the same inputs (a share, `ab_agreement_share`, of its requests is mirrored there in the background by
+  dyngate_gateway.shadow).
 - `cascade`: READY variants cheapest first (the build's p50, then size); a variant's answer is kept when its
   top-1 probability reaches `threshold`, else the request goes on to the next; the last one always answers.
   Only the low-confidence inputs pay for the bigger variants: input-adaptive routing at the serving level.
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dyngate_build import runtime
-from dyngate_build.errors import InputError, ServingError
+from dyngate_build.errors import ConfigError, InputError, ServingError
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
@@ -57,6 +60,13 @@ class RoutingConfig:
     ab_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {variant: weight}
     cascade_order: dict[str, list[str]] = field(default_factory=dict)  # model -> variants (overrides cost order)
     seed: int = 0
+    # share of `ab` requests also sent, in the background, to another arm to measure the arms' agreement (0: off)
+    ab_agreement_share: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.ab_agreement_share) <= 1.0:
+            raise ConfigError(f"routing.ab_agreement_share={self.ab_agreement_share!r} is outside [0, 1]: the share "
+                              "of ab requests mirrored to another arm to measure agreement (0 turns it off)")
 
 
 def confidence(answer: dict) -> float:
@@ -102,6 +112,34 @@ class LiveLatency:
         return (float(np.percentile(values, 50)) if values else None), len(values)
 
 
+class ArmCounts:
+    """Requests the `ab` policy answered per arm and their round trips (ms, the last `window`), per model;
+    thread-safe."""
+
+    def __init__(self, window: int = 1000):
+        self.window = window
+        self._counts: dict[tuple[str, str], int] = {}
+        self._times: dict[tuple[str, str], deque] = {}
+        self._lock = threading.Lock()
+
+    def record(self, model: str, arm: str, ms: float) -> None:
+        with self._lock:
+            key = (model, arm)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            self._times.setdefault(key, deque(maxlen=self.window)).append(float(ms))
+
+    def report(self, model: str, arms: list[str]) -> dict[str, dict]:
+        """{arm: {"requests", "p50_ms", "p99_ms"}} for each of `arms` (p50/p99 None before its first request)."""
+        with self._lock:
+            out = {}
+            for arm in arms:
+                times = list(self._times.get((model, arm), ()))
+                out[arm] = {"requests": self._counts.get((model, arm), 0),
+                            "p50_ms": round(float(np.percentile(times, 50)), 3) if times else None,
+                            "p99_ms": round(float(np.percentile(times, 99)), 3) if times else None}
+            return out
+
+
 class Router:
     """Answers `route(...)` for the models of `catalog` through `clients` (one TritonClient per thread)."""
 
@@ -117,6 +155,7 @@ class Router:
         self._ready_lock = threading.Lock()
         self._failed: dict[str, tuple[float, str]] = {}  # triton model -> (monotonic time of failure, error)
         self.shadow = None  # a dyngate_gateway.shadow.Shadow: routed requests are offered to it once answered
+        self.arms = ArmCounts()
 
     # ---- state
 
@@ -184,9 +223,25 @@ class Router:
         view = self.view(model)
         answer, data, params = self._route(view, raw, policy, variant, accuracy_budget, threshold, exit_threshold,
                                            image)
+        if answer["policy"] == "ab":
+            arms = list(self._ab_weights(view))
+            self.arms.record(view.name, answer["served_by"], answer["latency_ms"])
+            if self.shadow is not None:
+                self.shadow.compare_arms(view, arms, self.config.ab_agreement_share)
         if self.shadow is not None:
             self.shadow.offer(view, data, params, answer)
+        if answer["policy"] == "ab":
+            answer["arms"] = self.ab_report(view)
         return answer
+
+    def ab_report(self, view: ModelView) -> dict[str, dict]:
+        """Per arm of `view`'s A/B split: {"weight", "requests", "p50_ms", "p99_ms", "agreement"} where agreement
+        ({"compared_with", "mirrored", "top1_agreement", "max_abs_delta"}, or None before any comparison) is
+        measured on copies of the arm's requests answered by the next arm (RoutingConfig.ab_agreement_share)."""
+        weights = self._ab_weights(view)
+        report = self.arms.report(view.name, list(weights))
+        agreement = self.shadow.arm_agreement(view.name) if self.shadow is not None else {}
+        return {arm: {"weight": weights[arm], **report[arm], "agreement": agreement.get(arm)} for arm in weights}
 
     def _route(self, view: ModelView, raw, policy, variant, accuracy_budget, threshold, exit_threshold,
                image) -> tuple[dict, bytes, dict | None]:
@@ -290,12 +345,8 @@ class Router:
                 reason += f"; outside the budget: {', '.join(left_out)}"
             return chosen, reason
         # ab
-        weights = dict(self.config.ab_weights.get(view.name) or {v: 1.0 for v in view.variant_names})
-        unknown = [v for v in weights if v not in view.variants]
-        if unknown:
-            raise InputError(f"ab_weights for {view.name} name unknown variants {unknown}; its variants are "
-                             f"{', '.join(view.variant_names)}")
-        pool = [(v, float(w)) for v, w in weights.items() if v in names and float(w) > 0]
+        weights = self._ab_weights(view)
+        pool = [(v, w) for v, w in weights.items() if v in names]
         if not pool:
             raise ServingError(f"ab split for {view.name}: none of {sorted(weights)} with weight > 0 is loaded")
         total = sum(w for _, w in pool)
@@ -303,6 +354,15 @@ class Router:
             chosen = self._rng.choices([v for v, _ in pool], weights=[w for _, w in pool])[0]
         share = dict(pool)[chosen] / total
         return chosen, f"A/B split {dict(pool)}: drew {chosen} (share {share:.0%})"
+
+    def _ab_weights(self, view: ModelView) -> dict[str, float]:
+        """{arm: weight > 0} of `view`'s A/B split (config `ab_weights`, equal weights when it has none)."""
+        weights = dict(self.config.ab_weights.get(view.name) or {v: 1.0 for v in view.variant_names})
+        unknown = [v for v in weights if v not in view.variants]
+        if unknown:
+            raise InputError(f"ab_weights for {view.name} name unknown variants {unknown}; its variants are "
+                             f"{', '.join(view.variant_names)}")
+        return {v: float(w) for v, w in weights.items() if float(w) > 0}
 
     def _cascade(self, view: ModelView, data: bytes, cut: float, params: dict | None) -> dict:
         order = self.cascade_order(view, self.ready_models())

@@ -17,6 +17,10 @@ Guarantees:
 - the primary is never slowed or failed by the candidate: `offer` only puts a copy in the queue (no I/O, no
   wait) and one background thread per shadowed model calls the candidate; its errors are counted, not raised.
 
+The same machinery compares the arms of the `ab` routing policy with each other (`compare_arms`): a share of
+the requests an arm served goes to the next arm, so `arm_agreement` gives each arm's agreement on the same
+inputs (the router adds it to its per-arm counts and p50/p99).
+
 Agreement of the candidate with the served answer on the same input (`agreement`): top-1 label equal and the
 largest |Δ| of the class probabilities for classification; for NER, the sentence's entity set equal (type and
 character span), entity-level micro F1 (candidate against served, `dyngate_build.evaluate.entity_f1`) and the
@@ -120,10 +124,16 @@ def _merged(minutes: list[_Minute]) -> _Minute:
 
 
 class _ModelShadow:
-    """One shadowed model: its settings, bounded queue, worker thread and counts."""
+    """One shadowed model: its settings, bounded queue, worker thread and counts.
 
-    def __init__(self, view: ModelView, candidate: str, share: float, queue_limit: int, clients: ClientPool):
+    candidate: the variant every copy goes to; None for an A/B comparison, where a copy goes to the arm after
+    the one that served it (in `arms` order), so each arm is compared with another on the same inputs."""
+
+    def __init__(self, view: ModelView, candidate: str | None, share: float, queue_limit: int, clients: ClientPool,
+                 arms: list[str] | None = None):
         self.view, self.candidate, self.share, self.queue_limit = view, candidate, share, queue_limit
+        self.arms = list(arms or [])
+        self.pairs: dict[tuple[str, str], list] = {}  # (served, compared with) -> [mirrored, agreed, max |Δ|]
         self.clients = clients
         self.queue: queue.Queue = queue.Queue(maxsize=queue_limit)
         self.lock = threading.Lock()
@@ -149,12 +159,18 @@ class _ModelShadow:
             self.seen += 1
             if math.floor((n + 1) * self.share) <= math.floor(n * self.share):
                 return False
+            served = answer.get("served_by")
+            candidate = self.candidate
+            if candidate is None:  # A/B: the next arm
+                if served not in self.arms or len(self.arms) < 2:
+                    return False
+                candidate = self.arms[(self.arms.index(served) + 1) % len(self.arms)]
             self.offered += 1
-            if answer.get("served_by") == self.candidate:
+            if served == candidate:
                 self.same_variant += 1
                 return False
         try:
-            self.queue.put_nowait((data, params, answer))
+            self.queue.put_nowait((data, params, answer, candidate))
             return True
         except queue.Full:
             with self.lock:
@@ -162,14 +178,13 @@ class _ModelShadow:
             return False
 
     def _work(self) -> None:
-        name = self.view.variants[self.candidate].name
         while True:
             item = self.queue.get()
             if item is None:
                 return
-            data, params, answer = item
+            data, params, answer, candidate = item
             try:
-                result = self.clients.get().predict(name, data, params)
+                result = self.clients.get().predict(self.view.variants[candidate].name, data, params)
             except Exception as e:  # noqa: BLE001 - whatever the candidate does is counted, never raised
                 with self.lock:
                     self._minute().errors += 1
@@ -186,6 +201,10 @@ class _ModelShadow:
                 if "entities" in agree:
                     bucket.predicted.append(agree["entities"][0])
                     bucket.gold.append(agree["entities"][1])
+                pair = self.pairs.setdefault((answer["served_by"], candidate), [0, 0, 0.0])
+                pair[0] += 1
+                pair[1] += int(agree["top1"])
+                pair[2] = max(pair[2], float(agree["max_abs_delta"]))
 
     def stop(self) -> None:
         self.running = False
@@ -203,7 +222,9 @@ class _ModelShadow:
                     "share": self.share, "queue_limit": self.queue_limit, "queued": self.queue.qsize(),
                     "seen": self.seen, "offered": self.offered, "same_variant": self.same_variant,
                     "last_error": self.last_error, "totals": _summary(_merged(list(self.minutes))),
-                    "minutes": [m.row() for m in self.minutes]}
+                    "minutes": [m.row() for m in self.minutes],
+                    "pairs": [{"served": a, "compared_with": b, "mirrored": n, "top1_agreement": round(k / n, 4),
+                               "max_abs_delta": round(d, 6)} for (a, b), (n, k, d) in sorted(self.pairs.items())]}
 
 
 class Shadow:
@@ -212,6 +233,7 @@ class Shadow:
     def __init__(self, clients: ClientPool):
         self.clients = clients
         self._models: dict[str, _ModelShadow] = {}
+        self._ab: dict[str, _ModelShadow] = {}  # model -> its A/B arms compared with each other
         self._lock = threading.Lock()
 
     def configure(self, view: ModelView, candidate: str, share: float, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> dict:
@@ -250,10 +272,42 @@ class Shadow:
         return shadow.stats()
 
     def offer(self, view: ModelView, data: bytes, params: dict | None, answer: dict) -> bool:
-        """Called after a routed request was answered: mirror it when `view` is shadowed and the share picks it.
-        Never blocks and never raises for the candidate's sake. True when a copy was queued."""
+        """Called after a routed request was answered: mirror it when `view` is shadowed and the share picks it
+        (and, for an `ab` answer, to another arm when `compare_arms` is on). Never blocks and never raises for
+        the candidate's sake. True when a copy was queued."""
         shadow = self._models.get(view.name)
-        return shadow.offer(data, params, answer) if shadow is not None else False
+        queued = shadow.offer(data, params, answer) if shadow is not None else False
+        ab = self._ab.get(view.name) if answer.get("policy") == "ab" else None
+        if ab is not None:
+            queued = ab.offer(data, params, answer) or queued
+        return queued
+
+    def compare_arms(self, view: ModelView, arms: list[str], share: float,
+                     queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
+        """Compare `view`'s A/B arms on the same inputs: a `share` of the requests the `ab` policy answers is
+        sent in the background to the next arm (bounded queue, as a shadow). Kept while `arms` stay the same;
+        share 0 turns it off."""
+        with self._lock:
+            current = self._ab.get(view.name)
+            if current is not None and current.arms == list(arms) and current.share == share:
+                return
+            self._ab.pop(view.name, None)
+            if share > 0 and len(arms) >= 2:
+                self._ab[view.name] = _ModelShadow(view, None, share, queue_limit, self.clients, arms)
+        if current is not None:
+            current.stop()
+
+    def arm_agreement(self, model: str) -> dict[str, dict]:
+        """Per A/B arm: {"mirrored", "top1_agreement", "max_abs_delta", "compared_with"} over the copies of the
+        requests it served that another arm also answered; {} when the arms are not compared."""
+        ab = self._ab.get(model)
+        if ab is None:
+            return {}
+        out = {}
+        for pair in ab.stats()["pairs"]:
+            out[pair["served"]] = {k: pair[k] for k in ("mirrored", "top1_agreement", "max_abs_delta",
+                                                        "compared_with")}
+        return out
 
     def stats(self, model: str | None = None) -> dict:
         """{"models": {model: {candidate, share, queue_limit, queued, seen, offered, totals, minutes: [...]}}} for
@@ -266,3 +320,7 @@ class Shadow:
     def close(self) -> None:
         for name in list(self._models):
             self.stop(name)
+        with self._lock:
+            comparisons, self._ab = list(self._ab.values()), {}
+        for comparison in comparisons:
+            comparison.stop()
