@@ -155,6 +155,8 @@ class _ModelShadow:
     def offer(self, data: bytes, params: dict | None, answer: dict) -> bool:
         """Pick this request by share; queue a copy without waiting. True when queued."""
         with self.lock:
+            if not self.running:
+                return False
             n = self.seen
             self.seen += 1
             if math.floor((n + 1) * self.share) <= math.floor(n * self.share):
@@ -180,7 +182,7 @@ class _ModelShadow:
     def _work(self) -> None:
         while True:
             item = self.queue.get()
-            if item is None:
+            if item is None or not self.running:
                 return
             data, params, answer, candidate = item
             try:
@@ -207,13 +209,18 @@ class _ModelShadow:
                 pair[2] = max(pair[2], float(agree["max_abs_delta"]))
 
     def stop(self) -> None:
-        self.running = False
-        while True:  # drop what is still queued; the worker stops at the sentinel
+        """Stop mirroring: what is queued is dropped and the worker ends after its current copy."""
+        with self.lock:
+            self.running = False
+        while True:
             try:
                 self.queue.get_nowait()
             except queue.Empty:
                 break
-        self.queue.put(None)
+        try:
+            self.queue.put_nowait(None)  # wakes a waiting worker; a busy one sees `running` after its copy
+        except queue.Full:
+            pass
 
     def stats(self) -> dict:
         """The settings, request counts, totals over the minutes kept and one row per minute."""
