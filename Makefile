@@ -59,7 +59,7 @@ BENCH_BASE_REQUESTS ?= 30
 BENCH_THREADS ?= 1
 BENCH_OUT ?= reports
 bench: setup
-	$(BIN)/python -m dyngate_measure.benchmark --repository $(REPOSITORY) $(DATA_FLAG) --requests $(BENCH_REQUESTS) \
+	$(DYNGATE) bench --repository $(REPOSITORY) $(DATA_FLAG) --requests $(BENCH_REQUESTS) \
 	  --repeats $(BENCH_REPEATS) --threads $(BENCH_THREADS) --out $(BENCH_OUT) \
 	  $(if $(filter 1,$(BENCH_BASE)),--base --base-requests $(BENCH_BASE_REQUESTS),)
 
@@ -85,7 +85,7 @@ distclean: clean
 # ZeRO stages 0-3 with 2 ranks (torchrun, gloo, CPU) on the distilbert-tiny preset: per-rank bytes measured.
 .PHONY: zero-report
 zero-report: setup
-	DYNGATE_DATA=$(DATA) $(BIN)/python -m dyngate_measure.zero_report --cache-dir $(or $(DYNGATE_CACHE),.cache)
+	DYNGATE_DATA=$(DATA) $(DYNGATE) zero-report --cache-dir $(or $(DYNGATE_CACHE),.cache)
 
 # Load test: LOAD_CLIENTS concurrent clients for LOAD_SECONDS each against Triton (asyncio gRPC) and the gateway's
 # POST /api/predict, with Triton's batching ratio; needs `make serve` and `make gateway` running. reports/load.{md,json}
@@ -95,6 +95,6 @@ LOAD_MODEL ?= distilbert-tiny
 LOAD_VARIANT ?= fp32
 .PHONY: load
 load: setup
-	$(BIN)/python -m dyngate_measure.load_test --triton 127.0.0.1:$(GRPC_PORT) --gateway http://127.0.0.1:$(GATEWAY_PORT) \
+	$(DYNGATE) load --triton 127.0.0.1:$(GRPC_PORT) --gateway http://127.0.0.1:$(GATEWAY_PORT) \
 	  --model $(LOAD_MODEL) --variant $(LOAD_VARIANT) --clients $(LOAD_CLIENTS) --duration $(LOAD_SECONDS) \
 	  $(DATA_FLAG) --out $(REPORT_DIR)

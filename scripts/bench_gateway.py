@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     from dyngate_gateway.app import serve
     from dyngate_serving.client import TritonClient
     from dyngate_gateway.config import GatewayConfig
-    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+    from dyngate_serving.launcher import TritonServer, TritonServerConfig
+    from dyngate_serving.net import free_port, free_ports
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -47,10 +48,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     entry = next((e for e in list_models(args.repository) if e.name == args.variant), None)
-    if entry is None or entry.metadata.get("client_input") != "TEXT":
+    if entry is None or entry.metadata is None or entry.metadata.client_input != "TEXT":
         print(f"error: {args.variant} is not a text variant in {args.repository}", file=sys.stderr)
         return 2
-    examples, _ = load_examples(entry.metadata["source"]["task"], "dev", DataSource.from_setting(args.data),
+    examples, _ = load_examples(entry.metadata.source.task, "dev", DataSource.from_setting(args.data),
                                 limit=args.requests)
     http_port, grpc_port, metrics_port = free_ports(3)
     config = TritonServerConfig(repository=args.repository, http_port=http_port, grpc_port=grpc_port,

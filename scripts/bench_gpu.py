@@ -11,7 +11,7 @@ randomly initialised (no hub here), so only latency is reported. Inputs: SST-2 d
 length, tokenized with the distilbert-tiny preset's tokenizer.json, batches padded to their longest sentence;
 tokenization is outside the timed call here (tensors already on the device), unlike `make bench`.
 
-Early exit uses the project's own scripted TorchScript module (build/dyngate_build/early_exit.py). Its ramps are untrained
+Early exit uses the project's own scripted TorchScript module (build/dyngate_build/techniques/early_exit/). Its ramps are untrained
 here, so the exit layer is forced by the threshold: 1.0 never exits (all 6 layers) and 0.0 exits at the first
 ramp, placed after layer 3 (`--exit-layer`). ONNX Runtime rows run only where onnxruntime has the
 CUDAExecutionProvider (onnxruntime-gpu). On a CPU-only machine the script runs the FP32 rows on the CPU.
@@ -65,8 +65,8 @@ def make_variants(device: str, exit_layer: int) -> dict:
     """name -> callable(input_ids, attention_mask) for every row that can run on `device`."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from dyngate_build.early_exit import export_torchscript as export_early_exit
-    from dyngate_build.early_exit import segment_model
+    from dyngate_build.techniques.early_exit.torchscript_export import export_torchscript as export_early_exit
+    from dyngate_build.techniques.early_exit.segments import segment_model
     from dyngate_build.export import logits_module
     from dyngate_build.families import family_for
 
@@ -132,7 +132,7 @@ def synchronised(fn, device: str):
 
 def main(argv=None) -> int:
     from dyngate_measure.benchmark import write_bench
-    from dyngate_measure.report import library_versions, machine_info
+    from dyngate_measure.machine import library_versions, machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv")

@@ -29,7 +29,8 @@ SETTINGS = {
 def main(argv=None) -> int:
     from dyngate_build.data import DataSource, load_examples
     from dyngate_build.evaluate import agreement, run_predictor, task_metric
-    from dyngate_build.pipeline import CALIBRATION_EXAMPLES, reference_predictor
+    from dyngate_build.pipeline import CALIBRATION_EXAMPLES
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.runtime import Predictor
     from dyngate_build.sources import load_source
     from dyngate_build.techniques import BuildContext, get_technique, make_config

@@ -77,7 +77,8 @@ def built_repository(tmp_path_factory, preset_checkpoints, cache_dir, data_dir) 
 @contextlib.contextmanager
 def running_triton(repository: Path, log_file: Path, models: list[str] | None = None):
     """An embedded Triton on free loopback ports serving `repository` (default: every python-backend model)."""
-    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+    from dyngate_serving.launcher import TritonServer, TritonServerConfig
+    from dyngate_serving.net import free_ports
 
     http, grpc, metrics = free_ports(3)
     config = TritonServerConfig(repository=repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
@@ -92,7 +93,7 @@ def running_gateway(repository: Path, triton, **settings):
     reading its metrics; `settings` are more GatewayConfig fields (limits, server_pid, intervals, ...)."""
     from dyngate_gateway import app as gateway_app
     from dyngate_gateway.config import GatewayConfig
-    from dyngate_serving.triton_server import free_port
+    from dyngate_serving.net import free_port
 
     config = GatewayConfig(metrics_url=triton.endpoints["metrics"], **settings)
     running = gateway_app.serve(Path(repository), triton.endpoints["grpc"], port=free_port(), config=config)

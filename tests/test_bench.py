@@ -72,8 +72,8 @@ def test_accuracy_comes_from_metadata_and_baselines_are_measured(bench, built_re
         n = section["metric_n"]
         for row in section["rows"][3:]:
             meta = entries[row["triton_name"]].metadata
-            assert row["accuracy"] == meta["accuracy"]["value"] and row["accuracy_source"] == "metadata.json"
-            assert n == meta["accuracy"]["n"]
+            assert row["accuracy"] == meta.accuracy.value and row["accuracy_source"] == "metadata.json"
+            assert n == meta.accuracy.n
         # The eager baseline is the build's PyTorch FP32 reference on the same dev examples; ORT FP32 runs the
         # fp32 variant's own graph. Thread counts may differ from the build's, so allow one borderline flip.
         eager, ort_fp32 = rows[BASELINE_NAMES[0]], rows[BASELINE_NAMES[1]]

@@ -131,3 +131,28 @@ def test_variant_that_disagrees_is_refused_and_repository_unchanged(built_reposi
         TECHNIQUES.pop("test-broken", None)
     assert _snapshot(repository) == before
     assert not list(tmp_path.glob(".repo.staging-*"))
+
+
+def test_cli_build_on_a_bad_data_file_prints_one_error_line(tmp_path, cache_dir, preset_checkpoints):
+    """A dev example the serving runtime refuses (text over its length limit) is a bad data set: the CLI
+    prints one `error: ...` line naming it and exits 2, no traceback, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    rows = ["label\tsentence", "1\ta fine film .", "0\t" + "word " * 5000, "1\tgood ."]
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    repository = tmp_path / "repo"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "build"), str(root / "gateway")])}
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", "build", "--model", "distilbert-tiny",
+                           "--techniques", "fp32", "--data", str(data.parent), "--repository", str(repository),
+                           "--cache-dir", str(cache_dir)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2, done.stderr
+    errors_printed = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors_printed) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "data example 1" in errors_printed[0]
+    assert not any(repository.glob("*/config.pbtxt"))

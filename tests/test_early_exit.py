@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from dyngate_build.early_exit import (confidence, export_onnx_segments, export_torchscript, predict_with_exit,
-                              segment_model)
+from dyngate_build.techniques.early_exit.onnx_export import export_onnx_segments
+from dyngate_build.techniques.early_exit.segments import confidence, predict_with_exit, segment_model
+from dyngate_build.techniques.early_exit.torchscript_export import export_torchscript
 from dyngate_build import errors
 from dyngate_build.errors import ConfigError
 from dyngate_build.runtime import EarlyExitOnnxEngine, InputError, RuntimeSpec, TorchScriptEngine
@@ -180,7 +181,7 @@ def test_bad_settings_raise_before_training(model, options, message):
 
 
 def test_exit_weights_grow_with_depth_and_sum_to_one():
-    from dyngate_build.early_exit import exit_weights
+    from dyngate_build.techniques.early_exit.ramps import exit_weights
 
     assert exit_weights([1, 2, 3], "depth") == pytest.approx({1: 1 / 6, 2: 2 / 6, 3: 3 / 6})
     assert exit_weights([3, 1], "uniform") == pytest.approx({1: 0.5, 3: 0.5})
@@ -190,7 +191,7 @@ def test_exit_weights_grow_with_depth_and_sum_to_one():
 
 def _train_small(model, feeds, training: str):
     """Segments of `model` with ramps trained on 4 small labelled batches (a few steps) in `training` mode."""
-    from dyngate_build.early_exit import train_ramps
+    from dyngate_build.techniques.early_exit.ramps import train_ramps
     from dyngate_build.training import TrainingConfig
 
     segments = segment_model(model, "distilbert")
@@ -245,7 +246,7 @@ def test_joint_training_runs_for_token_and_image_families(ner_model, ner_feeds):
     """The joint loop is shared: per-token ramps (DeBERTa NER) and ViT train their backbone too."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    from dyngate_build.early_exit import train_ramps
+    from dyngate_build.techniques.early_exit.ramps import train_ramps
     from dyngate_build.training import TrainingConfig
 
     torch.manual_seed(0)
@@ -273,7 +274,7 @@ def test_joint_training_runs_for_token_and_image_families(ner_model, ner_feeds):
 
 
 def test_unsupported_family_and_checkpoint_are_named(ner_model):
-    from dyngate_build.early_exit import check_family, check_model
+    from dyngate_build.techniques.early_exit.segments import check_family, check_model
 
     with pytest.raises(ConfigError, match="deberta-v2; 'bert'"):
         check_family("bert")
@@ -328,7 +329,7 @@ def joint_repository(preset_checkpoint, cache_dir, data_source, tmp_path_factory
 
 
 def test_joint_build_records_its_own_full_model_and_loose_agreement(joint_repository):
-    from dyngate_build.techniques.early_exit import DEFAULT_BACKBONE_LR, JOINT_TOLERANCE, OWN_MODEL_MAX_ABS_LOGIT
+    from dyngate_build.techniques.early_exit.api import DEFAULT_BACKBONE_LR, JOINT_TOLERANCE, OWN_MODEL_MAX_ABS_LOGIT
 
     repository, (report,) = joint_repository
     meta = json.loads((repository / report.triton_name / "metadata.json").read_text())
@@ -486,7 +487,7 @@ def test_ner_low_threshold_really_skips_layers(ner_segments, ner_onnx, ner_ts, n
 
 def test_ner_sentence_exits_when_every_real_token_is_confident(ner_model, ner_segments, ner_onnx, ner_ts,
                                                                ner_feeds):
-    from dyngate_build.early_exit import sentence_confidence
+    from dyngate_build.techniques.early_exit.segments import sentence_confidence
 
     inputs = _ner_inputs(ner_feeds)
     with torch.no_grad():
@@ -520,7 +521,7 @@ def test_ner_sentence_exits_when_every_real_token_is_confident(ner_model, ner_se
 def test_token_labels_from_spans():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from dyngate_build.early_exit import token_labels
+    from dyngate_build.techniques.early_exit.ramps import token_labels
 
     vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "Peter": 3, "Black": 4, "##burn": 5, "works": 6, "at": 7,
              "EU": 8}
@@ -546,9 +547,9 @@ FAMILY_CASES = {"distilbert": "test_per_sample_exit_in_a_mixed_batch",
 
 
 def test_every_cut_family_has_a_case():
-    from dyngate_build.early_exit import CUTS
+    from dyngate_build.techniques.early_exit.segments import cut_families
 
-    assert set(CUTS) == set(FAMILY_CASES)
+    assert set(cut_families()) == set(FAMILY_CASES)
     assert all(callable(globals()[name]) for name in FAMILY_CASES.values())
 
 

@@ -27,7 +27,7 @@ N_INPUTS = 8
 def references(preset_checkpoints, cache_dir, data_source, tmp_path_factory):
     """Per preset: (dev examples, PyTorch reference predictions on them through the serving runtime)."""
     from dyngate_build.data import load_examples
-    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.sources import load_source
 
     result = {}
@@ -50,10 +50,10 @@ def test_repository_has_both_flavours_and_configs_parse(built_repository):
                 config = read_config(entries[name].folder)
                 assert config.name == name and config.max_batch_size > 0
             meta = entries[python_name].metadata
-            assert meta["model"] == model and meta["variant"] == variant
-            assert meta["size_bytes"] == (entries[python_name].folder / "1" /
+            assert meta.model == model and meta.variant == variant
+            assert meta.size_bytes == (entries[python_name].folder / "1" /
                                           ("model.onnx" if variant == "fp32" else "model.pt")).stat().st_size
-            assert meta["agreement"]["top1"] >= 0.99 and 0 <= meta["accuracy"]["value"] <= 1
+            assert meta.agreement.top1 >= 0.99 and 0 <= meta.accuracy.value <= 1
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -41,7 +41,7 @@ TEXT_MODELS = ("distilbert-tiny", "deberta-tiny")
 IMAGE_MODEL = "vit-tiny"
 CLIENT_TIMEOUT_S = 60  # a request that takes longer counts as hung and fails the test
 CASES: collections.Counter = collections.Counter()  # fuzz cases run, by test
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from dyngate_serving.net import DIRECT as _DIRECT
 
 _COMMON = dict(deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -612,7 +612,8 @@ def test_servers_are_healthy_after_the_fuzz_run(triton, triton_log_start, gatewa
     from dyngate_serving.client import TritonClient
     from dyngate_build.repository import python_backend_models
 
-    status, _ = triton._request("GET", "/v2/health/ready")
+    with _DIRECT.open(f"{triton.endpoints['http']}/v2/health/ready", timeout=30) as response:
+        status = response.status
     assert status == 200
     states = {m["name"]: m.get("state") for m in triton.repository_index()}
     for name in python_backend_models(Path(built_repository)):

@@ -2,7 +2,7 @@
 process, Debian's Chromium through Playwright, and gradio_client by api_name. No mocks.
 
 Fixtures from tests/conftest.py: `built_repository` (a built model repository) and `triton` (a started
-dyngate_serving.triton_server.TritonServer serving it). No timing assertions.
+dyngate_serving.launcher.TritonServer serving it). No timing assertions.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from dyngate_gateway import app as gateway_app
 from dyngate_serving.client import TritonClient
 from dyngate_gateway.handlers import load_catalog
-from dyngate_serving.triton_server import free_port
+from dyngate_serving.net import free_port
 
 SCREENSHOT_COPY = Path("/tmp/gateway_page.png")
 # SST-2 dev sentences

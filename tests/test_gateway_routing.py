@@ -23,11 +23,11 @@ from dyngate_serving.client import TritonClient
 from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import ClientPool, Limits, load_catalog
 from dyngate_gateway.routing import Router, RoutingConfig, confidence
-from dyngate_serving.triton_server import free_port
+from dyngate_serving.net import free_port
 from tests.conftest import running_gateway
 
 TEXT_MODEL, IMAGE_MODEL = "distilbert-tiny", "vit-tiny"
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from dyngate_serving.net import DIRECT as _DIRECT
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,9 @@ def test_named_variant_and_most_accurate(catalog, clients):
 def test_fastest_uses_live_p50_within_the_accuracy_budget(catalog, clients):
     view = copy.deepcopy(catalog[TEXT_MODEL])
     fast, slow = view.variant_names[:2]
-    best = max(float(e.metadata["accuracy"]["value"]) for e in view.variants.values())
-    view.variants[fast].metadata["accuracy"]["value"] = best - 0.05  # fast but 5 points worse
-    view.variants[slow].metadata["accuracy"]["value"] = best
+    best = max(float(e.metadata.accuracy.value) for e in view.variants.values())
+    view.variants[fast].metadata.accuracy.value = best - 0.05  # fast but 5 points worse
+    view.variants[slow].metadata.accuracy.value = best
     router = Router({TEXT_MODEL: view}, clients)
     for _ in range(5):
         router.live.record(view.variants[fast].name, 1.0)

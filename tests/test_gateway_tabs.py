@@ -18,12 +18,13 @@ from dyngate_gateway import app as gateway_app
 from dyngate_serving.client import TritonClient
 from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
-from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+from dyngate_serving.launcher import TritonServer, TritonServerConfig
+from dyngate_serving.net import free_port, free_ports
 from tests.conftest import running_gateway
 
 TEXT_MODEL = "distilbert-tiny"
 TIMEOUT_MS = 90_000
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from dyngate_serving.net import DIRECT as _DIRECT
 
 _READ_TABLE = """(id) => {
   const rows = [];

@@ -181,8 +181,8 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
     assert set(p50) == set(view.variant_names)
 
     def expected(budget: float) -> str:
-        candidates = [Candidate(v, view.variants[v].metadata["accuracy"]["value"], p50[v],
-                                view.variants[v].metadata["size_mb"]) for v in view.variant_names]
+        candidates = [Candidate(v, view.variants[v].metadata.accuracy.value, p50[v],
+                                view.variants[v].metadata.size_mb) for v in view.variant_names]
         return recommend(candidates, "fp32", budget).chosen
 
     assert f"recommended: {expected(1.0)} —" in page.locator("#cmp-recommendation").inner_text()
@@ -274,7 +274,7 @@ def test_shadow_on_agreement_appears_and_every_primary_answer_is_unchanged(brows
 def test_a_failing_candidate_never_fails_the_primary(built_repository, triton, catalog):
     """A candidate Triton does not serve: every mirrored copy fails (counted), every routed request is answered."""
     view = catalog[TEXT_MODEL]
-    ghost = RepositoryEntry(f"{TEXT_MODEL}__ghost", view.variants["fp32"].folder, "python", {})
+    ghost = RepositoryEntry(f"{TEXT_MODEL}__ghost", view.variants["fp32"].folder, "python", None)
     shadowed = ModelView(view.name, view.client_input, view.task, view.labels, {**view.variants, "ghost": ghost})
     clients = ClientPool(triton.endpoints["grpc"])
     router = Router({view.name: shadowed}, clients)

@@ -1,7 +1,8 @@
 """Life cycle of served variants on a real Triton: hot rebuilds, refused corrupt files, a supervised server.
 
 - A variant rebuilt while a steady stream of requests hits it becomes version 2 beside version 1; Triton moves
-  traffic to it, the old folder is deleted, and no request fails.
+  traffic to it, the old folder is deleted, and no request fails or waits longer than 2 s (model control goes
+  over gRPC: an HTTP load would stall the HTTP clients for seconds).
 - A truncated ONNX or TorchScript export is refused by the build; a truncated file that reaches the repository
   anyway is refused by Triton, which keeps serving the previous version, and the gateway shows why.
 - `dyngate serve` restarts a Triton killed with SIGKILL (the gateway recovers on its own) and gives up, with
@@ -35,13 +36,16 @@ from dyngate_build.repository import (METADATA_FILE, ServingOptions, finish_mode
                               staged_repository, version_numbers, write_version)
 from dyngate_build.techniques import TECHNIQUES, Tolerance, Variant, register
 from dyngate_serving.client import TritonClient
-from dyngate_serving.triton_server import ModelControl, free_port, free_ports, roll_out
+from dyngate_serving.client import model_control_client
+from dyngate_serving.net import free_port, free_ports
+from dyngate_serving.rollout import after_publish, roll_out
 from tests.conftest import ROOT, running_triton
 
 MODEL = "distilbert-tiny"
 NAME = f"{MODEL}__fp32"
 SENTENCES = [b"a gripping, beautifully shot film", b"dull and far too long", b"it was fine"]
 WAIT_S = 240  # upper bound for a start or restart on a loaded 2-core machine (a bound, never an assertion)
+SLOW_S = 2.0  # a request slower than this during a reload was blocked by it (an HTTP load stalls 3.9-8.7 s)
 
 
 def _snapshot(repository: Path) -> dict[str, bytes]:
@@ -75,6 +79,7 @@ class _Traffic:
 
     def __post_init__(self):
         self.sent, self.failed, self.errors, self.labels = [0] * self.threads, 0, [], {}
+        self.slow: list[float] = []  # seconds of each request slower than SLOW_S
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
 
@@ -84,6 +89,7 @@ class _Traffic:
         while not self._stop.is_set():
             raw = SENTENCES[i % len(SENTENCES)]
             i += 1
+            started = time.perf_counter()
             try:
                 label = client.predict(self.model, raw).answer["label"]
             except Exception as e:  # any failure counts: that is what the tests measure
@@ -91,9 +97,12 @@ class _Traffic:
                     self.failed += 1
                     self.errors.append(f"{type(e).__name__}: {e}")
                 continue
+            seconds = time.perf_counter() - started
             with self._lock:
                 self.sent[index] += 1
                 self.labels.setdefault(raw, set()).add(label)
+                if seconds > SLOW_S:
+                    self.slow.append(round(seconds, 2))
         client.close()
 
     @property
@@ -131,9 +140,8 @@ def _shm_prefix(pid: int) -> str:
 
 
 def _served_versions(server) -> list[str]:
-    status, body = server._request("GET", f"/v2/models/{NAME}")
-    assert status == 200, body
-    return body["versions"]
+    with server.client() as client:
+        return [str(v) for v, entry in sorted(client.versions(NAME).items()) if entry.get("state") == "READY"]
 
 
 # ----------------------------------------------------------------------------------------- hot rebuild
@@ -147,13 +155,16 @@ def test_rebuild_while_serving_moves_traffic_to_the_new_version_without_a_failed
         with _Traffic(server.endpoints["grpc"], NAME) as grpc_traffic, \
                 _Traffic(server.endpoints["http"], NAME, threads=1, protocol="http") as http_traffic:
             build(BuildOptions(model=MODEL, techniques=("fp32",), repository=repository, cache_dir=cache_dir,
-                               data=str(data_dir), eval_limit=50, check_limit=16, latency_samples=2, native=False,
-                               triton_url=server.endpoints["http"]), log=log.append)
+                               data=str(data_dir), eval_limit=50, check_limit=16, latency_samples=2, native=False),
+                  log=log.append, after_publish=after_publish(model_control_client(server.endpoints["grpc"]),
+                                                              log.append))
             grpc_traffic.at_least(20)
             http_traffic.at_least(20)
+        slow = grpc_traffic.slow + http_traffic.slow
         print(f"\nrebuild under load: {grpc_traffic.total + http_traffic.total} requests, "
-              f"{grpc_traffic.failed + http_traffic.failed} failed")
+              f"{grpc_traffic.failed + http_traffic.failed} failed, {len(slow)} slower than {SLOW_S:.0f} s {slow}")
         assert grpc_traffic.failed == 0 and http_traffic.failed == 0, (grpc_traffic.errors + http_traffic.errors)[:5]
+        assert len(http_traffic.slow) == 0 and len(grpc_traffic.slow) == 0, slow
         assert _served_versions(server) == ["2"]
         # the same weights before and after: every sentence kept its one label across the switch
         assert all(len(labels) == 1 for labels in grpc_traffic.labels.values())
@@ -172,11 +183,12 @@ def _staged_model(staging: Path, name: str, marker: str) -> None:
 
 
 def test_without_triton_a_rebuild_adds_a_version_and_keeps_only_the_one_before(tmp_path):
-    from dyngate_build.pipeline import _after_publish
+    from dyngate_build.repository import keep_previous_version
 
     repository, log = tmp_path / "repo", []
     for build_number in range(1, 4):
-        with staged_repository(repository, _after_publish(None, log.append)) as staging:
+        with staged_repository(repository, lambda published: [keep_previous_version(p, log.append)
+                                                              for p in published]) as staging:
             _staged_model(staging, "m__v", f"build {build_number}")
     folder = repository / "m__v"
     assert version_numbers(folder) == [2, 3]  # 2 may still be served by a Triton nobody told; 1 is gone
@@ -262,7 +274,7 @@ def test_corrupt_version_in_the_repository_keeps_the_old_one_serving_and_the_gat
         onnx = folder / "2" / "model.onnx"
         onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 3])
         reload = ["reload", "--model", MODEL, "--variant", "fp32", "--repository", str(repository),
-                  "--triton-url", server.endpoints["http"]]
+                  "--triton", server.endpoints["grpc"]]
         with _Traffic(server.endpoints["grpc"], NAME, threads=2) as traffic:
             capsys.readouterr()
             assert main(reload) == 2
@@ -314,21 +326,28 @@ def test_models_view_names_the_served_version_and_ignores_failures_no_longer_on_
     assert variant_state(folder, [ready_1, failed_2]) == ("READY", "1", "")
 
 
-def test_build_with_an_unreachable_triton_fails_before_any_work(tmp_path, cache_dir):
+def test_build_with_an_unreachable_triton_fails_before_any_work(tmp_path, cache_dir, capsys):
+    from dyngate_build.errors import TritonUnreachable
+    from dyngate_cli import main
+
     repository = tmp_path / "repo"
-    with pytest.raises(ServingError, match=r"Triton at http://127.0.0.1:\d+ is not reachable: .*--triton-url"):
-        build(BuildOptions(model=MODEL, techniques=("fp32",), repository=repository, cache_dir=cache_dir,
-                           triton_url=f"127.0.0.1:{free_port()}"), log=lambda *a: None)
+    address = f"127.0.0.1:{free_port()}"
+    argv = ["build", "--model", MODEL, "--techniques", "fp32", "--repository", str(repository), "--cache-dir",
+            str(cache_dir), "--triton", address]
+    assert main(argv) == 2
+    assert re.search(rf"error: Triton at {address} is not reachable", capsys.readouterr().err)
+    with pytest.raises(TritonUnreachable):
+        model_control_client(address).index()
     assert not repository.exists()
-    with pytest.raises(ConfigError, match="HTTP endpoint"):
-        ModelControl("grpc://127.0.0.1:8001")
+    with pytest.raises(ConfigError, match="gRPC"):  # model control never goes through Triton's HTTP endpoint
+        model_control_client("http://127.0.0.1:8000")
 
 
 def test_reload_refuses_a_folder_without_versions(tmp_path):
     folder = tmp_path / "repo" / NAME
     folder.mkdir(parents=True)
     with pytest.raises(ServingError, match="has no version folder"):
-        roll_out(ModelControl("http://127.0.0.1:9"), folder)
+        roll_out(model_control_client("127.0.0.1:9"), folder)
     with pytest.raises(RepositoryError, match="refusing to remove version 3"):
         from dyngate_build.repository import remove_versions
 
@@ -405,10 +424,9 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
 
 
 def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tmp_path):
-    """A variant that appears in the repository while the gateway runs (a build with --triton-url) is routable
+    """A variant that appears in the repository while the gateway runs (a build with --triton) is routable
     without restarting the gateway: its catalog is re-read when the repository changes."""
     from dyngate_gateway.app import serve as serve_gateway
-    from dyngate_serving.triton_server import ModelControl
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     added = f"{MODEL}__torchscript"
@@ -421,7 +439,7 @@ def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tm
             staging = tmp_path / "staging"
             shutil.copytree(built_repository / added, staging)
             staging.rename(repository / added)  # as the build publishes: one rename
-            ModelControl(server.endpoints["http"]).load(added)
+            server.load_model(added)
             status, answer = _post(f"{gateway.url}/api/predict", body)
             assert status == 200, answer
             assert (answer["served_by"], answer["triton_model"]) == ("torchscript", added)

@@ -35,7 +35,7 @@ def test_load_run_against_triton_and_gateway(triton, gateway, data_dir, tmp_path
     name = f"{MODEL}__{VARIANT}"
     with TritonClient(triton.endpoints["grpc"]) as client:
         before = server_stats(client, name)["success"][0]
-    command = [sys.executable, "-m", "dyngate_measure.load_test", "--triton", triton.endpoints["grpc"], "--gateway",
+    command = [sys.executable, "-m", "dyngate_cli", "load", "--triton", triton.endpoints["grpc"], "--gateway",
                gateway.url, "--model", MODEL, "--variant", VARIANT, "--clients", str(CLIENTS), "--duration",
                str(SECONDS), "--max-requests", "5000", "--data", str(data_dir), "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -74,6 +74,6 @@ def test_load_test_refuses_other_hosts_and_bad_bounds():
         load_test.run_load("127.0.0.1:8001", MODEL, clients=0)
     with pytest.raises(ConfigError, match="duration"):
         load_test.run_load("127.0.0.1:8001", MODEL, duration_s=0)
-    done = subprocess.run([sys.executable, "-m", "dyngate_measure.load_test", "--triton", "192.0.2.1:8001"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", "load", "--triton", "192.0.2.1:8001"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "only targets servers on this machine" in done.stderr

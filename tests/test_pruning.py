@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.pruning import (head_scores, layers_of, num_parameters, prune_heads, prune_structured, sparsify)
+from dyngate_build.techniques.pruning.core import (head_scores, layers_of, num_parameters, prune_heads, prune_structured,
+                                                   sparsify)
 
 
 def _distilbert():
@@ -108,7 +109,7 @@ def test_pruned_model_exports_to_onnx_with_smaller_shapes(tmp_path):
 
 
 def test_kd_recovery_moves_student_towards_teacher():
-    from dyngate_build.pruning import distill
+    from dyngate_build.techniques.pruning.core import recover_with_kd
     from dyngate_build.training import TrainingConfig
 
     teacher = _distilbert()
@@ -124,8 +125,8 @@ def test_kd_recovery_moves_student_towards_teacher():
             return float((student(**inputs).logits - teacher(**inputs).logits).abs().mean())
 
     before = gap()
-    result = distill(student, teacher, feeds, TrainingConfig(micro_batch_size=16, learning_rate=5e-3,
-                                                             max_steps=30, log_every=1000))
+    result = recover_with_kd(student, teacher, feeds, TrainingConfig(micro_batch_size=16, learning_rate=5e-3,
+                                                                     max_steps=30, log_every=1000))
     assert result["steps"] == 30 and result["final_loss"] < result["first_loss"] and gap() < before
 
 
@@ -150,7 +151,7 @@ def test_bad_settings_raise(technique, options, message):
 
 
 def test_deberta_is_refused_before_work():
-    from dyngate_build.pruning import check_family
+    from dyngate_build.techniques.pruning.core import check_family
 
     with pytest.raises(ConfigError, match="deberta-v2"):
         check_family("deberta-v2")

@@ -13,8 +13,8 @@ import torch
 
 from dyngate_build.errors import ConfigError, ExportError
 from dyngate_build.techniques import BuildContext, get_technique, make_config
-from dyngate_build.techniques.quantization_common import (check_group_size, dequantize_groups, op_counts,
-                                                  quantizable_linears, quantize_groups)
+from dyngate_build.techniques.quantization.core import (check_group_size, dequantize_groups, op_counts,
+                                                         quantizable_linears, quantize_groups)
 
 QUANTIZATION_TECHNIQUES = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")
 
@@ -45,7 +45,7 @@ def _tiny_checkpoint(folder, data_source, seed=0, outliers=False):
 
 def _context(folder, data_source, tmp_path, calibration=64):
     from dyngate_build.data import load_examples
-    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.sources import load_source
 
     source = load_source(str(folder), tmp_path / "cache", data_source)
@@ -165,7 +165,7 @@ def test_smoothquant(context, dev_feeds):
 def test_smoothing_keeps_the_function(context):
     """Smoothing is function-preserving at any α (flattening is checked on planted outliers below: on a model
     without outliers, a group's max/median ratio may move either way)."""
-    from dyngate_build.techniques.smoothquant import prove_equivalent, smooth
+    from dyngate_build.techniques.quantization.smoothquant import prove_equivalent, smooth
 
     feeds = context.calibration_feeds(16)
     for alpha in (0.0, 0.5, 0.85, 1.0):
@@ -174,7 +174,7 @@ def test_smoothing_keeps_the_function(context):
 
 
 def test_a_smoothing_that_changes_the_function_is_refused(context):
-    from dyngate_build.techniques.smoothquant import prove_equivalent, smooth
+    from dyngate_build.techniques.quantization.smoothquant import prove_equivalent, smooth
 
     feeds = context.calibration_feeds(4)
     smoothed, _ = smooth(context.source.model, feeds, 0.5)
@@ -302,7 +302,7 @@ def test_smoothing_a_linear_that_reads_two_tensors_keeps_the_function():
     embeddings: each Linear must get one scale (its first group), or the weights are scaled twice."""
     from transformers import DebertaV2Config, DebertaV2ForTokenClassification
 
-    from dyngate_build.techniques.smoothquant import prove_equivalent, smooth
+    from dyngate_build.techniques.quantization.smoothquant import prove_equivalent, smooth
 
     torch.manual_seed(0)
     config = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

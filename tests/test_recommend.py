@@ -44,16 +44,16 @@ def test_no_candidate_and_bad_budget():
 
 def test_cli_prints_the_choice_from_the_build_metadata(built_repository, capsys):
     entries = python_variants_by_model(Path(built_repository), ["distilbert-tiny"])["distilbert-tiny"]
-    base = next(e for e in entries if e.variant == "fp32").metadata["accuracy"]["value"]
-    within = [e for e in entries if e.metadata["accuracy"]["value"] >= base - 0.01 - 1e-9]
-    expected = min(within, key=lambda e: e.metadata["latency_in_process"]["p50_ms"])
+    base = next(e for e in entries if e.variant == "fp32").metadata.accuracy.value
+    within = [e for e in entries if e.metadata.accuracy.value >= base - 0.01 - 1e-9]
+    expected = min(within, key=lambda e: e.metadata.latency_in_process.p50_ms)
     code = cli_main(["recommend", "--model", "distilbert-tiny", "--budget", "1.0",
                      "--repository", str(built_repository)])
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith(f"recommended: {expected.variant} — accuracy "
-                          f"{expected.metadata['accuracy']['value']:.4f}")
-    assert f"p50 {expected.metadata['latency_in_process']['p50_ms']:.3f} ms" in out
+                          f"{expected.metadata.accuracy.value:.4f}")
+    assert f"p50 {expected.metadata.latency_in_process.p50_ms:.3f} ms" in out
 
     assert cli_main(["recommend", "--model", "no-such-model", "--repository", str(built_repository)]) == 2
     assert "no-such-model" in capsys.readouterr().err

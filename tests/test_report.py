@@ -10,7 +10,8 @@ import pytest
 
 from dyngate_cli import main as cli_main
 from dyngate_build.repository import directory_size, list_models
-from dyngate_measure.report import BATCH_SIZES, NO_GPU, add_changes, recommendation
+from dyngate_measure.machine import NO_GPU
+from dyngate_measure.report import BATCH_SIZES, add_changes, recommendation
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODELS = ("distilbert-tiny", "vit-tiny")
@@ -58,12 +59,12 @@ def test_report_rows_match_metadata_and_disk(report, built_repository):
         for row in rows:
             entry = entries[row["triton_name"]]
             meta = entry.metadata
-            assert row["accuracy"] == meta["accuracy"]["value"]
-            assert row["reference_accuracy"] == meta["reference_accuracy"]["value"]
-            assert row["num_parameters"] == meta["num_parameters"]
+            assert row["accuracy"] == meta.accuracy.value
+            assert row["reference_accuracy"] == meta.reference_accuracy.value
+            assert row["num_parameters"] == meta.num_parameters
             version = max((p for p in entry.folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
             artifact = json.loads((version / "runtime.json").read_text())["artifact"]
-            assert row["size_bytes"] == directory_size(version / artifact) == meta["size_bytes"]
+            assert row["size_bytes"] == directory_size(version / artifact) == meta.size_bytes
             assert row["size_mb"] == round(row["size_bytes"] / 1e6, 3)
             for b in BATCH_SIZES:
                 lat = row["latency"][f"batch{b}"]

@@ -28,12 +28,13 @@ from dyngate_build.repository import check_name, model_name_for, triton_name
 from dyngate_gateway import app as gateway_app
 from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import Limits, base64_json_bytes
-from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_port, free_ports
+from dyngate_serving.launcher import TritonServer, TritonServerConfig
+from dyngate_serving.net import free_port, free_ports
 from tests.conftest import running_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODEL = "distilbert-tiny"
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from dyngate_serving.net import DIRECT as _DIRECT
 
 
 def request(url: str, path: str, body: bytes | None = None, headers: dict | None = None,
@@ -70,7 +71,9 @@ def test_cli_and_configs_default_to_loopback(tmp_path):
     assert gateway_app.DEFAULT_HOST == "127.0.0.1"
     import inspect
 
-    for fn in (gateway_app.serve, gateway_app.launch, gateway_app.create_app):
+    from dyngate_gateway.api import create_app
+
+    for fn in (gateway_app.serve, gateway_app.launch, create_app):
         assert inspect.signature(fn).parameters["host"].default == "127.0.0.1", fn.__name__
 
     config = TritonServerConfig(repository=tmp_path)
@@ -410,7 +413,8 @@ def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
         assert "TEXT has 33554432 bytes" in info.value.message() and "the limit is" in info.value.message()
     finally:
         client.close()
-    status, _ = triton._request("GET", "/v2/health/ready")
+    with _DIRECT.open(f"{triton.endpoints['http']}/v2/health/ready", timeout=30) as response:
+        status = response.status
     assert status == 200
     with TritonClient(triton.endpoints["grpc"]) as ok:
         assert ok.predict(f"{TEXT_MODEL}__fp32", b"a fine film").answer["label"]

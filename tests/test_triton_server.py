@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
-import urllib.request
 
 import numpy as np
 import psutil
@@ -19,7 +18,8 @@ import pytest
 from dyngate_build.errors import InputError, ServingError
 from dyngate_serving.client import Answer, TritonClient
 from dyngate_build.repository import python_backend_models
-from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports, repository_models
+from dyngate_serving.launcher import TritonServer, TritonServerConfig, repository_models
+from dyngate_serving.net import DIRECT, free_ports
 
 ECHO_MODEL = textwrap.dedent('''
     import json
@@ -136,8 +136,7 @@ def test_server_ready_over_http_grpc_and_metrics(server):
         assert client.is_ready()
         assert client.ready_models() == ["echo"]
         assert client.model_input_name("echo") == "TEXT"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with direct.open(server.endpoints["metrics"], timeout=10) as response:
+    with DIRECT.open(server.endpoints["metrics"], timeout=10) as response:
         assert b"nv_inference_count" in response.read()
 
 

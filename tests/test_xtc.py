@@ -13,8 +13,8 @@ import torch
 
 from dyngate_build.errors import ConfigError
 from dyngate_build.techniques import BuildContext, get_technique, make_config
-from dyngate_build.techniques.quantization_common import op_counts, quantizable_linears, quantize_groups
-from dyngate_build.techniques.xtc import pack_codes, quantize_model, read_packed, unpack_codes
+from dyngate_build.techniques.quantization.core import op_counts, quantizable_linears, quantize_groups
+from dyngate_build.techniques.quantization.xtc import pack_codes, quantize_model, read_packed, unpack_codes
 
 TEXTS = [b"a gripping , funny and moving film", b"dull and lifeless .", b"the plot is thin but the acting carries it",
          b"one of the worst movies of the year", b"Peter Blackburn met EU officials in Brussels on Monday ."]
@@ -22,7 +22,7 @@ TEXTS = [b"a gripping , funny and moving film", b"dull and lifeless .", b"the pl
 
 def _context(name, preset_checkpoint, cache_dir, data_source, tmp_path, calibration=64):
     from dyngate_build.data import load_examples
-    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.sources import load_source
 
     preset_checkpoint(name)

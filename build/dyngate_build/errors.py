@@ -31,6 +31,10 @@ class ServingError(DyngateError):
     """Triton Inference Server could not be started, reached, or answered with an error."""
 
 
+class TritonUnreachable(ServingError):
+    """Triton Inference Server does not answer at the address given (down, restarting, or a wrong address)."""
+
+
 class InputError(DyngateError):
     """A request input (text, image bytes) cannot be served; the message says why."""
 

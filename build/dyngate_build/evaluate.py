@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from dyngate_build import errors
 from dyngate_build.runtime import InputError, Predictor
 
 
@@ -69,13 +70,16 @@ class Latency:
 
 
 def run_predictor(predictor: Predictor, raws: list[bytes], batch_size: int = 32, options: dict | None = None):
-    """Predictions for `raws` in batches; an InputError here means the data set itself is bad and raises."""
+    """Predictions for `raws` in batches. A runtime InputError here means the data set itself is bad: it is
+    raised as `dyngate_build.errors.InputError` (a DyngateError the CLI prints as one `error:` line), naming the
+    example."""
     results = []
     for start in range(0, len(raws), batch_size):
         chunk = predictor.predict(raws[start:start + batch_size], options)
-        for item in chunk:
+        for index, item in enumerate(chunk):
             if isinstance(item, InputError):
-                raise item
+                raise errors.InputError(f"data example {start + index} cannot be served: {item}; fix or drop it "
+                                        "in the data set (--data)") from item
         results.extend(chunk)
     return results
 
@@ -92,13 +96,20 @@ def agreement(candidate: list, reference: list) -> Agreement:
     return Agreement(max_abs_logit=worst, top1=equal / max(total, 1), n=len(candidate))
 
 
-def entity_f1(predicted: list[set], gold: list[set]) -> float:
-    """Micro F1 over exact entity spans (type, start, end), as seqeval's default mode for CoNLL."""
+def entity_scores(predicted: list[set], gold: list[set]) -> dict:
+    """Micro precision, recall and F1 over exact entity spans (type, start, end) per sentence, as seqeval's
+    default mode for CoNLL: {"precision", "recall", "f1"}, each in [0, 1]."""
     tp = sum(len(p & g) for p, g in zip(predicted, gold))
     n_pred, n_gold = sum(map(len, predicted)), sum(map(len, gold))
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gold if n_gold else 0.0
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def entity_f1(predicted: list[set], gold: list[set]) -> float:
+    """Micro F1 over exact entity spans (see `entity_scores`)."""
+    return entity_scores(predicted, gold)["f1"]
 
 
 def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> Metric:

@@ -64,16 +64,18 @@ def example_inputs(model: torch.nn.Module, family: FamilySpec, batch: int = 2, s
     return (torch.randn(batch, config.num_channels, size, size),)
 
 
-def _dynamic_shapes(model: torch.nn.Module, family: FamilySpec) -> dict:
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    if not family.is_text:
-        return {"pixel_values": {0: batch}}
-    sequence = torch.export.Dim("sequence", min=1, max=int(model.config.max_position_embeddings))
-    return {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+def dynamic_shapes(model: torch.nn.Module, family: FamilySpec) -> dict:
+    """torch.export dynamic shapes of the graph inputs from `family.dynamic_axes` (one Dim per axis name:
+    batch 1..MAX_BATCH, sequence 1..the model's max_position_embeddings)."""
+    dims = {"batch": torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    if any("sequence" in family.dynamic_axes[name].values() for name in family.onnx_inputs):
+        dims["sequence"] = torch.export.Dim("sequence", min=1, max=int(model.config.max_position_embeddings))
+    return {name: {axis: dims[kind] for axis, kind in family.dynamic_axes[name].items()}
+            for name in family.onnx_inputs}
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporters():
     """Silence the exporters' progress prints and warnings (they go to stdout/stderr, not logging)."""
     level = logging.getLogger("torch").level
     logging.getLogger("torch").setLevel(logging.ERROR)
@@ -92,11 +94,11 @@ def export_onnx(model: torch.nn.Module, family: FamilySpec, path: Path) -> Path:
     """
     module = logits_module(model, family)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_exporters(), torch.no_grad():
             program = torch.onnx.export(
                 module, example_inputs(model, family), dynamo=True, opset_version=ONNX_OPSET,
                 input_names=list(family.onnx_inputs), output_names=["logits"],
-                dynamic_shapes=_dynamic_shapes(model, family), optimize=True)
+                dynamic_shapes=dynamic_shapes(model, family), optimize=True)
             program.save(str(path), external_data=False)
     except Exception as e:
         raise ExportError(f"ONNX export of {family.model_type} failed: {type(e).__name__}: {e}") from e
@@ -110,7 +112,7 @@ def export_torchscript(model: torch.nn.Module, family: FamilySpec, path: Path) -
     """
     module = logits_module(model, family)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_exporters(), torch.no_grad():
             traced = torch.jit.trace(module, example_inputs(model, family), check_trace=False)
             traced.save(str(path))
     except Exception as e:

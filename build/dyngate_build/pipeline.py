@@ -10,12 +10,11 @@ For one model:
 5. metadata and config.pbtxt are written last, and the staging repository moves into place only when every
    variant succeeded: a new variant's folder moves in whole, a rebuilt one gets the next version folder
    (`<model>__<variant>/2/` beside `1/`; see build/dyngate_build/repository.py), never a replaced folder;
-6. with `triton_url`, the running Triton loads every rebuilt variant it was serving (and every new
-   python-backend variant): it moves traffic to the new version once that is ready, then the old version
-   folders are deleted (`dyngate_serving.triton_server.roll_out`). A variant whose new version Triton refuses is put
-   back as it was (Triton never stopped serving the old one) and the build fails with Triton's reason.
-   Without `triton_url` the previous version folder stays beside the new one for a Triton that still serves
-   it (`dyngate reload` switches it over and removes it); older ones are deleted.
+6. `after_publish(published)` runs once every model folder is in place: the CLI passes a roll-out to a running
+   Triton (dyngate_serving) there. Without one, `repository.keep_previous_version` runs for every model: the
+   previous version folder stays beside the new one for a Triton that still serves it (`dyngate reload`
+   switches it over and removes it); older ones are deleted.
+The build step never talks to Triton itself (dyngate_build imports no serving code).
 """
 
 from __future__ import annotations
@@ -25,25 +24,25 @@ import datetime as _dt
 import io
 import os
 import platform
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dyngate_build import __version__
-from dyngate_build.errors import ConfigError, ExportError, ServingError
-from dyngate_build.evaluate import (Agreement, Latency, Metric, TorchReferenceEngine, agreement, latency,
-                            run_predictor, task_metric)
-from dyngate_build.repository import (MODEL_PY_SOURCE, RUNTIME_SOURCE, Published, ServingOptions, directory_size,
-                              finish_model, native_config, python_config, remove_versions, staged_repository,
-                              triton_name, write_version)
-from dyngate_build.runtime import TOKENIZER_FILE, Predictor, RuntimeSpec
+from dyngate_build.errors import ConfigError, ExportError
+from dyngate_build.evaluate import Agreement, Latency, Metric, agreement, latency, run_predictor, task_metric
+from dyngate_build.metadata import (AgreementRecord, LatencyRecord, MachineRecord, MetricRecord, SourceRecord,
+                                    ToleranceRecord, VariantMetadata)
+from dyngate_build.repository import (Published, ServingOptions, directory_size, finish_model, keep_previous_version,
+                                      native_config, python_config, staged_repository, triton_name)
+from dyngate_build.runtime import Predictor
 from dyngate_build.techniques import BuildContext, Variant, get_technique, make_config
+from dyngate_build.variant_folder import artifact_name_for, reference_predictor, write_variant_folder
 
 DEFAULT_TECHNIQUES = ("fp32", "torchscript")
 VERSION = 1
 CALIBRATION_EXAMPLES = 1024
-ARTIFACT_NAMES = {"onnxruntime": "model.onnx", "torchscript": "model.pt"}
 
 
 @dataclass
@@ -63,8 +62,6 @@ class BuildOptions:
         threads: intra-op threads of served variants (0 = library default).
         native: also write the native flavour (onnxruntime_onnx / pytorch_libtorch) where a variant has one.
         serving: Triton scheduling settings.
-        triton_url: HTTP endpoint of a running Triton (explicit model control) to roll the new versions out
-            to, e.g. "http://127.0.0.1:8000"; None: only write the repository.
     """
 
     model: str
@@ -79,7 +76,6 @@ class BuildOptions:
     threads: int = 0
     native: bool = True
     serving: ServingOptions = field(default_factory=ServingOptions)
-    triton_url: str | None = None
 
     def __post_init__(self):
         if not self.techniques:
@@ -108,73 +104,32 @@ class VariantReport:
     native_name: str | None = None
 
 
-def runtime_spec(source, engine: str, threads: int, overrides: dict | None = None,
-                 artifact: str | None = None) -> RuntimeSpec:
-    """The RuntimeSpec of a variant of `source` run by `engine` (what model.py and the build's checks load).
-
-    overrides: the variant's RuntimeSpec changes (input_dtype, device, extra).
-    artifact: graph file or folder name in the version folder (default: model.onnx / model.pt by engine).
-    """
-    family = source.family
-    extra = {}
-    if source.tokenizer is not None:
-        extra["pad_token_id"] = int(source.tokenizer.pad_token_id or 0)
-    spec = RuntimeSpec(
-        task=family.task, client_input=family.client_input, engine=engine,
-        artifact=artifact or ARTIFACT_NAMES[engine], graph_inputs=list(family.onnx_inputs), labels=source.labels,
-        max_length=source.max_length, image=source.image_spec, threads=threads, extra=extra)
-    for key, value in (overrides or {}).items():
-        if key == "extra":
-            spec.extra.update(value)
-        else:
-            setattr(spec, key, value)
-    return spec
-
-
-def _preprocessing_files(source, work_dir: Path) -> dict[str, Path]:
-    if source.tokenizer is None:
-        return {}
-    path = work_dir / TOKENIZER_FILE
-    if not path.exists():
-        source.tokenizer.backend_tokenizer.save(str(path))
-    return {TOKENIZER_FILE: path}
-
-
-def reference_predictor(source, work_dir: Path, threads: int = 0) -> Predictor:
-    """A Predictor whose engine is the in-memory PyTorch model: preprocessing and answers as served."""
-    folder = work_dir / "reference"
-    folder.mkdir()
-    for name, path in _preprocessing_files(source, work_dir).items():
-        shutil.copyfile(path, folder / name)
-    runtime_spec(source, "onnxruntime", threads).save(str(folder))
-    return Predictor(str(folder), engine=TorchReferenceEngine(source.model, source.family.onnx_inputs))
-
-
 def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metric: Metric, reference: Metric,
-              agree: Agreement, lat: Latency, threads: int) -> dict:
-    return {
-        "model": source.name, "variant": variant.name, "triton_name": name, "flavour": flavour,
-        "technique": variant.technique, "params": variant.params, "engine": variant.engine,
-        "source": {"location": source.location, "checkpoint": source.checkpoint,
-                   "model_type": source.family.model_type, "hf_class": source.family.hf_class,
-                   "task": source.family.task},
-        "labels": source.labels, "client_input": source.family.client_input,
-        "size_bytes": size, "size_mb": round(size / 1e6, 3),
-        "num_parameters": variant.num_parameters or int(sum(p.numel() for p in source.model.parameters())),
-        "accuracy": metric.as_dict(), "reference_accuracy": reference.as_dict(),
-        "agreement": agree.as_dict(),
-        "tolerance": {"max_abs_logit": variant.tolerance.max_abs_logit,
-                      "min_top1_agreement": variant.tolerance.min_top1_agreement},
-        "latency_in_process": {**lat.as_dict(), "batch_size": 1, "threads": threads or os.cpu_count()},
-        "notes": variant.notes,
-        "technique_report": variant.report,
-        "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "dyngate_version": __version__,
-    }
+              agree: Agreement, lat: Latency, threads: int) -> VariantMetadata:
+    family = source.family
+    return VariantMetadata(
+        model=source.name, variant=variant.name, triton_name=name, flavour=flavour,
+        technique=variant.technique, params=variant.params, engine=variant.engine,
+        source=SourceRecord(location=source.location, checkpoint=source.checkpoint, model_type=family.model_type,
+                            hf_class=family.hf_class, task=family.task),
+        labels=source.labels, client_input=family.client_input,
+        size_bytes=size, size_mb=round(size / 1e6, 3),
+        num_parameters=variant.num_parameters or int(sum(p.numel() for p in source.model.parameters())),
+        accuracy=MetricRecord(**metric.as_dict()), reference_accuracy=MetricRecord(**reference.as_dict()),
+        agreement=AgreementRecord(**agree.as_dict()),
+        tolerance=ToleranceRecord(max_abs_logit=variant.tolerance.max_abs_logit,
+                                  min_top1_agreement=variant.tolerance.min_top1_agreement),
+        latency_in_process=LatencyRecord(**lat.as_dict(), batch_size=1, threads=threads or os.cpu_count()),
+        notes=variant.notes,
+        technique_report=variant.report,
+        built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        machine=MachineRecord(cpu=platform.processor() or platform.machine(), cores=os.cpu_count()),
+        dyngate_version=__version__,
+    )
 
 
-def _check(variant: Variant, agree: Agreement) -> None:
+def check_agreement(variant: Variant, agree: Agreement) -> None:
+    """ExportError when `agree` is outside the variant's tolerance (nothing is written then)."""
     tol = variant.tolerance
     if agree.max_abs_logit > tol.max_abs_logit or agree.top1 < tol.min_top1_agreement:
         raise ExportError(
@@ -183,23 +138,18 @@ def _check(variant: Variant, agree: Agreement) -> None:
             f"{agree.top1:.2%} (required ≥{tol.min_top1_agreement:.0%}); nothing was written")
 
 
-def build(options: BuildOptions, log=print) -> list[VariantReport]:
+def build(options: BuildOptions, log=print,
+          after_publish: Callable[[list[Published]], None] | None = None) -> list[VariantReport]:
     """Run one build (see module docstring). Returns one report per variant.
 
+    after_publish: called with every `Published` model once all are in the repository (e.g. a roll-out to a
+    running Triton); it may `undo()` models it gives up on, and what it raises propagates. None: keep one
+    previous version folder per model (`repository.keep_previous_version`).
     Raises ConfigError/SourceError before anything is written; ExportError when a variant fails its check or
-    its exported file cannot be loaded (the repository is then left as it was); ServingError when
-    `options.triton_url` is set and Triton cannot be reached (before any work) or refuses a new version (that
-    variant is then put back as it was, Triton still serving its previous version).
+    its exported file cannot be loaded (the repository is then left as it was).
     """
     from dyngate_build.data import DataSource, load_examples
     from dyngate_build.sources import load_source
-
-    control = None
-    if options.triton_url:
-        from dyngate_serving.triton_server import ModelControl
-
-        control = ModelControl(options.triton_url)
-        control.index()  # unreachable: fail now, not after the work
 
     configs = {name: make_config(name, options.technique_options.get(name)) for name in options.techniques}
     data_source = DataSource.from_setting(options.data)
@@ -221,7 +171,7 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
 
     reports: list[VariantReport] = []
     with tempfile.TemporaryDirectory(prefix="dyngate-build-") as tmp, \
-            staged_repository(options.repository, _after_publish(control, log)) as staging:
+            staged_repository(options.repository, after_publish or _keep_previous_versions(log)) as staging:
         work_dir = Path(tmp)
         reference = reference_predictor(source, work_dir, options.threads)
         context = BuildContext(source=source, work_dir=work_dir, calibration=calibration, reference=reference,
@@ -231,10 +181,9 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
         log(f"  PyTorch FP32 reference: {reference_metric.name} {reference_metric.value:.4f}")
         measure = _Measure(examples, reference_predictions, reference_metric,
                            raws[: options.check_limit], raws[: options.latency_samples])
-        preprocessing = _preprocessing_files(source, work_dir)
         for technique_name in options.techniques:
             variant = get_technique(technique_name).apply(context, configs[technique_name])
-            report = _write_variant(staging, source, variant, preprocessing, options, measure)
+            report = _write_variant(staging, source, variant, options, measure)
             reports.append(report)
             log(f"  {report.triton_name}: {report.metric.name} {report.metric.value:.4f}, "
                 f"max|Δlogit| {report.agreement.max_abs_logit:.2e}, top-1 {report.agreement.top1:.2%}, "
@@ -243,38 +192,12 @@ def build(options: BuildOptions, log=print) -> list[VariantReport]:
     return reports
 
 
-def _after_publish(control, log):
-    """What happens once the build's models are in the repository (see the module docstring, step 6)."""
-
-    def keep_one_previous(p: Published) -> None:
-        removed = remove_versions(p.folder, p.previous[:-1])
-        if p.previous:
-            log(f"  {p.name}: version {p.version} written; version {p.previous[-1]} kept for a Triton that may still "
-                f"serve it (`dyngate reload` or `dyngate build --triton-url` switches over and removes it)"
-                + (f"; removed older version(s) {removed}" if removed else ""))
+def _keep_previous_versions(log) -> Callable[[list[Published]], None]:
+    """The default after_publish: `keep_previous_version` for every published model."""
 
     def after(published: list[Published]) -> None:
-        if control is None:
-            for p in published:
-                keep_one_previous(p)
-            return
-        from dyngate_serving.triton_server import roll_out
-
-        pending = list(published)
-        try:
-            loaded = control.ready_models()
-            while pending:
-                p = pending[0]
-                if p.name in loaded or (p.is_new and p.backend == "python"):
-                    roll_out(control, p.folder, log)
-                else:  # not served by this Triton (e.g. a native flavour on the embedded server)
-                    keep_one_previous(p)
-                pending.pop(0)
-        except ServingError as e:
-            for p in pending:
-                p.undo()
-            names = ", ".join(p.name for p in pending)
-            raise ServingError(f"{e}. The repository keeps {names} as before this build") from e
+        for p in published:
+            keep_previous_version(p, log)
 
     return after
 
@@ -308,22 +231,18 @@ def summary_table(model: str, reference: Metric, reports: list[VariantReport]) -
     return console.export_text()
 
 
-def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict, options: BuildOptions,
+def _write_variant(staging: Path, source, variant: Variant, options: BuildOptions,
                    measure: _Measure) -> VariantReport:
     """Write, check and measure one variant (python flavour, then native), config.pbtxt last."""
     name = triton_name(source.name, variant.name)
-    artifact_name = variant.artifact_name or ARTIFACT_NAMES.get(variant.engine)
-    if artifact_name is None:
-        raise ValueError(f"variant {variant.name!r} runs engine {variant.engine!r}: set Variant.artifact_name")
-    files = {**preprocessing, "model.py": MODEL_PY_SOURCE, "dyngate_runtime.py": RUNTIME_SOURCE}
-    version_dir = write_version(staging, name, VERSION, files)
-    _copy_artifact(variant.artifact, version_dir / artifact_name)
-    runtime_spec(source, variant.engine, options.threads, variant.runtime, artifact_name).save(str(version_dir))
+    artifact_name = artifact_name_for(variant.engine, variant.artifact_name)
+    version_dir = write_variant_folder(staging / name / str(VERSION), source, variant.engine, variant.artifact,
+                                       artifact_name=artifact_name, runtime=variant.runtime, threads=options.threads)
 
     predictor = _load_checked(version_dir, artifact_name, variant)
     checked = run_predictor(predictor, measure.check_raws, options=variant.check_options)
     agree = agreement(checked, measure.reference_predictions[: len(checked)])
-    _check(variant, agree)
+    check_agreement(variant, agree)
     examples = measure.examples
     metric = task_metric(source.family.task, run_predictor(predictor, [ex.raw for ex in examples]),
                          examples, source.labels)
@@ -339,13 +258,14 @@ def _write_variant(staging: Path, source, variant: Variant, preprocessing: dict,
     native_name = None
     if options.native and variant.native_platform:
         native_name = triton_name(source.name, variant.name, native=True)
-        native_dir = write_version(staging, native_name, VERSION, {})
-        _copy_artifact(variant.artifact, native_dir / artifact_name)
+        native_dir = write_variant_folder(staging / native_name / str(VERSION), source, variant.engine,
+                                          variant.artifact, artifact_name=artifact_name, native=True)
         image_size = source.image_spec.size[0] if source.image_spec else None
         serving = dataclasses.replace(options.serving, kind="KIND_GPU")
         config = native_config(native_name, variant.native_platform, family, len(source.labels), image_size,
                                serving)
-        finish_model(native_dir.parent, config, {**metadata, "triton_name": native_name, "flavour": "native"})
+        finish_model(native_dir.parent, config,
+                     dataclasses.replace(metadata, triton_name=native_name, flavour="native"))
     return VariantReport(name, variant.name, variant.technique, size, metric, agree, lat, native_name)
 
 
@@ -364,10 +284,3 @@ def _load_checked(version_dir: Path, artifact_name: str, variant: Variant) -> Pr
         raise ExportError(f"variant {variant.name!r}: the exported {artifact_name} ({size} bytes) cannot be "
                           f"loaded by {variant.engine} ({type(e).__name__}: {first}); the export is corrupt or "
                           "truncated; nothing was written") from e
-
-
-def _copy_artifact(artifact: Path, target: Path) -> None:
-    if Path(artifact).is_dir():
-        shutil.copytree(artifact, target)
-    else:
-        shutil.copyfile(artifact, target)

@@ -31,6 +31,7 @@ import torch
 from dyngate_build.data import DataSource, bio_spans, load_digit_images, load_text_pairs, load_token_sentences
 from dyngate_build.data import encode_png
 from dyngate_build.errors import ConfigError, SourceError
+from dyngate_build.evaluate import entity_scores
 from dyngate_build.families import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from dyngate_build.runtime import to_rgb
 from dyngate_build.training import TrainingConfig, train
@@ -96,15 +97,6 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
             shutil.rmtree(temp, ignore_errors=True)
         except (ValueError, PermissionError):
             continue
-
-
-def read_preset_info(folder: Path) -> dict:
-    """The `preset.json` of a preset checkpoint (metric, seconds, data source)."""
-    path = Path(folder) / PRESET_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path} cannot be read ({e}); rebuild the preset with force=True") from None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -315,7 +307,7 @@ def _build_deberta(spec: PresetSpec, folder: Path, source: DataSource) -> dict:
 
     batches = _shuffled_batches(len(ids), spec.training.micro_batch_size, make, spec.training.seed)
     result = train(model, batches, spec.training, desc=spec.name)
-    scores = entity_f1(model, tokenizer, dev_words, dev_tags, names, pad_id)
+    scores = token_classifier_scores(model, tokenizer, dev_words, dev_tags, names, pad_id)
     model.save_pretrained(folder)
     _wrap_tokenizer(tokenizer).save_pretrained(folder)
     return {"f1": scores["f1"], "precision": scores["precision"], "recall": scores["recall"],
@@ -324,10 +316,11 @@ def _build_deberta(spec: PresetSpec, folder: Path, source: DataSource) -> dict:
 
 
 @torch.inference_mode()
-def entity_f1(model, tokenizer, words: list[list[str]], tags: list[list[str]], names: list[str],
-              pad_id: int) -> dict:
-    """Exact-span entity precision/recall/F1 of a token classifier (word label = first sub-token's)."""
-    true_positive = predicted_count = gold_count = 0
+def token_classifier_scores(model, tokenizer, words: list[list[str]], tags: list[list[str]], names: list[str],
+                            pad_id: int) -> dict:
+    """Exact-span entity precision/recall/F1 of a token classifier on word-tagged sentences (word label = first
+    sub-token's), scored by `dyngate_build.evaluate.entity_scores`."""
+    guesses, golds = [], []
     for start in range(0, len(words), 64):
         chunk_words, chunk_tags = words[start:start + 64], tags[start:start + 64]
         encodings = tokenizer.encode_batch([" ".join(w) for w in chunk_words])
@@ -340,15 +333,9 @@ def entity_f1(model, tokenizer, words: list[list[str]], tags: list[list[str]], n
                 if word_id is not None and word_id not in seen:
                     seen.add(word_id)
                     predicted[word_id] = names[int(best[row, position])]
-            gold = set(bio_spans(sentence, gold_tags))
-            guess = set(bio_spans(sentence, predicted))
-            true_positive += len(gold & guess)
-            predicted_count += len(guess)
-            gold_count += len(gold)
-    precision = true_positive / predicted_count if predicted_count else 0.0
-    recall = true_positive / gold_count if gold_count else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
+            golds.append(set(bio_spans(sentence, gold_tags)))
+            guesses.append(set(bio_spans(sentence, predicted)))
+    return entity_scores(guesses, golds)
 
 
 # ---------------------------------------------------------------------------------------------- registry

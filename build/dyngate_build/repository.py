@@ -10,6 +10,9 @@ Layout of one variant (python-backend flavour, served by the embedded Triton and
     <repository>/<model>__<variant>/<N>/runtime.json       RuntimeSpec
     <repository>/<model>__<variant>/<N>/model.onnx|model.pt, tokenizer.json
 
+Version folders are written by `dyngate_build.variant_folder.write_variant_folder`; metadata.json is a
+`dyngate_build.metadata.VariantMetadata`.
+
 <N> is 1 for a first build and one more for every rebuild (see below).
 
 and, when the variant has one, the native flavour `<model>__<variant>__native` (platform onnxruntime_onnx or
@@ -25,8 +28,8 @@ becomes the next version folder (`<model>__<variant>/2/` beside `1/`, one rename
 then metadata.json and config.pbtxt are replaced with `os.replace`. Every config says
 `version_policy: { latest { num_versions: 1 } }`, so a Triton asked to load the model (explicit model control)
 loads the new version, moves traffic to it once it is ready and unloads the old one; the old folder is removed
-once Triton no longer serves it (`dyngate_serving.triton_server.roll_out`, `dyngate build --triton-url`), or, without a
-Triton to ask, kept as the one previous version until the next build.
+once Triton no longer serves it (a roll-out in dyngate_serving, `dyngate build --triton-url`), or, without a
+Triton to ask, kept as the one previous version until the next build (`keep_previous_version`).
 """
 
 from __future__ import annotations
@@ -44,10 +47,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from dyngate_build.errors import ConfigError, RepositoryError
+from dyngate_build.metadata import METADATA_FILE, VariantMetadata
 
 SEPARATOR = "__"
 NATIVE_SUFFIX = "native"
-METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -195,9 +198,15 @@ def write_version(root: Path, name: str, version: int, files: dict[str, Path]) -
     return version_dir
 
 
-def finish_model(folder: Path, config: dict, metadata: dict) -> model_config_pb2.ModelConfig:
-    """Write folder/metadata.json, then folder/config.pbtxt (last: a folder with a config is complete)."""
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+def finish_model(folder: Path, config: dict, metadata: VariantMetadata | dict) -> model_config_pb2.ModelConfig:
+    """Write folder/metadata.json, then folder/config.pbtxt (last: a folder with a config is complete).
+
+    metadata: what the build measured (VariantMetadata); a plain dict is written as given (hand-made models).
+    """
+    if isinstance(metadata, VariantMetadata):
+        metadata.save(folder)
+    else:
+        (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     return write_config(folder, config)
 
 
@@ -209,7 +218,7 @@ def version_numbers(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
-def latest_version_dir(folder: Path) -> Path:
+def newest_version_dir(folder: Path) -> Path:
     """The newest version folder of a model folder (what `latest { num_versions: 1 }` makes Triton serve).
 
     Raises RepositoryError when the model folder has no version folder.
@@ -315,6 +324,20 @@ def publish_model(staged: Path, repository: Path, trash: Path) -> Published:
     return published
 
 
+def keep_previous_version(published: Published, log=print) -> list[int]:
+    """What a build does after publishing when no Triton is asked to roll out: keep the one previous version
+    folder (a Triton may still serve it; `dyngate reload` switches over and removes it), delete older ones.
+
+    Returns the versions removed; logs one line when a previous version is kept.
+    """
+    removed = remove_versions(published.folder, published.previous[:-1])
+    if published.previous:
+        log(f"  {published.name}: version {published.version} written; version {published.previous[-1]} kept for a "
+            f"Triton that may still serve it (`dyngate reload` or `dyngate build --triton-url` switches over and "
+            f"removes it)" + (f"; removed older version(s) {removed}" if removed else ""))
+    return removed
+
+
 @contextlib.contextmanager
 def staged_repository(repository: Path, after_publish=None):
     """Yield a staging folder beside `repository`; on success move every model folder in it into place.
@@ -324,7 +347,7 @@ def staged_repository(repository: Path, after_publish=None):
     moving, the repository is put back as it was and the staging folder is deleted.
 
     after_publish: called with the list of `Published` models once all are in place (e.g. to make a running
-    Triton load them, `dyngate_serving.triton_server.roll_out`); it may call `Published.undo()` for a model it gives
+    Triton load them: a roll-out in dyngate_serving); it may call `Published.undo()` for a model it gives
     up on. An exception it raises propagates after the staging folder is cleaned up.
     """
     repository = Path(repository)
@@ -353,20 +376,23 @@ def staged_repository(repository: Path, after_publish=None):
 
 @dataclass
 class RepositoryEntry:
-    """One Triton model of the repository, as the gateway and clients see it."""
+    """One Triton model of the repository, as the gateway and clients see it.
+
+    metadata: its metadata.json, or None for a model folder without one (not written by dyngate build).
+    """
 
     name: str
     folder: Path
     backend: str
-    metadata: dict
+    metadata: VariantMetadata | None
 
     @property
     def model(self) -> str:
-        return self.metadata.get("model", self.name.split(SEPARATOR)[0])
+        return self.metadata.model if self.metadata else self.name.split(SEPARATOR)[0]
 
     @property
     def variant(self) -> str:
-        return self.metadata.get("variant", self.name.split(SEPARATOR)[-1])
+        return self.metadata.variant if self.metadata else self.name.split(SEPARATOR)[-1]
 
     @property
     def native(self) -> bool:
@@ -379,7 +405,10 @@ class RepositoryEntry:
 
 
 def list_models(repository: Path) -> list[RepositoryEntry]:
-    """Every model folder with a readable config.pbtxt, sorted by name (staging folders are never inside)."""
+    """Every model folder with a readable config.pbtxt, sorted by name (staging folders are never inside).
+
+    Raises StaleRepositoryError (a RepositoryError) when a metadata.json was written by an older dyngate.
+    """
     entries = []
     repository = Path(repository)
     if not repository.is_dir():
@@ -388,8 +417,7 @@ def list_models(repository: Path) -> list[RepositoryEntry]:
         if not (folder / CONFIG_FILE).exists():
             continue
         config = read_config(folder)
-        meta_path = folder / METADATA_FILE
-        metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        metadata = VariantMetadata.load(folder) if (folder / METADATA_FILE).exists() else None
         entries.append(RepositoryEntry(folder.name, folder, config.backend or config.platform, metadata))
     return entries
 

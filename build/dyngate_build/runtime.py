@@ -23,6 +23,7 @@ import numpy as np
 
 RUNTIME_FILE = "runtime.json"
 TOKENIZER_FILE = "tokenizer.json"
+RUNTIME_SCHEMA_VERSION = 1  # of runtime.json; a folder written with another one is refused (rebuild it)
 
 
 class InputError(ValueError):
@@ -31,6 +32,11 @@ class InputError(ValueError):
     (Standalone on purpose: this file runs inside Triton without dyngate installed. `dyngate_build.errors.InputError`
     is the build-side twin; the build converts between them where they meet.)
     """
+
+
+class RuntimeSpecVersionError(ValueError):
+    """runtime.json was written by another dyngate version (schema_version differs); the message says how to
+    rebuild. (Standalone like InputError; `dyngate_build.metadata.StaleRepositoryError` is the build's twin.)"""
 
 
 @dataclass
@@ -72,6 +78,8 @@ class RuntimeSpec:
         input_dtype: dtype of floating graph inputs ("float32"; "float16" for half-precision TorchScript).
         threads: intra-op threads (0 = library default).
         device: "cpu" or "cuda" (used when the library and a GPU are there, else CPU).
+        extra: engine-specific settings (pad_token_id, exit_threshold, ...).
+        schema_version: RUNTIME_SCHEMA_VERSION of the dyngate that wrote the file.
     """
 
     task: str
@@ -87,6 +95,7 @@ class RuntimeSpec:
     threads: int = 0
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    schema_version: int = RUNTIME_SCHEMA_VERSION
 
     def save(self, folder: str) -> None:
         with open(os.path.join(folder, RUNTIME_FILE), "w") as f:
@@ -94,8 +103,14 @@ class RuntimeSpec:
 
     @classmethod
     def load(cls, folder: str) -> "RuntimeSpec":
+        """Read folder/runtime.json; RuntimeSpecVersionError when another dyngate version wrote it."""
         with open(os.path.join(folder, RUNTIME_FILE)) as f:
             data = json.load(f)
+        if data.get("schema_version") != RUNTIME_SCHEMA_VERSION:
+            raise RuntimeSpecVersionError(
+                f"{os.path.join(folder, RUNTIME_FILE)} has schema_version {data.get('schema_version', 'none')}, "
+                f"this runtime reads {RUNTIME_SCHEMA_VERSION}: it was written by an older dyngate; rebuild the model "
+                f"with `dyngate build --model M --techniques T1,T2,...`")
         if data.get("image"):
             image = data["image"]
             data["image"] = ImageSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in image.items()})

@@ -1,12 +1,14 @@
-"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, recommend, report.
+"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, recommend, report,
+bench, load, zero-report. This module is the one place that wires the packages together.
 
     dyngate build --model distilbert-tiny --techniques fp32,torchscript
     dyngate serve --repository model_repository
-    dyngate build --model distilbert-tiny --techniques fp32 --triton-url http://127.0.0.1:8000   # hot rebuild
-    dyngate reload --model distilbert-tiny --variant fp32 --triton-url http://127.0.0.1:8000
+    dyngate build --model distilbert-tiny --techniques fp32 --triton 127.0.0.1:8001   # hot rebuild (gRPC)
+    dyngate reload --model distilbert-tiny --variant fp32 --triton 127.0.0.1:8001
     dyngate gateway --triton 127.0.0.1:8001
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
     dyngate recommend --model distilbert-tiny --budget 1.0
+    dyngate bench / dyngate load / dyngate zero-report
 
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
 Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
@@ -15,6 +17,7 @@ Errors dyngate raises on purpose print as one line `error: ...` and exit with st
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -72,32 +75,42 @@ def cmd_build(args) -> int:
                           "a checkpoint folder or a hub id")
     techniques = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
     options = parse_options(args.option)
+    hook = None
+    if args.triton:
+        from dyngate_serving.client import model_control_client
+        from dyngate_serving.rollout import after_publish
+
+        client = model_control_client(args.triton)
+        client.index()  # TritonUnreachable now, not after the work
+        hook = after_publish(client)
     for model in args.model:
         build(BuildOptions(
             model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
             cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-            threads=args.threads, native=not args.no_native, triton_url=args.triton_url))
+            threads=args.threads, native=not args.no_native), after_publish=hook)
     return 0
 
 
 def cmd_reload(args) -> int:
     """Make a running Triton serve the newest version folder of one variant, then delete the older ones."""
     from dyngate_build.repository import CONFIG_FILE, triton_name
-    from dyngate_serving.triton_server import ModelControl, roll_out
+    from dyngate_serving.client import model_control_client
+    from dyngate_serving.rollout import roll_out
 
     name = triton_name(args.model, args.variant, native=args.native)
     folder = Path(args.repository) / name
     if not (folder / CONFIG_FILE).is_file():
         raise ConfigError(f"{name} is not in the repository {args.repository} (no {folder / CONFIG_FILE}); "
                           "build it first with `dyngate build`")
-    result = roll_out(ModelControl(args.triton_url), folder, log=lambda line: None)  # one summary line instead
+    result = roll_out(model_control_client(args.triton), folder, log=lambda line: None)  # one summary line instead
     print(f"{name}: Triton serves version {result.version}"
           + (f"; removed version(s) {', '.join(map(str, result.removed))}" if result.removed else ""))
     return 0
 
 
 def cmd_serve(args) -> int:
-    from dyngate_serving.triton_server import TritonServerConfig, serve_forever
+    from dyngate_serving.launcher import TritonServerConfig
+    from dyngate_serving.supervisor import serve_forever
 
     serve_forever(TritonServerConfig(
         repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
@@ -108,7 +121,7 @@ def cmd_serve(args) -> int:
 
 def cmd_gateway(args) -> int:
     from dyngate_gateway.app import launch
-    from dyngate_serving.triton_server import port_is_free
+    from dyngate_serving.net import port_is_free
 
     if not port_is_free(args.port, args.host):
         raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
@@ -172,7 +185,26 @@ def cmd_recommend(args) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
+def cmd_bench(args) -> int:
+    from dyngate_measure.benchmark import markdown, options_from_args, run_bench
+
+    print(markdown(run_bench(options_from_args(args))))
+    return 0
+
+
+def cmd_load(args) -> int:
+    from dyngate_measure.load_test import run_from_args
+
+    return run_from_args(args, args.command_line)
+
+
+def cmd_zero_report(args) -> int:
+    from dyngate_measure.zero_report import run_from_args
+
+    return run_from_args(args)
+
+
+def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     repository = _default("DYNGATE_REPOSITORY", "model_repository")
@@ -190,9 +222,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of served variants (0 = default)")
     p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
     p.add_argument("--list", action="store_true", help="list the techniques and exit")
-    p.add_argument("--triton-url", default=None, metavar="http://HOST:PORT",
-                   help="a running Triton's HTTP endpoint: load the rebuilt variants there (new version in, old "
-                        "one out once the new is ready) and delete the old version folders")
+    p.add_argument("--triton", "--triton-url", dest="triton", default=None, metavar="HOST:PORT",
+                   help="a running Triton's gRPC address (e.g. 127.0.0.1:8001): load the rebuilt variants there "
+                        "(new version in, old one out once the new is ready) and delete the old version folders; "
+                        "an http:// URL is refused (an HTTP load stalls HTTP inference on other models)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="start the embedded Triton Inference Server on the repository")
@@ -213,7 +246,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True, help="variant name (e.g. fp32)")
     p.add_argument("--native", action="store_true", help="the native flavour (<model>__<variant>__native)")
     p.add_argument("--repository", default=repository)
-    p.add_argument("--triton-url", default="http://127.0.0.1:8000", help="Triton's HTTP endpoint")
+    p.add_argument("--triton", "--triton-url", dest="triton", default="127.0.0.1:8001", metavar="HOST:PORT",
+                   help="Triton's gRPC address (model control over gRPC; an http:// URL is refused)")
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("gateway", help="start the Gradio gateway in front of a running Triton")
@@ -250,6 +284,21 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_report_arguments(p)
     p.set_defaults(func=cmd_report)
+
+    # bench and load import torch (through dyngate_build.evaluate): their options are added only when that
+    # subcommand is the one run, so `dyngate --help` and the other subcommands start fast
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    measures = {"bench": ("benchmark", cmd_bench, "variants in process and through Triton beside PyTorch and "
+                                                  "ONNX Runtime baselines, interleaved: bench.md and bench.json"),
+                "load": ("load_test", cmd_load, "N concurrent clients for T seconds against Triton and the "
+                                                "gateway: load.md and load.json"),
+                "zero-report": ("zero_report", cmd_zero_report, "per-rank memory at DeepSpeed ZeRO stages 0-3 "
+                                                                "(2 ranks, CPU)")}
+    for name, (module, func, text) in measures.items():
+        p = sub.add_parser(name, help=text)
+        if name == chosen:
+            importlib.import_module(f"dyngate_measure.{module}").add_arguments(p)
+        p.set_defaults(func=func)
     return parser
 
 
@@ -259,7 +308,8 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    args = make_parser().parse_args(argv)
+    args = make_parser(argv).parse_args(argv)
+    args.command_line = "dyngate " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except InputError as e:

@@ -1,6 +1,7 @@
 """The dyngate gateway: a Gradio app in front of a running Triton that serves a dyngate model repository.
 
-Layout only: the handlers live in gateway/dyngate_gateway/handlers.py, routing.py, compare.py, metrics.py and models_view.py.
+Layout only: the handlers live in gateway/dyngate_gateway/handlers.py, routing.py, compare.py, metrics.py and
+models_view.py; the plain HTTP routes in api.py, the ASGI middleware in middleware.py.
 One `gr.Tab` per view; add a view by adding a `_<view>_tab(...)` function and calling it inside `build_app`.
 
 Views:
@@ -40,11 +41,6 @@ GET /api/status, GET /api/models, GET /api/shadow (?model=M: shadow traffic coun
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
-import secrets
 import tempfile
 import threading
 import time
@@ -53,18 +49,16 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
-from fastapi.responses import JSONResponse
 
 from dyngate_build.errors import DyngateError, InputError, ServingError
 from dyngate_gateway import answers_view, compare, handlers, metrics, models_view
-from dyngate_gateway.config import GatewayConfig
+from dyngate_gateway.api import create_app
+from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
 from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
 from dyngate_gateway.routing import POLICIES, Router
 from dyngate_gateway.shadow import DEFAULT_QUEUE_LIMIT, Shadow
 
 TITLE = "dyngate gateway"
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 def _table(rows: list[list] | None = None) -> pd.DataFrame:
@@ -274,6 +268,7 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
     def on_draw(last, budget_pt):
         import matplotlib.pyplot as plt
 
+        from dyngate_measure.recommend import metric_name
         from dyngate_measure.report import pareto_figure
 
         if not last:
@@ -281,9 +276,8 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
         view = state.router.view(last["model"])
         if budget_pt is None or budget_pt < 0:
             raise InputError(f"budget={budget_pt!r}: give the accuracy points the recommendation may lose, ≥ 0")
-        metric = next(((e.metadata.get("accuracy") or {}).get("name") for e in view.variants.values()), "accuracy")
         chosen = compare.tradeoff({v: e.metadata for v, e in view.variants.items()}, last["rows"], float(budget_pt),
-                                  metric or "accuracy")
+                                  metric_name(list(view.variants.values())))
         figure = pareto_figure(chosen, f"{view.name}: {chosen.metric_name} vs p50", f"p50 ms ({chosen.latency})")
         plt.close(figure)  # Gradio renders it; pyplot need not keep it
         return figure, "```\n" + chosen.explain() + "\n```"
@@ -563,225 +557,6 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
         demo.load(models_rows, None, models_table, api_visibility="private")
     demo.dyngate = state
     return demo
-
-
-# -------------------------------------------------------------------------------------- plain HTTP routes
-
-def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
-    """A FastAPI app with the JSON routes, and the Gradio page mounted at "/" (with the login, if any)."""
-    state: GatewayState = demo.dyngate
-    auth = state.config.auth
-    limits = state.config.limits
-    app = FastAPI(title=TITLE, docs_url=None, redoc_url=None, openapi_url=None)  # Gradio's API page documents it
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
-    if auth:
-        app.add_middleware(LoginPageScrub)
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    def authorized(request: Request) -> bool:
-        if not auth:
-            return True
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("basic "):
-            return False
-        try:
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        return secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
-
-    def unauthorized() -> JSONResponse:
-        return JSONResponse({"error": "login required: HTTP basic auth with the gateway's user and password"},
-                            status_code=401, headers={"WWW-Authenticate": 'Basic realm="dyngate"'})
-
-    def guarded(fn):
-        def wrapper(request: Request):
-            return fn() if authorized(request) else unauthorized()
-        return wrapper
-
-    def predict(body) -> JSONResponse:
-        if not isinstance(body, dict):
-            return error(400, "the body must be a JSON object: {\"model\": ..., \"text\": ... | \"image_base64\": "
-                              "..., \"policy\": ...}")
-        allowed = {"model", "text", "image_base64", "policy", "variant", "accuracy_budget", "threshold",
-                   "exit_threshold"}
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            return error(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-        state.refresh()
-        model = body.get("model")
-        if not isinstance(model, str):
-            return error(400, f"model must be a string naming one of the repository's models "
-                              f"({', '.join(state.catalog)}), not {type(model).__name__}")
-        if model not in state.catalog:
-            return error(404, f"unknown model {model!r}; the repository's models are: {', '.join(state.catalog)}")
-        for key in ("text", "image_base64", "policy", "variant"):
-            if body.get(key) is not None and not isinstance(body[key], str):
-                return error(400, f"{key} must be a string, not {type(body[key]).__name__}")
-        for key in ("accuracy_budget", "threshold"):  # exit_threshold: the router applies Triton's own rule
-            value = body.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
-                return error(400, f"{key} must be a number, not {type(value).__name__}")
-        image = None
-        if body.get("image_base64"):
-            try:
-                image = base64.b64decode(body["image_base64"], validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                return error(400, "image_base64 is not valid base64")
-        text = body.get("text")
-        try:
-            answer = state.router.route(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
-                                        accuracy_budget=body.get("accuracy_budget"),
-                                        threshold=body.get("threshold"), exit_threshold=body.get("exit_threshold"),
-                                        image=image)
-        except InputError as e:
-            return error(400, str(e))
-        except (ValueError, TypeError, OverflowError) as e:  # e.g. float("abc"), float(10**400)
-            return error(400, f"bad field value: {e}")
-        except ServingError as e:
-            return error(503, str(e))
-        return JSONResponse(answer)
-
-    @app.post("/api/predict")
-    async def api_predict(request: Request):
-        import anyio
-
-        if not authorized(request):
-            return unauthorized()
-        try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as e:
-            return error(400, f"the body is not JSON: {e}")
-        except RecursionError:
-            return error(400, "the body is not JSON this route accepts: nested too deeply")
-        return await anyio.to_thread.run_sync(predict, body)  # a worker thread: ClientPool gives it a client
-
-    @app.get("/api/status")
-    def api_status(request: Request):
-        def status():
-            ready, line = state.status()
-            return JSONResponse({"triton_ready": ready, "triton": state.clients.url, "status": line},
-                                status_code=200 if ready else 503)
-        return guarded(status)(request)
-
-    @app.get("/api/shadow")
-    def api_shadow(request: Request):
-        def stats():
-            return JSONResponse(state.shadow.stats(request.query_params.get("model")))
-        return guarded(stats)(request)
-
-    @app.get("/api/models")
-    def api_models(request: Request):
-        def rows():
-            return JSONResponse([dict(zip(models_view.HEADERS, r))
-                                 for r in models_view.model_rows(state.repository, state.clients)])
-        return guarded(rows)(request)
-
-    return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
-                               footer_links=["api"], max_file_size=limits.max_image_bytes)
-
-
-class BodySizeLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 {"error": ...} and is not read further.
-
-    A declared Content-Length over the limit is refused before any byte is read; a body without one (chunked)
-    is counted while the app reads it. An unreadable Content-Length gets 400.
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, int(max_bytes)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
-                return await self._reply(send, 400, f"Content-Length {declared[:40]!r} is not a number")
-            if length > self.max_bytes:
-                return await self._reply(send, 413, self._message(length))
-        received, started = 0, False
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._reply(send, 413, self._message(received, declared=False))
-
-    def _message(self, size: int, declared: bool = True) -> str:
-        what = f"{size} bytes" if declared else f"more than {self.max_bytes} bytes (read {size})"
-        return (f"the request body has {what}; the gateway's limit is {self.max_bytes} bytes "
-                "(limits.max_body_bytes): send a smaller text or image")
-
-    @staticmethod
-    async def _reply(send, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class LoginPageScrub:
-    """ASGI middleware for gateways with a login: Gradio 6 embeds the API description (every endpoint with its
-    choices: the repository's model and variant names) in the login page it shows before anyone logged in; this
-    empties it there. Pages shown after the login keep it."""
-
-    _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
-    _LOGIN_PAGE = re.compile(rb'"auth_required":\s*true')
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "GET":
-            return await self.app(scope, receive, send)
-        held: dict = {}
-        chunks: list[bytes] = []
-
-        async def scrubbing_send(message):
-            if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                if headers.get(b"content-type", b"").startswith(b"text/html"):
-                    held["start"] = message  # sent once the whole page is here
-                    return
-            elif message["type"] == "http.response.body" and "start" in held:
-                chunks.append(message.get("body", b""))
-                if message.get("more_body"):
-                    return
-                body = b"".join(chunks)
-                if self._LOGIN_PAGE.search(body):
-                    body = self._API_INFO.sub(b"window.gradio_api_info = {};</script>", body)
-                start = held.pop("start")
-                headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
-                await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        await self.app(scope, receive, scrubbing_send)
 
 
 class RunningGateway:

@@ -88,11 +88,7 @@ def parse_levels(text) -> list[int]:
 
 def server_stats(client: TritonClient, model: str) -> dict[str, tuple[int, int]]:
     """Triton's cumulative statistics of `model`: {"success"|"queue"|...: (count, ns)}."""
-    raw = client._client  # tritonclient's own client: the statistics API is not wrapped by TritonClient
-    if client.protocol == "grpc":
-        stats = raw.get_inference_statistics(model, as_json=True, client_timeout=client.timeout_s)
-    else:
-        stats = raw.get_inference_statistics(model)
+    stats = client.statistics(model)
     out = {k: (0, 0) for k in _STAT_KEYS}
     for entry in stats.get("model_stats", []):
         inference = entry.get("inference_stats") or {}
@@ -234,21 +230,22 @@ def distribution(result: BenchResult, points: int = 50) -> list[dict]:
     return out
 
 
-def tradeoff(variants: dict[str, dict], rows: list[list], budget_pt: float, metric_name: str = "accuracy",
+def tradeoff(variants: dict, rows: list[list], budget_pt: float, metric_name: str = "accuracy",
              baseline: str = BASELINE_VARIANT) -> Recommendation:
     """The Compare tab's recommendation: `dyngate_measure.recommend.recommend` on the p50 just measured.
 
-    variants: {variant: metadata.json dict} (dev metric, size); rows: a run's HEADERS rows, of which the lowest
-    concurrency level of each variant gives its p50 (at the run's batch size). A variant without a successful
-    request has no p50 and is not recommended."""
+    variants: {variant: VariantMetadata or None} (dev metric, size); rows: a run's HEADERS rows, of which the
+    lowest concurrency level of each variant gives its p50 (at the run's batch size). A variant without a
+    successful request has no p50 and is not recommended."""
     lowest: dict[str, list] = {}
     for row in rows:
         if row[0] not in lowest or row[1] < lowest[row[0]][1]:
             lowest[row[0]] = row
     candidates = []
     for variant, row in lowest.items():
-        meta = variants.get(variant) or {}
-        candidates.append(Candidate(variant, (meta.get("accuracy") or {}).get("value"), row[5], meta.get("size_mb")))
+        meta = variants.get(variant)
+        candidates.append(Candidate(variant, meta.accuracy.value if meta else None, row[5],
+                                    meta.size_mb if meta else None))
     level = min((r[1] for r in lowest.values()), default=1)
     batch = next((r[2] for r in lowest.values()), 1)
     return recommend(candidates, baseline, budget_pt, metric_name,

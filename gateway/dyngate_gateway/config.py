@@ -22,6 +22,8 @@ from dyngate_build.errors import ConfigError
 from dyngate_gateway.handlers import Limits
 from dyngate_gateway.routing import RoutingConfig
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # the gateway listens on this machine only unless told
+
 USER_ENV, PASSWORD_ENV, CONFIG_ENV, METRICS_ENV = ("DYNGATE_GATEWAY_USER", "DYNGATE_GATEWAY_PASSWORD",
                                                     "DYNGATE_GATEWAY_CONFIG", "DYNGATE_TRITON_METRICS")
 

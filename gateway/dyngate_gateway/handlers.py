@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError
+from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
 from dyngate_serving.client import TritonClient
 
@@ -88,12 +88,10 @@ class ModelView:
         parts = []
         for name, entry in self.variants.items():
             meta = entry.metadata
-            bits = [str(meta.get("technique", name))]
-            if meta.get("size_mb") is not None:
-                bits.append(f"{meta['size_mb']:.2f} MB")
-            accuracy = meta.get("accuracy") or {}
-            if accuracy.get("value") is not None:
-                bits.append(f"{accuracy.get('name', 'accuracy')} {accuracy['value']:.3f}")
+            bits = [meta.technique if meta else name]
+            if meta is not None:
+                bits.append(f"{meta.size_mb:.2f} MB")
+                bits.append(f"{meta.accuracy.name} {meta.accuracy.value:.3f}")
             parts.append(f"`{name}` ({', '.join(bits)})")
         kind = "text" if self.is_text else "image"
         return f"**{self.name}** · {self.task or 'unknown task'} · {kind} input · variants: " + "; ".join(parts)
@@ -109,9 +107,8 @@ def load_catalog(repository: Path) -> dict[str, ModelView]:
         meta = entry.metadata
         view = catalog.get(entry.model)
         if view is None:
-            view = ModelView(name=entry.model, client_input=str(meta.get("client_input", TEXT)).upper(),
-                             task=str((meta.get("source") or {}).get("task") or meta.get("task") or ""),
-                             labels=list(meta.get("labels") or []))
+            view = ModelView(name=entry.model, client_input=(meta.client_input if meta else TEXT).upper(),
+                             task=meta.task if meta else "", labels=list(meta.labels) if meta else [])
             catalog[entry.model] = view
         view.variants[entry.variant] = entry
     return dict(sorted(catalog.items()))
@@ -308,7 +305,7 @@ def compare_variants(clients: ClientPool, view: ModelView, text: str | None, ima
         except InputError:
             raise
         except ServingError as e:
-            if "not reachable" in str(e):
+            if isinstance(e, TritonUnreachable):
                 clients.reset()
                 raise
             failures.append(str(e))

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections import deque
 from urllib.parse import urlparse
 
 import psutil
 
 from dyngate_build.errors import ServingError
+from dyngate_measure.machine import ProcessTree, gpu_usage, listening_pid
+from dyngate_serving.net import DIRECT
 
 MODEL_HEADERS = ["model", "success", "failure", "inferences", "executions", "batching ratio", "avg queue ms",
                  "avg compute ms"]
 HISTORY = 300
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def default_metrics_url(triton_url: str) -> str:
@@ -39,7 +39,7 @@ def default_metrics_url(triton_url: str) -> str:
 
 def fetch_metrics(url: str, timeout_s: float = 2.0) -> str:
     try:
-        with _DIRECT.open(url, timeout=timeout_s) as response:
+        with DIRECT.open(url, timeout=timeout_s) as response:
             return response.read().decode("utf-8", errors="replace")
     except Exception as e:
         raise ServingError(f"Triton's metrics at {url} are not reachable: {e}") from e
@@ -85,68 +85,21 @@ def model_rows(models: dict) -> list[list]:
     return rows
 
 
-def listening_pid(port: int) -> int | None:
-    """The pid of the process listening on TCP `port` on this machine, when psutil may see it."""
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                return conn.pid
-    except (psutil.AccessDenied, PermissionError):
-        pass
-    for process in psutil.process_iter(["name"]):  # fallback: per-process (own processes are always visible)
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                   for c in process.net_connections(kind="tcp")):
-                return process.pid
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return None
-
-
-def gpu_snapshot() -> list[dict] | str:
-    """Per GPU: utilisation %, memory used/total MB, power W (NVML); the text "no GPU" when there is none."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return "no GPU"
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            try:
-                power = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000
-            except Exception:
-                power = None
-            out.append({"gpu": i, "utilization_pct": util.gpu, "memory_used_mb": round(memory.used / 2**20, 1),
-                        "memory_total_mb": round(memory.total / 2**20, 1), "power_w": power})
-        return out or "no GPU"
-    except Exception:
-        return "no GPU"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
 class MetricsMonitor:
     """Samples Triton's metrics, the server process, the machine and the GPU; keeps a short history."""
 
     def __init__(self, metrics_url: str, server_pid: int | None = None):
         self.metrics_url = metrics_url
         self._pid = server_pid
-        self._process: psutil.Process | None = None
-        self._children: dict[int, psutil.Process] = {}
+        self._process: ProcessTree | None = None
+        self._last_cpu_time = 0.0
         self.history: deque = deque(maxlen=HISTORY)
         self._last_success: tuple[float, float] | None = None
         self._lock = threading.Lock()
         psutil.cpu_percent(None)  # the first call starts the interval
 
-    def server_process(self) -> psutil.Process | None:
+    def server_process(self) -> ProcessTree | None:
+        """The Triton server's process tree (the pid given, else the process listening on the metrics port)."""
         if self._process is not None and self._process.is_running():
             return self._process
         pid = self._pid
@@ -154,37 +107,28 @@ class MetricsMonitor:
             port = urlparse(self.metrics_url).port
             pid = listening_pid(port) if port else None
         try:
-            self._process = psutil.Process(pid) if pid else None
+            self._process = ProcessTree(pid) if pid else None
             if self._process is not None:
-                self._process.cpu_percent(None)
+                self._process.sample()  # the first sample starts the CPU interval
+                self._last_cpu_time = time.monotonic()
         except psutil.Error:
             self._process = None
-        self._children = {}
         return self._process
 
     def _process_usage(self) -> dict:
-        process = self.server_process()
-        if process is None:
+        """The server tree's CPU % since the previous call (100 = one core), RSS MB (2**20) and children."""
+        tree = self.server_process()
+        if tree is None:
             return {"pid": None, "cpu_pct": None, "rss_mb": None, "children": 0}
         try:
-            cpu = process.cpu_percent(None)
-            rss = process.memory_info().rss
-            children = process.children(recursive=True)
-            for child in children:
-                if child.pid not in self._children:
-                    self._children[child.pid] = child
-                    child.cpu_percent(None)
-            for child in children:
-                try:
-                    cpu += self._children[child.pid].cpu_percent(None)
-                    rss += child.memory_info().rss
-                except psutil.Error:
-                    pass
-            return {"pid": process.pid, "cpu_pct": round(cpu, 1), "rss_mb": round(rss / 2**20, 1),
-                    "children": len(children)}
+            used, rss, children = tree.sample()
         except psutil.Error:
             self._process = None
             return {"pid": None, "cpu_pct": None, "rss_mb": None, "children": 0}
+        now = time.monotonic()
+        wall, self._last_cpu_time = now - self._last_cpu_time, now
+        cpu = 100 * used / wall if wall > 0 else 0.0
+        return {"pid": tree.pid, "cpu_pct": round(cpu, 1), "rss_mb": round(rss / 2**20, 1), "children": children}
 
     def sample(self) -> dict:
         with self._lock:
@@ -201,7 +145,7 @@ class MetricsMonitor:
             snapshot["machine"] = {"cpu_pct": psutil.cpu_percent(None), "cpus": psutil.cpu_count(),
                                    "memory_used_mb": round((memory.total - memory.available) / 2**20, 1),
                                    "memory_total_mb": round(memory.total / 2**20, 1)}
-            snapshot["gpu"] = gpu_snapshot()
+            snapshot["gpu"] = gpu_usage()
             success = sum(m.get("success", 0.0) for m in parsed["models"].values())
             rate = None
             if self._last_success is not None and snapshot["error"] is None and now > self._last_success[0]:

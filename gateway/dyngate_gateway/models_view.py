@@ -6,14 +6,13 @@ not loadable by the embedded server.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from dyngate_build.errors import InputError, RepositoryError, ServingError
 from dyngate_build.repository import list_models, read_config, version_numbers
-from dyngate_build.runtime import RUNTIME_FILE
-from dyngate_serving.client import TritonClient
+from dyngate_build.runtime import RuntimeSpec
+from dyngate_serving.client import TritonClient, short_reason
 from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
 HEADERS = ["triton model", "model", "variant", "technique", "size MB", "dev metric", "build p50 ms",
@@ -27,12 +26,8 @@ SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a whil
 def repository_index(clients: ClientPool) -> dict[str, list[dict]]:
     """Triton's repository index by model name: one entry per version Triton knows (a model it never loaded has
     one bare entry). ServingError when Triton is unreachable."""
-    client = TritonClient(clients.url, clients.protocol, timeout_s=STATUS_TIMEOUT_S)
-    try:
-        index = client._call(client._client.get_model_repository_index, json=True)
-    finally:
-        client.close()
-    models = index.get("models", []) if isinstance(index, dict) else index
+    with TritonClient(clients.url, clients.protocol, timeout_s=STATUS_TIMEOUT_S) as client:
+        models = client.index()
     by_name: dict[str, list[dict]] = {}
     for m in models:
         by_name.setdefault(m["name"], []).append(m)
@@ -57,8 +52,6 @@ def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
     UNAVAILABLE (not loaded). reason: Triton's load error (without its traceback) for FAILED, else "".
     Failures of versions no longer on disk are history and ignored.
     """
-    from dyngate_serving.triton_server import short_reason
-
     on_disk = version_numbers(folder)
     newest = on_disk[-1] if on_disk else None
     versions = {int(e["version"]): e for e in entries if str(e.get("version") or "").isdigit()}
@@ -77,11 +70,9 @@ def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
     return state, "" if newest is None else f"{newest} on disk", ""
 
 
-def _dev_metric(meta: dict) -> str | None:
-    accuracy = meta.get("accuracy") or {}
-    if accuracy.get("value") is None:
-        return None
-    return f"{accuracy.get('name', 'accuracy')} {accuracy['value']:.4f}"
+def _dev_metric(meta) -> str | None:
+    """"accuracy 0.8300" / "entity_f1 0.8841" from a VariantMetadata (None without metadata)."""
+    return f"{meta.accuracy.name} {meta.accuracy.value:.4f}" if meta else None
 
 
 def serving_shape(entry) -> str:
@@ -91,9 +82,8 @@ def serving_shape(entry) -> str:
     versions = entry.versions
     if versions:
         try:
-            spec = json.loads((entry.folder / str(versions[-1]) / RUNTIME_FILE).read_text())
-            threads = str(spec.get("threads") or "default")
-        except (OSError, ValueError):
+            threads = str(RuntimeSpec.load(str(entry.folder / str(versions[-1]))).threads or "default")
+        except (OSError, ValueError):  # missing, or written by another dyngate (RuntimeSpecVersionError)
             pass
     try:
         instances = sum(group.count or 1 for group in read_config(entry.folder).instance_group) or 1
@@ -118,17 +108,17 @@ def model_rows(repository: Path, clients: ClientPool) -> list[list]:
             state, version, reason = "Triton unreachable", "", ""
         else:
             state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
-        rows.append([entry.name, entry.model, entry.variant, meta.get("technique", entry.variant),
-                     meta.get("size_mb"), _dev_metric(meta), (meta.get("latency_in_process") or {}).get("p50_ms"),
-                     serving_shape(entry), state, version, reason])
+        rows.append([entry.name, entry.model, entry.variant, meta.technique if meta else entry.variant,
+                     meta.size_mb if meta else None, _dev_metric(meta),
+                     meta.latency_in_process.p50_ms if meta else None, serving_shape(entry), state, version, reason])
     return rows
 
 
 def native_rows(repository: Path) -> list[list]:
     """One row per native flavour (NATIVE_HEADERS): the variant for NVIDIA's tritonserver container (platform
     onnxruntime_onnx / pytorch_libtorch), which the embedded server (python backend only) cannot load."""
-    return [[entry.name, entry.model, entry.variant, entry.backend, entry.metadata.get("size_mb"),
-             _dev_metric(entry.metadata), NATIVE_NOTE]
+    return [[entry.name, entry.model, entry.variant, entry.backend,
+             entry.metadata.size_mb if entry.metadata else None, _dev_metric(entry.metadata), NATIVE_NOTE]
             for entry in list_models(Path(repository)) if entry.native]
 
 
@@ -141,23 +131,8 @@ def control(clients: ClientPool, repository: Path, name: str | None, action: str
         raise InputError(f"{name!r} is not in the repository; its models are: {', '.join(known)}")
     if action not in ("load", "unload"):
         raise InputError(f"action={action!r}: choose load or unload")
-    client = TritonClient(clients.url, clients.protocol, timeout_s=CONTROL_TIMEOUT_S)
-    try:
-        method = getattr(client._client, f"{action}_model")
-        if client.protocol == "grpc":
-            method(name, client_timeout=CONTROL_TIMEOUT_S)
-        else:
-            method(name)
-    except Exception as e:
-        from dyngate_serving.client import _message, _unreachable
-
-        if _unreachable(e):
-            raise ServingError(f"Triton at {clients.url} is not reachable: {_message(e)}") from e
-        from dyngate_serving.triton_server import short_reason
-
-        raise ServingError(f"Triton could not {action} {name}: {short_reason(_message(e))}") from e
-    finally:
-        client.close()
+    with TritonClient(clients.url, clients.protocol, timeout_s=CONTROL_TIMEOUT_S) as client:
+        getattr(client, action)(name, timeout_s=CONTROL_TIMEOUT_S)  # over gRPC: inference is not stalled
     # Triton answers an unload before the model's instances have stopped: wait until the index agrees
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:

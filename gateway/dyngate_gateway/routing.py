@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dyngate_build import runtime
-from dyngate_build.errors import ConfigError, InputError, ServingError
+from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
@@ -81,17 +81,18 @@ def confidence(answer: dict) -> float:
 
 
 def _accuracy(view: ModelView, variant: str) -> float | None:
-    value = (view.variants[variant].metadata.get("accuracy") or {}).get("value")
-    return None if value is None else float(value)
+    meta = view.variants[variant].metadata
+    return None if meta is None else float(meta.accuracy.value)
 
 
 def _build_p50(view: ModelView, variant: str) -> float | None:
-    value = (view.variants[variant].metadata.get("latency_in_process") or {}).get("p50_ms")
-    return None if value is None else float(value)
+    meta = view.variants[variant].metadata
+    return None if meta is None else float(meta.latency_in_process.p50_ms)
 
 
 def _size(view: ModelView, variant: str) -> float:
-    return float(view.variants[variant].metadata.get("size_mb") or 0.0)
+    meta = view.variants[variant].metadata
+    return 0.0 if meta is None else float(meta.size_mb)
 
 
 class LiveLatency:
@@ -291,7 +292,7 @@ class Router:
             try:
                 step = self._call(view, chosen, data, params)
             except ServingError as e:
-                if "not reachable" in str(e) or not self._others_left(view, chosen):
+                if isinstance(e, TritonUnreachable) or not self._others_left(view, chosen):
                     raise
                 skipped.append(f"{chosen} failed ({e})")
                 continue  # _call marked it failed: the next choice leaves it out
@@ -374,7 +375,7 @@ class Router:
             try:
                 step = self._call(view, variant, data, params)
             except ServingError as e:
-                if "not reachable" in str(e) or i == len(order) - 1:
+                if isinstance(e, TritonUnreachable) or i == len(order) - 1:
                     raise
                 skipped.append(f"{variant} failed ({e})")
                 continue
@@ -401,7 +402,7 @@ class Router:
         try:
             result = client.predict(name, data, params)
         except ServingError as e:
-            if "not reachable" in str(e):
+            if isinstance(e, TritonUnreachable):
                 self.clients.reset()
             else:
                 with self._ready_lock:

@@ -1,6 +1,6 @@
 """`make bench`: every dyngate variant against the baselines a user would otherwise ship, in one interleaved run.
 
-    python -m dyngate_measure.benchmark --repository model_repository --requests 200 --repeats 3 --base --out reports
+    dyngate bench --repository model_repository --requests 200 --repeats 3 --base --out reports
 
 Rows of one table, all timed in the same loop (for each request, every row once, in a rotating order, so slow
 drift of the machine hits every row alike), on real dev inputs at natural length (SST-2 sentences for text):
@@ -35,7 +35,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import numpy as np
 
 from dyngate_build.errors import ConfigError
 from dyngate_build.evaluate import Latency, summarize_ms
-from dyngate_build.repository import directory_size, list_models, python_variants_by_model
+from dyngate_build.repository import directory_size, list_models, newest_version_dir, python_variants_by_model
 
 PATHS = ("in-process", "http", "grpc")
 BATCH_SIZES = (1, 8)
@@ -119,13 +118,6 @@ def variant_predictor(folder: str | Path, threads: int = 0):
     return Predictor(str(folder), engine=ENGINES[spec.engine](str(folder), spec))
 
 
-def newest_version(entry) -> Path:
-    versions = sorted((p for p in entry.folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    if not versions:
-        raise ConfigError(f"{entry.folder} has no numbered version folder; rebuild it with dyngate build")
-    return versions[-1]
-
-
 def _triton_call(client, name: str) -> Callable:
     """A call sending one request (a list of raw inputs) to Triton model `name` through `client`."""
     return lambda batch: client.predict_batch(name, batch)
@@ -160,7 +152,7 @@ def measure(entries, raws: list[bytes], endpoints: dict[str, str], warmup: int =
         for e in entries:
             for path in paths:
                 if path == "in-process":
-                    calls[(e.name, path)] = variant_predictor(newest_version(e)).predict
+                    calls[(e.name, path)] = variant_predictor(newest_version_dir(e.folder)).predict
                 else:
                     calls[(e.name, path)] = _triton_call(clients[path], e.name)
         answers: dict[tuple[str, str], list[dict]] = {key: [] for key in calls}
@@ -285,7 +277,7 @@ def quantize_dynamic_default(fp32: Path, out: Path) -> Path:
     """`onnxruntime.quantization.quantize_dynamic` with its default settings (what Optimum users ship)."""
     from onnxruntime.quantization import quantize_dynamic
 
-    from dyngate_build.techniques.quantization_common import quiet_ort_quantization
+    from dyngate_build.techniques.quantization.core import quiet_ort_quantization
 
     with quiet_ort_quantization():
         quantize_dynamic(str(fp32), str(out))
@@ -393,19 +385,19 @@ def preset_section(model: str, group: list, source_data, options: BenchOptions, 
 
     group = sorted(group, key=lambda e: (e.variant != "fp32", e.variant))
     meta = group[0].metadata
-    task = meta["source"]["task"]
-    source = load_source(meta["source"]["checkpoint"], options.cache_dir)
+    task = meta.source.task
+    source = load_source(meta.source.checkpoint, options.cache_dir)
     fp32_entry = next((e for e in group if e.variant == "fp32"), None)
-    folder = newest_version(fp32_entry or group[0])
+    folder = newest_version_dir((fp32_entry or group[0]).folder)
     if fp32_entry is not None:
         fp32_onnx = folder / "model.onnx"
     else:
         fp32_onnx = export_onnx(source.model, source.family, work_dir / "fp32.onnx")
     baselines = baseline_predictors(source.model, source.family.onnx_inputs, fp32_onnx, folder, work_dir,
                                     options.threads)
-    n_eval = meta["accuracy"]["n"]
+    n_eval = meta.accuracy.n
     examples, _ = load_examples(task, "dev", source_data, limit=n_eval)
-    metric = meta["accuracy"]["name"]
+    metric = meta.accuracy.name
     candidates = []
     for name, (predictor, size, notes) in baselines.items():
         candidates.append(Candidate(BASELINE_LABELS[name], "baseline", "in-process", predictor.predict,
@@ -415,10 +407,10 @@ def preset_section(model: str, group: list, source_data, options: BenchOptions, 
     clients = {p: TritonClient(endpoints[p], p) for p in options.paths if p != "in-process"}
     try:
         for entry in group:
-            version = newest_version(entry)
+            version = newest_version_dir(entry.folder)
             spec = json.loads((version / "runtime.json").read_text())
             size = directory_size(version / spec["artifact"])
-            acc = entry.metadata["accuracy"]["value"]
+            acc = entry.metadata.accuracy.value
             for path in options.paths:
                 if path == "in-process":
                     call = variant_predictor(version, options.threads).predict
@@ -441,7 +433,7 @@ def preset_section(model: str, group: list, source_data, options: BenchOptions, 
     finally:
         for client in clients.values():
             client.close()
-    reference = meta.get("reference_accuracy", {}).get("value")
+    reference = meta.reference_accuracy.value
     return {"title": f"{model} (trained preset, {task}, dev inputs at natural length)",
             "model": model, "kind": "preset", "task": task, "metric": metric, "metric_n": n_eval,
             "reference_accuracy": reference, "architecture": _architecture(source.model),
@@ -463,7 +455,7 @@ def _preset_exit_layer(repository: Path | None, layers: int) -> tuple[int, str]:
     `layers` layers (rounded, within 1..layers-1); half the depth when no early-exit variant is built."""
     if repository is not None and repository.is_dir():
         for entry in list_models(repository):
-            report = entry.metadata.get("technique_report") or {}
+            report = entry.metadata.technique_report if entry.metadata else {}
             at = report.get("at_default")
             if entry.variant == "early-exit" and isinstance(at, dict) and report.get("layers"):
                 fraction = at["mean_layers"] / report["layers"]
@@ -480,8 +472,8 @@ def _tokenizer_checkpoint(options: BenchOptions) -> str:
         return options.tokenizer
     if options.repository is not None and options.repository.is_dir():
         for entry in list_models(options.repository):
-            if entry.metadata.get("source", {}).get("model_type") == "distilbert":
-                return entry.metadata["source"]["checkpoint"]
+            if entry.metadata and entry.metadata.source.model_type == "distilbert":
+                return entry.metadata.source.checkpoint
     from dyngate_build.presets import ensure_preset
 
     return str(ensure_preset("distilbert-tiny", options.cache_dir))
@@ -518,19 +510,13 @@ def base_source(options: BenchOptions):
 
 
 def _row_folder(context, name: str, engine: str, artifact: Path, artifact_name: str | None, overrides: dict,
-                threads: int) -> Path:
-    """A servable folder (runtime.json, tokenizer.json, graph) for one base-section row."""
-    from dyngate_build.pipeline import ARTIFACT_NAMES, runtime_spec
+                threads: int) -> tuple[Path, str]:
+    """A servable folder (runtime.json, tokenizer.json, graph) for one base-section row, and its graph's name."""
+    from dyngate_build.variant_folder import artifact_name_for, write_variant_folder
 
-    folder = context.work_dir / "rows" / name
-    folder.mkdir(parents=True)
-    shutil.copyfile(Path(context.reference.folder) / "tokenizer.json", folder / "tokenizer.json")
-    artifact_name = artifact_name or ARTIFACT_NAMES[engine]
-    if artifact.is_dir():
-        shutil.copytree(artifact, folder / artifact_name)
-    else:
-        shutil.copyfile(artifact, folder / artifact_name)
-    runtime_spec(context.source, engine, threads, overrides, artifact_name).save(str(folder))
+    artifact_name = artifact_name_for(engine, artifact_name)
+    folder = write_variant_folder(context.work_dir / "rows" / name, context.source, engine, artifact,
+                                  artifact_name=artifact_name, runtime=overrides, threads=threads)
     return folder, artifact_name
 
 
@@ -538,8 +524,9 @@ def base_section(options: BenchOptions, source_data, work_dir: Path, log=print) 
     """DistilBERT-base architecture, in process: baselines, the training-free techniques and early exit at a
     fixed layer, interleaved; latency only (random weights make accuracy meaningless)."""
     from dyngate_build.data import load_examples
-    from dyngate_build.early_exit import export_onnx_segments, segment_model
-    from dyngate_build.pipeline import reference_predictor
+    from dyngate_build.techniques.early_exit.onnx_export import export_onnx_segments
+    from dyngate_build.techniques.early_exit.segments import segment_model
+    from dyngate_build.variant_folder import reference_predictor
     from dyngate_build.techniques import BuildContext, get_technique, make_config
 
     started = time.perf_counter()
@@ -620,7 +607,7 @@ def run_bench(options: BenchOptions, log=print) -> dict:
     import torch
 
     from dyngate_build.data import DataSource
-    from dyngate_measure.report import library_versions, machine_info, server_version
+    from dyngate_measure.machine import library_versions, machine_info, server_version
 
     torch.set_num_threads(options.threads)
     source_data = DataSource.from_setting(options.data)
@@ -638,7 +625,8 @@ def run_bench(options: BenchOptions, log=print) -> dict:
             groups = python_variants_by_model(options.repository, options.models)
             triton_paths = [p for p in options.paths if p != "in-process"]
             if triton_paths:
-                from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+                from dyngate_serving.launcher import TritonServer, TritonServerConfig
+                from dyngate_serving.net import free_ports
 
                 http, grpc, metrics = free_ports(3)
                 config = TritonServerConfig(repository=options.repository, http_port=http, grpc_port=grpc,
@@ -754,8 +742,8 @@ def write_bench(result: dict, out: Path, stem: str = "bench", title: str = "dyng
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dyngate bench` (and `python -m dyngate_measure.benchmark`)."""
     parser.add_argument("--repository", default=os.environ.get("DYNGATE_REPOSITORY", "model_repository"))
     parser.add_argument("--no-repository", action="store_true", help="only the --base section")
     parser.add_argument("--model", action="append", help="model name(s) in the repository (default: all)")
@@ -776,16 +764,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.environ.get("DYNGATE_CACHE", ".cache"))
     parser.add_argument("--out", default="reports", help="folder for bench.md and bench.json")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def options_from_args(args) -> BenchOptions:
+    """BenchOptions from parsed `add_arguments` options; ConfigError for a bad value."""
+    return BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
+                        models=args.model, requests=args.requests, repeats=args.repeats, warmup=args.warmup,
+                        batch_sizes=tuple(args.batch_sizes), threads=args.threads,
+                        paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
+                        base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
+                        base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
+                        progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        options = BenchOptions(repository=None if args.no_repository else Path(args.repository), out=Path(args.out),
-                               models=args.model, requests=args.requests, repeats=args.repeats, warmup=args.warmup,
-                               batch_sizes=tuple(args.batch_sizes), threads=args.threads,
-                               paths=tuple(p.strip() for p in args.paths.split(",") if p.strip()), data=args.data,
-                               base=args.base, base_requests=args.base_requests, base_exit_layer=args.base_exit_layer,
-                               base_checkpoint=args.base_checkpoint, cache_dir=Path(args.cache_dir),
-                               progress=not args.no_progress)
-        result = run_bench(options)
+        result = run_bench(options_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

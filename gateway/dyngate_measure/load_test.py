@@ -1,6 +1,6 @@
 """Load test: N concurrent clients for T seconds against Triton (asyncio gRPC) and the gateway's JSON route.
 
-    python -m dyngate_measure.load_test --triton 127.0.0.1:8001 --gateway http://127.0.0.1:7860 \
+    dyngate load --triton 127.0.0.1:8001 --gateway http://127.0.0.1:7860 \
         --model distilbert-tiny --variant fp32 --clients 100 --duration 60 --out reports      # or: make load
 
 Each target gets its own run: `clients` asyncio tasks, each its own client (a `tritonclient.grpc.aio` channel for
@@ -329,8 +329,8 @@ def write_report(runs: list[LoadRun], out: Path, name: str = "load", command: st
     return json_path, md_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dyngate_measure.load_test", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dyngate load`."""
     parser.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address (loopback)")
     parser.add_argument("--gateway", default=None, help="gateway url, e.g. http://127.0.0.1:7860 (loopback)")
     parser.add_argument("--targets", default=None, help="comma-separated: triton,gateway (default: triton, plus "
@@ -345,20 +345,31 @@ def main(argv: list[str] | None = None) -> int:
                                                      "../shared/data)")
     parser.add_argument("--out", default="reports")
     parser.add_argument("--name", default="load", help="report file name without extension")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args, command: str) -> int:
+    """Run the load test the parsed options describe, print and write its report; exit status 1 when any
+    request failed. Raises ConfigError/InputError/ServingError. `command`: the command line, for the report."""
     targets = tuple(t.strip() for t in (args.targets or ("triton,gateway" if args.gateway else "triton")).split(",")
                     if t.strip())
-    command = "python -m dyngate_measure.load_test " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
-                        args.max_requests, args.timeout, args.data)
-    except (ConfigError, InputError, ServingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
+                    args.max_requests, args.timeout, args.data)
     json_path, md_path = write_report(runs, Path(args.out), args.name, command)
     print(markdown(runs, command))
     print(f"written: {json_path}, {md_path}", file=sys.stderr)
     return 1 if any(r.errors for r in runs) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dyngate_measure.load_test", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    command = "python -m dyngate_measure.load_test " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        return run_from_args(args, command)
+    except (ConfigError, InputError, ServingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

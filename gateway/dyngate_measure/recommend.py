@@ -143,29 +143,28 @@ def this_machine() -> dict:
 
 
 def build_candidates(entries: list, machine: dict | None = None) -> list[Candidate]:
-    """Candidates from the build's own numbers in each entry's metadata.json: dev metric, in-process p50 at
-    batch 1, size. A variant whose numbers were measured on another machine (its recorded cpu/cores differ
-    from `machine`, default: this one) is unusable: its p50 says nothing about this machine."""
+    """Candidates from the build's own numbers in each entry's metadata.json (VariantMetadata): dev metric,
+    in-process p50 at batch 1, size. A variant whose numbers were measured on another machine (its recorded
+    cpu/cores differ from `machine`, default: this one) is unusable: its p50 says nothing about this machine;
+    one without metadata has no numbers."""
     machine = machine or this_machine()
     candidates = []
     for entry in entries:
         meta = entry.metadata
-        accuracy = meta.get("accuracy") or {}
-        latency = meta.get("latency_in_process") or {}
-        measured_on = meta.get("machine") or {}
+        if meta is None:
+            candidates.append(Candidate(entry.variant, None, None, unusable="no metadata.json: rebuild it"))
+            continue
         unusable = None
-        if measured_on and (measured_on.get("cpu"), measured_on.get("cores")) != (machine["cpu"], machine["cores"]):
-            unusable = (f"measured on another machine ({measured_on.get('cpu')}, {measured_on.get('cores')} "
-                        f"cores); rebuild it here")
-        candidates.append(Candidate(variant=entry.variant, metric=accuracy.get("value"),
-                                    p50_ms=latency.get("p50_ms"), size_mb=meta.get("size_mb"), unusable=unusable))
+        if meta.machine is not None and (meta.machine.cpu, meta.machine.cores) != (machine["cpu"], machine["cores"]):
+            unusable = f"measured on another machine ({meta.machine.cpu}, {meta.machine.cores} cores); rebuild it here"
+        candidates.append(Candidate(variant=entry.variant, metric=meta.accuracy.value,
+                                    p50_ms=meta.latency_in_process.p50_ms, size_mb=meta.size_mb, unusable=unusable))
     return candidates
 
 
 def metric_name(entries: list) -> str:
     """The dev metric's name of a model's variants ("accuracy", "entity_f1")."""
-    return next(((e.metadata.get("accuracy") or {}).get("name") for e in entries
-                 if (e.metadata.get("accuracy") or {}).get("name")), "accuracy")
+    return next((e.metadata.accuracy.name for e in entries if e.metadata is not None), "accuracy")
 
 
 def recommend_from_repository(repository: Path, model: str, budget_pt: float) -> Recommendation:

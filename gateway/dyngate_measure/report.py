@@ -27,92 +27,20 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass
-from importlib import metadata as _metadata
 from pathlib import Path
 
 import numpy as np
 
 from dyngate_build.errors import ConfigError, ServingError
 from dyngate_build.repository import RepositoryEntry, directory_size, python_variants_by_model
+from dyngate_measure.machine import ResourceSampler, library_versions, machine_info, server_version
 from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 
 BATCH_SIZES = (1, 8)
 PATH = "grpc"
-LIBRARIES = ("torch", "onnxruntime", "transformers", "tokenizers", "numpy", "tritonclient", "nvidia-pytriton",
-             "dyngate")
-NO_GPU = "no GPU"
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-# ------------------------------------------------------------------------------------------------- machine
-
-def _gpus() -> list[dict]:
-    """[{"index", "name", "memory_total_mb"}] of the NVIDIA GPUs pynvml sees; [] without a GPU or driver."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    gpus = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            gpus.append({"index": i, "name": name,
-                         "memory_total_mb": round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e6, 1)})
-    finally:
-        pynvml.nvmlShutdown()
-    return gpus
-
-
-def machine_info() -> dict:
-    """CPU model (from /proc/cpuinfo), physical cores, hardware threads, memory, GPUs, OS and Python."""
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpus = _gpus()
-    return {"cpu": cpu, "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
-            "threads": psutil.cpu_count(logical=True) or os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "gpu": ", ".join(g["name"] for g in gpus) if gpus else NO_GPU, "gpus": gpus,
-            "os": platform.platform(), "python": platform.python_version()}
-
-
-def library_versions(server_version: str | None = None) -> dict:
-    """Installed versions of the libraries the variants run on, and the tritonserver binary's own version."""
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = _metadata.version(name)
-        except _metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    if server_version:
-        versions["tritonserver"] = f"{server_version} (nvidia-pytriton {versions['nvidia-pytriton']} wheel)"
-    return versions
-
-
-def server_version(http_url: str) -> str | None:
-    """The running Triton's version from its server metadata (GET /v2)."""
-    try:
-        with _DIRECT.open(f"{http_url}/v2", timeout=5) as response:
-            return json.loads(response.read()).get("version")
-    except (OSError, ValueError):
-        return None
 
 
 def _find_seeds(value, prefix: str = "") -> dict:
@@ -135,113 +63,16 @@ def seeds(entries: list[RepositoryEntry]) -> dict:
     """Seeds behind the model's numbers: the preset's training seed (its preset.json, when the checkpoint has
     one) and any seed a technique recorded; the report itself draws nothing at random."""
     out = {}
-    checkpoint = entries[0].metadata.get("source", {}).get("checkpoint")
+    checkpoint = entries[0].metadata.source.checkpoint if entries[0].metadata else None
     preset = Path(checkpoint) / "preset.json" if checkpoint else None
     if preset is not None and preset.is_file():
         for key, value in _find_seeds(json.loads(preset.read_text())).items():
             out[f"checkpoint {key}"] = value
     for entry in entries:
-        for key, value in _find_seeds(entry.metadata.get("technique_report") or {}).items():
+        for key, value in _find_seeds(entry.metadata.technique_report if entry.metadata else {}).items():
             out[f"{entry.variant} {key}"] = value
     out["report inputs"] = "first dev examples in file order (no sampling)"
     return out
-
-
-# ------------------------------------------------------------------------------------------------ sampling
-
-class ResourceSampler:
-    """Samples a process tree (root `pid` and all its descendants) in a thread while in a `with` block.
-
-    cpu_percent: CPU seconds the tree used per wall second × 100 (100 = one core busy); peak_rss_mb: the
-    largest sum of resident memory over the tree; GPU utilisation (mean %) and memory (peak MB, all
-    processes on the device) through pynvml when a GPU exists."""
-
-    def __init__(self, pid: int, interval_s: float = 0.1):
-        import psutil
-
-        self._psutil = psutil
-        self.root = psutil.Process(pid)
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._cpu_seen: dict[int, float] = {}
-        self._cpu_used = 0.0
-        self._started = self._ended = 0.0
-        self.peak_rss = 0
-        self.samples = 0
-        self._gpu_util: list[float] = []
-        self._gpu_mem_peak = 0
-        self._nvml = None
-
-    def _tree(self):
-        try:
-            return [self.root] + self.root.children(recursive=True)
-        except self._psutil.Error:
-            return []
-
-    def _sample(self) -> None:
-        rss = 0
-        for proc in self._tree():
-            try:
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    cpu = times.user + times.system
-                    rss += proc.memory_info().rss
-            except self._psutil.Error:
-                continue
-            previous = self._cpu_seen.get(proc.pid)
-            if previous is not None:
-                self._cpu_used += max(0.0, cpu - previous)
-            self._cpu_seen[proc.pid] = cpu
-        self.peak_rss = max(self.peak_rss, rss)
-        self.samples += 1
-        if self._nvml is not None:
-            pynvml, handles = self._nvml
-            try:
-                self._gpu_util.append(sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles) / len(handles))
-                self._gpu_mem_peak = max(self._gpu_mem_peak, sum(pynvml.nvmlDeviceGetMemoryInfo(h).used
-                                                                 for h in handles))
-            except Exception:
-                pass
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> "ResourceSampler":
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            self._nvml = (pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]) if count else None
-        except Exception:
-            self._nvml = None
-        self._started = time.perf_counter()
-        self._sample()
-        self._thread = threading.Thread(target=self._run, name="dyngate-report-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-        self._ended = time.perf_counter()
-        if self._nvml is not None:
-            try:
-                self._nvml[0].nvmlShutdown()
-            except Exception:
-                pass
-
-    def result(self) -> dict:
-        wall = max(self._ended - self._started, 1e-9)
-        gpu = NO_GPU if self._nvml is None else {
-            "util_percent": round(float(np.mean(self._gpu_util)), 1) if self._gpu_util else None,
-            "memory_peak_mb": round(self._gpu_mem_peak / 1e6, 1)}
-        return {"cpu_percent": round(100 * self._cpu_used / wall, 1), "peak_rss_mb": round(self.peak_rss / 1e6, 1),
-                "seconds": round(wall, 2), "samples": self.samples, "gpu": gpu}
 
 
 # ------------------------------------------------------------------------------------------------- numbers
@@ -272,7 +103,7 @@ def _change_pct(value, base):
 
 def early_exit_build(entry: RepositoryEntry) -> dict | None:
     """{"mean_layers", "layers", "threshold"} at the default threshold, from the technique report, or None."""
-    report = entry.metadata.get("technique_report") or {}
+    report = entry.metadata.technique_report if entry.metadata else {}
     at = report.get("at_default")
     if not isinstance(at, dict) or "mean_layers" not in at:
         return None
@@ -369,11 +200,11 @@ def _measure_variant(server, entry: RepositoryEntry, raws: list[bytes], options:
         early_exit = {"mean_layers_build": build_exit["mean_layers"] if build_exit else None,
                       "mean_layers_run": round(float(np.mean(layers)), 4) if layers else None,
                       "layers": (build_exit or {}).get("layers"), "threshold": (build_exit or {}).get("threshold")}
-    return {"variant": entry.variant, "triton_name": entry.name, "technique": meta.get("technique"),
-            "engine": meta.get("engine"), "metric": meta["accuracy"]["name"], "accuracy": meta["accuracy"]["value"],
-            "accuracy_n": meta["accuracy"]["n"], "reference_accuracy": meta["reference_accuracy"]["value"],
-            "size_bytes": size, "size_mb": round(size / 1e6, 3), "metadata_size_bytes": meta.get("size_bytes"),
-            "num_parameters": meta.get("num_parameters"), "latency": latency, "resources": resources,
+    return {"variant": entry.variant, "triton_name": entry.name, "technique": meta.technique,
+            "engine": meta.engine, "metric": meta.accuracy.name, "accuracy": meta.accuracy.value,
+            "accuracy_n": meta.accuracy.n, "reference_accuracy": meta.reference_accuracy.value,
+            "size_bytes": size, "size_mb": round(size / 1e6, 3), "metadata_size_bytes": meta.size_bytes,
+            "num_parameters": meta.num_parameters, "latency": latency, "resources": resources,
             "early_exit": early_exit}
 
 
@@ -399,7 +230,8 @@ def run_report(options: ReportOptions, log=print) -> dict:
     """Measure every chosen model's variants through an embedded Triton; returns the report as a dict and
     writes report.md, report.json and the PNG charts into options.out."""
     from dyngate_build.data import DataSource
-    from dyngate_serving.triton_server import TritonServer, TritonServerConfig, free_ports
+    from dyngate_serving.launcher import TritonServer, TritonServerConfig
+    from dyngate_serving.net import free_ports
 
     groups = _entries(options)
     source = DataSource.from_setting(options.data)
@@ -422,7 +254,7 @@ def run_report(options: ReportOptions, log=print) -> dict:
         with TritonServer(config) as server:
             report["versions"] = library_versions(server_version(server.endpoints["http"]))
             for model, group in groups.items():
-                task = group[0].metadata["source"]["task"]
+                task = group[0].metadata.source.task
                 raws = _inputs(task, source, options.requests * max(BATCH_SIZES))
                 rows = []
                 for entry in group:

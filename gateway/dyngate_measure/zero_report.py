@@ -1,6 +1,6 @@
 """ZeRO report: per-rank memory of parameters, gradients and optimizer state at ZeRO stages 0-3, measured.
 
-    python -m dyngate_measure.zero_report [--stages 0,1,2,3] [--steps 24] [--cache-dir .cache] [--data folder]
+    dyngate zero-report [--stages 0,1,2,3] [--steps 24] [--cache-dir .cache] [--data folder]
     make zero-report
 
 The report process trains the `distilbert-tiny` preset (or a checkpoint folder given with --model) once per
@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dyngate_build.errors import ConfigError
+from dyngate_serving.net import free_port
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "fp32_master")
 GRADIENT_BUFFERS = ("averaged_gradients", "all_grad_tensors", "grads_in_partition", "ipg_buffer",
@@ -225,12 +226,6 @@ def run_rank(stage: int, model: str, steps: int, micro_batch_size: int, out_dir:
 
 # ---------------------------------------------------------------------------------------------- launcher
 
-def _free_port() -> int:
-    from dyngate_build.training import _free_port as free
-
-    return free()
-
-
 def run_stage(stage: int, model: str, steps: int = 24, micro_batch_size: int = 16, ranks: int = 2,
               data: str | None = None, timeout: float = 300.0, log=print) -> list[RankMemory]:
     """Launch `torchrun --nproc_per_node ranks` for one stage; the rows of every rank, rank order."""
@@ -238,7 +233,7 @@ def run_stage(stage: int, model: str, steps: int = 24, micro_batch_size: int = 1
         raise ConfigError(f"stage={stage!r} is not a ZeRO stage; choose from 0, 1, 2, 3")
     with tempfile.TemporaryDirectory(prefix=f"zero{stage}-") as tmp:
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                    "-m", "dyngate_measure.zero_report", "--worker", "--stage", str(stage), "--model", model,
                    "--steps", str(steps), "--micro-batch-size", str(micro_batch_size), "--out", tmp]
         if data:
@@ -304,8 +299,8 @@ def run_report(stages=(0, 1, 2, 3), model: str | None = None, cache_dir: str | P
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dyngate_measure.zero_report", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dyngate zero-report`."""
     parser.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages")
     parser.add_argument("--model", default=DEFAULT_PRESET,
                         help=f"{DEFAULT_PRESET} (preset), a checkpoint folder, or {TINY} (random, no data)")
@@ -315,24 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        run_rank(args.stage, args.model, args.steps, args.micro_batch_size, Path(args.out), args.data)
-        return 0
+
+
+def run_from_args(args) -> int:
+    """Measure the stages the parsed options name and print the table; ConfigError for a bad option."""
     try:
         stages = [int(s) for s in args.stages.split(",") if s.strip()]
     except ValueError:
-        print(f"--stages {args.stages!r} must be comma-separated integers from 0-3", file=sys.stderr)
-        return 2
-    try:
-        rows = run_report(stages, args.model, args.cache_dir, args.data, args.steps, args.micro_batch_size,
-                          args.ranks, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--stages {args.stages!r} must be comma-separated integers from 0-3") from None
+    rows = run_report(stages, args.model, args.cache_dir, args.data, args.steps, args.micro_batch_size,
+                      args.ranks, log=lambda m: print(m, file=sys.stderr, flush=True))
     params = rows[0].model_parameters if rows else 0
     title = (f"ZeRO per-rank memory, {args.model} ({params:,} parameters, fp32, AdamW), {args.ranks} ranks "
              f"(torchrun, gloo, CPU), {args.steps} steps x 2 micro-batches of {args.micro_batch_size}; "
@@ -341,6 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dyngate zero-report`'s options, plus the hidden `--worker` mode torchrun starts each rank in."""
+    parser = argparse.ArgumentParser(prog="python -m dyngate_measure.zero_report", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_rank(args.stage, args.model, args.steps, args.micro_batch_size, Path(args.out), args.data)
+        return 0
+    try:
+        return run_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,17 +1,24 @@
-"""A small Triton client for dyngate variants: raw text or image bytes in, the parsed JSON answer out.
+"""dyngate's one Triton client: inference on dyngate variants and Triton's repository API.
 
 Every dyngate variant takes one BYTES input (TEXT or IMAGE, shape [batch, 1]) and returns RESULT (BYTES, one
 JSON answer per item) and LOGITS (FP32). `TritonClient` wraps `tritonclient.http` or `tritonclient.grpc` and
 turns Triton's errors into dyngate's:
-- server unreachable -> ServingError("Triton at <url> is not reachable: ...")
+- server unreachable -> TritonUnreachable("Triton at <url> is not reachable: ...")
 - unknown or unloaded model -> ServingError naming the model and listing the ready ones
 - INVALID_ARG answered by the model (bad text, undecodable image, batch too large) -> InputError
+
+The repository API (`index`, `versions`, `ready_models`, `model_errors`, `statistics`) works over either
+protocol; model control (`load`, `unload`) only over gRPC: Triton 2.51's HTTP front end stalls HTTP inference
+on *other* models for 3.9-8.7 s while an HTTP load runs, a gRPC load stalls nothing (DESIGN.md).
+`model_control_client(address)` makes the client `dyngate reload`, `dyngate build --triton`, the Models tab
+and `dyngate serve` use for it.
 
 tritonclient clients are NOT thread-safe: create one `TritonClient` per thread (they are cheap).
 
     client = TritonClient("grpc://127.0.0.1:8001")
     answer = client.predict("distilbert-tiny__fp32", b"a fine film", {"exit_threshold": 0.9})
     answer.answer, answer.logits.shape, answer.latency_ms
+    client.load("distilbert-tiny__fp32"); client.ready_models()
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ from typing import Literal
 
 import numpy as np
 
-from dyngate_build.errors import ConfigError, InputError, ServingError
+from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
 
 PROTOCOLS = ("grpc", "http")
 _SCHEMES = {"grpc://": "grpc", "http://": "http"}
+CONTROL_TIMEOUT_S = 600.0  # a load answers once the model is READY or failed: a torch variant takes a while
 
 
 @dataclass
@@ -88,11 +96,49 @@ class TritonClient:
         except Exception:
             return False
 
-    def ready_models(self) -> list[str]:
-        """Names of the models that are loaded and ready."""
+    def server_metadata(self) -> dict:
+        """Triton's server metadata: {"name", "version", "extensions"}."""
+        return self._call(self._client.get_server_metadata, json=True)
+
+    # ---- repository API
+
+    def index(self) -> list[dict]:
+        """Triton's repository index: one {"name", "version", "state", "reason"} per model version it knows,
+        plus one bare {"name"} per model folder it never loaded."""
         index = self._call(self._client.get_model_repository_index, json=True)
-        models = index.get("models", []) if isinstance(index, dict) else index
-        return sorted({m["name"] for m in models if m.get("state") == "READY"})
+        return list(index.get("models", []) if isinstance(index, dict) else index or [])
+
+    def versions(self, name: str) -> dict[int, dict]:
+        """Version -> its index entry, for the versions of model `name` Triton knows."""
+        return {int(m["version"]): m for m in self.index()
+                if m.get("name") == name and str(m.get("version") or "").isdigit()}
+
+    def ready_models(self) -> list[str]:
+        """Names of the models that are loaded and ready, sorted."""
+        return sorted({m["name"] for m in self.index() if m.get("state") == "READY"})
+
+    def model_errors(self) -> dict[str, str]:
+        """Model -> Triton's reason, for the models Triton tried to load and could not."""
+        return {m["name"]: m.get("reason") or m.get("state") for m in self.index()
+                if m.get("state") == "UNAVAILABLE" and m.get("reason") and m["reason"] != "unloaded"}
+
+    def statistics(self, model: str) -> dict:
+        """Triton's cumulative inference statistics of `model` ({"model_stats": [...]}, Triton's JSON)."""
+        if self.protocol == "grpc":
+            return self._call(lambda **kw: self._client.get_inference_statistics(model, **kw), json=True)
+        return self._call(lambda **kw: self._client.get_inference_statistics(model, **kw))
+
+    def load(self, name: str, timeout_s: float = CONTROL_TIMEOUT_S) -> None:
+        """Load (or reload: newest version in, old one out once the new one is READY) one model over gRPC.
+
+        Raises TritonUnreachable, ConfigError on an HTTP client (see the module docstring), or ServingError
+        with Triton's reason (without its traceback) when the model does not load; Triton then keeps serving
+        the versions it had."""
+        self._control("load", name, timeout_s)
+
+    def unload(self, name: str, timeout_s: float = CONTROL_TIMEOUT_S) -> None:
+        """Unload one model over gRPC (Triton answers before its instances have stopped); errors as `load`."""
+        self._control("unload", name, timeout_s)
 
     def model_input_name(self, model: str) -> str:
         """The model's input tensor name (TEXT or IMAGE), from its metadata; cached per model."""
@@ -154,8 +200,26 @@ class TritonClient:
 
     # ---- helpers
 
+    def _control(self, action: str, name: str, timeout_s: float) -> None:
+        if self.protocol != "grpc":
+            raise ConfigError(f"{action} of {name!r} through Triton's HTTP endpoint {self.url}: model control goes "
+                              "over gRPC (an HTTP load stalls HTTP inference on other models for seconds); give "
+                              "Triton's gRPC address, e.g. 127.0.0.1:8001")
+        method = getattr(self._client, f"{action}_model")
+        try:
+            method(name, client_timeout=timeout_s)
+        except Exception as e:
+            if _unreachable(e):
+                raise self._unreachable_error(e) from e
+            raise ServingError(f"Triton at {self.url} could not {action} {name!r}: {short_reason(_message(e))}") \
+                from e
+
+    def _unreachable_error(self, e: Exception) -> TritonUnreachable:
+        return TritonUnreachable(f"Triton at {self.url} is not reachable: {_message(e)}")
+
     def _call(self, method, *, json: bool = False):
-        """Call one tritonclient method with our timeout; ServingError when the server cannot be reached."""
+        """Call one tritonclient method with our timeout; TritonUnreachable when the server cannot be reached,
+        ServingError when it answers with an error."""
         kwargs = {}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
@@ -165,7 +229,7 @@ class TritonClient:
             return method(**kwargs)
         except Exception as e:
             if _unreachable(e):
-                raise ServingError(f"Triton at {self.url} is not reachable: {_message(e)}") from e
+                raise self._unreachable_error(e) from e
             raise ServingError(f"Triton at {self.url} answered with an error: {_message(e)}") from e
 
     def _signature(self, model: str) -> _Signature:
@@ -192,27 +256,52 @@ class TritonClient:
 
     def _model_error(self, model: str, e: Exception) -> ServingError:
         if _unreachable(e):
-            return ServingError(f"Triton at {self.url} is not reachable: {_message(e)}")
+            return self._unreachable_error(e)
         try:
-            ready = self.ready_models()
+            return self._not_ready(model) or ServingError(f"Triton at {self.url} failed on model {model!r}: "
+                                                          f"{_message(e)}")
         except ServingError as inner:
             return inner
-        if model not in ready:
-            return ServingError(f"model {model!r} is not ready on Triton at {self.url}; ready models: "
-                                f"{', '.join(ready) or 'none'}")
-        return ServingError(f"Triton at {self.url} failed on model {model!r}: {_message(e)}")
+
+    def _not_ready(self, model: str) -> ServingError | None:
+        """The error for a model Triton does not have READY, or None when it is READY."""
+        ready = self.ready_models()
+        if model in ready:
+            return None
+        return ServingError(f"model {model!r} is not ready on Triton at {self.url}; ready models: "
+                            f"{', '.join(ready) or 'none'}")
 
     def _infer_error(self, model: str, e: Exception) -> Exception:
         if _unreachable(e):
-            return ServingError(f"Triton at {self.url} is not reachable: {_message(e)}")
+            return self._unreachable_error(e)
         status = str(getattr(e, "status", lambda: "")() or "")
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
             self._signatures.pop(model, None)  # a reloaded model may have changed; look again next time
-            error = self._model_error(model, e)
-            if "is not ready" in str(error):
-                return error
-            return InputError(f"{model}: {_message(e)}")
+            try:
+                not_ready = self._not_ready(model)
+            except ServingError:
+                not_ready = None
+            return not_ready or InputError(f"{model}: {_message(e)}")
         return self._model_error(model, e)
+
+
+def model_control_client(address: str, timeout_s: float = 30) -> TritonClient:
+    """The client that loads and unloads models: Triton's gRPC address "host:port" or "grpc://host:port".
+
+    Raises ConfigError for an http:// URL, saying to give the gRPC address instead (an HTTP load stalls HTTP
+    inference on other models for seconds in Triton 2.51; the HTTP port is not mapped to the gRPC one because
+    a server may use any ports)."""
+    if address.startswith("http://") or address.startswith("https://"):
+        raise ConfigError(f"--triton {address!r} is Triton's HTTP endpoint; model control goes over gRPC (an HTTP "
+                          "load stalls HTTP inference on other models for seconds): give Triton's gRPC address, "
+                          "e.g. --triton 127.0.0.1:8001 (`dyngate serve` prints it as grpc://...)")
+    return TritonClient(address, protocol="grpc", timeout_s=timeout_s)
+
+
+def short_reason(reason: str, limit: int = 400) -> str:
+    """Triton's load-failure reason without the python traceback it appends ("\n\nAt:\n  ..."), one line."""
+    text = str(reason or "").split("\n\nAt:")[0].strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _grpc_channel_args(module, address: str) -> list[tuple] | None:

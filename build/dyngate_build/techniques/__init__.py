@@ -3,7 +3,9 @@
     @register("int8-dynamic", Int8DynamicConfig)
     def apply(context: BuildContext, config: Int8DynamicConfig) -> Variant: ...
 
-`dyngate build --techniques fp32,torchscript,...` looks names up here; an unknown name raises ConfigError
+A technique with mechanics of its own is a subpackage (`early_exit/`, `pruning/`, `quantization/`): the
+config + apply module beside its core, as torchao does. `dyngate build --techniques fp32,torchscript,...`
+looks names up here; an unknown name raises ConfigError
 listing the known ones. Configs are validated in `__post_init__` before any work starts.
 """
 
@@ -18,8 +20,9 @@ from typing import Any, Callable
 from dyngate_build.errors import ConfigError
 
 # Modules that register techniques; imported on first lookup so `import dyngate_build` stays light.
-TECHNIQUE_MODULES = ("fp32", "torchscript", "fp16", "int8_dynamic", "int8_static", "smoothquant", "zeroquant", "xtc",
-                     "early_exit", "pruned", "sparse", "stacked")
+TECHNIQUE_MODULES = ("fp32", "torchscript", "quantization.fp16", "quantization.int8_dynamic",
+                     "quantization.int8_static", "quantization.smoothquant", "quantization.zeroquant",
+                     "quantization.xtc", "early_exit.api", "pruning.pruned", "pruning.sparse", "stacked")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class BuildContext:
     calibration: list = field(default_factory=list)
     reference: Any = None
     dev: list = field(default_factory=list)
-    _cache: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
 
     def feeds(self, raws: list[bytes], batch_size: int = 32) -> list[dict]:
         """Graph inputs for `raws`, preprocessed exactly as served, in batches of `batch_size`.
@@ -113,12 +116,12 @@ class BuildContext:
 
     def fp32_onnx(self) -> Path:
         """The FP32 ONNX export of the source model, made once per build."""
-        if "fp32_onnx" not in self._cache:
+        if "fp32_onnx" not in self.cache:
             from dyngate_build.export import export_onnx
 
-            self._cache["fp32_onnx"] = export_onnx(
+            self.cache["fp32_onnx"] = export_onnx(
                 self.source.model, self.source.family, self.work_dir / "fp32.onnx")
-        return self._cache["fp32_onnx"]
+        return self.cache["fp32_onnx"]
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,15 @@ def get_technique(name: str) -> Technique:
 
 
 def make_config(name: str, options: dict | None = None):
-    """Build the checked config of technique `name` from `options` (unknown keys raise ConfigError)."""
+    """Build the checked config of technique `name` from `options` (unknown keys raise ConfigError).
+
+    A config class with a `from_options(**options)` classmethod (a config composed of other configs, such as
+    `stacked`) maps the flat option keys itself.
+    """
     technique = get_technique(name)
     options = dict(options or {})
+    if hasattr(technique.config_class, "from_options"):
+        return technique.config_class.from_options(**options)
     fields = {f.name for f in dataclasses.fields(technique.config_class)}
     unknown = sorted(set(options) - fields)
     if unknown:

@@ -1,9 +1,9 @@
 """`stacked`: structured pruning + early exit + INT8 dynamic quantization, one ONNX graph per segment.
 
-1. Structured pruning with KD recovery: the `pruned` technique's model (build/dyngate_build/pruning.py, cached per build,
+1. Structured pruning with KD recovery: the `pruned` technique's model (techniques/pruning/, cached per build,
    so a build with both `pruned` and `stacked` at the same settings prunes and recovers once).
 2. Early exit on the pruned backbone: the model is cut into segments (embeddings, one per layer, ramps,
-   head; build/dyngate_build/early_exit.py) and fresh off-ramps are trained on it with the backbone frozen.
+   head; techniques/early_exit/) and fresh off-ramps are trained on it with the backbone frozen.
 3. INT8: each exported ONNX segment goes through `int8_dynamic.quantize_dynamic_int8` (ONNX Runtime
    `quantize_dynamic`: MatMul -> MatMulInteger, embedding Gather stored INT8).
 
@@ -17,78 +17,101 @@ so its tolerance is loose (like `pruned`): compare accuracy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dyngate_build.errors import ConfigError
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.early_exit import DEFAULT_GRID, EarlyExitConfig, _build, _trained
-from dyngate_build.techniques.pruned import PrunedConfig, pruned_model
+from dyngate_build.techniques.early_exit import api as early_exit
+from dyngate_build.techniques.early_exit.api import EarlyExitConfig, build_variant, trained_ramps
+from dyngate_build.techniques.pruning import pruned
+from dyngate_build.techniques.pruning.pruned import PrunedConfig, pruned_model
+from dyngate_build.techniques.quantization.int8_dynamic import Int8DynamicConfig
 
 # A pruned (40%) and INT8 model is not the FP32 model: top-1 agreement at never-exit measured 0.9+ on the
 # distilbert-tiny preset; 0.8 leaves room for other data, logits may move by a few units.
 TOLERANCE = Tolerance(max_abs_logit=1e3, min_top1_agreement=0.8)
 
+# `--option stacked.KEY=VALUE` key -> (stage, that stage's config field). Keys named like the stage's own field
+# map to it; the two learning rates and the ramp epochs are renamed so pruning and early exit stay apart.
+OPTION_KEYS = {
+    "ratio": ("pruning", "ratio"), "head_ratio": ("pruning", "head_ratio"), "ffn_ratio": ("pruning", "ffn_ratio"),
+    "recovery_epochs": ("pruning", "recovery_epochs"), "prune_learning_rate": ("pruning", "learning_rate"),
+    "temperature": ("pruning", "temperature"), "recovery_examples": ("pruning", "recovery_examples"),
+    "exit_layers": ("early_exit", "exit_layers"), "criterion": ("early_exit", "criterion"),
+    "threshold": ("early_exit", "threshold"), "grid": ("early_exit", "grid"),
+    "max_accuracy_drop": ("early_exit", "max_accuracy_drop"), "tuning_examples": ("early_exit", "tuning_examples"),
+    "ramp_epochs": ("early_exit", "epochs"), "ramp_learning_rate": ("early_exit", "learning_rate"),
+    "latency_samples": ("early_exit", "latency_samples"),
+    "per_channel": ("int8", "per_channel"), "weight_type": ("int8", "weight_type"),
+}
+# Keys both fine-tunings (pruning recovery and ramp training) take.
+SHARED_KEYS = ("zero_stage", "precision", "micro_batch_size")
+
+
+def _default_pruning() -> PrunedConfig:
+    return PrunedConfig()
+
+
+def _default_early_exit() -> EarlyExitConfig:
+    return EarlyExitConfig()
+
 
 @dataclass(frozen=True)
 class StackedConfig:
-    """Settings of the three stages (each checked by its own technique's config).
+    """The three stages' own configs, each checked by its technique: `pruning` (see `pruned`), `early_exit`
+    (see `early-exit`) and `int8` (see `int8-dynamic`).
 
-    Pruning: ratio, head_ratio, ffn_ratio, recovery_epochs, prune_learning_rate, temperature,
-    recovery_examples (see `pruned`). Early exit: exit_layers, criterion, threshold, grid, max_accuracy_drop,
-    tuning_examples, ramp_epochs, ramp_learning_rate, latency_samples (see `early-exit`). INT8: per_channel,
-    weight_type (see `int8-dynamic`). zero_stage, precision, micro_batch_size: both fine-tunings.
+    From the command line the stages' settings are flat keys (`--option stacked.ratio=0.3`), mapped by
+    OPTION_KEYS; zero_stage, precision and micro_batch_size set both fine-tunings (`from_options`).
     """
 
-    ratio: float = 0.4
-    head_ratio: float | None = None
-    ffn_ratio: float | None = None
-    recovery_epochs: float = 3.0
-    prune_learning_rate: float = 5e-4
-    temperature: float = 2.0
-    recovery_examples: int = 1024
-    exit_layers: tuple | None = None
-    criterion: str = "max_prob"
-    threshold: float | None = None
-    grid: tuple = DEFAULT_GRID
-    max_accuracy_drop: float = 0.01
-    tuning_examples: int = 256
-    ramp_epochs: float = 20.0
-    ramp_learning_rate: float = 2e-3
-    latency_samples: int = 64
-    per_channel: bool = True
-    weight_type: str = "int8"
-    zero_stage: int = 0
-    precision: str = "fp32"
-    micro_batch_size: int = 32
+    pruning: PrunedConfig = field(default_factory=_default_pruning)
+    early_exit: EarlyExitConfig = field(default_factory=_default_early_exit)
+    int8: Int8DynamicConfig = field(default_factory=Int8DynamicConfig)
 
     def __post_init__(self):
-        from dyngate_build.techniques.int8_dynamic import Int8DynamicConfig
+        for name, kind in (("pruning", PrunedConfig), ("early_exit", EarlyExitConfig), ("int8", Int8DynamicConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a {kind.__name__}")
+        for key in SHARED_KEYS:
+            if getattr(self.pruning, key) != getattr(self.early_exit, key):
+                raise ConfigError(f"{key} differs between pruning ({getattr(self.pruning, key)!r}) and early_exit "
+                                  f"({getattr(self.early_exit, key)!r}); both fine-tunings take one value")
 
-        self.pruning()
-        self.early_exit()
-        Int8DynamicConfig(per_channel=self.per_channel, weight_type=self.weight_type)
+    @classmethod
+    def option_keys(cls) -> list[str]:
+        return sorted([*OPTION_KEYS, *SHARED_KEYS])
 
-    def pruning(self) -> PrunedConfig:
-        return PrunedConfig(ratio=self.ratio, head_ratio=self.head_ratio, ffn_ratio=self.ffn_ratio,
-                            recovery_epochs=self.recovery_epochs, learning_rate=self.prune_learning_rate,
-                            temperature=self.temperature, zero_stage=self.zero_stage, precision=self.precision,
-                            micro_batch_size=self.micro_batch_size, recovery_examples=self.recovery_examples)
+    @classmethod
+    def from_options(cls, **options) -> "StackedConfig":
+        """The config from flat option keys (OPTION_KEYS, SHARED_KEYS); ConfigError naming unknown keys."""
+        unknown = sorted(set(options) - set(OPTION_KEYS) - set(SHARED_KEYS))
+        if unknown:
+            raise ConfigError(f"technique 'stacked' has no option(s) {', '.join(unknown)}; "
+                              f"its options: {', '.join(cls.option_keys())}")
+        stages: dict[str, dict] = {"pruning": {}, "early_exit": {}, "int8": {}}
+        for key, value in options.items():
+            if key in SHARED_KEYS:
+                stages["pruning"][key] = stages["early_exit"][key] = value
+            else:
+                stage, name = OPTION_KEYS[key]
+                stages[stage][name] = value
+        return cls(pruning=PrunedConfig(**stages["pruning"]), early_exit=EarlyExitConfig(**stages["early_exit"]),
+                   int8=Int8DynamicConfig(**stages["int8"]))
 
-    def early_exit(self) -> EarlyExitConfig:
-        return EarlyExitConfig(exit_layers=self.exit_layers, criterion=self.criterion, threshold=self.threshold,
-                               grid=self.grid, max_accuracy_drop=self.max_accuracy_drop,
-                               tuning_examples=self.tuning_examples, epochs=self.ramp_epochs,
-                               learning_rate=self.ramp_learning_rate, zero_stage=self.zero_stage,
-                               precision=self.precision, micro_batch_size=self.micro_batch_size,
-                               latency_samples=self.latency_samples)
+    def options(self) -> dict:
+        """The flat option keys and their values (what metadata records as params)."""
+        stages = {"pruning": self.pruning, "early_exit": self.early_exit, "int8": self.int8}
+        flat = {key: getattr(stages[stage], name) for key, (stage, name) in OPTION_KEYS.items()}
+        flat.update({key: getattr(self.pruning, key) for key in SHARED_KEYS})
+        return flat
 
 
-def _check(source, config: StackedConfig) -> None:
-    from dyngate_build.techniques import early_exit, pruned
-
-    pruned._check(source, config.pruning())
-    early_exit._check(source, config.early_exit())
+def check_source(source, config: StackedConfig) -> None:
+    """Both stages' checks against `source` (ConfigError)."""
+    pruned.check_source(source, config.pruning)
+    early_exit.check_source(source, config.early_exit)
 
 
 def quantize_segments(folder: Path, out: Path, per_channel: bool, weight_type: str) -> Path:
@@ -96,8 +119,8 @@ def quantize_segments(folder: Path, out: Path, per_channel: bool, weight_type: s
     import json
     import shutil
 
-    from dyngate_build.early_exit import MANIFEST
-    from dyngate_build.techniques.int8_dynamic import quantize_dynamic_int8
+    from dyngate_build.techniques.early_exit.onnx_export import MANIFEST
+    from dyngate_build.techniques.quantization.int8_dynamic import quantize_dynamic_int8
 
     manifest = json.loads((folder / MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -115,17 +138,17 @@ def count_ops(folder: Path, op_type: str) -> dict[str, int]:
             for path in sorted(folder.glob("*.onnx"))}
 
 
-@register("stacked", StackedConfig, needs_calibration=True, check=_check)
+@register("stacked", StackedConfig, needs_calibration=True, check=check_source)
 def apply(context: BuildContext, config: StackedConfig) -> Variant:
     """Structured pruning + early exit + INT8 dynamic quantization of each ONNX segment (per-sample exit)."""
-    pruning, early = config.pruning(), config.early_exit()
+    pruning, early = config.pruning, config.early_exit
     student, prune_report = pruned_model(context, pruning)
-    trained = _trained(context, early, model=student, tag=f"stacked:{pruning}")
+    trained = trained_ramps(context, early, model=student, tag=f"stacked:{pruning}")
     quantized: dict = {}
 
     def transform(folder: Path) -> Path:
-        out = quantize_segments(folder, folder.parent / "stacked-int8-segments", config.per_channel,
-                                config.weight_type)
+        out = quantize_segments(folder, folder.parent / "stacked-int8-segments", config.int8.per_channel,
+                                config.int8.weight_type)
         quantized["matmul_integer"] = count_ops(out, "MatMulInteger")
         if not any(quantized["matmul_integer"].values()):
             raise ConfigError("INT8 quantization of the stacked segments produced no MatMulInteger; "
@@ -136,14 +159,14 @@ def apply(context: BuildContext, config: StackedConfig) -> Variant:
                                                               "parameters_before", "parameters_after",
                                                               "recovery")},
               "int8": {"method": "onnxruntime quantize_dynamic per segment (MatMul, Gather)",
-                       "per_channel": config.per_channel, "weight_type": config.weight_type}}
-    variant = _build(context, early, "stacked", "onnx", trained=trained, transform=transform, tolerance=TOLERANCE,
+                       "per_channel": config.int8.per_channel, "weight_type": config.int8.weight_type}}
+    variant = build_variant(context, early, "stacked", "onnx", trained=trained, transform=transform, tolerance=TOLERANCE,
                      report_extra={"stacked": stages},
                      notes=["pruned (structured, KD-recovered) + early exit + INT8 dynamic: a different model "
                             "from FP32, agreement is loose by design; compare accuracy"],
                      budget_vs_source=True)
     variant.report["stacked"]["int8"]["matmul_integer_per_segment"] = quantized["matmul_integer"]
-    variant.params = {**{f.name: getattr(config, f.name) for f in fields(config)}, "threshold": variant.params["threshold"]}
+    variant.params = {**config.options(), "threshold": variant.params["threshold"]}
     variant.num_parameters = prune_report["parameters_after"] + sum(
         p.numel() for ramp in trained["segments"].ramps.values() for p in ramp.parameters())
     return variant

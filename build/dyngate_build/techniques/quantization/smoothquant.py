@@ -24,8 +24,8 @@ import torch
 from dyngate_build.errors import ConfigError, ExportError, check_range
 from dyngate_build.export import export_onnx
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.int8_static import check_static_options, pad_id, quantize_static_w8a8
-from dyngate_build.techniques.quantization_common import calibration_feeds, quantizable_linears, relative_error
+from dyngate_build.techniques.quantization.int8_static import check_static_options, pad_id, quantize_static_w8a8
+from dyngate_build.techniques.quantization.core import calibration_feeds, quantizable_linears, relative_error
 
 EQUIVALENCE_LIMIT = 1e-4
 # Measured on the trained presets (alpha 0.5, minmax, 128 samples): max |Δlogit| 0.035 distilbert, 0.244 vit,

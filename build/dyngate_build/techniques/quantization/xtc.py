@@ -4,7 +4,7 @@
    ternary (TWN: threshold 0.7·mean|W|, scale α = mean |W| of the kept weights) or binary (α = mean |W|)
    fake quantizer with a straight-through estimator is trained against the frozen FP32 teacher on
    unlabeled training inputs: MSE of every hidden state plus MSE of the logits
-   (`quantization_common.distill`, through the project's DeepSpeed training module).
+   (`quantization.core.distill_fake_quantized`, through the project's DeepSpeed training module).
 2. Quantize: every encoder Linear weight becomes codes in {-1, 0, 1} ({-1, 1} for binary) with one scale
    per output row (`group_size` None) or per group of `group_size` inputs. The classifier head stays FP32.
    Embedding tables (the largest weights of these small models) become INT8 with one scale per row
@@ -30,8 +30,8 @@ import numpy as np
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.quantization_common import (calibration_feeds, check_distillation, dequantize_groups, distill,
-                                                  quantizable_linears, quantize_groups)
+from dyngate_build.techniques.quantization.core import (calibration_feeds, check_distillation, dequantize_groups,
+                                                         distill_fake_quantized, quantizable_linears, quantize_groups)
 
 BITS = ("ternary", "binary")
 EMBEDDING_BITS = (8, 32)
@@ -282,8 +282,8 @@ def apply(context: BuildContext, config: XtcConfig) -> Variant:
     student = source.model
     if config.kd:
         batches = calibration_feeds(context, config.kd_samples, batch_size=config.kd_batch_size)
-        student, result = distill(source.model, batches, config.bits, config.group_size, config.kd_steps,
-                                  config.kd_learning_rate)
+        student, result = distill_fake_quantized(source.model, batches, config.bits, config.group_size,
+                                                 config.kd_steps, config.kd_learning_rate)
         report["kd"] = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
                         "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
                         "samples": sum(int(next(iter(b.values())).shape[0]) for b in batches)}

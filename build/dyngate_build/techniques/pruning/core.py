@@ -20,45 +20,28 @@ from __future__ import annotations
 
 import gzip
 import io
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
 from dyngate_build.errors import ConfigError
+from dyngate_build.families import LayerParts, family_for, registered_families
 
 
-@dataclass(frozen=True)
-class LayerParts:
-    """Attribute paths inside one transformer layer of a family."""
-
-    attention: str  # module holding the head count
-    query: str
-    key: str
-    value: str
-    out: str
-    heads_attr: str
-    head_size_attr: str
-    all_head_attr: str | None
-    ffn_in: str
-    ffn_out: str
-
-
-PARTS = {
-    "distilbert": ("distilbert.transformer.layer", LayerParts(
-        "attention", "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
-        "n_heads", "attention_head_size", "dim", "ffn.lin1", "ffn.lin2")),
-    "vit": ("vit.layers", LayerParts(
-        "attention", "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
-        "num_attention_heads", "head_dim", None, "mlp.fc1", "mlp.fc2")),
-}
+def pruning_families() -> list[str]:
+    """The registered model types structured pruning supports (FamilySpec.pruning_layers set)."""
+    return [t for t, spec in registered_families().items() if spec.pruning_layers is not None]
 
 
 def check_family(model_type: str) -> None:
-    if model_type not in PARTS:
-        raise ConfigError(f"structured pruning supports model types {', '.join(PARTS)}; {model_type!r} is not "
-                          f"supported yet (DeBERTa's relative-position projections share the head layout)")
+    """ConfigError unless `model_type` is a registered family with structured-pruning parts."""
+    supported = pruning_families()
+    if model_type not in supported:
+        note = family_for(model_type).pruning_note if model_type in registered_families() else ""
+        raise ConfigError(f"structured pruning supports model types {', '.join(supported)}; {model_type!r} is not "
+                          f"supported yet" + (f" ({note})" if note else "") +
+                          " (FamilySpec.pruning_layers in build/dyngate_build/families/)")
 
 
 def check_ratio(field: str, ratio: float) -> float:
@@ -83,7 +66,7 @@ def _set(module: nn.Module, path: str, value) -> None:
 
 def layers_of(model: nn.Module, model_type: str) -> tuple[list[nn.Module], LayerParts]:
     check_family(model_type)
-    path, parts = PARTS[model_type]
+    path, parts = family_for(model_type).pruning_layers
     return list(_get(model, path)), parts
 
 
@@ -157,7 +140,7 @@ def num_parameters(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------- distillation
 
-def distill(student: nn.Module, teacher: nn.Module, feeds: list[dict], training_config,
+def recover_with_kd(student: nn.Module, teacher: nn.Module, feeds: list[dict], training_config,
             temperature: float = 2.0, token_level: bool = False) -> dict:
     """Recovery fine-tuning of `student` towards `teacher`'s logits (KL at `temperature`) via dyngate_build.training.
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, check_choice
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.quantization_common import (calibration_feeds, make_reader, pad_to_common_length,
-                                                  quiet_ort_quantization)
+from dyngate_build.techniques.quantization.core import (calibration_feeds, make_reader, pad_to_common_length,
+                                                         quiet_ort_quantization)
 
 METHODS = ("minmax", "percentile", "entropy")
 MAX_SAMPLES = 1024  # what the build loads into BuildContext.calibration

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, check_choice
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.quantization_common import quiet_ort_quantization
+from dyngate_build.techniques.quantization.core import quiet_ort_quantization
 
 WEIGHT_TYPES = ("int8", "uint8")
 # Measured on the trained presets (first 64 dev inputs): max |Δlogit| 0.024 distilbert, 0.092 vit, 0.096 deberta

@@ -176,15 +176,18 @@ class FakeQuant:
 
 
 def quantizable_linears(model) -> list:
-    """(name, Linear) of the encoder's Linear layers (the classifier head excluded: it stays FP32/Gemm)."""
+    """(name, Linear) of the encoder's Linear layers; the family's classifier modules (FamilySpec.head_modules)
+    are excluded: they stay FP32/Gemm. SourceError when the model's family is not registered."""
     import torch
 
-    head = ("classifier", "pre_classifier", "pooler")
+    from dyngate_build.families import family_for
+
+    head = family_for(model.config.model_type).head_modules
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not any(part in head for part in n.split("."))]
 
 
-def distill(teacher, feeds: list[dict], bits, group_size: int | None, steps: int, learning_rate: float):
+def distill_fake_quantized(teacher, feeds: list[dict], bits, group_size: int | None, steps: int, learning_rate: float):
     """Knowledge distillation of a fake-quantized copy of `teacher` on unlabeled `feeds` (numpy batches).
 
     The encoder Linears' weights pass through `FakeQuant(bits, group_size)` (straight-through estimator:

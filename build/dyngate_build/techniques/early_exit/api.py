@@ -17,22 +17,22 @@ Requests choose their own threshold with the `exit_threshold` request parameter 
 model).
 
 Token classification (DeBERTa NER): per-token ramps trained on per-token labels derived from the gold
-entity spans (every real token labelled, build/dyngate_build/early_exit.py `token_labels`); a sentence exits when every
+entity spans (every real token labelled, techniques/early_exit/ramps.py `token_labels`); a sentence exits when every
 real token is confident (Li et al. 2021). Both flavours serve it (the DeBERTa layers trace exactly).
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice, check_range
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
+from dyngate_build.techniques.early_exit.thresholds import (NEVER_EXIT, check_threshold, measure_curve,
+                                                           own_full_model_gap)
 
 DEFAULT_GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
 ONNX_ENGINE = "early-exit-onnx"
-NEVER_EXIT = {"exit_threshold": 1.0}
 DEFAULT_BACKBONE_LR = 5e-5  # joint training: pretrained backbone and head (fresh ramps keep learning_rate)
 # Joint training changes the backbone and head: at never-exit it is a fine-tuned model, not FP32 (top-1
 # agreement with FP32 measured 0.97 on the distilbert-tiny preset, SST-2 dev, at the defaults; 0.8 leaves room
@@ -78,7 +78,8 @@ class EarlyExitConfig:
     backbone_learning_rate: float | None = None
 
     def __post_init__(self):
-        from dyngate_build.early_exit import CRITERIA, JOINT_WEIGHTS, TRAINING_MODES, check_threshold
+        from dyngate_build.techniques.early_exit.ramps import JOINT_WEIGHTS, TRAINING_MODES
+        from dyngate_build.techniques.early_exit.segments import CRITERIA
 
         check_choice("criterion", self.criterion, CRITERIA)
         check_choice("training", self.training, TRAINING_MODES)
@@ -126,26 +127,28 @@ class EarlyExitConfig:
                 "backbone_learning_rate": self.backbone_learning_rate or DEFAULT_BACKBONE_LR}
 
 
-def _check(source, config: EarlyExitConfig) -> None:
-    from dyngate_build.early_exit import check_model, num_layers, resolve_exit_layers
+def check_source(source, config: EarlyExitConfig) -> None:
+    """ConfigError when `source`'s family has no early-exit cut or `config.exit_layers` names missing layers."""
+    from dyngate_build.techniques.early_exit.segments import check_model, num_layers, resolve_exit_layers
 
     check_model(source.model, source.family.model_type)
     resolve_exit_layers(config.exit_layers, num_layers(source.model))
 
 
-def _trained(context: BuildContext, config: EarlyExitConfig, model=None, tag: str = "early-exit") -> dict:
+def trained_ramps(context: BuildContext, config: EarlyExitConfig, model=None, tag: str = "early-exit") -> dict:
     """Ramps trained once per build and settings (shared by the ONNX and TorchScript variants).
 
     model: the backbone to cut (default: the source model; `stacked` passes its pruned model); `tag` keys
     the cache so ramps of different backbones are never mixed.
     """
-    from dyngate_build.early_exit import segment_model, train_ramps
+    from dyngate_build.techniques.early_exit.ramps import train_ramps
+    from dyngate_build.techniques.early_exit.segments import segment_model
 
     key = (tag, config.exit_layers, config.epochs, config.learning_rate, config.zero_stage,
            config.precision, config.micro_batch_size, config.tuning_examples, config.training,
            tuple(sorted(config.joint().items())))
-    if key in context._cache:
-        return context._cache[key]
+    if key in context.cache:
+        return context.cache[key]
     examples = context.calibration
     if len(examples) < config.tuning_examples + 32:
         raise ConfigError(f"early exit needs ≥{config.tuning_examples + 32} training examples "
@@ -162,13 +165,13 @@ def _trained(context: BuildContext, config: EarlyExitConfig, model=None, tag: st
         labels = [int(ex.target) for ex in train_part]
     training = train_ramps(segments, feeds, labels, config.training_config(), config.training, **config.joint())
     result = {"segments": segments, "tuning": tuning, "training": training, "train_examples": len(train_part)}
-    context._cache[key] = result
+    context.cache[key] = result
     return result
 
 
 def _token_batches(context: BuildContext, examples: list, batch_size: int) -> tuple[list[dict], list[list[int]]]:
     """Graph-input batches of `examples` (preprocessed as served) and per-token labels from their spans."""
-    from dyngate_build.early_exit import token_labels
+    from dyngate_build.techniques.early_exit.ramps import token_labels
 
     feeds, labels = [], []
     for start in range(0, len(examples), batch_size):
@@ -180,69 +183,6 @@ def _token_batches(context: BuildContext, examples: list, batch_size: int) -> tu
         feeds.append(batch)
         labels.extend(token_labels(enc, ex.target, context.source.labels) for enc, ex in zip(encodings, valid))
     return feeds, labels
-
-
-def _variant_folder(context: BuildContext, name: str, engine: str, artifact: Path, artifact_name: str,
-                    extra: dict) -> Path:
-    """A servable folder (runtime.json, tokenizer, graph) to measure the curve through the real runtime."""
-    from dyngate_build.pipeline import runtime_spec
-
-    folder = context.work_dir / f"{name}-measure"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir()
-    reference = Path(context.reference.folder)
-    for item in reference.iterdir():
-        if item.name != "runtime.json":
-            shutil.copyfile(item, folder / item.name)
-    target = folder / artifact_name
-    if artifact.is_dir():
-        shutil.copytree(artifact, target)
-    else:
-        shutil.copyfile(artifact, target)
-    spec = runtime_spec(context.source, engine, 0, {"extra": extra}, artifact_name)
-    spec.save(str(folder))
-    return folder
-
-
-def measure_curve(predictor, examples: list, labels: list[str], grid, latency_samples: int,
-                  task: str = "text-classification") -> list[dict]:
-    """Per threshold: the task metric (accuracy, or entity_f1 for NER), mean layers computed, exit histogram
-    and batch-1 p50 (ms) through `predictor`."""
-    import numpy as np
-
-    from dyngate_build.evaluate import latency, run_predictor, task_metric
-
-    raws = [ex.raw for ex in examples]
-    rows = []
-    for threshold in sorted(set(float(t) for t in grid)):
-        options = {"exit_threshold": threshold}
-        predictions = run_predictor(predictor, raws, options=options)
-        metric = task_metric(task, predictions, examples, labels)
-        layers = np.array([p.answer["exit_layer"] for p in predictions])
-        lat = latency(predictor, raws[:latency_samples], options=options)
-        rows.append({"threshold": threshold, metric.name: round(metric.value, 4),
-                     "mean_layers": round(float(layers.mean()), 4),
-                     "exits": {int(k): int(v) for k, v in zip(*np.unique(layers, return_counts=True))},
-                     "p50_ms": round(lat.p50_ms, 4)})
-    return rows
-
-
-def own_full_model_gap(predictor, segments, feeds: list[dict]) -> float:
-    """Largest |Δlogit| between `predictor` at never-exit and the segments' full model in PyTorch on `feeds`
-    (real tokens only for token tasks): the exactness check of a variant whose backbone was trained."""
-    import numpy as np
-    import torch
-
-    worst = 0.0
-    for feed in feeds:
-        got = np.asarray(predictor.engine.run(feed, dict(NEVER_EXIT))["logits"])
-        want = segments.full_logits({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}).numpy()
-        if segments.token_level:
-            mask = feed["attention_mask"].astype(bool)
-            got, want = got[mask], want[mask]
-        worst = max(worst, float(np.abs(got - want).max()))
-    return worst
 
 
 def _joint_report(context: BuildContext, config: EarlyExitConfig, predictor, segments, tuning: list, task: str,
@@ -267,17 +207,20 @@ def source_metric(context: BuildContext, examples: list, task: str) -> float:
     return round(result.value, 4)
 
 
-def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: str, trained: dict | None = None,
+def build_variant(context: BuildContext, config: EarlyExitConfig, name: str, flavour: str, trained: dict | None = None,
            transform=None, tolerance: Tolerance | None = None, report_extra: dict | None = None,
            notes: list[str] | None = None, budget_vs_source: bool = False) -> Variant:
     """The early-exit variant `name`. `stacked` passes its own `trained` ramps (on a pruned backbone), a
     `transform(folder) -> folder` applied to the exported ONNX segments (INT8), its tolerance and report, and
     `budget_vs_source=True`: the default threshold keeps the metric within `max_accuracy_drop` of the source
     (FP32) model rather than of the variant's own full model (joint training does the same)."""
-    from dyngate_build.early_exit import default_threshold, export_onnx_segments, export_torchscript
     from dyngate_build.runtime import Predictor
+    from dyngate_build.techniques.early_exit.onnx_export import export_onnx_segments
+    from dyngate_build.techniques.early_exit.thresholds import default_threshold
+    from dyngate_build.techniques.early_exit.torchscript_export import export_torchscript
+    from dyngate_build.variant_folder import write_variant_folder
 
-    trained = trained if trained is not None else _trained(context, config)
+    trained = trained if trained is not None else trained_ramps(context, config)
     segments, source = trained["segments"], context.source
     task = source.family.task
     if flavour == "onnx":
@@ -289,7 +232,9 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
     else:
         artifact = export_torchscript(segments, context.work_dir / f"{name}.pt", config.criterion)
         engine, artifact_name, extra = "torchscript", "model.pt", {"threshold_input": True}
-    folder = _variant_folder(context, name, engine, artifact, artifact_name, {**extra, "exit_threshold": 1.0})
+    # a servable folder to measure the curve through the real runtime
+    folder = write_variant_folder(context.work_dir / f"{name}-measure", context.source, engine, artifact,
+                                  artifact_name=artifact_name, runtime={"extra": {**extra, "exit_threshold": 1.0}})
     predictor = Predictor(str(folder))
     tuning = context.dev or trained["tuning"]  # the issue's rule is on dev; held-out training data otherwise
     curve = measure_curve(predictor, tuning, source.labels, tuple(config.grid) + (1.0,), config.latency_samples,
@@ -362,13 +307,13 @@ def _build(context: BuildContext, config: EarlyExitConfig, name: str, flavour: s
                *(notes or [])])
 
 
-@register("early-exit", EarlyExitConfig, needs_calibration=True, check=_check)
+@register("early-exit", EarlyExitConfig, needs_calibration=True, check=check_source)
 def apply(context: BuildContext, config: EarlyExitConfig) -> Variant:
     """Early exit with trained off-ramps, one ONNX graph per segment chained by the runtime (per-sample exit)."""
-    return _build(context, config, "early-exit", "onnx")
+    return build_variant(context, config, "early-exit", "onnx")
 
 
-@register("early-exit-torchscript", EarlyExitConfig, needs_calibration=True, check=_check)
+@register("early-exit-torchscript", EarlyExitConfig, needs_calibration=True, check=check_source)
 def apply_torchscript(context: BuildContext, config: EarlyExitConfig) -> Variant:
     """Early exit with trained off-ramps as scripted TorchScript (loop over traced layers, per-sample exit)."""
-    return _build(context, config, "early-exit-torchscript", "torchscript")
+    return build_variant(context, config, "early-exit-torchscript", "torchscript")

@@ -1,6 +1,6 @@
 """`pruned`: structured pruning — attention heads and FFN neurons removed (smaller shapes), KD recovery, ONNX.
 
-Importance scores and the head bookkeeping are in build/dyngate_build/pruning.py. After pruning, the student is fine-tuned
+Importance scores and the head bookkeeping are in techniques/pruning/core.py. After pruning, the student is fine-tuned
 with knowledge distillation from the FP32 source model (KL on temperature-softened logits) through
 dyngate_build.training on the DeepSpeed engine, then exported to ONNX with its smaller shapes.
 """
@@ -34,7 +34,7 @@ class PrunedConfig:
     recovery_examples: int = 1024
 
     def __post_init__(self):
-        from dyngate_build.pruning import check_ratio
+        from dyngate_build.techniques.pruning.core import check_ratio
 
         check_ratio("ratio", self.ratio)
         for name in ("head_ratio", "ffn_ratio"):
@@ -55,19 +55,20 @@ class PrunedConfig:
                               epochs=self.recovery_epochs, warmup_ratio=0.1, log_every=10**6)
 
 
-def _check(source, config: PrunedConfig) -> None:
-    from dyngate_build.pruning import check_family
+def check_source(source, config: PrunedConfig) -> None:
+    """ConfigError when structured pruning does not support `source`'s family."""
+    from dyngate_build.techniques.pruning.core import check_family
 
     check_family(source.family.model_type)
 
 
 def pruned_model(context: BuildContext, config: PrunedConfig):
     """The pruned and KD-recovered copy of the source model, with its report (cached per build)."""
-    from dyngate_build.pruning import distill, num_parameters, prune_structured
+    from dyngate_build.techniques.pruning.core import num_parameters, recover_with_kd, prune_structured
 
     key = ("pruned", config)
-    if key in context._cache:
-        return context._cache[key]
+    if key in context.cache:
+        return context.cache[key]
     source = context.source
     student = copy.deepcopy(source.model).float()
     before = num_parameters(student)
@@ -77,20 +78,20 @@ def pruned_model(context: BuildContext, config: PrunedConfig):
     recovery = None
     if config.recovery_epochs > 0:
         feeds = context.calibration_feeds(config.recovery_examples, batch_size=config.micro_batch_size)
-        recovery = distill(student, source.model, feeds, config.training(), config.temperature,
+        recovery = recover_with_kd(student, source.model, feeds, config.training(), config.temperature,
                            token_level=source.family.task == "token-classification")
     report = {"importance": "L1 norm of each head's q/k/v rows + output columns; FFN neuron: L1 of its "
-                            "in-row + out-column (build/dyngate_build/pruning.py)",
+                            "in-row + out-column (techniques/pruning/core.py)",
               "heads_per_layer": shapes["heads"], "ffn_per_layer": shapes["ffn"],
               "pruned_heads": shapes["pruned_heads"], "parameters_before": before,
               "parameters_after": num_parameters(student),
               "recovery": recovery and {**recovery, "method": "KD from FP32 (KL, T=%g)" % config.temperature,
                                         "zero_stage": config.zero_stage, "precision": config.precision}}
-    context._cache[key] = (student, report)
+    context.cache[key] = (student, report)
     return student, report
 
 
-@register("pruned", PrunedConfig, needs_calibration=True, check=_check)
+@register("pruned", PrunedConfig, needs_calibration=True, check=check_source)
 def apply(context: BuildContext, config: PrunedConfig) -> Variant:
     """Structured pruning of heads and FFN neurons with KD recovery, exported to ONNX with smaller shapes."""
     from dyngate_build.export import export_onnx

@@ -24,9 +24,9 @@ import onnx
 from dyngate_build.errors import ConfigError, ExportError, check_choice
 from dyngate_build.export import export_onnx
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
-from dyngate_build.techniques.int8_dynamic import quantize_dynamic_int8
-from dyngate_build.techniques.quantization_common import (calibration_feeds, check_distillation, check_group_size, distill,
-                                                  quiet_ort_quantization)
+from dyngate_build.techniques.quantization.int8_dynamic import quantize_dynamic_int8
+from dyngate_build.techniques.quantization.core import (calibration_feeds, check_distillation, check_group_size,
+                                                         distill_fake_quantized, quiet_ort_quantization)
 
 BITS = (4, 8)
 GROUP_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes: powers of two >= 16
@@ -112,8 +112,8 @@ def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
     fp32 = context.fp32_onnx()
     if config.kd:
         batches = calibration_feeds(context, config.kd_samples, batch_size=config.kd_batch_size)
-        student, result = distill(source.model, batches, config.bits, config.group_size, config.kd_steps,
-                                  config.kd_learning_rate)
+        student, result = distill_fake_quantized(source.model, batches, config.bits, config.group_size,
+                                                 config.kd_steps, config.kd_learning_rate)
         fp32 = export_onnx(student, source.family, context.work_dir / f"{name}-kd-fp32.onnx")
         report["kd"] = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
                         "final_loss": result.final_loss, "seconds": round(result.seconds, 1)}
@@ -125,7 +125,7 @@ def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
         quantize_matmul_nbits(fp32, out, config.bits, config.group_size)
         kernel = (f"MatMulNBits bits={config.bits} block={config.group_size} accuracy_level=4"
                   + (" + GatherBlockQuantized 4-bit embeddings" if config.bits == 4 else ""))
-    from dyngate_build.techniques.quantization_common import op_counts
+    from dyngate_build.techniques.quantization.core import op_counts
 
     counts = op_counts(out)
     if counts.get("MatMulNBits", 0) + counts.get("MatMulInteger", 0) == 0:

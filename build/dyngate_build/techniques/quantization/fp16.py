@@ -34,7 +34,7 @@ def apply(context: BuildContext, config: Fp16Config) -> Variant:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from dyngate_build.techniques.quantization_common import quiet_ort_quantization
+    from dyngate_build.techniques.quantization.core import quiet_ort_quantization
 
     model = onnx.load(str(context.fp32_onnx()))
     block = list(DEFAULT_OP_BLOCK_LIST) + (["LayerNormalization"] if config.keep_layernorm_fp32 else [])
@@ -63,14 +63,14 @@ def apply_torchscript(context: BuildContext, config: Fp16TorchScriptConfig) -> V
     import torch
 
     from dyngate_build.errors import ExportError
-    from dyngate_build.export import _quiet, example_inputs, logits_module
+    from dyngate_build.export import quiet_exporters, example_inputs, logits_module
 
     source = context.source
     module = logits_module(copy.deepcopy(source.model).half(), source.family)
     inputs = tuple(t.half() if t.is_floating_point() else t for t in example_inputs(source.model, source.family))
     out = context.work_dir / "fp16.pt"
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_exporters(), torch.no_grad():
             torch.jit.trace(module, inputs, check_trace=False).save(str(out))
     except Exception as e:
         raise ExportError(f"half-precision TorchScript export failed: {type(e).__name__}: {e}") from e

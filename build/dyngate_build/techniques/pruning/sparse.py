@@ -19,7 +19,7 @@ class SparseConfig:
     sparsity: float = 0.5
 
     def __post_init__(self):
-        from dyngate_build.pruning import check_ratio
+        from dyngate_build.techniques.pruning.core import check_ratio
 
         check_ratio("sparsity", self.sparsity)
 
@@ -28,7 +28,7 @@ class SparseConfig:
 def apply(context: BuildContext, config: SparseConfig) -> Variant:
     """Global unstructured magnitude pruning; dense kernels, so smaller only when compressed."""
     from dyngate_build.export import export_onnx
-    from dyngate_build.pruning import gzip_size, sparsify
+    from dyngate_build.techniques.pruning.core import gzip_size, sparsify
 
     source = context.source
     model = copy.deepcopy(source.model).float().eval()

@@ -1,0 +1,172 @@
+"""metadata.json: what the build measured for one Triton model, as a typed record with a schema version.
+
+The build writes it (`VariantMetadata.save`) beside config.pbtxt; the gateway, the report and the benchmark
+read it back through the same class (`VariantMetadata.load`), never as a dict. A file written by an older
+dyngate (no or another `schema_version`) is refused with `StaleRepositoryError`, whose message says how to
+rebuild. Light on purpose (json and dataclasses only): the gateway imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dyngate_build.errors import RepositoryError
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "metadata.json"
+
+
+class StaleRepositoryError(RepositoryError):
+    """A repository file was written by another dyngate version (schema mismatch); rebuild it."""
+
+
+def rebuild_hint(model: str | None = None) -> str:
+    """The command that rewrites a model's variants with this dyngate."""
+    return (f"rebuild it with `dyngate build --model {model or 'M'} --techniques T1,T2,...` "
+            "(the techniques it was built with)")
+
+
+@dataclass
+class MetricRecord:
+    """A task metric on the dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples."""
+
+    name: str
+    value: float
+    n: int
+
+
+@dataclass
+class AgreementRecord:
+    """Agreement with the FP32 PyTorch reference: largest |Δlogit|, fraction of equal top-1, n inputs."""
+
+    max_abs_logit: float
+    top1: float
+    n: int
+
+
+@dataclass
+class ToleranceRecord:
+    """What the build demanded: largest |Δlogit| allowed and smallest top-1 agreement."""
+
+    max_abs_logit: float
+    min_top1_agreement: float
+
+
+@dataclass
+class LatencyRecord:
+    """In-process per-request latency (ms) at `batch_size`, `threads` intra-op threads, over n requests."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    n: int
+    batch_size: int = 1
+    threads: int | None = None
+
+
+@dataclass
+class SourceRecord:
+    """The source model: where it came from and its HF family."""
+
+    location: str
+    checkpoint: str
+    model_type: str
+    hf_class: str
+    task: str
+
+
+@dataclass
+class MachineRecord:
+    """The machine the build measured on."""
+
+    cpu: str
+    cores: int | None
+
+
+_NESTED = {"accuracy": MetricRecord, "reference_accuracy": MetricRecord, "agreement": AgreementRecord,
+           "tolerance": ToleranceRecord, "latency_in_process": LatencyRecord, "source": SourceRecord,
+           "machine": MachineRecord}
+
+
+@dataclass
+class VariantMetadata:
+    """One Triton model's metadata.json (python or native flavour of a variant).
+
+    Attributes: model, variant, triton_name, flavour ("python" | "native"), technique, params (the
+    technique's settings), engine (runtime engine), source, labels, client_input ("TEXT" | "IMAGE"),
+    size_bytes / size_mb (the graph on disk), num_parameters, accuracy and reference_accuracy (dev metric of
+    the variant and of the FP32 PyTorch reference), agreement, tolerance, latency_in_process, notes,
+    technique_report (technique-specific measurements), built_at (ISO 8601 UTC), machine, dyngate_version,
+    version (the version folder it describes; set when published), schema_version.
+    """
+
+    model: str
+    variant: str
+    triton_name: str
+    flavour: str
+    technique: str
+    params: dict
+    engine: str
+    source: SourceRecord
+    labels: list[str]
+    client_input: str
+    size_bytes: int
+    size_mb: float
+    num_parameters: int
+    accuracy: MetricRecord
+    reference_accuracy: MetricRecord
+    agreement: AgreementRecord
+    tolerance: ToleranceRecord
+    latency_in_process: LatencyRecord
+    notes: list[str] = field(default_factory=list)
+    technique_report: dict = field(default_factory=dict)
+    built_at: str = ""
+    machine: MachineRecord | None = None
+    dyngate_version: str = ""
+    version: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def task(self) -> str:
+        return self.source.task
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: Path) -> Path:
+        """Write folder/metadata.json; returns its path."""
+        path = Path(folder) / METADATA_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = METADATA_FILE) -> "VariantMetadata":
+        """Parse a metadata.json object; StaleRepositoryError when its schema is not this dyngate's."""
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            found = data.get("schema_version", "none") if isinstance(data, dict) else type(data).__name__
+            model = data.get("model") if isinstance(data, dict) else None
+            raise StaleRepositoryError(
+                f"{where} has schema_version {found}, this dyngate reads {SCHEMA_VERSION}: it was written by an "
+                f"older dyngate; {rebuild_hint(model)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {k: (_NESTED[k](**v) if k in _NESTED and isinstance(v, dict) else v)
+                      for k, v in data.items() if k in names}
+            return cls(**values)
+        except TypeError as e:
+            raise StaleRepositoryError(f"{where} does not match schema_version {SCHEMA_VERSION} ({e}); "
+                                       f"{rebuild_hint(data.get('model'))}") from None
+
+    @classmethod
+    def load(cls, folder: Path) -> "VariantMetadata":
+        """Read folder/metadata.json. RepositoryError when unreadable, StaleRepositoryError when stale."""
+        path = Path(folder) / METADATA_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RepositoryError(f"cannot read {path}: {e}; {rebuild_hint()}") from None
+        return cls.from_dict(data, str(path))

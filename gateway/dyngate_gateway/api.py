@@ -1,0 +1,140 @@
+"""The gateway's plain HTTP routes beside the Gradio page: POST /api/predict, GET /api/status, GET /api/models,
+GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow).
+
+POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget",
+"threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
+body over limits.max_body_bytes (any route) -> 413, Triton down -> 503. With a login, every route but
+Gradio's login page asks for it (HTTP basic auth here).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+
+import gradio as gr
+from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
+from fastapi.responses import JSONResponse
+
+from dyngate_build.errors import InputError, ServingError
+from dyngate_gateway import models_view
+from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT
+from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub
+
+
+def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+    """A FastAPI app with the JSON routes, and the Gradio page mounted at "/" (with the login, if any)."""
+    state = demo.dyngate  # the GatewayState build_app attached
+    auth = state.config.auth
+    limits = state.config.limits
+    app = FastAPI(title=demo.title, docs_url=None, redoc_url=None, openapi_url=None)  # Gradio's API page documents it
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if auth:
+        app.add_middleware(LoginPageScrub)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def authorized(request: Request) -> bool:
+        if not auth:
+            return True
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
+
+    def unauthorized() -> JSONResponse:
+        return JSONResponse({"error": "login required: HTTP basic auth with the gateway's user and password"},
+                            status_code=401, headers={"WWW-Authenticate": 'Basic realm="dyngate"'})
+
+    def guarded(fn):
+        def wrapper(request: Request):
+            return fn() if authorized(request) else unauthorized()
+        return wrapper
+
+    def predict(body) -> JSONResponse:
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object: {\"model\": ..., \"text\": ... | \"image_base64\": "
+                              "..., \"policy\": ...}")
+        allowed = {"model", "text", "image_base64", "policy", "variant", "accuracy_budget", "threshold",
+                   "exit_threshold"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            return error(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        state.refresh()
+        model = body.get("model")
+        if not isinstance(model, str):
+            return error(400, f"model must be a string naming one of the repository's models "
+                              f"({', '.join(state.catalog)}), not {type(model).__name__}")
+        if model not in state.catalog:
+            return error(404, f"unknown model {model!r}; the repository's models are: {', '.join(state.catalog)}")
+        for key in ("text", "image_base64", "policy", "variant"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                return error(400, f"{key} must be a string, not {type(body[key]).__name__}")
+        for key in ("accuracy_budget", "threshold"):  # exit_threshold: the router applies Triton's own rule
+            value = body.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+                return error(400, f"{key} must be a number, not {type(value).__name__}")
+        image = None
+        if body.get("image_base64"):
+            try:
+                image = base64.b64decode(body["image_base64"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                return error(400, "image_base64 is not valid base64")
+        text = body.get("text")
+        try:
+            answer = state.router.route(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
+                                        accuracy_budget=body.get("accuracy_budget"),
+                                        threshold=body.get("threshold"), exit_threshold=body.get("exit_threshold"),
+                                        image=image)
+        except InputError as e:
+            return error(400, str(e))
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. float("abc"), float(10**400)
+            return error(400, f"bad field value: {e}")
+        except ServingError as e:
+            return error(503, str(e))
+        return JSONResponse(answer)
+
+    @app.post("/api/predict")
+    async def api_predict(request: Request):
+        import anyio
+
+        if not authorized(request):
+            return unauthorized()
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as e:
+            return error(400, f"the body is not JSON: {e}")
+        except RecursionError:
+            return error(400, "the body is not JSON this route accepts: nested too deeply")
+        return await anyio.to_thread.run_sync(predict, body)  # a worker thread: ClientPool gives it a client
+
+    @app.get("/api/status")
+    def api_status(request: Request):
+        def status():
+            ready, line = state.status()
+            return JSONResponse({"triton_ready": ready, "triton": state.clients.url, "status": line},
+                                status_code=200 if ready else 503)
+        return guarded(status)(request)
+
+    @app.get("/api/shadow")
+    def api_shadow(request: Request):
+        def stats():
+            return JSONResponse(state.shadow.stats(request.query_params.get("model")))
+        return guarded(stats)(request)
+
+    @app.get("/api/models")
+    def api_models(request: Request):
+        def rows():
+            return JSONResponse([dict(zip(models_view.HEADERS, r))
+                                 for r in models_view.model_rows(state.repository, state.clients)])
+        return guarded(rows)(request)
+
+    return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
+                               footer_links=["api"], max_file_size=limits.max_image_bytes)

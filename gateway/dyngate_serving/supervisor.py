@@ -1,0 +1,144 @@
+"""Keep the embedded Triton serving: `Supervisor` restarts a Triton process that died (a bounded number of
+times); `serve_forever` is `dyngate serve` (start, print endpoints and models, watch, stop on Ctrl-C/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+from dyngate_build.errors import ConfigError, ServingError
+from dyngate_serving.client import short_reason
+from dyngate_serving.launcher import TritonServer, TritonServerConfig, repository_models
+
+
+class Supervisor:
+    """Keeps one embedded Triton serving: when its process dies, restart it (bounded), else give up loudly.
+
+    max_restarts: restarts allowed within any `window_s` seconds; one more death in that window raises
+    ServingError. Every death is reported on `out` with the exit code and the tail of the log; a restart
+    appends to the same log file and loads the models that were ready before the death (re-read every
+    `poll_s` seconds), or the configured ones. `run()` blocks until `stop()` (any thread), Ctrl-C, or giving up.
+    """
+
+    def __init__(self, config: TritonServerConfig, max_restarts: int = 3, window_s: float = 300.0, out=None,
+                 poll_s: float = 2.0):
+        if max_restarts < 0:
+            raise ConfigError(f"max_restarts={max_restarts} must be ≥0 (0: never restart)")
+        if window_s <= 0:
+            raise ConfigError(f"restart window_s={window_s} must be > 0 seconds")
+        self.config, self.max_restarts, self.window_s, self.poll_s = config, max_restarts, window_s, poll_s
+        self.out = out or sys.stdout
+        self.server = TritonServer(replace(config))  # its own copy: a restart changes `models`
+        self.restarts = 0
+        self._deaths: list[float] = []
+        self._loaded: list[str] | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        """Start Triton (a start-up failure raises at once), then `watch()` it."""
+        self.start()
+        self.watch()
+
+    def watch(self) -> None:
+        """Wait on the started server and restart it when it dies, until stopped; stops the server on return."""
+        try:
+            while not self._stop.is_set():
+                code = self._wait_for_exit()
+                if code is None:
+                    return
+                self._died(f"Triton {self.server.pid} exited on its own (exit code {code})")
+                while not self._stop.is_set():
+                    try:
+                        self.start(append_log=True)
+                        self.restarts += 1
+                        break
+                    except ServingError as e:
+                        self._died(f"restarting Triton failed: {e}", with_log=False)  # e has the log tail
+        finally:
+            self.server.stop()
+
+    def stop(self) -> None:
+        """Ask `run()` to return; it stops the server."""
+        self._stop.set()
+
+    def start(self, append_log: bool = False) -> None:
+        """Start the server (after a death: with the models that were ready before it) and say so on `out`.
+
+        Raises ServingError (with the log tail) when it does not come up.
+        """
+        if self._loaded is not None:
+            known = repository_models(self.config.repository)
+            self.server.config.models = [m for m in self._loaded if m in known]
+        started = time.monotonic()
+        self.server.start(append_log=append_log)
+        print(f"Triton {self.server.pid} ready in {time.monotonic() - started:.1f} s (log: {self.server.log_path})",
+              file=self.out, flush=True)
+        self._loaded = self.server.ready_models()
+
+    def _wait_for_exit(self) -> int | None:
+        """The exit code once the process dies; None when stop() was called first."""
+        process = self.server._process
+        while not self._stop.is_set():
+            try:
+                return process.wait(self.poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                self._loaded = self.server.ready_models()
+            except (ServingError, OSError):
+                pass  # busy or dying: keep the last answer
+        return None
+
+    def _died(self, what: str, with_log: bool = True) -> None:
+        """Count one death; raise ServingError past the budget, else report it and pause before the restart."""
+        tail = self.server.log_tail() if with_log else ""
+        self.server.stop()  # reap the stubs of the dead server and close its log
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t <= self.window_s] + [now]
+        log = f"\nLast lines of {self.server.log_path}:\n{tail}" if tail else ""
+        if len(self._deaths) > self.max_restarts:
+            raise ServingError(f"{what}; it died {len(self._deaths)} times within {self.window_s:.0f} s, more than "
+                               f"the {self.max_restarts} restart(s) allowed (--max-restarts / --restart-window): "
+                               f"giving up. Look at the log for the cause." + log)
+        print(f"{what}; restarting it ({len(self._deaths)}/{self.max_restarts} within {self.window_s:.0f} s)"
+              + log, file=self.out, flush=True)
+        time.sleep(min(0.5 * len(self._deaths), 5.0))  # let the ports and shared memory go
+
+
+def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, restart_window_s: float = 300.0) -> None:
+    """Start Triton, print its endpoints and models, serve until Ctrl-C or SIGTERM, then stop it cleanly.
+
+    A Triton process that dies on its own is restarted (`Supervisor`): at most `max_restarts` times within
+    `restart_window_s` seconds. Raises ServingError when the server cannot start, or dies once more than that.
+    """
+    out = out or sys.stdout
+    supervisor = Supervisor(config, max_restarts, restart_window_s, out)
+    server = supervisor.server
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        supervisor.start()
+        for name, url in server.endpoints.items():
+            print(f"  {name:8s} {url}", file=out)
+        ready = server.ready_models()
+        print(f"  models   {', '.join(ready) if ready else 'none: run `dyngate build` first, or name them with --models'}", file=out)
+        for name, reason in server.model_errors().items():
+            print(f"  FAILED   {name}: {short_reason(reason)}", file=out)
+        print(f"Ctrl-C stops the server; if it dies it is restarted (at most {max_restarts} times within "
+              f"{restart_window_s:.0f} s).", file=out, flush=True)
+        supervisor.watch()
+    except KeyboardInterrupt:
+        print("stopping Triton ...", file=out, flush=True)
+    finally:
+        server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
