@@ -346,3 +346,12 @@ def test_ab_reports_per_arm_counts_latency_and_agreement(built_repository, trito
             assert agreement["compared_with"] == other and agreement["mirrored"] == len(mine)
             expected = sum(labels[arm][k] == labels[other][k] for k in mine) / len(mine)
             assert agreement["top1_agreement"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_ab_agreement_share_is_checked():
+    from dyngate_build.errors import ConfigError
+    from dyngate_gateway.config import GatewayConfig
+
+    assert GatewayConfig.from_dict({"routing": {"ab_agreement_share": 0}}).routing.ab_agreement_share == 0
+    with pytest.raises(ConfigError, match="ab_agreement_share=2"):
+        GatewayConfig.from_dict({"routing": {"ab_agreement_share": 2}})
