@@ -98,3 +98,12 @@ load: setup
 	$(DYNGATE) load --triton 127.0.0.1:$(GRPC_PORT) --gateway http://127.0.0.1:$(GATEWAY_PORT) \
 	  --model $(LOAD_MODEL) --variant $(LOAD_VARIANT) --clients $(LOAD_CLIENTS) --duration $(LOAD_SECONDS) \
 	  $(DATA_FLAG) --out $(REPORT_DIR)
+
+# Kubernetes manifests for the repository: a Kustomize base, cpu and gpu overlays (with the derived Triton image's
+# Dockerfile each) and the queue-time HPA component, into DEPLOY_DIR. `kubectl apply -k $(DEPLOY_DIR)/overlays/cpu`.
+# MODEL_STORE: pvc (a PersistentVolumeClaim) or s3://, gs://, as:// (Triton reads the repository itself).
+DEPLOY_DIR ?= deploy/k8s
+MODEL_STORE ?= pvc
+.PHONY: deploy
+deploy: setup
+	$(DYNGATE) deploy kubernetes --repository $(REPOSITORY) --out $(DEPLOY_DIR) --model-store $(MODEL_STORE)

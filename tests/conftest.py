@@ -74,6 +74,19 @@ def built_repository(tmp_path_factory, preset_checkpoints, cache_dir, data_dir) 
     return repository
 
 
+@pytest.fixture(scope="session")
+def text_repository(tmp_path_factory, preset_checkpoint, cache_dir, data_dir) -> Path:
+    """A small repository: fp32 + torchscript of distilbert-tiny only (python and native flavours)."""
+    from dyngate_build.pipeline import BuildOptions, build
+
+    preset_checkpoint("distilbert-tiny")
+    repository = tmp_path_factory.mktemp("text-repo") / "model_repository"
+    build(BuildOptions(model="distilbert-tiny", techniques=BASELINE_VARIANTS, repository=repository,
+                       cache_dir=cache_dir, data=str(data_dir), eval_limit=100, check_limit=16, latency_samples=10),
+          log=lambda *a: None)
+    return repository
+
+
 @contextlib.contextmanager
 def running_triton(repository: Path, log_file: Path, models: list[str] | None = None):
     """An embedded Triton on free loopback ports serving `repository` (default: every python-backend model)."""

@@ -1,5 +1,5 @@
 """`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, recommend, report,
-bench, load, zero-report. This module is the one place that wires the packages together.
+bench, load, zero-report, deploy. This module is the one place that wires the packages together.
 
     dyngate build --model distilbert-tiny --techniques fp32,torchscript
     dyngate serve --repository model_repository
@@ -9,6 +9,7 @@ bench, load, zero-report. This module is the one place that wires the packages t
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
     dyngate recommend --model distilbert-tiny --budget 1.0
     dyngate bench / dyngate load / dyngate zero-report
+    dyngate deploy kubernetes --repository model_repository --out deploy/k8s
 
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
 Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
@@ -204,6 +205,13 @@ def cmd_zero_report(args) -> int:
     return run_from_args(args)
 
 
+def cmd_deploy(args) -> int:
+    from dyngate_deploy.kubernetes import options_from_args, write_kubernetes
+
+    write_kubernetes(options_from_args(args), log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +307,10 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == chosen:
             importlib.import_module(f"dyngate_measure.{module}").add_arguments(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("deploy", help="Kubernetes manifests (Kustomize base + cpu/gpu overlays) for the repository")
+    if chosen == "deploy":  # like bench and load: its options are added only when it is the one run
+        importlib.import_module("dyngate_deploy.kubernetes").add_arguments(p)
+    p.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -1,5 +1,6 @@
 """The gateway's plain HTTP routes beside the Gradio page: POST /api/predict, GET /api/status, GET /api/models,
-GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow).
+GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /metrics (the gateway's
+Prometheus metrics, dyngate_gateway/telemetry.py).
 
 POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget",
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
@@ -16,7 +17,7 @@ import secrets
 
 import gradio as gr
 from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from dyngate_build.errors import InputError, ServingError
 from dyngate_gateway import models_view
@@ -89,10 +90,10 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                 return error(400, "image_base64 is not valid base64")
         text = body.get("text")
         try:
-            answer = state.router.route(model, text, body.get("policy") or "fastest", variant=body.get("variant"),
-                                        accuracy_budget=body.get("accuracy_budget"),
-                                        threshold=body.get("threshold"), exit_threshold=body.get("exit_threshold"),
-                                        image=image)
+            answer = state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.route(
+                model, text, body.get("policy") or "fastest", variant=body.get("variant"),
+                accuracy_budget=body.get("accuracy_budget"), threshold=body.get("threshold"),
+                exit_threshold=body.get("exit_threshold"), image=image))
         except InputError as e:
             return error(400, str(e))
         except (ValueError, TypeError, OverflowError) as e:  # e.g. float("abc"), float(10**400)
@@ -128,6 +129,12 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         def stats():
             return JSONResponse(state.shadow.stats(request.query_params.get("model")))
         return guarded(stats)(request)
+    @app.get("/metrics")
+    def prometheus_metrics(request: Request):
+        def scrape():
+            body, content_type = state.telemetry.exposition()
+            return Response(body, media_type=content_type)
+        return guarded(scrape)(request)
 
     @app.get("/api/models")
     def api_models(request: Request):

@@ -34,7 +34,8 @@ API endpoints (gradio_client, by name):
 Plain HTTP (same server): POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant",
 "accuracy_budget", "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...},
 unknown model -> 404, a body over limits.max_body_bytes (any route) -> 413, Triton down -> 503.
-GET /api/status, GET /api/models, GET /api/shadow (?model=M: shadow traffic counts). With a login, every route but Gradio's login page asks for it.
+GET /api/status, GET /api/models, GET /api/shadow (?model=M: shadow traffic counts), GET /metrics (the gateway's
+Prometheus metrics, dyngate_gateway/telemetry.py). With a login, every route but Gradio's login page asks for it.
 
     dyngate gateway --repository model_repository --triton 127.0.0.1:8001     # http://127.0.0.1:7860
 """
@@ -44,7 +45,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -57,6 +58,7 @@ from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
 from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
 from dyngate_gateway.routing import POLICIES, Router
 from dyngate_gateway.shadow import DEFAULT_QUEUE_LIMIT, Shadow
+from dyngate_gateway.telemetry import GatewayTelemetry
 
 TITLE = "dyngate gateway"
 
@@ -147,8 +149,14 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         if view is None:
             raise handlers.InputError(f"unknown model {name!r}; the repository's models are: "
                                       f"{', '.join(catalog) or 'none (run dyngate build)'}")
-        result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
-                                           limits=state.config.limits)
+        start = time.perf_counter()
+        try:
+            result = handlers.compare_variants(clients, view, text_value, image_path, chosen,
+                                               limits=state.config.limits)
+        except DyngateError as e:
+            state.telemetry.failed(view, "compare", e, time.perf_counter() - start)
+            raise
+        state.telemetry.compared(view, result, time.perf_counter() - start)
         drawing = {"task": view.task, "text": text_value, "image": None if view.is_text else image_path,
                    "answers": result.answers, "latency": {row[0]: row[4] for row in result.rows}}
         return _table(result.rows), result.answers, drawing
@@ -161,10 +169,10 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                  exit_value):
         state.refresh()
         view = state.router.view(name)
-        return state.router.route(view.name, text_value if view.is_text else None, policy_value,
-                                  variant=variant_value or None, accuracy_budget=budget_value,
-                                  threshold=threshold_value, exit_threshold=exit_value,
-                                  image=None if view.is_text else image_path)
+        return state.telemetry.routed(view, policy_value, lambda: state.router.route(
+            view.name, text_value if view.is_text else None, policy_value, variant=variant_value or None,
+            accuracy_budget=budget_value, threshold=threshold_value, exit_threshold=exit_value,
+            image=None if view.is_text else image_path))
 
     def route_summary(answer):
         if not answer:
@@ -483,6 +491,7 @@ class GatewayState:
     router: Router
     monitor: metrics.MetricsMonitor
     config: GatewayConfig
+    telemetry: GatewayTelemetry = field(default_factory=GatewayTelemetry)  # GET /metrics
     shadow: Shadow | None = None
 
     def __post_init__(self):
@@ -531,7 +540,7 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
     router = Router(catalog, clients, config.routing, config.limits)
     monitor = metrics.MetricsMonitor(config.metrics_url or metrics.default_metrics_url(triton_url), config.server_pid)
     router.shadow = Shadow(clients)  # off until a model's shadow is started (Shadow tab, API "shadow_start")
-    state = GatewayState(Path(repository), catalog, clients, router, monitor, config, router.shadow)
+    state = GatewayState(Path(repository), catalog, clients, router, monitor, config, shadow=router.shadow)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nModel repository `{repository}` · Triton `{clients.url}`")
         status = gr.Markdown(elem_id="triton-status")
