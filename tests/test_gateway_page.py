@@ -139,6 +139,7 @@ def test_page_compares_variants_and_recovers_from_an_error(browser, gateway_url,
         assert prediction == expected[variant]
         assert 0.0 <= float(score) <= 1.0
         assert float(round_trip) > 0
+    page.get_by_text("Raw JSON answers").click()  # folded away by default
     raw = page.locator("#raw").inner_text()
     assert all(v in raw for v in variants)
 

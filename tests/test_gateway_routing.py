@@ -172,7 +172,9 @@ def test_exit_threshold_is_passed_to_triton_and_checked(catalog, clients):
     router = Router(catalog, clients)
     answer = router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=0.5)
     assert answer["parameters"] == {"exit_threshold": 0.5}
-    for bad in (1.5, -0.1, "high"):
+    never = router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=1.5)  # ≥ 1: never exit
+    assert never["parameters"] == {"exit_threshold": 1.5}
+    for bad in (True, -0.1, "high", "nan"):
         with pytest.raises(InputError, match="exit_threshold"):
             router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=bad)
 
@@ -224,7 +226,7 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
     ({"model": TEXT_MODEL, "text": "x" * 3000}, 400, "limit is 2000"),
     ({"model": TEXT_MODEL, "text": "x", "policy": "cheapest"}, 400, "policy='cheapest'"),
     ({"model": TEXT_MODEL, "text": "x", "policy": "variant", "variant": "int3"}, 400, "unknown variant 'int3'"),
-    ({"model": TEXT_MODEL, "text": "x", "exit_threshold": 2}, 400, "exit_threshold"),
+    ({"model": TEXT_MODEL, "text": "x", "exit_threshold": True}, 400, "exit_threshold=True is a boolean"),
     ({"model": TEXT_MODEL, "text": "x", "colour": "red"}, 400, "unknown field"),
     ({"model": IMAGE_MODEL, "image_base64": "***"}, 400, "base64"),
 ])

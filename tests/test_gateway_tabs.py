@@ -184,10 +184,16 @@ def test_models_tab_unloads_and_loads(browser, gateway, catalog, triton, tmp_pat
     name = view.variants[view.variant_names[-1]].name
     page = _page(browser, gateway.url)
     _open_tab(page, "Models")
-    rows = _wait_rows(page, "models-table", len(triton.repository_index()))
+    served = [e.name for v in catalog.values() for e in v.variants.values()]
+    rows = _wait_rows(page, "models-table", len(served))
     states = {r[0]: r[8] for r in rows}
-    assert states[name] == "READY"
-    assert all(states[e.name] == "READY" for v in catalog.values() for e in v.variants.values())
+    assert sorted(states) == sorted(served)  # the native flavours are not among the served variants
+    assert all(states[n] == "READY" for n in served)
+    for row in rows:  # size, dev metric, serving (instances × threads, batch, queue delay)
+        assert float(row[4]) > 0 and row[5].split()[0] in ("accuracy", "entity_f1") and " × " in row[7]
+    native = {r[0]: r for r in _rows(page, "models-native")}
+    assert native and all(n.endswith("__native") for n in native)
+    assert all(r[6] == "for NVIDIA's container; not loadable here" for r in native.values())
     _pick(page, "models-name", name)
     try:
         page.click("#models-unload")

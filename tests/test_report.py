@@ -11,7 +11,7 @@ import pytest
 from dyngate_cli import main as cli_main
 from dyngate_build.repository import directory_size, list_models
 from dyngate_measure.machine import NO_GPU
-from dyngate_measure.report import BATCH_SIZES, add_changes, recommend
+from dyngate_measure.report import BATCH_SIZES, add_changes, recommendation
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODELS = ("distilbert-tiny", "vit-tiny")
@@ -118,7 +118,7 @@ def test_report_writes_markdown_and_png_charts(report):
 
 def _row(variant, accuracy, size, p50):
     lat = {"p50_ms": p50, "p95_ms": p50 * 1.5, "throughput_items_s": 1000.0 / p50}
-    return {"variant": variant, "accuracy": accuracy, "size_bytes": size,
+    return {"variant": variant, "accuracy": accuracy, "metric": "accuracy", "size_bytes": size, "size_mb": size / 1e6,
             "latency": {f"batch{b}": dict(lat) for b in BATCH_SIZES}}
 
 
@@ -127,9 +127,11 @@ def test_recommendation_is_fastest_within_budget():
     add_changes(rows, rows[0])
     assert rows[1]["change"]["accuracy_pt"] == -0.5 and rows[1]["change"]["size_pct"] == -75.0
     assert rows[1]["change"]["p50_batch1_pct"] == -40.0
-    assert recommend(rows, 1.0) == "int8"
-    assert recommend(rows, 5.0) == "ee"
-    assert recommend(rows, 0.0) == "fp32"
+    assert recommendation(rows, "fp32", 1.0).chosen == "int8"
+    assert recommendation(rows, "fp32", 5.0).chosen == "ee"
+    assert recommendation(rows, "fp32", 0.0).chosen == "fp32"
+    assert recommendation(rows, "fp32", 1.0).rejected == [("ee", "accuracy 0.8500 is 5.00 pt below fp32 "
+                                                                  "(budget 1 pt), p50 3.000 ms")]
 
 
 def test_report_unknown_model_is_named(built_repository, tmp_path, capsys):

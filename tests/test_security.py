@@ -234,10 +234,12 @@ def test_source_tree_loads_nothing_unsafely():
 # ------------------------------------------------------------------------------------------------ login
 
 PUBLIC_GET = ["/", "/theme.css", "/favicon.ico", "/manifest.json", "/gradio_api/startup-events", "/openapi.json"]
-GUARDED_GET = ["/config", "/gradio_api/info", "/api/status", "/api/models", "/metrics", "/gradio_api/queue/status",
+GUARDED_GET = ["/config", "/gradio_api/info", "/api/status", "/api/models", "/api/shadow", "/metrics",
+               "/gradio_api/queue/status",
                "/gradio_api/file=/etc/passwd", "/gradio_api/upload_progress", "/monitoring"]
 GUARDED_POST = ["/api/predict", "/gradio_api/call/route", "/gradio_api/call/predict", "/gradio_api/upload",
-                "/gradio_api/queue/join", "/gradio_api/run/predict", "/gradio_api/run/load_model"]
+                "/gradio_api/queue/join", "/gradio_api/run/predict", "/gradio_api/run/load_model",
+                "/gradio_api/run/shadow_start"]
 
 
 @pytest.fixture(scope="module")

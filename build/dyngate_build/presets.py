@@ -36,6 +36,7 @@ from dyngate_build.data import encode_png
 from dyngate_build.errors import ConfigError, SourceError
 from dyngate_build.evaluate import entity_scores
 from dyngate_build.families import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
+from dyngate_build.runtime import to_rgb
 from dyngate_build.training import TrainingConfig, train
 
 log = logging.getLogger("dyngate.presets")
@@ -228,7 +229,7 @@ def _digit_pixels(processor, images: np.ndarray) -> torch.Tensor:
     """uint8 [N, 8, 8] -> the pixel_values a client's PNG becomes (PNG -> PIL -> RGB -> processor)."""
     from PIL import Image
 
-    pil = [Image.open(io.BytesIO(encode_png(image))).convert("RGB") for image in images]
+    pil = [to_rgb(Image.open(io.BytesIO(encode_png(image)))) for image in images]
     return processor(images=pil, return_tensors="pt")["pixel_values"]
 
 

@@ -156,20 +156,50 @@ class TextPreprocessor:
             raise InputError(f"TEXT has {len(text)} characters; the limit is {self.max_text_chars}")
         return text
 
-    def encode(self, texts: list[str]):
-        """Tokenize `texts`; returns (feeds dict of int64 arrays [B, L], list of `tokenizers.Encoding`)."""
-        encodings = self.tokenizer.encode_batch(texts)
+    def tokenize(self, texts: list[str]) -> list:
+        """One `tokenizers.Encoding` per text (special tokens added, truncated to `max_length`)."""
+        return self.tokenizer.encode_batch(texts)
+
+    @staticmethod
+    def check_content(encoding) -> None:
+        """InputError when `encoding` holds special tokens only: the text was made of characters the tokenizer's
+        normalizer drops (NUL and other control characters, BOM, zero-width joiner, ...), so the model would
+        classify an empty input. Refused like a whitespace-only text."""
+        if all(encoding.special_tokens_mask):
+            raise InputError("TEXT is empty once tokenized: it holds only characters the tokenizer drops "
+                             "(control, zero-width or byte-order marks); send at least one visible character")
+
+    def feeds(self, encodings: list) -> dict[str, np.ndarray]:
+        """`input_ids`, `attention_mask` (int64 [B, L]) of `encodings`, padded to the longest of them."""
         longest = max(len(e.ids) for e in encodings)
-        ids = np.full((len(texts), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(texts), longest), dtype=np.int64)
+        ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), longest), dtype=np.int64)
         for row, enc in enumerate(encodings):
             ids[row, : len(enc.ids)] = enc.ids
             mask[row, : len(enc.ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask}, encodings
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def to_rgb(image):
+    """A PIL image as RGB, transparency composited onto white, as Hugging Face image processors do with
+    `do_convert_rgb` (`transformers.image_transforms.convert_to_rgb`): an image with an alpha band (RGBA, LA,
+    PA) or a palette/grey image with a `transparency` entry goes through RGBA over an opaque white background;
+    anything else is `convert("RGB")`. PIL's plain `convert("RGB")` drops alpha, turning transparent pixels
+    black."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 class ImagePreprocessor:
-    """Encoded image bytes -> `pixel_values` (float32, [batch, 3, height, width]), as ViTImageProcessor."""
+    """Encoded image bytes -> `pixel_values` (float32, [batch, 3, height, width]), as ViTImageProcessor
+    (transparency composited onto white first, `to_rgb`)."""
 
     def __init__(self, spec: RuntimeSpec):
         from PIL import Image
@@ -202,7 +232,7 @@ class ImagePreprocessor:
                 f"IMAGE is {w}x{h} pixels; each side must be within [{spec.min_side}, {spec.max_side}]")
         try:
             image.load()
-            image = image.convert("RGB")  # here, not in pixels(): a broken palette fails this item only
+            image = to_rgb(image)  # here, not in pixels(): a broken palette fails this item only
         except Exception as e:
             raise InputError(f"IMAGE is not a readable {image.format} file ({type(e).__name__}: truncated or "
                              "corrupt); send the bytes of a complete image file") from None
@@ -217,7 +247,7 @@ class ImagePreprocessor:
         std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
         batch = []
         for image in images:
-            rgb = image.convert("RGB").resize((width, height), resample=resample)
+            rgb = to_rgb(image).resize((width, height), resample=resample)
             array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) * spec.rescale_factor
             batch.append((array - mean) / std)
         return np.stack(batch).astype(self.dtype)
@@ -305,20 +335,31 @@ class TorchScriptEngine:
         return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in items}
 
 
-def exit_threshold(options: dict, default: float) -> float:
-    """The request's `exit_threshold` (a number ≥0; 1.0 or above = never exit), else `default`.
+def check_exit_threshold(value) -> float:
+    """The one rule for an `exit_threshold` value, applied by the served runtime and the gateway alike.
 
-    Raises InputError for a value that is not a finite number ≥0.
+    Accepted: a finite real number ≥ 0, or its decimal string ("0.9"); 1.0 or above means never exit (the full
+    model answers). Refused with InputError: a boolean (JSON `true` is no threshold, although Python's
+    float(True) is 1.0), anything that is not a number, negative or non-finite values. Returns it as float.
     """
-    value = (options or {}).get("exit_threshold", default)
+    if isinstance(value, bool):
+        raise InputError(f"exit_threshold={value!r} is a boolean, not a threshold; send a number ≥ 0 "
+                         "(e.g. 0.9; 1.0 or above = never exit)")
     try:
         threshold = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"exit_threshold={value!r} is not a number; send a value in [0, 1] "
-                         f"(1.0 = never exit)") from None
+        raise InputError(f"exit_threshold={value!r} is not a number; send a number ≥ 0 "
+                         "(e.g. 0.9; 1.0 or above = never exit)") from None
     if not math.isfinite(threshold) or threshold < 0:
-        raise InputError(f"exit_threshold={value!r} is outside [0, 1]; 1.0 or above means never exit")
+        raise InputError(f"exit_threshold={value!r} must be a finite number ≥ 0 (e.g. 0.9; 1.0 or above = "
+                         "never exit)")
     return threshold
+
+
+def exit_threshold(options: dict, default: float) -> float:
+    """The request's `exit_threshold` (checked by `check_exit_threshold`), else `default` when absent or null."""
+    value = (options or {}).get("exit_threshold")
+    return default if value is None else check_exit_threshold(value)
 
 
 def exit_confidence(logits: np.ndarray, criterion: str) -> np.ndarray:
@@ -494,24 +535,42 @@ class Predictor:
         self.engine = engine if engine is not None else ENGINES[spec.engine](folder, spec)
 
     def features(self, raws: list[bytes]):
-        """Preprocess `raws`; returns (feeds for the valid ones, per-item decoded value or InputError)."""
+        """Preprocess `raws`; returns (feeds for the valid ones, their encodings (text) or None, per-item decoded
+        value or InputError). A text whose tokens are all special tokens is an InputError here."""
         decoded: list = []
         for raw in raws:
             try:
                 decoded.append(self.preprocessor.decode(raw))
             except InputError as e:
                 decoded.append(e)
+        encodings = None
+        if isinstance(self.preprocessor, TextPreprocessor):
+            positions = [i for i, d in enumerate(decoded) if not isinstance(d, InputError)]
+            tokenized = self.preprocessor.tokenize([decoded[i] for i in positions]) if positions else []
+            encodings = []
+            for i, encoding in zip(positions, tokenized):
+                try:
+                    self.preprocessor.check_content(encoding)
+                    encodings.append(encoding)
+                except InputError as e:
+                    decoded[i] = e
         valid = [d for d in decoded if not isinstance(d, InputError)]
         if not valid:
             return None, None, decoded
-        if isinstance(self.preprocessor, TextPreprocessor):
-            feeds, encodings = self.preprocessor.encode(valid)
+        if encodings is not None:
+            feeds = self.preprocessor.feeds(encodings)
         else:
-            feeds, encodings = {"pixel_values": self.preprocessor.pixels(valid)}, None
+            feeds = {"pixel_values": self.preprocessor.pixels(valid)}
         return feeds, encodings, decoded
 
     def predict(self, raws: list[bytes], options: dict | None = None) -> list:
-        """Answer each raw input; returns a Prediction or an InputError per item, in order."""
+        """Answer each raw input; returns a Prediction or an InputError per item, in order.
+
+        options: request parameters. An `exit_threshold` in them is checked by `check_exit_threshold` for every
+        variant, early exit or not (InputError for the whole call), so one value is accepted or refused alike
+        by all variants and by the gateway."""
+        if (options or {}).get("exit_threshold") is not None:
+            options = {**options, "exit_threshold": check_exit_threshold(options["exit_threshold"])}
         feeds, encodings, decoded = self.features(raws)
         if feeds is None:
             return decoded

@@ -1,5 +1,5 @@
-"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, report, bench, load,
-zero-report, deploy. This module is the one place that wires the packages together.
+"""`dyngate`: one console command with subcommands build, serve, reload, gateway, predict, recommend, report,
+bench, load, zero-report, deploy. This module is the one place that wires the packages together.
 
     dyngate build --model distilbert-tiny --techniques fp32,torchscript
     dyngate serve --repository model_repository
@@ -7,6 +7,7 @@ zero-report, deploy. This module is the one place that wires the packages togeth
     dyngate reload --model distilbert-tiny --variant fp32 --triton 127.0.0.1:8001
     dyngate gateway --triton 127.0.0.1:8001
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
+    dyngate recommend --model distilbert-tiny --budget 1.0
     dyngate bench / dyngate load / dyngate zero-report
     dyngate deploy kubernetes --repository model_repository --out deploy/k8s
 
@@ -180,6 +181,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_recommend(args) -> int:
+    """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32."""
+    from dyngate_measure.recommend import recommend_from_repository
+
+    print(recommend_from_repository(Path(args.repository), args.model, args.budget).explain())
+    return 0
+
+
 def cmd_bench(args) -> int:
     from dyngate_measure.benchmark import markdown, options_from_args, run_bench
 
@@ -277,6 +286,14 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="default: from the url's scheme (http://, grpc://), else grpc")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("recommend", help="the fastest variant built on this machine within an accuracy budget "
+                                         "of FP32, and why (from the build's metadata)")
+    p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="points of the dev metric the variant may lose against FP32 (default 1.0)")
+    p.add_argument("--repository", default=repository)
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("report", help="measure every variant through Triton: Markdown, JSON and PNG charts")
     from dyngate_measure.report import add_arguments as add_report_arguments

@@ -1,5 +1,6 @@
 """The gateway's plain HTTP routes beside the Gradio page: POST /api/predict, GET /api/status, GET /api/models,
-GET /metrics (the gateway's Prometheus metrics, dyngate_gateway/telemetry.py).
+GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /metrics (the gateway's
+Prometheus metrics, dyngate_gateway/telemetry.py).
 
 POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget",
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
@@ -77,7 +78,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         for key in ("text", "image_base64", "policy", "variant"):
             if body.get(key) is not None and not isinstance(body[key], str):
                 return error(400, f"{key} must be a string, not {type(body[key]).__name__}")
-        for key in ("accuracy_budget", "threshold", "exit_threshold"):
+        for key in ("accuracy_budget", "threshold"):  # exit_threshold: the router applies Triton's own rule
             value = body.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
                 return error(400, f"{key} must be a number, not {type(value).__name__}")
@@ -121,6 +122,11 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                                 status_code=200 if ready else 503)
         return guarded(status)(request)
 
+    @app.get("/api/shadow")
+    def api_shadow(request: Request):
+        def stats():
+            return JSONResponse(state.shadow.stats(request.query_params.get("model")))
+        return guarded(stats)(request)
     @app.get("/metrics")
     def prometheus_metrics(request: Request):
         def scrape():

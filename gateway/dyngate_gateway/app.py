@@ -6,11 +6,18 @@ One `gr.Tab` per view; add a view by adding a `_<view>_tab(...)` function and ca
 
 Views:
 - Predict: pick a model, type text (text models) or upload an image (image models), tick variants, Predict:
-  each variant's answer and round trip side by side, plus the raw JSON answers. "Route by policy" sends the
+  each variant's answer drawn side by side (entities highlighted in the text, class probabilities as bars, the
+  image with its prediction; answers_view.py), a summary table and the raw JSON (folded away). Opens on a
+  text-classification model. "Route by policy" sends the
   same input through one routing policy (gateway/dyngate_gateway/routing.py) and shows who served it and why.
-- Compare: benchmark chosen variants live against Triton (requests, concurrency levels, batch, dev inputs).
+- Compare: benchmark chosen variants live against Triton (requests, concurrency levels, batch, dev inputs); the
+  dev metric against the p50 just measured, with the Pareto front, size as marker area and the recommended
+  variant for an accuracy budget the user sets (dyngate_measure.recommend, as `dyngate recommend`).
 - Metrics: Triton's Prometheus metrics, the server process, the machine and the GPU, refreshed by a timer.
-- Models: the repository's models with technique, size, accuracy and Triton's state; load and unload.
+- Models: the served variants with technique, size, dev metric, build p50, threads × instances and Triton's
+  state (load and unload); the native flavours apart, as "for NVIDIA's container; not loadable here".
+- Shadow: mirror a share of a model's routed requests to a candidate variant in the background (shadow.py);
+  its agreement with the served answers and its latency per minute.
 A status line on top (refreshed by a timer) says whether Triton is reachable: down, restarting, or ready.
 
 API endpoints (gradio_client, by name):
@@ -27,8 +34,8 @@ API endpoints (gradio_client, by name):
 Plain HTTP (same server): POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant",
 "accuracy_budget", "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...},
 unknown model -> 404, a body over limits.max_body_bytes (any route) -> 413, Triton down -> 503.
-GET /api/status, GET /api/models, GET /metrics (the gateway's Prometheus metrics, dyngate_gateway/telemetry.py).
-With a login, every route but Gradio's login page asks for it.
+GET /api/status, GET /api/models, GET /api/shadow (?model=M: shadow traffic counts), GET /metrics (the gateway's
+Prometheus metrics, dyngate_gateway/telemetry.py). With a login, every route but Gradio's login page asks for it.
 
     dyngate gateway --repository model_repository --triton 127.0.0.1:8001     # http://127.0.0.1:7860
 """
@@ -45,11 +52,12 @@ import gradio as gr
 import pandas as pd
 
 from dyngate_build.errors import DyngateError, InputError, ServingError
-from dyngate_gateway import compare, handlers, metrics, models_view
+from dyngate_gateway import answers_view, compare, handlers, metrics, models_view
 from dyngate_gateway.api import create_app
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
 from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
 from dyngate_gateway.routing import POLICIES, Router
+from dyngate_gateway.shadow import DEFAULT_QUEUE_LIMIT, Shadow
 from dyngate_gateway.telemetry import GatewayTelemetry
 
 TITLE = "dyngate gateway"
@@ -64,7 +72,7 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
     """The Predict view: one input to several variants of one model, answers side by side.
 
     Returns (on_model, model dropdown, its outputs) so the page can narrow the variants on load."""
-    first = next(iter(catalog.values()), None)
+    first = answers_view.default_model(catalog)
     with gr.Tab("Predict", id="predict"):
         with gr.Row():
             model = gr.Dropdown(choices=list(catalog), value=first.name if first else None, label="Model",
@@ -76,16 +84,40 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                                         elem_id="variants", scale=2)
         info = gr.Markdown(first.describe() if first else "No models: run `dyngate build` first.",
                            elem_id="model-info")
-        text = gr.Textbox(label="Text", lines=3, placeholder="a gripping, beautifully acted film",
+        text = gr.Textbox(label="Text", lines=3, placeholder=answers_view.placeholder(first),
                           visible=first.is_text if first else True, elem_id="text")
         with gr.Row(visible=bool(first and not first.is_text)) as image_row:
             image = gr.File(label="Image (PNG, JPEG, BMP, GIF)", file_types=["image"], type="filepath",
                             elem_id="image")
             preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
         predict = gr.Button("Predict", variant="primary", elem_id="predict")
+        drawn = gr.State(None)  # {"task", "text", "image", "answers": {variant: answer}, "latency": {variant: ms}}
+
+        @gr.render(inputs=drawn)
+        def draw(value):
+            if not value:
+                return
+            with gr.Row(equal_height=False, elem_id="drawn"):
+                for variant, answer in value["answers"].items():
+                    with gr.Column(min_width=240, elem_id=f"answer-{variant}", elem_classes=["drawn-answer"]):
+                        gr.Markdown(answers_view.headline(variant, answer, value["latency"].get(variant)))
+                        if answer.get("error"):
+                            continue
+                        if value["task"] == answers_view.TOKEN_CLASSIFICATION:
+                            gr.HighlightedText(answers_view.highlighted_entities(value["text"], answer),
+                                               label="entities", show_legend=False, show_inline_category=True,
+                                               elem_classes=["drawn-entities"])
+                            continue
+                        if value["image"]:
+                            gr.Image(value["image"], label=answer.get("label"), height=140, interactive=False,
+                                     elem_classes=["drawn-image"])
+                        gr.Label(answers_view.label_confidences(answer), label="class probabilities",
+                                 num_top_classes=answers_view.TOP_CLASSES, elem_classes=["drawn-label"])
+
         table = gr.Dataframe(value=_table(), headers=RESULT_HEADERS, label="Answers", interactive=False,
                              wrap=True, elem_id="answers")
-        raw = gr.JSON(label="Raw answers (by variant)", elem_id="raw")
+        with gr.Accordion("Raw JSON answers", open=False, elem_id="raw-accordion"):
+            raw = gr.JSON(label="Raw answers (by variant)", elem_id="raw")
         with gr.Accordion("Route by policy", open=True):
             with gr.Row():
                 policy = gr.Dropdown(choices=list(POLICIES), value="fastest", label="Policy", elem_id="policy")
@@ -107,7 +139,8 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         if view is None:
             return (gr.update(choices=[], value=[]), "Pick a model.", gr.update(), gr.update())
         return (gr.update(choices=view.variant_names, value=view.variant_names), view.describe(),
-                gr.update(visible=view.is_text), gr.update(visible=not view.is_text))
+                gr.update(visible=view.is_text, placeholder=answers_view.placeholder(view)),
+                gr.update(visible=not view.is_text))
 
     @handlers.user_errors
     async def on_predict(name: str | None, text_value: str | None, image_path: str | None,
@@ -125,7 +158,9 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
             state.telemetry.failed(view, "compare", e, time.perf_counter() - start)
             raise
         state.telemetry.compared(view, result, time.perf_counter() - start)
-        return _table(result.rows), result.answers
+        drawing = {"task": view.task, "text": text_value, "image": None if view.is_text else image_path,
+                   "answers": result.answers, "latency": {row[0]: row[4] for row in result.rows}}
+        return _table(result.rows), result.answers, drawing
 
     def on_image(path: str | None):
         return handlers.image_preview(path)
@@ -144,8 +179,11 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         if not answer:
             return ""
         steps = " → ".join(f"`{s['variant']}` ({s['confidence']:.3f})" for s in answer["route"])
-        return (f"**served by `{answer['served_by']}`**: {answer['prediction']} · route {steps} · "
+        line = (f"**served by `{answer['served_by']}`**: {answer['prediction']} · route {steps} · "
                 f"{answer['latency_ms']:.2f} ms  \n{answer['reason']}")
+        if answer.get("arms"):
+            line += "\n\n" + answers_view.arms_table(answer["arms"])
+        return line
 
     route.click(on_route, [model, text, image, policy, route_variant, budget, threshold, exit_threshold],
                 route_json, api_name="route").then(route_summary, route_json, route_line,
@@ -153,10 +191,10 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
 
     outputs = [variants, info, text, image_row]
     model.change(on_model, model, outputs, api_name="model_info")
-    gr.on([model.change], lambda: (_table(), None), None, [table, raw], api_visibility="private")
+    gr.on([model.change], lambda: (_table(), None, None), None, [table, raw, drawn], api_visibility="private")
     image.change(on_image, image, preview, api_visibility="private")
-    predict.click(on_predict, [model, text, image, variants], [table, raw], api_name="predict")
-    text.submit(on_predict, [model, text, image, variants], [table, raw], api_visibility="private")
+    predict.click(on_predict, [model, text, image, variants], [table, raw, drawn], api_name="predict")
+    text.submit(on_predict, [model, text, image, variants], [table, raw, drawn], api_visibility="private")
     return on_model, model, outputs
 
 
@@ -164,7 +202,7 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
 # ----------------------------------------------------------------------------------------------- compare
 
 def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
-    first = next(iter(catalog.values()), None)
+    first = answers_view.default_model(catalog)
     limits = state.config.limits
     with gr.Tab("Compare", id="compare"):
         gr.Markdown("Benchmark variants live against Triton on real dev inputs (batch items cycle through the "
@@ -180,7 +218,15 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
             requests = gr.Number(value=50, precision=0, label="Requests per variant and level", elem_id="cmp-requests")
             levels = gr.Textbox(value="1,2", label="Concurrency levels (threads)", elem_id="cmp-concurrency")
             batch = gr.Number(value=1, precision=0, label="Batch size", elem_id="cmp-batch")
-        run = gr.Button("Run benchmark", variant="primary", elem_id="cmp-run")
+        with gr.Row():
+            run = gr.Button("Run benchmark", variant="primary", elem_id="cmp-run")
+            budget = gr.Number(value=1.0, minimum=0, label="Accuracy budget (points below FP32) for the "
+                               "recommendation", elem_id="cmp-budget")
+        measured = gr.State(None)  # {"model", "rows"} of the last run: the chart is redrawn when the budget changes
+        with gr.Row():
+            pareto = gr.Plot(label="Accuracy vs p50 (lowest concurrency): Pareto front, marker area = size, "
+                             "★ recommended", elem_id="cmp-pareto")
+            recommendation = gr.Markdown(elem_id="cmp-recommendation")
         table = gr.Dataframe(headers=compare.HEADERS, label="Latency and throughput", interactive=False,
                              elem_id="cmp-table")
         server = gr.Dataframe(headers=compare.SERVER_HEADERS, label="Server-side split per request "
@@ -224,11 +270,33 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
                                "throughput": rows["throughput items/s"]})
         return (rows, pd.DataFrame(result.server, columns=compare.SERVER_HEADERS),
                 pd.DataFrame(compare.distribution(result), columns=["run", "percentile", "ms"]), thr_df,
-                str(folder / "benchmark.csv"), str(folder / "benchmark.json"))
+                str(folder / "benchmark.csv"), str(folder / "benchmark.json"),
+                {"model": view.name, "rows": result.rows})
+
+    @handlers.user_errors
+    def on_draw(last, budget_pt):
+        import matplotlib.pyplot as plt
+
+        from dyngate_measure.recommend import metric_name
+        from dyngate_measure.report import pareto_figure
+
+        if not last:
+            return None, ""
+        view = state.router.view(last["model"])
+        if budget_pt is None or budget_pt < 0:
+            raise InputError(f"budget={budget_pt!r}: give the accuracy points the recommendation may lose, ≥ 0")
+        chosen = compare.tradeoff({v: e.metadata for v, e in view.variants.items()}, last["rows"], float(budget_pt),
+                                  metric_name(list(view.variants.values())))
+        figure = pareto_figure(chosen, f"{view.name}: {chosen.metric_name} vs p50", f"p50 ms ({chosen.latency})")
+        plt.close(figure)  # Gradio renders it; pyplot need not keep it
+        return figure, "```\n" + chosen.explain() + "\n```"
 
     model.change(on_model, model, variants, api_visibility="private")
-    run.click(on_run, [model, variants, requests, levels, batch], [table, server, dist, thr, csv_file, json_file],
-              api_name="compare", concurrency_limit=1)
+    run.click(on_run, [model, variants, requests, levels, batch],
+              [table, server, dist, thr, csv_file, json_file, measured], api_name="compare",
+              concurrency_limit=1).then(on_draw, [measured, budget], [pareto, recommendation],
+                                        api_visibility="private")
+    budget.change(on_draw, [measured, budget], [pareto, recommendation], api_visibility="private")
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -296,8 +364,8 @@ def _fmt(value) -> str:
 def _models_tab(state: "GatewayState"):
     python_models = [e.name for v in state.catalog.values() for e in v.variants.values()]
     with gr.Tab("Models", id="models"):
-        table = gr.Dataframe(headers=models_view.HEADERS, label="Repository", interactive=False, wrap=True,
-                             elem_id="models-table")
+        table = gr.Dataframe(headers=models_view.HEADERS, label="Served variants (python backend)",
+                             interactive=False, wrap=True, elem_id="models-table")
         with gr.Row():
             name = gr.Dropdown(choices=python_models, value=python_models[0] if python_models else None,
                                label="Triton model", elem_id="models-name")
@@ -305,6 +373,11 @@ def _models_tab(state: "GatewayState"):
             unload = gr.Button("Unload", elem_id="models-unload")
             refresh = gr.Button("Refresh", elem_id="models-refresh")
         message = gr.Markdown(elem_id="models-message")
+        native = models_view.native_rows(state.repository)
+        gr.Dataframe(value=pd.DataFrame(native, columns=models_view.NATIVE_HEADERS), headers=models_view.NATIVE_HEADERS,
+                     label=f"Native flavour: {models_view.NATIVE_NOTE} (the same graphs for the onnxruntime and "
+                           "pytorch backends of NVIDIA's tritonserver)", interactive=False, wrap=True,
+                     visible=bool(native), elem_id="models-native")
 
     def rows():
         return pd.DataFrame(models_view.model_rows(state.repository, state.clients), columns=models_view.HEADERS)
@@ -323,6 +396,90 @@ def _models_tab(state: "GatewayState"):
     return rows, table
 
 
+# ------------------------------------------------------------------------------------------------ shadow
+
+def _shadow_tab(catalog: dict[str, ModelView], state: "GatewayState"):
+    """The Shadow view: mirror a share of a model's routed requests to a candidate variant (shadow.py) and watch
+    its agreement with the served answers and its latency, per minute. Returns its refresh timer."""
+    first = answers_view.default_model(catalog)
+    with gr.Tab("Shadow", id="shadow"):
+        gr.Markdown("Mirror a share of a model's **routed** requests (the Route button, `POST /api/predict`) to a "
+                    "candidate variant in the background: answers are never changed or delayed; copies beyond the "
+                    "queue limit are dropped. Off until started. Also `GET /api/shadow`.")
+        with gr.Row():
+            model = gr.Dropdown(choices=list(catalog), value=first.name if first else None, label="Model",
+                                elem_id="shadow-model")
+            candidate = gr.Dropdown(choices=handlers.all_variant_names(catalog),
+                                    value=first.variant_names[-1] if first else None, label="Candidate variant",
+                                    elem_id="shadow-candidate")
+            share = gr.Number(value=0.1, minimum=0, maximum=1, label="Share of requests mirrored (0-1]",
+                              elem_id="shadow-share")
+            limit = gr.Number(value=DEFAULT_QUEUE_LIMIT, precision=0, label="Queue limit",
+                              elem_id="shadow-limit")
+        with gr.Row():
+            start = gr.Button("Start shadow", variant="primary", elem_id="shadow-start")
+            stop = gr.Button("Stop", elem_id="shadow-stop")
+        summary = gr.Markdown(elem_id="shadow-summary")
+        table = gr.Dataframe(headers=SHADOW_HEADERS, label="Per minute (UTC)", interactive=False,
+                             elem_id="shadow-table")
+        timer = gr.Timer(state.config.metrics_interval_s, active=False)  # ticks while this tab is open
+
+    def view_of(name):
+        return state.router.view(name)
+
+    def show(name):
+        stats = state.shadow.stats(name)["models"].get(name or "")
+        if stats is None:
+            return f"No shadow for `{name}`: pick a candidate and start one.", pd.DataFrame(columns=SHADOW_HEADERS)
+        t = stats["totals"]
+        line = (f"**{'on' if stats['enabled'] else 'off'}** · `{name}` → candidate `{stats['candidate']}` · share "
+                f"{stats['share']:g} · routed {stats['seen']} · mirrored {t['mirrored']} · top-1 agreement "
+                f"{_pct(t['top1_agreement'])} · max |Δ| {_num(t['max_abs_delta'])}"
+                + (f" · entity F1 {_num(t['entity_f1'])}" if t["entity_f1"] is not None else "")
+                + f" · candidate p50 {_num(t['candidate_p50_ms'])} ms (served {_num(t['served_p50_ms'])} ms) · "
+                f"errors {t['errors']} · dropped {t['dropped']} · queued {stats['queued']}/{stats['queue_limit']}")
+        if stats["last_error"]:
+            line += f"  \nlast candidate error: {stats['last_error']}"
+        rows = [[m["minute"], m["mirrored"], m["top1_agreement"], m["max_abs_delta"], m["entity_f1"],
+                 m["served_p50_ms"], m["candidate_p50_ms"], m["candidate_p99_ms"], m["errors"], m["dropped"]]
+                for m in stats["minutes"]]
+        return line, pd.DataFrame(rows, columns=SHADOW_HEADERS)
+
+    def on_model(name):
+        view = catalog.get(name or "")
+        names = view.variant_names if view else []
+        return gr.update(choices=names, value=names[-1] if names else None), *show(name)
+
+    @handlers.user_errors
+    def on_start(name, candidate_name, share_value, limit_value):
+        state.shadow.configure(view_of(name), candidate_name, share_value, limit_value)
+        return show(name)
+
+    @handlers.user_errors
+    def on_stop(name):
+        state.shadow.stop(view_of(name).name)
+        return show(name)
+
+    outputs = [summary, table]
+    model.change(on_model, model, [candidate, *outputs], api_visibility="private")
+    start.click(on_start, [model, candidate, share, limit], outputs, api_name="shadow_start")
+    stop.click(on_stop, model, outputs, api_name="shadow_stop")
+    timer.tick(show, model, outputs, api_visibility="private", show_progress="hidden")
+    return timer
+
+
+SHADOW_HEADERS = ["minute", "mirrored", "top-1 agreement", "max |Δ| score", "entity F1", "served p50 ms",
+                  "candidate p50 ms", "candidate p99 ms", "errors", "dropped"]
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 # ------------------------------------------------------------------------------------------------- state
 
 @dataclass
@@ -336,6 +493,7 @@ class GatewayState:
     monitor: metrics.MetricsMonitor
     config: GatewayConfig
     telemetry: GatewayTelemetry = field(default_factory=GatewayTelemetry)  # GET /metrics
+    shadow: Shadow | None = None
 
     def __post_init__(self):
         self._dev: dict[str, list[bytes]] = {}
@@ -382,7 +540,8 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
     clients = ClientPool(triton_url)
     router = Router(catalog, clients, config.routing, config.limits)
     monitor = metrics.MetricsMonitor(config.metrics_url or metrics.default_metrics_url(triton_url), config.server_pid)
-    state = GatewayState(Path(repository), catalog, clients, router, monitor, config)
+    router.shadow = Shadow(clients)  # off until a model's shadow is started (Shadow tab, API "shadow_start")
+    state = GatewayState(Path(repository), catalog, clients, router, monitor, config, shadow=router.shadow)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nModel repository `{repository}` · Triton `{clients.url}`")
         status = gr.Markdown(elem_id="triton-status")
@@ -391,11 +550,12 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
             _compare_tab(catalog, state)
             metrics_timer = _metrics_tab(state)
             models_rows, models_table = _models_tab(state)
+            shadow_timer = _shadow_tab(catalog, state)
 
         def on_tab(evt: gr.SelectData):
-            return gr.Timer(active=evt.value == "Metrics")
+            return gr.Timer(active=evt.value == "Metrics"), gr.Timer(active=evt.value == "Shadow")
 
-        tabs.select(on_tab, None, metrics_timer, api_visibility="private")
+        tabs.select(on_tab, None, [metrics_timer, shadow_timer], api_visibility="private")
 
         def on_status():
             return state.status()[1]

@@ -25,6 +25,7 @@ import numpy as np
 
 from dyngate_build.errors import InputError
 from dyngate_build.evaluate import summarize_ms
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 from dyngate_serving.client import TritonClient
 
 HEADERS = ["variant", "concurrency", "batch", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "mean ms",
@@ -227,6 +228,28 @@ def distribution(result: BenchResult, points: int = 50) -> list[dict]:
         for q, v in zip(qs, np.percentile(np.asarray(times), qs)):
             out.append({"run": run, "percentile": float(q), "ms": float(v)})
     return out
+
+
+def tradeoff(variants: dict, rows: list[list], budget_pt: float, metric_name: str = "accuracy",
+             baseline: str = BASELINE_VARIANT) -> Recommendation:
+    """The Compare tab's recommendation: `dyngate_measure.recommend.recommend` on the p50 just measured.
+
+    variants: {variant: VariantMetadata or None} (dev metric, size); rows: a run's HEADERS rows, of which the
+    lowest concurrency level of each variant gives its p50 (at the run's batch size). A variant without a
+    successful request has no p50 and is not recommended."""
+    lowest: dict[str, list] = {}
+    for row in rows:
+        if row[0] not in lowest or row[1] < lowest[row[0]][1]:
+            lowest[row[0]] = row
+    candidates = []
+    for variant, row in lowest.items():
+        meta = variants.get(variant)
+        candidates.append(Candidate(variant, meta.accuracy.value if meta else None, row[5],
+                                    meta.size_mb if meta else None))
+    level = min((r[1] for r in lowest.values()), default=1)
+    batch = next((r[2] for r in lowest.values()), 1)
+    return recommend(candidates, baseline, budget_pt, metric_name,
+                     latency=f"Triton p50 just measured, concurrency {level}, batch {batch}")
 
 
 def to_json(result: BenchResult, settings: dict) -> str:

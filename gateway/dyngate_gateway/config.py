@@ -2,7 +2,7 @@
 
     {"limits": {"max_text_chars": 10000, "max_image_bytes": 5242880, "max_body_bytes": 8388608,
                 "max_bench_requests": 2000, "max_bench_concurrency": 16},
-     "routing": {"accuracy_budget": 0.01, "cascade_threshold": 0.9, "seed": 0,
+     "routing": {"accuracy_budget": 0.01, "cascade_threshold": 0.9, "seed": 0, "ab_agreement_share": 0.1,
                  "ab_weights": {"distilbert-tiny": {"fp32": 3, "torchscript": 1}}},
      "auth": {"user": "me", "password": "..."},
      "metrics_url": "http://127.0.0.1:8002/metrics", "data": "../shared/data"}

@@ -1,5 +1,7 @@
-"""The Models tab: every model and variant in the repository with its technique, size, accuracy and Triton's
-state, and loading/unloading through Triton's model-control API (the server runs with explicit model control).
+"""The Models tab: the served variants (python backend) with technique, size, dev metric, build p50, threads and
+instances and Triton's state, loading/unloading through Triton's model-control API (the server runs with
+explicit model control); apart from them, the native flavours, shown as what they are: for NVIDIA's container,
+not loadable by the embedded server.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from dyngate_build.repository import list_models, version_numbers
 from dyngate_serving.client import TritonClient, short_reason
 from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 
-HEADERS = ["triton model", "model", "variant", "technique", "flavour", "size MB", "accuracy", "build p50 ms",
-           "state", "version", "reason", "serving"]
+HEADERS = ["triton model", "model", "variant", "technique", "size MB", "dev metric", "build p50 ms",
+           "serving", "state", "version", "reason"]
+NATIVE_HEADERS = ["triton model", "model", "variant", "platform", "size MB", "dev metric", "serving"]
+NATIVE_NOTE = "for NVIDIA's container; not loadable here"
 CONTROL_TIMEOUT_S = 180.0
 SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while
 
@@ -65,24 +69,31 @@ def variant_state(folder: Path, entries: list[dict]) -> tuple[str, str, str]:
     return state, "" if newest is None else f"{newest} on disk", ""
 
 
+def _dev_metric(meta) -> str | None:
+    """"accuracy 0.8300" / "entity_f1 0.8841" from a VariantMetadata (None without metadata)."""
+    return f"{meta.accuracy.name} {meta.accuracy.value:.4f}" if meta else None
+
+
 def model_rows(repository: Path, clients: ClientPool) -> list[list]:
-    """One row per model folder (HEADERS): the build's numbers from metadata.json and Triton's state."""
+    """One row per served model folder (HEADERS; python backend, the flavour this Triton loads): the build's
+    numbers from metadata.json, its threads and instances, and Triton's state."""
     try:
         index, down = repository_index(clients), False
     except ServingError:
         index, down = {}, True
     rows = []
     for entry in list_models(Path(repository)):
+        if entry.native:
+            continue
         meta = entry.metadata
         if down:
             state, version, reason = "Triton unreachable", "", ""
         else:
             state, version, reason = variant_state(entry.folder, index.get(entry.name, []))
         rows.append([entry.name, entry.model, entry.variant, meta.technique if meta else entry.variant,
-                     "native" if entry.native else entry.backend, meta.size_mb if meta else None,
-                     f"{meta.accuracy.name} {meta.accuracy.value:.4f}" if meta else None,
-                     meta.latency_in_process.p50_ms if meta else None, state, version, reason,
-                     serving_text(meta.serving if meta else None)])
+                     meta.size_mb if meta else None, _dev_metric(meta),
+                     meta.latency_in_process.p50_ms if meta else None, serving_text(meta.serving if meta else None),
+                     state, version, reason])
     return rows
 
 
@@ -94,6 +105,14 @@ def serving_text(serving) -> str:
     instances, threads = serving.instances, serving.threads
     return (f"{instances} instance{'s' if instances != 1 else ''} × {threads} thread{'s' if threads != 1 else ''}, "
             f"batch ≤{serving.max_batch_size}, queue delay {serving.queue_delay_us} µs")
+
+
+def native_rows(repository: Path) -> list[list]:
+    """One row per native flavour (NATIVE_HEADERS): the variant for NVIDIA's tritonserver container (platform
+    onnxruntime_onnx / pytorch_libtorch), which the embedded server (python backend only) cannot load."""
+    return [[entry.name, entry.model, entry.variant, entry.backend,
+             entry.metadata.size_mb if entry.metadata else None, _dev_metric(entry.metadata), NATIVE_NOTE]
+            for entry in list_models(Path(repository)) if entry.native]
 
 
 def control(clients: ClientPool, repository: Path, name: str | None, action: str) -> str:

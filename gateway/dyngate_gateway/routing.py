@@ -14,13 +14,18 @@ Policies (POLICIES):
   has `MIN_LIVE_SAMPLES` of them, else from the build's measurement (metadata `latency_in_process`).
 - `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
 - `ab`: a weighted random split from the config (`ab_weights[model] = {variant: weight}`, equal weights when
-  the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence.
+  the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence. Its answers carry
+  `arms`: per arm the requests it answered, their p50/p99 round trips, and its agreement with the next arm on
+  the same inputs (a share, `ab_agreement_share`, of its requests is mirrored there in the background by
+  dyngate_gateway.shadow).
 - `cascade`: READY variants cheapest first (the build's p50, then size); a variant's answer is kept when its
   top-1 probability reaches `threshold`, else the request goes on to the next; the last one always answers.
   Only the low-confidence inputs pay for the bigger variants: input-adaptive routing at the serving level.
 
 `exit_threshold` (any policy) is sent to Triton as the request parameter `exit_threshold`: early-exit variants
-leave at the first off-ramp whose confidence reaches it; other variants ignore it.
+leave at the first off-ramp whose confidence reaches it; other variants ignore it. It is checked here by the
+served runtime's own rule (`dyngate_build.runtime.check_exit_threshold`: a number ≥ 0, ≥ 1 = never exit, no
+booleans), so the gateway and Triton accept and refuse the same values.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dyngate_build.errors import InputError, ServingError, TritonUnreachable
+from dyngate_build import runtime
+from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
@@ -57,6 +63,13 @@ class RoutingConfig:
     ab_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {variant: weight}
     cascade_order: dict[str, list[str]] = field(default_factory=dict)  # model -> variants (overrides cost order)
     seed: int = 0
+    # share of `ab` requests also sent, in the background, to another arm to measure the arms' agreement (0: off)
+    ab_agreement_share: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.ab_agreement_share) <= 1.0:
+            raise ConfigError(f"routing.ab_agreement_share={self.ab_agreement_share!r} is outside [0, 1]: the share "
+                              "of ab requests mirrored to another arm to measure agreement (0 turns it off)")
 
 
 def confidence(answer: dict) -> float:
@@ -103,6 +116,34 @@ class LiveLatency:
         return (float(np.percentile(values, 50)) if values else None), len(values)
 
 
+class ArmCounts:
+    """Requests the `ab` policy answered per arm and their round trips (ms, the last `window`), per model;
+    thread-safe."""
+
+    def __init__(self, window: int = 1000):
+        self.window = window
+        self._counts: dict[tuple[str, str], int] = {}
+        self._times: dict[tuple[str, str], deque] = {}
+        self._lock = threading.Lock()
+
+    def record(self, model: str, arm: str, ms: float) -> None:
+        with self._lock:
+            key = (model, arm)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            self._times.setdefault(key, deque(maxlen=self.window)).append(float(ms))
+
+    def report(self, model: str, arms: list[str]) -> dict[str, dict]:
+        """{arm: {"requests", "p50_ms", "p99_ms"}} for each of `arms` (p50/p99 None before its first request)."""
+        with self._lock:
+            out = {}
+            for arm in arms:
+                times = list(self._times.get((model, arm), ()))
+                out[arm] = {"requests": self._counts.get((model, arm), 0),
+                            "p50_ms": round(float(np.percentile(times, 50)), 3) if times else None,
+                            "p99_ms": round(float(np.percentile(times, 99)), 3) if times else None}
+            return out
+
+
 class Router:
     """Answers `route(...)` for the models of `catalog` through `clients` (one TritonClient per thread)."""
 
@@ -117,6 +158,8 @@ class Router:
         self._ready: tuple[float, set[str]] | None = None
         self._ready_lock = threading.Lock()
         self._failed: dict[str, tuple[float, str]] = {}  # triton model -> (monotonic time of failure, error)
+        self.shadow = None  # a dyngate_gateway.shadow.Shadow: routed requests are offered to it once answered
+        self.arms = ArmCounts()
 
     # ---- state
 
@@ -211,8 +254,35 @@ class Router:
 
         raw: text (str) or the encoded bytes; image: a file path or bytes for image models (instead of raw).
         Runs on the event loop: Triton is asked through the loop's shared async client, nothing blocks.
+        Once answered, the request is offered to `self.shadow` (when set), which may mirror it to a candidate
+        variant in the background; the answer is neither changed nor delayed by that.
         """
         view = self.view(model)
+        answer, data, params = await self._route(view, raw, policy, variant, accuracy_budget, threshold,
+                                                 exit_threshold, image)
+        if answer["policy"] == "ab":
+            arms = list(self._ab_weights(view))
+            self.arms.record(view.name, answer["served_by"], answer["latency_ms"])
+            if self.shadow is not None:
+                self.shadow.compare_arms(view, arms, self.config.ab_agreement_share)
+        if self.shadow is not None:
+            self.shadow.offer(view, data, params, answer)
+        if answer["policy"] == "ab":
+            answer["arms"] = self.ab_report(view)
+        return answer
+
+    def ab_report(self, view: ModelView) -> dict[str, dict]:
+        """Per arm of `view`'s A/B split: {"weight", "requests", "p50_ms", "p99_ms", "agreement"} where agreement
+        ({"compared_with", "mirrored", "top1_agreement", "max_abs_delta"}, or None before any comparison) is
+        measured on copies of the arm's requests answered by the next arm (RoutingConfig.ab_agreement_share)."""
+        weights = self._ab_weights(view)
+        report = self.arms.report(view.name, list(weights))
+        agreement = self.shadow.arm_agreement(view.name) if self.shadow is not None else {}
+        return {arm: {"weight": weights[arm], **report[arm], "agreement": agreement.get(arm)} for arm in weights}
+
+    async def _route(self, view: ModelView, raw, policy, variant, accuracy_budget, threshold, exit_threshold,
+                     image) -> tuple[dict, bytes, dict | None]:
+        """aroute() without the shadow: (answer, the bytes sent, the request parameters)."""
         text = raw if isinstance(raw, str) else None
         image = image if image not in (None, "", b"") else (raw if isinstance(raw, (bytes, bytearray)) else None)
         if view.is_text and isinstance(image, (bytes, bytearray)) and text is None:
@@ -228,14 +298,11 @@ class Router:
             raise InputError(f"policy={policy!r} is not known; choose one of: {', '.join(POLICIES)} "
                              f"(or a variant name of {view.name}: {', '.join(view.variant_names)})")
         params = None
-        if exit_threshold is not None and str(exit_threshold).strip() != "":
+        if exit_threshold is not None and str(exit_threshold).strip() != "":  # blank: the variant's default
             try:
-                value = float(exit_threshold)
-            except (TypeError, ValueError):
-                raise InputError(f"exit_threshold={exit_threshold!r} is not a number; send a value in [0, 1]") from None
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"exit_threshold={value} is outside [0, 1]; 1.0 means never exit early")
-            params = {"exit_threshold": value}
+                params = {"exit_threshold": runtime.check_exit_threshold(exit_threshold)}  # Triton's own rule
+            except runtime.InputError as e:
+                raise InputError(str(e)) from None
         budget = self.config.accuracy_budget if accuracy_budget in (None, "") else float(accuracy_budget)
         if budget < 0:
             raise InputError(f"accuracy_budget={budget} is negative; give an allowed accuracy drop ≥ 0, e.g. 0.01")
@@ -252,10 +319,10 @@ class Router:
                                  f"{', '.join(view.variant_names)}")
             chosen, reason = variant, f"variant {variant!r} was asked for"
             step = await self._call(view, chosen, data, params)
-            return self._answer(view, policy, [step], reason, params)
+            return self._answer(view, policy, [step], reason, params), data, params
         ready = await self.aready_models()
         if policy == "cascade":
-            return await self._cascade(view, data, cut, params, ready)
+            return await self._cascade(view, data, cut, params, ready), data, params
         skipped: list[str] = []
         while True:
             chosen, reason = self._choose(view, policy, budget, ready)
@@ -268,7 +335,7 @@ class Router:
                 continue  # _call marked it failed: the next choice leaves it out
             if skipped:
                 reason += "; skipped " + "; ".join(skipped)
-            return self._answer(view, policy, [step], reason, params)
+            return self._answer(view, policy, [step], reason, params), data, params
 
     # ---- policies
 
@@ -314,12 +381,8 @@ class Router:
                 reason += f"; outside the budget: {', '.join(left_out)}"
             return chosen, reason
         # ab
-        weights = dict(self.config.ab_weights.get(view.name) or {v: 1.0 for v in view.variant_names})
-        unknown = [v for v in weights if v not in view.variants]
-        if unknown:
-            raise InputError(f"ab_weights for {view.name} name unknown variants {unknown}; its variants are "
-                             f"{', '.join(view.variant_names)}")
-        pool = [(v, float(w)) for v, w in weights.items() if v in names and float(w) > 0]
+        weights = self._ab_weights(view)
+        pool = [(v, w) for v, w in weights.items() if v in names]
         if not pool:
             raise ServingError(f"ab split for {view.name}: none of {sorted(weights)} with weight > 0 is loaded")
         total = sum(w for _, w in pool)
@@ -327,6 +390,15 @@ class Router:
             chosen = self._rng.choices([v for v, _ in pool], weights=[w for _, w in pool])[0]
         share = dict(pool)[chosen] / total
         return chosen, f"A/B split {dict(pool)}: drew {chosen} (share {share:.0%})"
+
+    def _ab_weights(self, view: ModelView) -> dict[str, float]:
+        """{arm: weight > 0} of `view`'s A/B split (config `ab_weights`, equal weights when it has none)."""
+        weights = dict(self.config.ab_weights.get(view.name) or {v: 1.0 for v in view.variant_names})
+        unknown = [v for v in weights if v not in view.variants]
+        if unknown:
+            raise InputError(f"ab_weights for {view.name} name unknown variants {unknown}; its variants are "
+                             f"{', '.join(view.variant_names)}")
+        return {v: float(w) for v, w in weights.items() if float(w) > 0}
 
     async def _cascade(self, view: ModelView, data: bytes, cut: float, params: dict | None, ready: set[str]) -> dict:
         order = self.cascade_order(view, ready)

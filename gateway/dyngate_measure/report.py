@@ -37,10 +37,10 @@ import numpy as np
 from dyngate_build.errors import ConfigError, ServingError
 from dyngate_build.repository import RepositoryEntry, directory_size, python_variants_by_model
 from dyngate_measure.machine import ResourceSampler, library_versions, machine_info, server_version
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 
 BATCH_SIZES = (1, 8)
 PATH = "grpc"
-BASELINE_VARIANT = "fp32"
 
 
 def _find_seeds(value, prefix: str = "") -> dict:
@@ -124,10 +124,11 @@ def add_changes(rows: list[dict], baseline: dict) -> None:
         row["change"] = change
 
 
-def recommend(rows: list[dict], budget_pt: float) -> str | None:
-    """The fastest variant (batch-1 p50) whose accuracy change is ≥ -budget_pt points; None if none is."""
-    eligible = [r for r in rows if r["change"]["accuracy_pt"] >= -budget_pt - 1e-9]
-    return min(eligible, key=lambda r: r["latency"]["batch1"]["p50_ms"])["variant"] if eligible else None
+def recommendation(rows: list[dict], baseline: str, budget_pt: float) -> Recommendation:
+    """`dyngate_measure.recommend.recommend` over the report's rows: the fastest variant at batch 1 (Triton gRPC
+    p50) whose dev metric is within `budget_pt` points of `baseline`'s."""
+    candidates = [Candidate(r["variant"], r["accuracy"], r["latency"]["batch1"]["p50_ms"], r["size_mb"]) for r in rows]
+    return recommend(candidates, baseline, budget_pt, rows[0]["metric"], latency=f"Triton {PATH} p50 at batch 1")
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -262,8 +263,9 @@ def run_report(options: ReportOptions, log=print) -> dict:
                     rows.append(_measure_variant(server, entry, raws, options, bar))
                 baseline = next((r for r in rows if r["variant"] == BASELINE_VARIANT), rows[0])
                 add_changes(rows, baseline)
+                chosen = recommendation(rows, baseline["variant"], options.budget_pt)
                 report["models"][model] = {"task": task, "baseline": baseline["variant"], "rows": rows,
-                                           "recommended": recommend(rows, options.budget_pt),
+                                           "recommended": chosen.chosen, "recommendation": chosen.explain(),
                                            "seeds": seeds(group)}
     finally:
         if bar is not None:
@@ -294,6 +296,7 @@ def model_markdown(model: str, section: dict, budget_pt: float) -> str:
     lines = [f"### {model} ({section['task']})", "",
              f"Changes against `{section['baseline']}`. Recommended (fastest batch-1 p50 within {budget_pt:g} pt of "
              f"FP32): **{rec or 'none'}**.", "",
+             *(["```", section["recommendation"], "```", ""] if section.get("recommendation") else []),
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         b1, b8, c, res = r["latency"]["batch1"], r["latency"]["batch8"], r["change"], r["resources"]
@@ -336,6 +339,51 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def pareto_figure(recommendation: Recommendation, title: str, xlabel: str):
+    """A matplotlib Figure: dev metric (%) against p50 (ms) for the recommendation's candidates, the Pareto
+    front (no other variant is both faster and more accurate), marker area ∝ size on disk, the budget line
+    (baseline − budget) and the recommended variant as a star. Used by `dyngate report` (PNG) and the gateway's
+    Compare tab (drawn live). Candidates without a metric or p50 are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [c for c in recommendation.candidates if c.metric is not None and c.p50_ms is not None]
+    names = [c.variant for c in points]
+    lat = np.array([c.p50_ms for c in points], dtype=float)
+    acc = np.array([c.metric for c in points], dtype=float) * 100
+    sizes = np.array([c.size_mb if c.size_mb is not None else 0.0 for c in points], dtype=float)
+    area = 30 + 400 * (sizes / sizes.max() if sizes.size and sizes.max() > 0 else np.zeros_like(sizes))
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(lat, acc, s=area, color="tab:blue", alpha=0.6, edgecolor="tab:blue", zorder=3,
+               label="variant (area ∝ size MB)")
+    for i, (x, y, n) in enumerate(zip(lat, acc, names)):  # alternate above/below so close points stay legible
+        ax.annotate(f"{n} ({sizes[i]:.1f} MB)" if sizes[i] else n, (x, y), textcoords="offset points",
+                    xytext=(6, 6 if i % 2 == 0 else -12), fontsize=8)
+    order = np.argsort(lat, kind="stable")
+    front, best = [], -np.inf
+    for i in order:
+        if acc[i] > best:
+            front.append(i)
+            best = acc[i]
+    ax.plot(lat[front], acc[front], "--", color="tab:gray", label="Pareto front", zorder=2)
+    ax.axhline(recommendation.baseline_metric * 100 - recommendation.budget_pt, color="tab:red", lw=0.8, ls=":",
+               label=f"budget: {recommendation.baseline} − {recommendation.budget_pt:g} pt")
+    if recommendation.chosen in names:
+        i = names.index(recommendation.chosen)
+        ax.scatter([lat[i]], [acc[i]], s=260, marker="*", color="gold", edgecolor="black", zorder=4,
+                   label=f"recommended: {recommendation.chosen}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{recommendation.metric_name} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
 def write_charts(model: str, section: dict, out: Path, budget_pt: float) -> list[Path]:
     """`<model>-pareto.png` (accuracy vs batch-1 p50, Pareto front, recommended marked) and
     `<model>-changes.png` (bar charts of the changes against the baseline)."""
@@ -344,35 +392,10 @@ def write_charts(model: str, section: dict, out: Path, budget_pt: float) -> list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, rec = section["rows"], section["recommended"]
+    rows = section["rows"]
     names = [r["variant"] for r in rows]
-    lat = np.array([r["latency"]["batch1"]["p50_ms"] for r in rows])
-    acc = np.array([r["accuracy"] for r in rows]) * 100
-    base = next(r for r in rows if r["variant"] == section["baseline"])
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(lat, acc, s=40, color="tab:blue", zorder=3)
-    for i, (x, y, n) in enumerate(zip(lat, acc, names)):  # alternate above/below so close points stay legible
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -12), fontsize=8)
-    order = np.argsort(lat, kind="stable")
-    front, best = [], -np.inf
-    for i in order:
-        if acc[i] > best:
-            front.append(i)
-            best = acc[i]
-    ax.plot(lat[front], acc[front], "--", color="tab:gray", label="Pareto front", zorder=2)
-    ax.axhline(base["accuracy"] * 100 - budget_pt, color="tab:red", lw=0.8, ls=":",
-               label=f"budget: FP32 − {budget_pt:g} pt")
-    if rec is not None:
-        i = names.index(rec)
-        ax.scatter([lat[i]], [acc[i]], s=220, marker="*", color="gold", edgecolor="black", zorder=4,
-                   label=f"recommended: {rec}")
-    ax.set_xlabel("Triton gRPC latency p50, batch 1 (ms)")
-    ax.set_ylabel(f"{rows[0]['metric']} (%)")
-    ax.set_title(f"{model}: accuracy vs latency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig = pareto_figure(recommendation(rows, section["baseline"], budget_pt), f"{model}: accuracy vs latency",
+                        "Triton gRPC latency p50, batch 1 (ms)")
     pareto = out / f"{model}-pareto.png"
     fig.savefig(pareto, dpi=110)
     plt.close(fig)

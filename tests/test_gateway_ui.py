@@ -1,0 +1,357 @@
+"""The gateway page people look at (issue 12), driven in Debian's Chromium against the real Triton: answers drawn
+(entities highlighted, probabilities as bars), the Compare tab's chart with its recommended variant, the Models
+tab's native flavours apart, and shadow traffic that never changes an answer. No mocks, no timing assertions.
+
+Screenshots of each tab go to /tmp/gateway_ui_<tab>.png (docs/ holds copies of them, linked from the README).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dyngate_build.data import DataSource, load_examples
+from dyngate_build.repository import RepositoryEntry
+from dyngate_gateway.handlers import ClientPool, ModelView, load_catalog
+from dyngate_gateway.routing import Router
+from dyngate_gateway.shadow import Shadow
+from dyngate_measure.recommend import Candidate, recommend
+from dyngate_serving.client import TritonClient
+from tests.conftest import running_gateway
+
+TEXT_MODEL, NER_MODEL, IMAGE_MODEL = "distilbert-tiny", "deberta-tiny", "vit-tiny"
+TIMEOUT_MS = 120_000
+SENTENCES = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ",
+             "a gripping , beautifully acted film", "the plot is a mess and the jokes fall flat",
+             "one of the year 's best", "tedious , overlong and dull"]
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@pytest.fixture(scope="module")
+def catalog(built_repository):
+    catalog = load_catalog(Path(built_repository))
+    for name in (TEXT_MODEL, NER_MODEL):
+        if name not in catalog:
+            pytest.skip(f"the repository has no {name}")
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def gateway(built_repository, triton, data_dir):
+    with running_gateway(built_repository, triton, status_interval_s=1, metrics_interval_s=1,
+                         data=str(data_dir)) as running:
+        yield running
+
+
+def _page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_function("document.querySelector('#triton-status') && "
+                           "document.querySelector('#triton-status').innerText.includes('is ready')")
+    return page
+
+
+def _screenshot(page, tmp_path: Path, tab: str) -> None:
+    shot = tmp_path / f"gateway_ui_{tab}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    try:
+        shutil.copyfile(shot, f"/tmp/gateway_ui_{tab}.png")
+    except OSError:
+        pass
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/api/predict", data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    try:
+        with _DIRECT.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url: str) -> dict:
+    with _DIRECT.open(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+# ------------------------------------------------------------------------------------------ answers drawn
+
+def test_page_opens_on_text_classification_and_draws_bars_for_every_ticked_variant(browser, gateway, catalog,
+                                                                                     triton, tmp_path):
+    view = catalog[TEXT_MODEL]
+    page = _page(browser, gateway.url)
+    assert page.locator("#model input").input_value() == TEXT_MODEL  # opens on text classification
+    assert "film" in page.locator("#text textarea").get_attribute("placeholder")  # a review, for sentiment
+    assert not page.locator("#raw-accordion").get_by_text("Raw answers (by variant)").is_visible()  # folded
+    sentence = SENTENCES[0]
+    page.locator("#text textarea").fill(sentence)
+    page.click("#predict")
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        direct = {v: client.predict(view.variants[v].name, sentence.encode()).answer for v in view.variant_names}
+    for variant in view.variant_names:
+        bars = page.locator(f"#answer-{variant} .drawn-label meter")
+        bars.nth(len(view.labels) - 1).wait_for()
+        assert bars.count() == len(view.labels)  # one bar per class
+        shown = {bars.nth(i).get_attribute("aria-label"): float(bars.nth(i).get_attribute("value"))
+                 for i in range(bars.count())}
+        assert shown == pytest.approx(direct[variant]["probabilities"], abs=1e-6)
+        top = page.locator(f"#answer-{variant} [data-testid=label-output-value]").inner_text()
+        assert top == direct[variant]["label"]
+    _screenshot(page, tmp_path, "predict")
+
+    # untick one variant: its drawing goes, the other stays
+    page.locator(f"#variants input[name='{view.variant_names[-1]}']").uncheck()
+    page.locator("#text textarea").fill(SENTENCES[1])
+    page.click("#predict")
+    page.wait_for_function(f"!document.querySelector('#answer-{view.variant_names[-1]}')")
+    assert page.locator(f"#answer-{view.variant_names[0]} .drawn-label meter").count() == len(view.labels)
+    page.close()
+
+
+def _ner_sentence(data_dir, grpc_url: str, triton_model: str) -> tuple[str, dict]:
+    """A CoNLL dev sentence in which the served model finds at least two entities, and that answer."""
+    examples, _ = load_examples("token-classification", "dev", DataSource.from_setting(str(data_dir)), limit=40)
+    with TritonClient(grpc_url) as client:
+        for example in examples:
+            answer = client.predict(triton_model, example.raw).answer
+            if len(answer["entities"]) >= 2:
+                return example.raw.decode(), answer
+    pytest.fail("no dev sentence with two entities found by the NER model")
+
+
+def test_ner_sentence_shows_highlighted_entities(browser, gateway, catalog, triton, data_dir, tmp_path):
+    view = catalog[NER_MODEL]
+    sentence, _ = _ner_sentence(data_dir, triton.endpoints["grpc"], view.variants[view.variant_names[0]].name)
+    page = _page(browser, gateway.url)
+    _pick(page, "model", NER_MODEL)
+    page.wait_for_function("document.querySelector('#text textarea').placeholder.includes('Merkel')")
+    page.locator("#text textarea").fill(sentence)
+    page.click("#predict")
+    with TritonClient(triton.endpoints["grpc"]) as client:
+        direct = {v: client.predict(view.variants[v].name, sentence.encode()).answer for v in view.variant_names}
+    for variant in view.variant_names:
+        entities = direct[variant]["entities"]
+        spans = page.locator(f"#answer-{variant} .drawn-entities .token.highlighted")
+        spans.nth(len(entities) - 1).wait_for()
+        assert spans.count() == len(entities)
+        for i, entity in enumerate(entities):  # in order: the entity's text, labelled with its type
+            shown = spans.nth(i).inner_text()
+            assert entity["text"] in shown and entity["entity"] in shown, (shown, entity)
+    _screenshot(page, tmp_path, "predict_ner")
+    page.close()
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+_READ_TABLE = """(id) => {
+  const rows = [];
+  for (const cell of document.querySelectorAll('#' + id + ' [role=gridcell][data-row][data-col]')) {
+    const r = +cell.dataset.row, c = +cell.dataset.col;
+    (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
+  }
+  return rows.filter(Boolean);
+}"""
+
+
+def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, catalog, tmp_path):
+    view = catalog[TEXT_MODEL]
+    page = _page(browser, gateway.url)
+    page.get_by_role("tab", name="Compare", exact=True).click()
+    _pick(page, "cmp-model", TEXT_MODEL)
+    page.locator("#cmp-requests input").fill("8")
+    page.locator("#cmp-concurrency textarea, #cmp-concurrency input").first.fill("1")
+    page.click("#cmp-run")
+    page.wait_for_function("document.querySelector('#cmp-recommendation').innerText.includes('recommended')")
+    page.locator("#cmp-pareto img, #cmp-pareto svg").first.wait_for()
+    rows = page.evaluate(_READ_TABLE, "cmp-table")
+    p50 = {r[0]: float(r[5]) for r in rows}
+    assert set(p50) == set(view.variant_names)
+
+    def expected(budget: float) -> str:
+        candidates = [Candidate(v, view.variants[v].metadata.accuracy.value, p50[v],
+                                view.variants[v].metadata.size_mb) for v in view.variant_names]
+        return recommend(candidates, "fp32", budget).chosen
+
+    assert f"recommended: {expected(1.0)} —" in page.locator("#cmp-recommendation").inner_text()
+    page.wait_for_timeout(500)
+    _screenshot(page, tmp_path, "compare")
+    # a budget no variant but fp32 meets: the recommendation follows without a new run
+    page.locator("#cmp-budget input").fill("0")
+    page.locator("#cmp-budget input").press("Enter")
+    page.wait_for_function("document.querySelector('#cmp-recommendation').innerText.includes('within 0 pt')")
+    assert f"recommended: {expected(0.0)} —" in page.locator("#cmp-recommendation").inner_text()
+    page.close()
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_path):
+    page = _page(browser, gateway.url)
+    page.get_by_role("tab", name="Models", exact=True).click()
+    served = sorted(e.name for v in catalog.values() for e in v.variants.values())
+    page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {len(served)}", arg="models-table")
+    assert sorted(r[0] for r in page.evaluate(_READ_TABLE, "models-table")) == served
+    native = page.evaluate(_READ_TABLE, "models-native")
+    assert native and all(r[0].endswith("__native") and r[6] == "for NVIDIA's container; not loadable here"
+                          for r in native)
+    assert "not loadable here" in page.locator("#models-native").inner_text()
+    _screenshot(page, tmp_path, "models")
+    page.close()
+
+
+# ------------------------------------------------------------------------------------------------ shadow
+
+def _routed(url: str, texts: list[str], variant: str) -> list[dict]:
+    answers = []
+    for text in texts:
+        status, answer = _post(url, {"model": TEXT_MODEL, "text": text, "policy": "variant", "variant": variant})
+        assert status == 200, answer
+        answers.append(answer)
+    return answers
+
+
+def test_shadow_on_agreement_appears_and_every_primary_answer_is_unchanged(browser, gateway, catalog, tmp_path):
+    from gradio_client import Client
+
+    view = catalog[TEXT_MODEL]
+    primary, candidate = view.variant_names[0], view.variant_names[-1]
+    texts = SENTENCES * 2
+    assert _get(gateway.url + "/api/shadow") == {"models": {}}  # off by default
+    before = _routed(gateway.url, texts, primary)
+
+    api = Client(gateway.url, verbose=False)
+    api.predict(TEXT_MODEL, candidate, 1.0, 1000, api_name="/shadow_start")
+    try:
+        during = _routed(gateway.url, texts, primary)
+        for b, d in zip(before, during):  # the served answer is the same answer
+            assert (d["served_by"], d["answer"]["label"], d["answer"]["probabilities"]) == \
+                   (b["served_by"], b["answer"]["label"], b["answer"]["probabilities"])
+        deadline = time.monotonic() + 120
+        while True:
+            stats = _get(f"{gateway.url}/api/shadow?model={TEXT_MODEL}")["models"][TEXT_MODEL]
+            if stats["totals"]["mirrored"] + stats["totals"]["errors"] >= len(texts) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert stats["candidate"] == candidate and stats["seen"] == len(texts) == stats["offered"]
+        assert stats["totals"]["mirrored"] == len(texts) and stats["totals"]["errors"] == 0
+        assert stats["totals"]["dropped"] == 0
+        # agreement computed from the two variants' own answers
+        with TritonClient(gateway.state.clients.url) as client:
+            theirs = [client.predict(view.variants[candidate].name, t.encode()).answer["label"] for t in texts]
+        agreed = sum(t == d["answer"]["label"] for t, d in zip(theirs, during)) / len(texts)
+        assert stats["totals"]["top1_agreement"] == pytest.approx(agreed)
+        assert stats["totals"]["candidate_p50_ms"] > 0 and stats["minutes"]
+
+        page = _page(browser, gateway.url)
+        page.get_by_role("tab", name="Shadow", exact=True).click()
+        _pick(page, "shadow-model", TEXT_MODEL)
+        page.wait_for_function(f"document.querySelector('#shadow-summary').innerText.includes("
+                               f"'mirrored {len(texts)}')")
+        assert "top-1 agreement" in page.locator("#shadow-summary").inner_text()
+        page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= 1", arg="shadow-table")
+        _screenshot(page, tmp_path, "shadow")
+        page.close()
+    finally:
+        api.predict(TEXT_MODEL, api_name="/shadow_stop")
+    assert not _get(gateway.url + "/api/shadow")["models"]
+    after = _routed(gateway.url, texts[:2], primary)
+    assert [a["answer"]["label"] for a in after] == [b["answer"]["label"] for b in before[:2]]
+
+
+def test_a_failing_candidate_never_fails_the_primary(built_repository, triton, catalog):
+    """A candidate Triton does not serve: every mirrored copy fails (counted), every routed request is answered."""
+    view = catalog[TEXT_MODEL]
+    ghost = RepositoryEntry(f"{TEXT_MODEL}__ghost", view.variants["fp32"].folder, "python", None)
+    shadowed = ModelView(view.name, view.client_input, view.task, view.labels, {**view.variants, "ghost": ghost})
+    clients = ClientPool(triton.endpoints["grpc"])
+    router = Router({view.name: shadowed}, clients)
+    router.shadow = Shadow(clients)
+    router.shadow.configure(shadowed, "ghost", share=0.5, queue_limit=2)
+    try:
+        answers = [router.route(TEXT_MODEL, text, "variant", variant="fp32") for text in SENTENCES * 2]
+        assert all(a["served_by"] == "fp32" and a["answer"]["label"] for a in answers)
+        deadline = time.monotonic() + 60
+        while True:
+            stats = router.shadow.stats(TEXT_MODEL)["models"][TEXT_MODEL]
+            t = stats["totals"]
+            if t["errors"] + t["dropped"] >= stats["offered"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert stats["seen"] == 12 and stats["offered"] == 6  # share 0.5: every second request
+        assert t["errors"] + t["dropped"] == 6 and t["mirrored"] == 0 and "ghost" in stats["last_error"]
+    finally:
+        router.shadow.close()
+
+
+@pytest.mark.parametrize("field, value, message", [("share", 0.0, "share=0.0"), ("share", 1.5, "share=1.5"),
+                                                   ("queue_limit", 0, "queue_limit=0"),
+                                                   ("candidate", "int3", "candidate='int3'")])
+def test_shadow_settings_are_checked(catalog, field, value, message):
+    from dyngate_build.errors import InputError
+
+    view = catalog[TEXT_MODEL]
+    settings = {"candidate": view.variant_names[-1], "share": 0.5, "queue_limit": 8, field: value}
+    shadow = Shadow(ClientPool("127.0.0.1:1"))
+    with pytest.raises(InputError, match=message):
+        shadow.configure(view, settings["candidate"], settings["share"], settings["queue_limit"])
+    assert shadow.stats() == {"models": {}}
+
+
+# -------------------------------------------------------------------------------------------------- A/B
+
+def test_ab_reports_per_arm_counts_latency_and_agreement(built_repository, triton, catalog):
+    from dyngate_gateway.routing import RoutingConfig
+
+    view = catalog[TEXT_MODEL]
+    arms = view.variant_names
+    texts = SENTENCES * 2
+    with running_gateway(built_repository, triton, routing=RoutingConfig(ab_agreement_share=1.0, seed=3)) as gateway:
+        answers = [_post(gateway.url, {"model": TEXT_MODEL, "text": t, "policy": "ab"})[1] for t in texts]
+        served = [a["served_by"] for a in answers]
+        report = answers[-1]["arms"]
+        assert set(report) == set(arms)
+        assert {arm: report[arm]["requests"] for arm in arms} == {arm: served.count(arm) for arm in arms}
+        for arm in arms:
+            if report[arm]["requests"]:
+                assert 0 < report[arm]["p50_ms"] <= report[arm]["p99_ms"]
+        deadline = time.monotonic() + 120
+        while True:  # the comparisons run in the background
+            report = gateway.state.router.ab_report(view)
+            done = sum((r["agreement"] or {}).get("mirrored", 0) for r in report.values())
+            if done >= len(texts) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        with TritonClient(triton.endpoints["grpc"]) as client:
+            labels = {arm: [client.predict(view.variants[arm].name, t.encode()).answer["label"] for t in texts]
+                      for arm in arms}
+        for i, arm in enumerate(arms):
+            mine = [k for k, s in enumerate(served) if s == arm]
+            if not mine:
+                continue
+            other = arms[(i + 1) % len(arms)]
+            agreement = report[arm]["agreement"]
+            assert agreement["compared_with"] == other and agreement["mirrored"] == len(mine)
+            expected = sum(labels[arm][k] == labels[other][k] for k in mine) / len(mine)
+            assert agreement["top1_agreement"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_ab_agreement_share_is_checked():
+    from dyngate_build.errors import ConfigError
+    from dyngate_gateway.config import GatewayConfig
+
+    assert GatewayConfig.from_dict({"routing": {"ab_agreement_share": 0}}).routing.ab_agreement_share == 0
+    with pytest.raises(ConfigError, match="ab_agreement_share=2"):
+        GatewayConfig.from_dict({"routing": {"ab_agreement_share": 2}})

@@ -1,0 +1,75 @@
+"""The recommended variant (dyngate_measure.recommend): the rule on hand-made numbers, and `dyngate recommend`
+on a built repository (the build's own metadata), no mocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dyngate_build.errors import ConfigError
+from dyngate_build.repository import python_variants_by_model
+from dyngate_cli import main as cli_main
+from dyngate_measure.recommend import Candidate, build_candidates, recommend, this_machine
+
+CANDIDATES = [Candidate("fp32", 0.900, 10.0, 100.0), Candidate("int8", 0.895, 6.0, 25.0),
+              Candidate("ee", 0.850, 3.0, 100.0), Candidate("pruned", 0.899, 8.0, 60.0),
+              Candidate("elsewhere", 0.900, 1.0, 10.0, unusable="measured on another machine")]
+
+
+def test_fastest_within_budget_and_why():
+    rec = recommend(CANDIDATES, "fp32", 1.0)
+    assert rec.chosen == "int8"
+    assert [v for v, _ in rec.rejected] == ["elsewhere", "ee"]  # the faster ones, fastest first
+    assert "5.00 pt below fp32" in dict(rec.rejected)["ee"]
+    text = rec.explain()
+    assert "recommended: int8" in text and "0.8950" in text and "-0.50 pt" in text and "6.000 ms" in text
+    assert "another machine" in text
+    assert recommend(CANDIDATES, "fp32", 5.0).chosen == "ee"
+    assert recommend(CANDIDATES, "fp32", 0.0).chosen == "fp32"  # only the baseline itself is within 0 pt
+    assert recommend(CANDIDATES, "fp32", 0.1).chosen == "pruned"
+
+
+def test_no_candidate_and_bad_budget():
+    rec = recommend([Candidate("fp32", 0.9, None), Candidate("int8", 0.5, 1.0)], "fp32", 1.0)
+    assert rec.chosen is None and dict(rec.rejected)["fp32"] == "no latency measured"
+    assert "no variant qualifies" in rec.explain()
+    with pytest.raises(ConfigError, match="budget=-1"):
+        recommend(CANDIDATES, "fp32", -1)
+    with pytest.raises(ConfigError, match="no dev accuracy"):
+        recommend([Candidate("fp32", None, 1.0)], "fp32", 1.0)
+
+
+def test_cli_prints_the_choice_from_the_build_metadata(built_repository, capsys):
+    entries = python_variants_by_model(Path(built_repository), ["distilbert-tiny"])["distilbert-tiny"]
+    base = next(e for e in entries if e.variant == "fp32").metadata.accuracy.value
+    within = [e for e in entries if e.metadata.accuracy.value >= base - 0.01 - 1e-9]
+    expected = min(within, key=lambda e: e.metadata.latency_in_process.p50_ms)
+    code = cli_main(["recommend", "--model", "distilbert-tiny", "--budget", "1.0",
+                     "--repository", str(built_repository)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith(f"recommended: {expected.variant} — accuracy "
+                          f"{expected.metadata.accuracy.value:.4f}")
+    assert f"p50 {expected.metadata.latency_in_process.p50_ms:.3f} ms" in out
+
+    assert cli_main(["recommend", "--model", "no-such-model", "--repository", str(built_repository)]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_numbers_from_another_machine_are_not_recommended(built_repository, tmp_path):
+    repository = tmp_path / "repo"
+    shutil.copytree(built_repository, repository)
+    for folder in repository.glob("distilbert-tiny__*"):
+        if folder.name != "distilbert-tiny__fp32":
+            path = folder / "metadata.json"
+            meta = json.loads(path.read_text())
+            meta["machine"] = {"cpu": "some other cpu", "cores": 64}
+            path.write_text(json.dumps(meta))
+    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
+    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    assert candidates["fp32"].unusable is None
+    assert all("another machine" in c.unusable for v, c in candidates.items() if v != "fp32")
+    assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
