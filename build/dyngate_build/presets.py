@@ -33,7 +33,7 @@ import torch
 
 from dyngate_build.data import DataSource, bio_spans, load_digit_images, load_text_pairs, load_token_sentences
 from dyngate_build.data import encode_png
-from dyngate_build.errors import ConfigError, SourceError
+from dyngate_build.errors import ConfigError
 from dyngate_build.evaluate import entity_scores
 from dyngate_build.families import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION
 from dyngate_build.runtime import to_rgb
