@@ -24,7 +24,6 @@ real token is confident (Li et al. 2021). Both flavours serve it (the DeBERTa la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice, check_range
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
