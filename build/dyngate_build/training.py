@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -249,9 +250,7 @@ def ensure_distributed() -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        from torch.distributed.elastic.utils.distributed import get_free_port
-
-        os.environ["MASTER_PORT"] = str(get_free_port())
+        os.environ["MASTER_PORT"] = str(_free_port())
     if os.environ["WORLD_SIZE"] == "1":
         _skip_shared_memory_comm_op()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -266,6 +265,12 @@ def _skip_shared_memory_comm_op() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _checked_groups(param_groups: list[dict], trainable: list) -> list[dict]:
