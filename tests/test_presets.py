@@ -41,7 +41,7 @@ def test_unknown_preset_lists_known(tmp_path, shared_source):
         ensure_preset("bert-huge", tmp_path, shared_source)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(FLOORS))  # distilbert-6l trains for `make bench`, not for the tests
 def test_preset_checkpoint_is_reused_and_reaches_its_floor(checkpoint, name):
     folder = checkpoint(name)
     info = json.loads((folder / PRESET_FILE).read_text())

@@ -5,6 +5,7 @@ disconnects mid-request, a slow client, 1,000 requests queued at once). Counts a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import time
@@ -20,6 +21,12 @@ from dyngate_serving.client import TritonClient
 from tests.conftest import running_triton
 
 MODEL = triton_name("distilbert-tiny", "fp32")
+
+
+def run_in_own_loop(coroutine):
+    """asyncio.run in a worker thread: the browser tests' Playwright keeps an event loop running in this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        return worker.submit(asyncio.run, coroutine).result()
 
 
 @pytest.mark.parametrize("cores, threads, instances", [(1, 1, 1), (2, 1, 1), (4, 2, 1), (8, 4, 1), (16, 4, 2),
@@ -138,7 +145,7 @@ def test_thousand_requests_queued_at_once_are_all_answered(triton):
         finally:
             await client.close()
 
-    labels = asyncio.run(main())
+    labels = run_in_own_loop(main())
     failed = [x for x in labels if isinstance(x, BaseException)]
     assert not failed, failed[:3]
     assert len(labels) == 1000 and all(isinstance(x, str) for x in labels)
@@ -162,7 +169,7 @@ def test_clients_that_disconnect_mid_request_leave_triton_healthy(triton):
         finally:
             await client.close()  # and the whole channel goes away with requests still queued
 
-    results = asyncio.run(main())
+    results = run_in_own_loop(main())
     assert len(results) == 50
     host, port = triton.endpoints["http"].split("://")[1].split(":")
     body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["x" * 50]}]})
@@ -250,7 +257,7 @@ def test_gateway_answers_a_thousand_requests_queued_at_once(gateway, triton):
 
             return await asyncio.gather(*(one() for _ in range(1000)), return_exceptions=True)
 
-    results = asyncio.run(main())
+    results = run_in_own_loop(main())
     failed = [r for r in results if isinstance(r, BaseException) or r[0] != 200]
     assert not failed, failed[:3]
     assert all(answer["served_by"] == "fp32" for _, answer in results)
