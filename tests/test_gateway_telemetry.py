@@ -121,6 +121,20 @@ def test_page_endpoints_are_counted(gateway):
     assert delta(before, after, "dyngate_gateway_triton_seconds_count", model=MODEL, variant="torchscript") == 2
 
 
+def test_metrics_tab_shows_the_counters_metrics_serves(gateway):
+    from gradio_client import Client
+
+    http(gateway.url, "/api/predict", {"model": MODEL, "text": "a fine film", "policy": "variant", "variant": "fp32"})
+    outputs = Client(gateway.url, verbose=False).predict(api_name="/metrics")  # the Metrics tab's refresh
+    table = outputs[-1]
+    rows = table["data"] if isinstance(table, dict) else table
+    shown = {tuple(row[:4]): float(row[4]) for row in rows}
+    served = {tuple(dict(labels)[k] for k in ("model", "variant", "policy", "outcome")): value
+              for (name, labels), value in scrape(gateway.url).items() if name == "dyngate_gateway_requests_total"}
+    assert shown and shown == served
+    assert shown[(MODEL, "fp32", "variant", "ok")] >= 1
+
+
 def test_each_app_has_its_own_registry():
     first, second = GatewayTelemetry(), GatewayTelemetry()  # the default registry would refuse the second
     first.requests.labels(MODEL, "fp32", "variant", "ok").inc()

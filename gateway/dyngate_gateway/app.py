@@ -52,7 +52,7 @@ import gradio as gr
 import pandas as pd
 
 from dyngate_build.errors import DyngateError, InputError, ServingError
-from dyngate_gateway import answers_view, compare, handlers, metrics, models_view
+from dyngate_gateway import answers_view, compare, handlers, metrics, models_view, telemetry
 from dyngate_gateway.api import create_app
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
 from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
@@ -312,6 +312,9 @@ def _metrics_tab(state: "GatewayState"):
             cpu = gr.LinePlot(x="seconds", y="value", color="series", title="CPU %", elem_id="metrics-cpu")
             memory = gr.LinePlot(x="seconds", y="value", color="series", title="Server RSS MB and requests/s",
                                  elem_id="metrics-memory")
+        gateway_table = gr.Dataframe(headers=telemetry.REQUEST_HEADERS, interactive=False,
+                                     label="Gateway requests (this replica; the counters GET /metrics serves)",
+                                     elem_id="metrics-gateway")
         snapshot = gr.JSON(label="Last sample", elem_id="metrics-json", visible=False)
         refresh = gr.Button("Refresh metrics", visible=False, elem_id="metrics-refresh")
         timer = gr.Timer(state.config.metrics_interval_s, active=False)  # ticks while this tab is open
@@ -346,9 +349,10 @@ def _metrics_tab(state: "GatewayState"):
         columns = ["seconds", "value", "series"]
         public = {k: v for k, v in sample.items() if k != "triton_gpu"}
         return ("  \n".join(lines), pd.DataFrame(metrics.model_rows(sample["models"]), columns=metrics.MODEL_HEADERS),
-                pd.DataFrame(cpu_rows, columns=columns), pd.DataFrame(mem_rows, columns=columns), public)
+                pd.DataFrame(cpu_rows, columns=columns), pd.DataFrame(mem_rows, columns=columns), public,
+                pd.DataFrame(state.telemetry.request_rows(), columns=telemetry.REQUEST_HEADERS))
 
-    outputs = [summary, table, cpu, memory, snapshot]
+    outputs = [summary, table, cpu, memory, snapshot, gateway_table]
     timer.tick(on_tick, None, outputs, api_visibility="private", show_progress="hidden")
     tab.select(on_tick, None, outputs, api_visibility="private", show_progress="hidden")
     refresh.click(on_tick, None, outputs, api_name="metrics")

@@ -47,6 +47,9 @@ def outcome_of(error: BaseException) -> str:
     return "error"
 
 
+REQUEST_HEADERS = ["model", "variant", "policy", "outcome", "requests"]
+
+
 class GatewayTelemetry:
     """The metrics of one gateway app (see the module docstring), in `self.registry`."""
 
@@ -109,6 +112,14 @@ class GatewayTelemetry:
         label = policy if policy == COMPARE else self.policy_label(view, policy)
         self.requests.labels(view.name, "", label, outcome_of(error)).inc()
         self.request_seconds.labels(view.name, label).observe(seconds)
+
+    def request_rows(self) -> list[list]:
+        """The requests counter as rows of REQUEST_HEADERS, sorted: the very numbers GET /metrics serves as
+        dyngate_gateway_requests_total, for the Metrics tab."""
+        return sorted([sample.labels["model"], sample.labels["variant"], sample.labels["policy"],
+                       sample.labels["outcome"], int(sample.value)]
+                      for metric in self.requests.collect() for sample in metric.samples
+                      if sample.name.endswith("_total"))
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format of this registry."""
