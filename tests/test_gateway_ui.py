@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dyngate_build.data import DataSource, load_examples
 from dyngate_build.repository import RepositoryEntry
@@ -254,6 +255,13 @@ def test_shadow_on_agreement_appears_and_every_primary_answer_is_unchanged(brows
         agreed = sum(t == d["answer"]["label"] for t, d in zip(theirs, during)) / len(texts)
         assert stats["totals"]["top1_agreement"] == pytest.approx(agreed)
         assert stats["totals"]["candidate_p50_ms"] > 0 and stats["minutes"]
+        # the same counts in the gateway's Prometheus metrics
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(gateway.url + "/metrics") as r:
+            samples = {(s.name, s.labels.get("candidate")): s.value
+                       for f in text_string_to_metric_families(r.read().decode()) for s in f.samples
+                       if s.labels.get("model") == TEXT_MODEL and s.labels.get("served") == primary}
+        assert samples[("dyngate_gateway_shadow_mirrored_total", candidate)] == len(texts)
+        assert samples[("dyngate_gateway_shadow_agreed_total", candidate)] == round(agreed * len(texts))
 
         page = _page(browser, gateway.url)
         page.get_by_role("tab", name="Shadow", exact=True).click()

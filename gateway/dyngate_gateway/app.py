@@ -546,6 +546,7 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
     monitor = metrics.MetricsMonitor(config.metrics_url or metrics.default_metrics_url(triton_url), config.server_pid)
     router.shadow = Shadow(clients)  # off until a model's shadow is started (Shadow tab, API "shadow_start")
     state = GatewayState(Path(repository), catalog, clients, router, monitor, config, shadow=router.shadow)
+    state.telemetry.watch_shadow(router.shadow)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nModel repository `{repository}` · Triton `{clients.url}`")
         status = gr.Markdown(elem_id="triton-status")

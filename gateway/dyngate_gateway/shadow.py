@@ -230,8 +230,9 @@ class _ModelShadow:
                     "seen": self.seen, "offered": self.offered, "same_variant": self.same_variant,
                     "last_error": self.last_error, "totals": _summary(_merged(list(self.minutes))),
                     "minutes": [m.row() for m in self.minutes],
-                    "pairs": [{"served": a, "compared_with": b, "mirrored": n, "top1_agreement": round(k / n, 4),
-                               "max_abs_delta": d} for (a, b), (n, k, d) in sorted(self.pairs.items())]}
+                    "pairs": [{"served": a, "compared_with": b, "mirrored": n, "agreed": k,
+                               "top1_agreement": round(k / n, 4), "max_abs_delta": d}
+                              for (a, b), (n, k, d) in sorted(self.pairs.items())]}
 
 
 class Shadow:

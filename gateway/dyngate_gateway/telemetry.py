@@ -27,6 +27,7 @@ import time
 from typing import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from dyngate_build.errors import InputError, ServingError
 from dyngate_gateway.handlers import Comparison, ModelView
@@ -113,6 +114,13 @@ class GatewayTelemetry:
         self.requests.labels(view.name, "", label, outcome_of(error)).inc()
         self.request_seconds.labels(view.name, label).observe(seconds)
 
+    def watch_shadow(self, shadow) -> None:
+        """Serve `shadow`'s (a dyngate_gateway.shadow.Shadow) counts too, read at scrape time:
+        dyngate_gateway_shadow_mirrored_total and dyngate_gateway_shadow_agreed_total{model, served, candidate}
+        (copies answered by the candidate, and of them those whose top-1 label, or entity set for NER, matched the
+        served answer), cumulative since that model's shadow was started."""
+        self.registry.register(_ShadowCollector(shadow))
+
     def request_rows(self) -> list[list]:
         """The requests counter as rows of REQUEST_HEADERS, sorted: the very numbers GET /metrics serves as
         dyngate_gateway_requests_total, for the Metrics tab."""
@@ -124,3 +132,25 @@ class GatewayTelemetry:
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format of this registry."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _ShadowCollector:
+    """A prometheus_client collector over Shadow.stats(): the counts live in the shadow, not copied here."""
+
+    def __init__(self, shadow):
+        self.shadow = shadow
+
+    def collect(self):
+        labels = ["model", "served", "candidate"]
+        mirrored = CounterMetricFamily("dyngate_gateway_shadow_mirrored",
+                                       "Requests mirrored to a shadow candidate and answered by it", labels=labels)
+        agreed = CounterMetricFamily("dyngate_gateway_shadow_agreed",
+                                     "Mirrored requests whose candidate answer agreed with the served one (top-1; "
+                                     "entity set for NER)", labels=labels)
+        for model, stats in self.shadow.stats()["models"].items():
+            for pair in stats["pairs"]:
+                values = [model, pair["served"], pair["compared_with"]]
+                mirrored.add_metric(values, pair["mirrored"])
+                agreed.add_metric(values, pair["agreed"])
+        yield mirrored
+        yield agreed
