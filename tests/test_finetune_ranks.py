@@ -24,7 +24,10 @@ SETTINGS = ["--model", "distilbert-tiny", "--steps", "4", "--global-batch-size",
 
 
 def run(command: list[str], data_dir: Path, cache_dir: Path, timeout: float = 900) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "DYNGATE_CACHE": str(cache_dir),
+    # not the rendezvous of this pytest process (earlier tests trained in it and set MASTER_PORT, still bound)
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {**inherited, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "DYNGATE_CACHE": str(cache_dir),
            "DYNGATE_DATA": str(data_dir)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, "\n".join((done.stdout + done.stderr).splitlines()[-40:])
