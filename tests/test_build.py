@@ -156,3 +156,27 @@ def test_cli_build_on_a_bad_data_file_prints_one_error_line(tmp_path, cache_dir,
     assert len(errors_printed) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "data example 1" in errors_printed[0]
     assert not any(repository.glob("*/config.pbtxt"))
+
+
+@pytest.mark.parametrize("case", ["repeated technique", "repository is a file", "gateway without repository"])
+def test_cli_refuses_bad_settings_before_any_work(tmp_path, case):
+    """Found by a new user's trial: each printed a traceback (or went on) instead of one `error:` line."""
+    import os
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    args = {"repeated technique": ["build", "--model", "distilbert-tiny", "--techniques", "fp32,fp32",
+                                   "--repository", str(tmp_path / "repo")],
+            "repository is a file": ["build", "--model", "distilbert-tiny", "--techniques", "fp32",
+                                     "--repository", str(afile)],
+            "gateway without repository": ["gateway", "--repository", str(tmp_path / "missing"), "--port", "1"]}[case]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "build"), str(root / "gateway")])}
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "repo").exists()

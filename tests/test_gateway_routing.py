@@ -201,6 +201,9 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
         direct = client.predict(view.variants[variant].name, b"a gripping film").answer
     assert answer["served_by"] == variant and answer["answer"]["label"] == direct["label"]
     assert answer["reason"] and answer["route"][0]["triton_model"] == view.variants[variant].name
+    for named in view.variant_names:  # a variant without a policy is that variant (not `fastest`)
+        status, answer = post(gateway.url, {"model": TEXT_MODEL, "text": "a gripping film", "variant": named})
+        assert status == 200 and answer["served_by"] == named and answer["policy"] == "variant", answer
 
     status, answer = post(gateway.url, {"model": TEXT_MODEL, "text": "dull", "policy": "cascade", "threshold": 1.0})
     assert status == 200 and len(answer["route"]) == len(view.variants)  # nobody reaches 1.0: all tried

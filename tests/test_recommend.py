@@ -73,3 +73,9 @@ def test_numbers_from_another_machine_are_not_recommended(built_repository, tmp_
     assert candidates["fp32"].unusable is None
     assert all("another machine" in c.unusable for v, c in candidates.items() if v != "fp32")
     assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])
+def test_a_budget_that_is_not_a_finite_number_is_refused(budget):
+    with pytest.raises(ConfigError, match="must be a number ≥ 0"):
+        recommend([Candidate("fp32", 0.8, 1.0), Candidate("int8-dynamic", 0.8, 0.5)], budget_pt=budget)

@@ -153,6 +153,12 @@ def build(options: BuildOptions, log=print,
     from dyngate_build.data import DataSource, load_examples
     from dyngate_build.sources import load_source
 
+    repeated = sorted({t for t in options.techniques if options.techniques.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"techniques {', '.join(repeated)} named more than once; give each technique once")
+    if Path(options.repository).exists() and not Path(options.repository).is_dir():
+        raise ConfigError(f"repository {options.repository} is a file; give a folder for the Triton model "
+                          "repository (it is created when missing)")
     configs = {name: make_config(name, options.technique_options.get(name)) for name in options.techniques}
     data_source = DataSource.from_setting(options.data)
     source = load_source(options.model, options.cache_dir, data_source)

@@ -127,6 +127,9 @@ def cmd_gateway(args) -> int:
     from dyngate_gateway.app import launch
     from dyngate_serving.net import port_is_free
 
+    if not Path(args.repository).is_dir():
+        raise ConfigError(f"repository {args.repository} is not a folder; build one first (dyngate build --model M "
+                          "--techniques ... --repository FOLDER) or pass --repository")
     if not port_is_free(args.port, args.host):
         raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
                           "choose another with --port")

@@ -91,7 +91,8 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         text = body.get("text")
         try:
             answer = await state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.aroute(
-                model, text, body.get("policy") or "fastest", variant=body.get("variant"),
+                model, text, body.get("policy") or ("variant" if body.get("variant") else "fastest"),
+                variant=body.get("variant"),
                 accuracy_budget=body.get("accuracy_budget"), threshold=body.get("threshold"),
                 exit_threshold=body.get("exit_threshold"), image=image))
         except InputError as e:

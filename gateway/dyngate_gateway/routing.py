@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import random
 import threading
 import time
@@ -304,8 +305,8 @@ class Router:
             except runtime.InputError as e:
                 raise InputError(str(e)) from None
         budget = self.config.accuracy_budget if accuracy_budget in (None, "") else float(accuracy_budget)
-        if budget < 0:
-            raise InputError(f"accuracy_budget={budget} is negative; give an allowed accuracy drop ≥ 0, e.g. 0.01")
+        if not math.isfinite(budget) or budget < 0:
+            raise InputError(f"accuracy_budget={budget} must be a number ≥ 0: the accuracy drop allowed, e.g. 0.01")
         cut = self.config.cascade_threshold if threshold in (None, "") else float(threshold)
         if not 0.0 <= cut <= 1.0:
             raise InputError(f"threshold={cut} is outside [0, 1]; it is the top-1 probability a cascade step "

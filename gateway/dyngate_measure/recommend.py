@@ -13,6 +13,7 @@ gateway's Compare tab (the p50 it has just measured); each brings its own latenc
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -95,8 +96,8 @@ def recommend(candidates: list[Candidate], baseline: str = BASELINE_VARIANT, bud
     choice may lose, ≥ 0. metric_name, latency: words for the explanation.
     Raises ConfigError for a negative budget, no candidates, or a baseline without a metric.
     """
-    if budget_pt is None or budget_pt < 0:
-        raise ConfigError(f"budget={budget_pt!r} must be ≥ 0: the points of {metric_name} the recommended variant "
+    if budget_pt is None or not math.isfinite(budget_pt) or budget_pt < 0:
+        raise ConfigError(f"budget={budget_pt!r} must be a number ≥ 0: the points of {metric_name} the recommended variant "
                           "may lose against FP32, e.g. 1.0")
     if not candidates:
         raise ConfigError("no variants to recommend from; build some with dyngate build")
