@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
 from dyngate_build import runtime
 from tests.conftest import running_gateway
@@ -174,6 +175,7 @@ def good_png() -> bytes:
 def test_text_preprocessing_in_process(predictors, model, variant):
     predictor = predictors(model, variant)
     spec = predictor.spec
+    tokenizer = Tokenizer.from_file(str(Path(predictor.folder) / runtime.TOKENIZER_FILE))
 
     @IN_PROCESS
     @given(raw=TEXT_BYTES)
@@ -192,6 +194,8 @@ def test_text_preprocessing_in_process(predictors, model, variant):
             assert isinstance(results[0], runtime.InputError) and "empty" in str(results[0])
         elif len(text) > spec.max_text_chars:
             assert isinstance(results[0], runtime.InputError) and "limit" in str(results[0])
+        elif not tokenizer.encode(text, add_special_tokens=False).ids:  # only characters the tokenizer drops
+            assert isinstance(results[0], runtime.InputError) and "empty" in str(results[0])
         else:
             assert isinstance(results[0], runtime.Prediction), results[0]
 
