@@ -136,3 +136,21 @@ def browser():
             yield browser
         finally:
             browser.close()
+
+
+def post_predict(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    """POST `body` (a dict, or raw bytes) to the gateway's /api/predict at `url`: (status, JSON answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from dyngate_serving.net import DIRECT
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/api/predict", data=data, method="POST",
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with DIRECT.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

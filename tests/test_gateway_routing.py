@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import base64
 import copy
-import json
 import random
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,10 +21,9 @@ from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import ClientPool, Limits, load_catalog
 from dyngate_gateway.routing import Router, RoutingConfig, confidence
 from dyngate_serving.net import free_port
-from tests.conftest import running_gateway
+from tests.conftest import post_predict as post, running_gateway
 
 TEXT_MODEL, IMAGE_MODEL = "distilbert-tiny", "vit-tiny"
-from dyngate_serving.net import DIRECT as _DIRECT
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +54,6 @@ def gateway(built_repository, triton):
         yield running
 
 
-def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + "/api/predict", data=data, method="POST",
-                                     headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with _DIRECT.open(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 # ------------------------------------------------------------------------------------------- policies

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,11 +18,10 @@ from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
 from dyngate_serving.launcher import TritonServer, TritonServerConfig
 from dyngate_serving.net import free_port, free_ports
-from tests.conftest import running_gateway
+from tests.conftest import post_predict as _post, running_gateway
 
 TEXT_MODEL = "distilbert-tiny"
 TIMEOUT_MS = 90_000
-from dyngate_serving.net import DIRECT as _DIRECT
 
 _READ_TABLE = """(id) => {
   const rows = [];
@@ -215,14 +212,6 @@ def test_models_tab_unloads_and_loads(browser, gateway, catalog, triton, tmp_pat
 
 # ----------------------------------------------------------------------------------------------- faults
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/api/predict", data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
-    try:
-        with _DIRECT.open(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_triton_stopped_and_restarted_under_the_gateway(browser, built_repository, catalog, tmp_path):

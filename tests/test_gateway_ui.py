@@ -24,7 +24,7 @@ from dyngate_gateway.routing import Router
 from dyngate_gateway.shadow import Shadow
 from dyngate_measure.recommend import Candidate, recommend
 from dyngate_serving.client import TritonClient
-from tests.conftest import running_gateway
+from tests.conftest import post_predict as _post, running_gateway
 
 TEXT_MODEL, NER_MODEL, IMAGE_MODEL = "distilbert-tiny", "deberta-tiny", "vit-tiny"
 TIMEOUT_MS = 120_000
@@ -73,14 +73,6 @@ def _pick(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/api/predict", data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
-    try:
-        with _DIRECT.open(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _get(url: str) -> dict:

@@ -8,9 +8,6 @@ Fixtures from tests/conftest.py: `built_repository` (fp32 and torchscript varian
 from __future__ import annotations
 
 import io
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +21,11 @@ from dyngate_build.runtime import InputError as RuntimeInputError, Predictor
 from dyngate_gateway.handlers import ClientPool, load_catalog
 from dyngate_gateway.routing import Router
 from dyngate_serving.client import TritonClient
-from tests.conftest import running_gateway
+from tests.conftest import post_predict as _post, running_gateway
 
 IMAGE_MODEL, TEXT_MODEL = "vit-tiny", "distilbert-tiny"
 GOOD_TEXT = "a gripping , beautifully acted film"
 TOKENIZE_TO_NOTHING = ["\x00", "\ufeff", "\u200d", "\u200d\ufeff\x00", " \u200d "]
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -127,14 +123,6 @@ EXIT_THRESHOLDS = [(0.0, True), (0.5, True), (1.0, True), (1.5, True), (7, True)
                    (True, False), (False, False), (-0.1, False), ("abc", False)]
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/api/predict", data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
-    try:
-        with _DIRECT.open(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_exit_threshold_one_rule_in_triton_and_the_gateway(built_repository, triton):
