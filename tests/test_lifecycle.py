@@ -5,8 +5,9 @@
   over gRPC: an HTTP load would stall the HTTP clients for seconds).
 - A truncated ONNX or TorchScript export is refused by the build; a truncated file that reaches the repository
   anyway is refused by Triton, which keeps serving the previous version, and the gateway shows why.
-- `dyngate serve` restarts a Triton killed with SIGKILL (the gateway recovers on its own) and gives up, with
-  the exit code and log in its error, once the restart budget is spent.
+- `dyngate serve` reloads a model whose python stub was killed (Triton alone keeps it READY and fails every
+  request), restarts a Triton killed with SIGKILL (the gateway recovers on its own) and gives up, with the
+  exit code and log in its error, once the restart budget is spent.
 
 Each test serves a copy of the session's `built_repository` holding only the model it needs.
 """
@@ -391,6 +392,17 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         gateway = serve_gateway(repository, f"127.0.0.1:{grpc}", port=free_port())
         body = {"model": MODEL, "text": "a fine film"}
         assert _post(f"{gateway.url}/api/predict", body)[0] == 200
+
+        stubs = [p for p in psutil.Process(first).children(recursive=True) if p.name().startswith("triton_python")]
+        assert len(stubs) == 1, stubs
+        stubs[0].kill()  # fault 0: a dead stub, the server itself alive
+        answers = []
+        _wait_for(lambda: answers.append(_post(f"{gateway.url}/api/predict", body)) or answers[-1][0] == 200,
+                  "the gateway's first answer after the stub was reloaded", poll_s=0.5)
+        assert any(status != 200 for status, _ in answers), answers  # it was broken, then healed
+        assert f"model {NAME}: python stub {NAME}_0_0 died while Triton reports it READY; loading it again" \
+            in out_path.read_text()
+        assert pids() == [first]  # healed without a restart
 
         prefix = _shm_prefix(first)
         assert list(Path("/dev/shm").glob(prefix + "*"))  # the python backend's regions of this server

@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from dyngate_build.errors import ConfigError, ServingError, TritonUnreachable
 from dyngate_build.repository import list_models
 from dyngate_serving.client import TritonClient
@@ -353,6 +355,33 @@ class TritonServer:
     def unload_model(self, name: str) -> None:
         with self.client() as client:
             client.unload(name)
+
+    def stub_instances(self) -> dict[str, str]:
+        """Instance name -> model name, for every live `triton_python_backend_stub` of this server.
+
+        Each python-backend model instance is one stub process whose command line names its `model.py`
+        (`<repository>/<model>/<version>/model.py`) and its instance (`<model>_<group>_<index>`); a stub
+        that died (killed, out of memory) is missing here while Triton still reports its model READY.
+        Empty when the server is not running.
+        """
+        if not self.is_alive():
+            return {}
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return {}
+        instances = {}
+        for child in children:
+            try:
+                # the kernel keeps 15 characters of a process name
+                if not child.name().startswith(STUB_NAME[:15]) or child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                args = child.cmdline()
+            except psutil.Error:
+                continue  # exited while we looked
+            if len(args) > 8 and args[1].endswith("model.py"):
+                instances[args[8]] = Path(args[1]).parent.parent.name
+        return instances
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         if self.log_path is None or not self.log_path.exists():

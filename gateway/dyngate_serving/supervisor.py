@@ -1,5 +1,10 @@
 """Keep the embedded Triton serving: `Supervisor` restarts a Triton process that died (a bounded number of
-times); `serve_forever` is `dyngate serve` (start, print endpoints and models, watch, stop on Ctrl-C/SIGTERM).
+times) and reloads a model whose python stub died; `serve_forever` is `dyngate serve` (start, print endpoints
+and models, watch, stop on Ctrl-C/SIGTERM).
+
+Why the stubs: every python-backend model instance is a `triton_python_backend_stub` process. When one dies
+(killed, out of memory), Triton 2.51 keeps reporting the model READY while every request to it fails, until the
+model is loaded again (checked on this machine: a gRPC load brings it back in ~1.5 s).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Supervisor:
         self.restarts = 0
         self._deaths: list[float] = []
         self._loaded: list[str] | None = None
+        self._instances: dict[str, str] = {}  # stub instance -> model, as last seen alive
+        self._missing: set[str] = set()  # instances missing at the previous poll
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -90,9 +97,32 @@ class Supervisor:
                 pass
             try:
                 self._loaded = self.server.ready_models()
+                self._reload_dead_stubs(self._loaded)
             except (ServingError, OSError):
                 pass  # busy or dying: keep the last answer
         return None
+
+    def _reload_dead_stubs(self, ready: list[str]) -> None:
+        """Load again each READY model that has lost a stub process for two polls in a row.
+
+        Two polls, because a reload or a new version briefly changes the stubs; after a reload the instances
+        alive then are the new reference (a version with fewer instances costs one needless reload at most).
+        """
+        alive = self.server.stub_instances()
+        missing = {i for i, model in self._instances.items() if model in ready and i not in alive}
+        dead = missing & self._missing
+        for model in sorted({self._instances[i] for i in dead}):
+            names = ", ".join(sorted(i for i in dead if self._instances[i] == model))
+            print(f"model {model}: python stub {names} died while Triton reports it READY; loading it again",
+                  file=self.out, flush=True)
+            try:
+                self.server.load_model(model)
+            except ServingError as e:
+                print(f"model {model}: reload failed: {e}", file=self.out, flush=True)
+        if dead:
+            alive, missing = self.server.stub_instances(), set()
+        self._missing = missing
+        self._instances = {i: m for i, m in self._instances.items() if i in missing} | alive
 
     def _died(self, what: str, with_log: bool = True) -> None:
         """Count one death; raise ServingError past the budget, else report it and pause before the restart."""
