@@ -67,7 +67,7 @@ def test_cli_and_configs_default_to_loopback(tmp_path):
     assert parser.parse_args(["serve"]).host == "127.0.0.1"
     assert parser.parse_args(["gateway"]).host == "127.0.0.1"
     assert parser.parse_args(["gateway"]).triton.startswith("127.0.0.1:")
-    assert parser.parse_args(["predict", "--model", "m"]).url.startswith("127.0.0.1:")
+    assert parser.parse_args(["predict", "--model", "m"]).triton.startswith("127.0.0.1:")
     assert gateway_app.DEFAULT_HOST == "127.0.0.1"
     import inspect
 
