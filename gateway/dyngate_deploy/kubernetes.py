@@ -47,6 +47,9 @@ from dyngate_build.repository import read_config
 from dyngate_build.runtime import RuntimeSpec
 from dyngate_deploy import image
 
+# A Kubernetes resource quantity (apimachinery's resource.Quantity grammar, without a sign): a decimal number and
+# a binary (Ki..Ei), decimal (m, k, M..E) or exponent (e3, E-2) suffix.
+_QUANTITY = re.compile(r"\+?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?\d+)?")
 OVERLAYS = ("cpu", "gpu")
 STORE_SCHEMES = ("s3", "gs", "as")  # object stores tritonserver reads a repository from itself
 PVC = "pvc"
@@ -133,6 +136,11 @@ class DeployOptions:
                 raise ConfigError(f"{key}={value!r} is not a Kubernetes name; use lowercase letters, digits and '-', "
                                   "starting and ending with a letter or digit, at most 40 characters")
         store_scheme(self.model_store)
+        for key in ("triton_cpu", "triton_memory", "gateway_cpu", "gateway_memory"):
+            value = getattr(self, key)
+            if value is not None and not _QUANTITY.fullmatch(str(value)):
+                raise ConfigError(f"--{key.replace('_', '-')}={value!r} is not a Kubernetes quantity; use a number "
+                                  "with an optional suffix, e.g. 2, 500m (CPU), 1Gi, 512Mi, 2G (memory)")
         if not 1 <= self.triton_replicas <= self.triton_max_replicas:
             raise ConfigError(f"triton_replicas={self.triton_replicas} must be >= 1 and <= triton_max_replicas="
                               f"{self.triton_max_replicas}")
