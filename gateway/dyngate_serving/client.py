@@ -24,6 +24,7 @@ tritonclient clients are NOT thread-safe: create one `TritonClient` per thread (
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -65,16 +66,8 @@ class TritonClient:
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
-        address, protocol = _endpoint(url, protocol, timeout_s)
-        self.url, self.protocol, self.timeout_s = address, protocol, timeout_s
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-            self._client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
-        else:
-            import tritonclient.http as module
-            self._client = module.InferenceServerClient(address, connection_timeout=timeout_s,
-                                                        network_timeout=timeout_s)
-        self._module = module
+        self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=False)
+        self.timeout_s = timeout_s
         self._signatures: dict[str, _Signature] = {}
 
     # ---- server state
@@ -266,15 +259,8 @@ class AsyncTritonClient:
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
-        address, protocol = _endpoint(url, protocol, timeout_s)
-        self.url, self.protocol, self.timeout_s = address, protocol, timeout_s
-        if protocol == "grpc":
-            import tritonclient.grpc.aio as module
-            self._client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
-        else:
-            import tritonclient.http.aio as module
-            self._client = module.InferenceServerClient(address, conn_timeout=timeout_s)
-        self._module = module
+        self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=True)
+        self.timeout_s = timeout_s
         self._signatures: dict[str, _Signature] = {}
 
     async def is_ready(self) -> bool:
@@ -419,6 +405,22 @@ def grpc_address(text: str, what: str = "--triton") -> str:
                           "control over HTTP stalls HTTP inference on other models for seconds): give Triton's "
                           "gRPC address, e.g. 127.0.0.1:8001 (`dyngate serve` prints it as grpc://...)")
     return parse_address(text, "grpc", what)[0]
+
+
+def _make(url: str, protocol: str | None, timeout_s: float, aio: bool) -> tuple:
+    """(address "host:port", protocol, tritonclient module, its InferenceServerClient) for a client url: the one
+    place `TritonClient` (aio=False) and `AsyncTritonClient` (aio=True: tritonclient's asyncio twins) are built.
+    gRPC gets `_grpc_channel_args`; HTTP gets timeout_s as its connection (sync: and network) timeout.
+    ConfigError as `_endpoint`."""
+    address, protocol = _endpoint(url, protocol, timeout_s)
+    module = importlib.import_module(f"tritonclient.{protocol}" + (".aio" if aio else ""))
+    if protocol == "grpc":
+        client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
+    elif aio:
+        client = module.InferenceServerClient(address, conn_timeout=timeout_s)
+    else:
+        client = module.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
+    return address, protocol, module, client
 
 
 def _endpoint(url: str, protocol: str | None, timeout_s: float) -> tuple[str, str]:
