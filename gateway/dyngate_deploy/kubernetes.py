@@ -270,17 +270,8 @@ def triton_objects(options: DeployOptions, facts: RepositoryFacts) -> dict[str, 
                                                                     "readOnly": True}})
     else:  # credentials for the object store, when the cluster does not give them by workload identity
         container["envFrom"] = [{"secretRef": {"name": options.object_name("model-store"), "optional": True}}]
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": options.triton_replicas,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": labels, "annotations": _scrape(ports["metrics"])},
-                "spec": {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 45},
-            },
-        },
-    }
+    deployment = _deployment(name, labels, selector, options.triton_replicas, ports["metrics"],
+                             {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 45})
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
         "spec": {"selector": selector, "ports": [{"name": port, "port": number, "targetPort": port, "protocol": "TCP"}
@@ -330,19 +321,10 @@ def gateway_objects(options: DeployOptions, facts: RepositoryFacts) -> dict[str,
         "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
     }
     items = [{"key": key, "path": path} for key, path in catalog_files(facts).items()]
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": options.gateway_replicas,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": labels, "annotations": _scrape(port)},
-                "spec": {"containers": [container],
-                         "volumes": [{"name": "catalog", "configMap": {"name": options.object_name("catalog"),
-                                                                       "items": items}}]},
-            },
-        },
-    }
+    deployment = _deployment(name, labels, selector, options.gateway_replicas, port,
+                             {"containers": [container],
+                              "volumes": [{"name": "catalog", "configMap": {"name": options.object_name("catalog"),
+                                                                            "items": items}}]})
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
         # Gradio's page keeps a session (queue join, then its event stream) on one process: one client, one pod
@@ -361,6 +343,19 @@ def catalog_files(facts: RepositoryFacts) -> dict[str, str]:
             if (entry.folder / file).is_file():
                 files[f"{entry.name}.{file}"] = f"{entry.name}/{file}"
     return files
+
+
+def _deployment(name: str, labels: dict, selector: dict, replicas: int, metrics_port: int, pod_spec: dict) -> dict:
+    """A Deployment of `replicas` pods labelled `labels`, matched by `selector`, scraped by Prometheus on
+    `metrics_port` (`_scrape`), each running `pod_spec` (containers, volumes, ...): Triton's and the gateway's."""
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": labels, "annotations": _scrape(metrics_port)}, "spec": pod_spec},
+        },
+    }
 
 
 def _pdb(options: DeployOptions, component: str, selector: dict) -> dict:
