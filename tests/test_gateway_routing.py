@@ -83,10 +83,10 @@ def test_fastest_uses_live_p50_within_the_accuracy_budget(catalog, clients):
         router.live.record(view.variants[fast].name, 1.0)
         router.live.record(view.variants[slow].name, 50.0)
 
-    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=0.01)
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=1.0)  # points
     assert answer["served_by"] == slow, answer["reason"]
-    assert fast in answer["reason"]  # named as outside the budget
-    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=0.1)
+    assert fast in answer["reason"] and "within 1 pt" in answer["reason"]  # named as outside the budget
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=10.0)
     assert answer["served_by"] == fast and "live p50" in answer["reason"]
 
 
@@ -116,7 +116,7 @@ def test_fastest_skips_variants_that_are_not_ready(catalog, clients, triton):
     for _ in range(5):
         router.live.record(view.variants[fast].name, 1.0)
         router.live.record(view.variants[slow].name, 50.0)
-    assert router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=1.0)["served_by"] == fast
+    assert router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=100.0)["served_by"] == fast
     triton.unload_model(view.variants[fast].name)
     try:
         for _ in range(150):  # Triton answers an unload before the model has stopped
@@ -124,7 +124,7 @@ def test_fastest_skips_variants_that_are_not_ready(catalog, clients, triton):
                 break
             time.sleep(0.2)
         router.ready_models(fresh=True)
-        answer = router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=1.0)
+        answer = router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=100.0)
         assert answer["served_by"] == slow
     finally:
         triton.load_model(view.variants[fast].name)

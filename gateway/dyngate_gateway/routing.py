@@ -9,8 +9,8 @@
 
 Policies (POLICIES):
 - `variant`: the variant named in `variant` (a variant name given as the policy means the same).
-- `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` of the model's best
-  (absolute, in the accuracy metric's units). p50 comes from this gateway's live round trips once a variant
+- `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` points of the model's
+  best (points: 0.01 of the metric's [0, 1] scale, the unit of `dyngate recommend --budget`; 1.0 = one point). p50 comes from this gateway's live round trips once a variant
   has `MIN_LIVE_SAMPLES` of them, else from the build's measurement (metadata `latency_in_process`).
 - `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
   `fastest` and `most-accurate` leave out a variant whose accuracy was measured on another number of dev
@@ -62,7 +62,7 @@ FAILED_TTL_S = 30.0
 class RoutingConfig:
     """Defaults of the routing policies (a request may override budget and threshold)."""
 
-    accuracy_budget: float = 0.01
+    accuracy_budget: float = 1.0  # points (0.01 of the metric's [0, 1] scale), as `dyngate recommend --budget`
     cascade_threshold: float = 0.9
     ab_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {variant: weight}
     cascade_order: dict[str, list[str]] = field(default_factory=dict)  # model -> variants (overrides cost order)
@@ -320,7 +320,8 @@ class Router:
                 raise InputError(str(e)) from None
         budget = self.config.accuracy_budget if accuracy_budget in (None, "") else float(accuracy_budget)
         if not math.isfinite(budget) or budget < 0:
-            raise InputError(f"accuracy_budget={budget} must be a number ≥ 0: the accuracy drop allowed, e.g. 0.01")
+            raise InputError(f"accuracy_budget={budget} must be a number ≥ 0: the points of accuracy the variant may "
+                             "lose against the best, e.g. 1.0 (the unit of dyngate recommend --budget)")
         cut = self.config.cascade_threshold if threshold in (None, "") else float(threshold)
         if not 0.0 <= cut <= 1.0:
             raise InputError(f"threshold={cut} is outside [0, 1]; it is the top-1 probability a cascade step "
@@ -391,11 +392,11 @@ class Router:
         if policy == "fastest":
             best = max(known) if known else None
             allowed = [v for v in names if not mismatch[v]
-                       and (best is None or accuracy[v] is None or accuracy[v] >= best - budget)] or names
+                       and (best is None or accuracy[v] is None or accuracy[v] >= best - budget / 100.0 - 1e-9)] or names
             chosen = min(allowed, key=speed)
             left_out = [v for v in names if v not in allowed and not mismatch[v]]
             reason = (f"lowest p50 ({speed(chosen):.3f} ms, {p50[chosen][1]}) among ready variants within "
-                      f"accuracy budget {budget} of the best ({best if best is None else round(best, 4)})")
+                      f"{budget:g} pt (accuracy budget) of the best ({best if best is None else round(best, 4)})")
             if left_out:
                 reason += f"; outside the budget: {', '.join(left_out)}"
             return chosen, reason + not_comparable
