@@ -2,7 +2,7 @@
 GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /metrics (the gateway's
 Prometheus metrics, dyngate_gateway/telemetry.py).
 
-POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget",
+POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget" (points),
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
 body over limits.max_body_bytes (any route) -> 413, Triton down -> 503. With a login, every route but
 Gradio's login page and static files asks for it (HTTP basic auth here; Gradio's login cookie too on the routes
