@@ -214,14 +214,16 @@ def test_object_store_repository(text_repository, tmp_path, kubectl):
 
 # ------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("case", ["overlay", "missing", "empty", "http", "ftp", "bucketless", "name"])
+@pytest.mark.parametrize("case", ["overlay", "missing", "empty", "http", "ftp", "bucketless", "name", "memory",
+                                  "cpu"])
 def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository, tmp_path):
     empty = tmp_path / "empty-repo"
     empty.mkdir()
     settings = {"overlay": {"overlays": ("cpu", "arm")}, "missing": {"repository": tmp_path / "nope"},
                 "empty": {"repository": empty}, "http": {"model_store": "http://example.com/models"},
                 "ftp": {"model_store": "ftp://host/models"}, "bucketless": {"model_store": "s3://"},
-                "name": {"name": "Dyn_Gate"}}[case]
+                "name": {"name": "Dyn_Gate"}, "memory": {"triton_memory": "lots"},
+                "cpu": {"gateway_cpu": "2 cores"}}[case]
     parent = tmp_path / "out"
     parent.mkdir()
     with pytest.raises(ConfigError) as error:
@@ -229,7 +231,8 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository
                                           "triton_version": "2.51.0", **settings}), log=lambda *a: None)
     message = str(error.value)
     word = {"overlay": "arm", "missing": "nope", "empty": "no python-backend variant", "http": "http://",
-            "ftp": "ftp://", "bucketless": "s3://", "name": "Dyn_Gate"}[case]
+            "ftp": "ftp://", "bucketless": "s3://", "name": "Dyn_Gate", "memory": "--triton-memory='lots'",
+            "cpu": "--gateway-cpu='2 cores'"}[case]
     assert word in message and ("choose" in message or "use" in message or "build" in message), message
     assert list(parent.iterdir()) == []  # no output, no staging folder left behind
 
@@ -255,5 +258,8 @@ def test_cli_writes_and_reports_bad_input(text_repository, tmp_path, capsys):
                  "--model-store", "hdfs://cluster/models"]) == 2
     err = capsys.readouterr().err
     assert "error: --model-store='hdfs://cluster/models' is not supported" in err
+    assert main(["deploy", "kubernetes", "--repository", str(text_repository), "--out", str(tmp_path / "x"),
+                 "--triton-memory", "lots"]) == 2  # found in a trial: written unchecked into the manifests
+    assert "error: --triton-memory='lots' is not a Kubernetes quantity" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert issubclass(ConfigError, DyngateError)

@@ -83,11 +83,30 @@ def test_fastest_uses_live_p50_within_the_accuracy_budget(catalog, clients):
         router.live.record(view.variants[fast].name, 1.0)
         router.live.record(view.variants[slow].name, 50.0)
 
-    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=0.01)
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=1.0)  # points
     assert answer["served_by"] == slow, answer["reason"]
-    assert fast in answer["reason"]  # named as outside the budget
-    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=0.1)
+    assert fast in answer["reason"] and "within 1 pt" in answer["reason"]  # named as outside the budget
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=10.0)
     assert answer["served_by"] == fast and "live p50" in answer["reason"]
+
+
+def test_policies_leave_out_an_accuracy_measured_on_other_dev_examples(catalog, clients):
+    """The rule of `dyngate recommend` (dyngate_measure.recommend.sample_size_mismatch): a variant whose accuracy
+    was measured on half of fp32's dev examples is not the most accurate, however high it reads."""
+    view = copy.deepcopy(catalog[TEXT_MODEL])
+    other = next(v for v in view.variant_names if v != "fp32")
+    n = view.variants["fp32"].metadata.accuracy.n
+    view.variants[other].metadata.accuracy.value = 1.0
+    view.variants[other].metadata.accuracy.n = n // 2
+    router = Router({TEXT_MODEL: view}, clients)
+    for _ in range(5):
+        router.live.record(view.variants[other].name, 1.0)
+        router.live.record(view.variants["fp32"].name, 50.0)
+    answer = router.route(TEXT_MODEL, "a gripping film", "most-accurate")
+    assert answer["served_by"] == "fp32", answer["reason"]
+    assert f"not comparable: {other} (accuracy measured on {n // 2} dev examples, fp32's on {n}" in answer["reason"]
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=100.0)
+    assert answer["served_by"] == "fp32", answer["reason"]
 
 
 def test_fastest_skips_variants_that_are_not_ready(catalog, clients, triton):
@@ -97,7 +116,7 @@ def test_fastest_skips_variants_that_are_not_ready(catalog, clients, triton):
     for _ in range(5):
         router.live.record(view.variants[fast].name, 1.0)
         router.live.record(view.variants[slow].name, 50.0)
-    assert router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=1.0)["served_by"] == fast
+    assert router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=100.0)["served_by"] == fast
     triton.unload_model(view.variants[fast].name)
     try:
         for _ in range(150):  # Triton answers an unload before the model has stopped
@@ -105,7 +124,7 @@ def test_fastest_skips_variants_that_are_not_ready(catalog, clients, triton):
                 break
             time.sleep(0.2)
         router.ready_models(fresh=True)
-        answer = router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=1.0)
+        answer = router.route(TEXT_MODEL, "fine", "fastest", accuracy_budget=100.0)
         assert answer["served_by"] == slow
     finally:
         triton.load_model(view.variants[fast].name)

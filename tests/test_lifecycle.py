@@ -183,25 +183,32 @@ def _staged_model(staging: Path, name: str, marker: str) -> None:
     finish_model(version.parent, python_config(name, "TEXT", 1, ServingOptions()), {"marker": marker})
 
 
-def test_without_triton_a_rebuild_adds_a_version_and_keeps_only_the_one_before(tmp_path):
+def test_without_triton_a_rebuild_adds_a_version_and_keeps_the_two_before(tmp_path):
+    """Found in a trial: with one previous version kept, the second build without --triton deleted the version
+    folder a running Triton served (version 1 here, loaded before the builds). The served one must survive two
+    builds; the third deletes it."""
     from dyngate_build.repository import keep_previous_version
 
     repository, log = tmp_path / "repo", []
+    folder = repository / "m__v"
     for build_number in range(1, 4):
         with staged_repository(repository, lambda published: [keep_previous_version(p, log.append)
                                                               for p in published]) as staging:
             _staged_model(staging, "m__v", f"build {build_number}")
-    folder = repository / "m__v"
-    assert version_numbers(folder) == [2, 3]  # 2 may still be served by a Triton nobody told; 1 is gone
-    assert "version 2 kept for a Triton that may still serve it" in log[-1]
+    assert version_numbers(folder) == [1, 2, 3]  # 1 may still be served by a Triton nobody told
+    assert "version(s) 1, 2 kept for a Triton that may still serve them" in log[-1]
     assert json.loads((folder / METADATA_FILE).read_text()) == {"marker": "build 3", "version": 3}
     assert (folder / "3" / "model.onnx").read_text() == "build 3"
+    with staged_repository(repository, lambda published: [keep_previous_version(p, log.append)
+                                                          for p in published]) as staging:
+        _staged_model(staging, "m__v", "build 4")
+    assert version_numbers(folder) == [2, 3, 4] and "removed older version(s) [1]" in log[-1]
 
     before = _snapshot(repository)
     with pytest.raises(RuntimeError, match="planted"):
         with staged_repository(repository) as staging:
-            _staged_model(staging, "m__v", "build 4")
-            _staged_model(staging, "m__new", "build 4")
+            _staged_model(staging, "m__v", "build 5")
+            _staged_model(staging, "m__new", "build 5")
             raise RuntimeError("planted failure after staging")
     assert _snapshot(repository) == before
 
@@ -212,8 +219,8 @@ def test_without_triton_a_rebuild_adds_a_version_and_keeps_only_the_one_before(t
 
     with pytest.raises(ServingError, match="planted refusal"):
         with staged_repository(repository, after_publish=refuse) as staging:
-            _staged_model(staging, "m__v", "build 5")
-            _staged_model(staging, "m__new", "build 5")
+            _staged_model(staging, "m__v", "build 6")
+            _staged_model(staging, "m__new", "build 6")
     assert _snapshot(repository) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 

@@ -75,6 +75,31 @@ def test_numbers_from_another_machine_are_not_recommended(built_repository, tmp_
     assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
 
 
+def test_a_metric_measured_on_fewer_dev_examples_is_not_compared(built_repository, tmp_path, capsys):
+    """Found in a trial: a variant built with a smaller --eval-limit beside fp32 was recommended on a Δ that
+    compared different dev examples. Here torchscript's metadata reads as such a build (half the examples, a
+    higher accuracy, the lowest p50): it must be marked unusable with the reason, and fp32 recommended."""
+    repository = tmp_path / "repo"
+    shutil.copytree(built_repository, repository)
+    path = repository / "distilbert-tiny__torchscript" / "metadata.json"
+    meta = json.loads(path.read_text())
+    n = json.loads((repository / "distilbert-tiny__fp32" / "metadata.json").read_text())["accuracy"]["n"]
+    meta["accuracy"].update(n=n // 2, value=1.0)
+    meta["latency_in_process"]["p50_ms"] = 1e-3
+    path.write_text(json.dumps(meta))
+    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
+    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    assert candidates["fp32"].unusable is None
+    assert candidates["torchscript"].unusable == (f"accuracy measured on {n // 2} dev examples, fp32's on {n}: "
+                                                  "not comparable; rebuild both with the same --eval-limit")
+    assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
+
+    assert cli_main(["recommend", "--model", "distilbert-tiny", "--budget", "100",
+                     "--repository", str(repository)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("recommended: fp32") and f"torchscript: accuracy measured on {n // 2} dev examples" in out
+
+
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])
 def test_a_budget_that_is_not_a_finite_number_is_refused(budget):
     with pytest.raises(ConfigError, match="must be a number ≥ 0"):

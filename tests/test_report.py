@@ -116,10 +116,10 @@ def test_report_writes_markdown_and_png_charts(report):
         assert f"**{section['recommended']}** ★" in text
 
 
-def _row(variant, accuracy, size, p50):
+def _row(variant, accuracy, size, p50, n=872):
     lat = {"p50_ms": p50, "p95_ms": p50 * 1.5, "throughput_items_s": 1000.0 / p50}
-    return {"variant": variant, "accuracy": accuracy, "metric": "accuracy", "size_bytes": size, "size_mb": size / 1e6,
-            "latency": {f"batch{b}": dict(lat) for b in BATCH_SIZES}}
+    return {"variant": variant, "accuracy": accuracy, "accuracy_n": n, "metric": "accuracy", "size_bytes": size,
+            "size_mb": size / 1e6, "latency": {f"batch{b}": dict(lat) for b in BATCH_SIZES}}
 
 
 def test_recommendation_is_fastest_within_budget():
@@ -132,6 +132,9 @@ def test_recommendation_is_fastest_within_budget():
     assert recommendation(rows, "fp32", 0.0).chosen == "fp32"
     assert recommendation(rows, "fp32", 1.0).rejected == [("ee", "accuracy 0.8500 is 5.00 pt below fp32 "
                                                                   "(budget 1 pt), p50 3.000 ms")]
+    rows.append(_row("ee-200", 0.95, 100, 1.0, n=200))  # scored on another number of dev examples: never chosen
+    assert recommendation(rows, "fp32", 100.0).chosen == "ee"
+    assert dict(recommendation(rows, "fp32", 1.0).rejected)["ee-200"].startswith("accuracy measured on 200")
 
 
 def test_report_unknown_model_is_named(built_repository, tmp_path, capsys):

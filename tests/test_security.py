@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import base64
 import http.client
+import http.cookiejar
 import json
 import os
 import signal
@@ -67,7 +68,7 @@ def test_cli_and_configs_default_to_loopback(tmp_path):
     assert parser.parse_args(["serve"]).host == "127.0.0.1"
     assert parser.parse_args(["gateway"]).host == "127.0.0.1"
     assert parser.parse_args(["gateway"]).triton.startswith("127.0.0.1:")
-    assert parser.parse_args(["predict", "--model", "m"]).url.startswith("127.0.0.1:")
+    assert parser.parse_args(["predict", "--model", "m"]).triton.startswith("127.0.0.1:")
     assert gateway_app.DEFAULT_HOST == "127.0.0.1"
     import inspect
 
@@ -233,8 +234,10 @@ def test_source_tree_loads_nothing_unsafely():
 
 # ------------------------------------------------------------------------------------------------ login
 
-PUBLIC_GET = ["/", "/theme.css", "/favicon.ico", "/manifest.json", "/gradio_api/startup-events", "/openapi.json"]
-GUARDED_GET = ["/config", "/gradio_api/info", "/api/status", "/api/models", "/api/shadow", "/metrics",
+PUBLIC_GET = ["/", "/theme.css", "/favicon.ico", "/manifest.json"]
+# Gradio answers the first two without its login (found in a trial); the gateway asks for it (middleware.LoginRequired)
+GUARDED_GET = ["/openapi.json", "/gradio_api/startup-events", "/config", "/gradio_api/info", "/api/status",
+               "/api/models", "/api/shadow", "/metrics",
                "/gradio_api/queue/status",
                "/gradio_api/file=/etc/passwd", "/gradio_api/upload_progress", "/monitoring"]
 GUARDED_POST = ["/api/predict", "/gradio_api/call/route", "/gradio_api/call/predict", "/gradio_api/upload",
@@ -313,6 +316,14 @@ def test_login_guards_every_data_route(login_gateway):
         assert TEXT_MODEL not in text and "__fp32" not in text, path
     for path in ("/docs", "/redoc"):
         assert request(url, path)[0] == 404
+    assert request(url, "/openapi.json", headers=basic(USER, PASSWORD))[0] == 200  # with the login: answered
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor(jar))
+    login = urllib.parse.urlencode({"username": USER, "password": PASSWORD}).encode()
+    with browser.open(urllib.request.Request(url + "/login", data=login), timeout=60) as response:
+        assert response.status == 200
+    with browser.open(url + "/gradio_api/startup-events", timeout=60) as response:  # Gradio's login cookie
+        assert response.status == 200
 
 
 def test_no_password_or_token_in_logs(login_gateway, secrets_triton):

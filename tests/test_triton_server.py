@@ -7,6 +7,7 @@ native-flavour `echo__native` config the embedded server must not try to load.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import textwrap
@@ -15,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from dyngate_build.errors import InputError, ServingError
-from dyngate_serving.client import Answer, TritonClient
+from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
+from dyngate_serving.client import Answer, AsyncTritonClient, TritonClient, model_control_client, parse_address
 from dyngate_build.repository import python_backend_models
 from dyngate_serving.launcher import TritonServer, TritonServerConfig, repository_models
 from dyngate_serving.net import DIRECT, free_ports
@@ -191,6 +192,63 @@ def test_unreachable_server(protocol):
         client.ready_models()
     with pytest.raises(ServingError, match="is not reachable"):
         client.predict("echo", b"x")
+
+
+def test_http_port_given_as_grpc_says_so(server):
+    """Found in a trial: Triton's HTTP port given where gRPC is expected said only "Socket closed"."""
+    http = server.endpoints["http"].split("://", 1)[1]
+    for client in (TritonClient(http, protocol="grpc", timeout_s=10), model_control_client(http)):
+        with pytest.raises(TritonUnreachable, match="may be Triton's HTTP port .* gRPC") as caught:
+            client.ready_models()
+        assert f"{http.rsplit(':', 1)[0]}:8001" in str(caught.value)
+
+    async def aio():
+        client = AsyncTritonClient(http, protocol="grpc", timeout_s=10)
+        try:
+            await client.ready_models()
+        finally:
+            await client.close()
+
+    with pytest.raises(TritonUnreachable, match="may be Triton's HTTP port"):
+        asyncio.run(aio())
+    with pytest.raises(TritonUnreachable) as caught:  # a closed port is not called an HTTP port
+        TritonClient(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=5).ready_models()
+    assert "HTTP port" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1", ("127.0.0.1:8001", "grpc")),  # no port: Triton's gRPC port, not gRPC's 443
+    ("grpc://127.0.0.1:9001/", ("127.0.0.1:9001", "grpc")), ("http://127.0.0.1", ("127.0.0.1:8000", "http")),
+    ("[::1]", ("[::1]:8001", "grpc")), ("localhost:18001", ("localhost:18001", "grpc"))])
+def test_one_parser_for_triton_addresses(text, expected):
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "127.0.0.1:", "h:abc", "h:70000", "h:0", "https://h:8001", "::1",
+                                  "h:8001/v2", "[::1"])
+def test_malformed_triton_addresses_are_refused_by_name(text):
+    with pytest.raises(ConfigError, match="--triton"):
+        parse_address(text, what="--triton")
+
+
+def test_every_subcommand_reads_triton_addresses_alike(server, tmp_path, capsys):
+    """One parser for --triton: gateway and load refuse an http:// URL as build and reload do; predict takes
+    --triton (and --url, its alias), and the HTTP port given as gRPC is named as such."""
+    from dyngate_cli import main as cli_main, make_parser
+
+    http = server.endpoints["http"]
+    for argv in (["build", "--model", "distilbert-tiny", "--triton", http], ["reload", "--model", "m", "--variant",
+                 "v", "--triton", http], ["gateway", "--repository", str(tmp_path), "--triton", http],
+                 ["load", "--model", "m", "--triton", http]):
+        assert cli_main(argv) == 2, argv
+        assert "is Triton's HTTP endpoint" in capsys.readouterr().err, argv
+    assert cli_main(["gateway", "--repository", str(tmp_path), "--triton", "127.0.0.1:x"]) == 2
+    assert "--triton='127.0.0.1:x': port 'x' is not a number" in capsys.readouterr().err
+    parser = make_parser(["predict"])
+    assert parser.parse_args(["predict", "--model", "m", "--triton", "h:1"]).triton == "h:1"
+    assert parser.parse_args(["predict", "--model", "m", "--url", "h:1"]).triton == "h:1"
+    assert cli_main(["predict", "--model", "echo", "--text", "x", "--triton", http.split("://")[1]]) == 2
+    assert "may be Triton's HTTP port" in capsys.readouterr().err
 
 
 def test_busy_port_is_serving_error(repository, tmp_path):

@@ -28,8 +28,8 @@ becomes the next version folder (`<model>__<variant>/2/` beside `1/`, one rename
 then metadata.json and config.pbtxt are replaced with `os.replace`. Every config says
 `version_policy: { latest { num_versions: 1 } }`, so a Triton asked to load the model (explicit model control)
 loads the new version, moves traffic to it once it is ready and unloads the old one; the old folder is removed
-once Triton no longer serves it (a roll-out in dyngate_serving, `dyngate build --triton-url`), or, without a
-Triton to ask, kept as the one previous version until the next build (`keep_previous_version`).
+once Triton no longer serves it (a roll-out in dyngate_serving, `dyngate build --triton`), or, without a
+Triton to ask, kept for two more builds (`keep_previous_version`: the newest three versions stay).
 """
 
 from __future__ import annotations
@@ -395,17 +395,29 @@ def publish_model(staged: Path, repository: Path, trash: Path) -> Published:
     return published
 
 
-def keep_previous_version(published: Published, log=print) -> list[int]:
-    """What a build does after publishing when no Triton is asked to roll out: keep the one previous version
-    folder (a Triton may still serve it; `dyngate reload` switches over and removes it), delete older ones.
+KEEP_PREVIOUS_VERSIONS = 2
 
-    Returns the versions removed; logs one line when a previous version is kept.
+
+def keep_previous_version(published: Published, log=print) -> list[int]:
+    """What a build does after publishing when no Triton is asked to roll out (`dyngate build` without
+    `--triton`): delete old version folders, but never one a Triton may still be serving.
+
+    The rule: the newest version (the one just written) and the `KEEP_PREVIOUS_VERSIONS` (2) versions before
+    it are never deleted; only older ones are. A build without `--triton` cannot know which version a running
+    Triton loaded (explicit model control keeps serving what it loaded until it is told to reload), and each
+    such build adds a version: keeping two previous ones means the version Triton serves survives two builds
+    without `--triton` (counting folders alone and keeping one, the second build deleted the served folder).
+    `dyngate reload` or `dyngate build --triton HOST:PORT` switch Triton over and then delete every version it
+    no longer holds (dyngate_serving.rollout.roll_out).
+
+    Returns the versions removed; logs one line when previous versions are kept.
     """
-    removed = remove_versions(published.folder, published.previous[:-1])
-    if published.previous:
-        log(f"  {published.name}: version {published.version} written; version {published.previous[-1]} kept for a "
-            f"Triton that may still serve it (`dyngate reload` or `dyngate build --triton-url` switches over and "
-            f"removes it)" + (f"; removed older version(s) {removed}" if removed else ""))
+    kept = published.previous[-KEEP_PREVIOUS_VERSIONS:]
+    removed = remove_versions(published.folder, [v for v in published.previous if v not in kept])
+    if kept:
+        log(f"  {published.name}: version {published.version} written; version(s) {', '.join(map(str, kept))} kept "
+            f"for a Triton that may still serve them (`dyngate reload` or `dyngate build --triton` switches over and "
+            f"removes them)" + (f"; removed older version(s) {removed}" if removed else ""))
     return removed
 
 

@@ -11,6 +11,8 @@ bench, load, zero-report, deploy. This module is the one place that wires the pa
     dyngate bench / dyngate load / dyngate zero-report
     dyngate deploy kubernetes --repository model_repository --out deploy/k8s
 
+Every `--triton` takes Triton's address as HOST:PORT (gRPC; without a port, 8001), parsed by one function
+(`dyngate_serving.client.parse_address`); only `predict` also takes http://HOST:PORT.
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
 Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
 """
@@ -101,12 +103,13 @@ def cmd_reload(args) -> int:
     from dyngate_serving.client import model_control_client
     from dyngate_serving.rollout import roll_out
 
+    client = model_control_client(args.triton)  # a malformed or http:// address is refused first
     name = triton_name(args.model, args.variant, native=args.native)
     folder = Path(args.repository) / name
     if not (folder / CONFIG_FILE).is_file():
         raise ConfigError(f"{name} is not in the repository {args.repository} (no {folder / CONFIG_FILE}); "
                           "build it first with `dyngate build`")
-    result = roll_out(model_control_client(args.triton), folder, log=lambda line: None)  # one summary line instead
+    result = roll_out(client, folder, log=lambda line: None)  # one summary line instead
     print(f"{name}: Triton serves version {result.version}"
           + (f"; removed version(s) {', '.join(map(str, result.removed))}" if result.removed else ""))
     return 0
@@ -125,8 +128,10 @@ def cmd_serve(args) -> int:
 
 def cmd_gateway(args) -> int:
     from dyngate_gateway.app import launch
+    from dyngate_serving.client import grpc_address
     from dyngate_serving.net import port_is_free
 
+    triton = grpc_address(args.triton)
     if not Path(args.repository).is_dir():
         raise ConfigError(f"repository {args.repository} is not a folder; build one first (dyngate build --model M "
                           "--techniques ... --repository FOLDER) or pass --repository")
@@ -140,7 +145,7 @@ def cmd_gateway(args) -> int:
     config = GatewayConfig.load(args.config)
     if args.metrics_url:
         config = replace(config, metrics_url=args.metrics_url)
-    launch(repository=Path(args.repository), triton_url=args.triton, host=args.host, port=args.port, config=config)
+    launch(repository=Path(args.repository), triton_url=triton, host=args.host, port=args.port, config=config)
     return 0
 
 
@@ -158,10 +163,10 @@ def read_input(args) -> bytes:
 
 def cmd_predict(args) -> int:
     from dyngate_build.repository import triton_name
-    from dyngate_serving.client import TritonClient
+    from dyngate_serving.client import TritonClient, parse_address
 
     raw = read_input(args)
-    client = TritonClient(args.url, protocol=args.protocol or (None if "://" in args.url else "grpc"))
+    client = TritonClient(*parse_address(args.triton, args.protocol, "--triton"))
     name = triton_name(args.model, args.variant)
     expected = client.model_input_name(name)
     given = "TEXT" if args.text is not None else "IMAGE"
@@ -271,7 +276,8 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("gateway", help="start the Gradio gateway in front of a running Triton")
     p.add_argument("--repository", default=repository)
-    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--triton", "--triton-url", dest="triton", default="127.0.0.1:8001", metavar="HOST:PORT",
+                   help="Triton's gRPC address (port default 8001; an http:// URL is refused)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--config", help="gateway JSON config: limits, routing, login (default: "
@@ -284,9 +290,11 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--variant", default="fp32")
     p.add_argument("--text")
     p.add_argument("--image")
-    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--triton", "--url", dest="triton", default="127.0.0.1:8001", metavar="[SCHEME://]HOST:PORT",
+                   help="Triton's address: gRPC HOST:PORT (port default 8001) or http://HOST:PORT (default 8000); "
+                        "--url is an alias")
     p.add_argument("--protocol", choices=("grpc", "http"), default=None,
-                   help="default: from the url's scheme (http://, grpc://), else grpc")
+                   help="default: from the address's scheme (http://, grpc://), else grpc")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter")
     p.set_defaults(func=cmd_predict)
 

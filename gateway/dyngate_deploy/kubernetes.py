@@ -47,6 +47,9 @@ from dyngate_build.repository import read_config
 from dyngate_build.runtime import RuntimeSpec
 from dyngate_deploy import image
 
+# A Kubernetes resource quantity (apimachinery's resource.Quantity grammar, without a sign): a decimal number and
+# a binary (Ki..Ei), decimal (m, k, M..E) or exponent (e3, E-2) suffix.
+_QUANTITY = re.compile(r"\+?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?\d+)?")
 OVERLAYS = ("cpu", "gpu")
 STORE_SCHEMES = ("s3", "gs", "as")  # object stores tritonserver reads a repository from itself
 PVC = "pvc"
@@ -133,6 +136,11 @@ class DeployOptions:
                 raise ConfigError(f"{key}={value!r} is not a Kubernetes name; use lowercase letters, digits and '-', "
                                   "starting and ending with a letter or digit, at most 40 characters")
         store_scheme(self.model_store)
+        for key in ("triton_cpu", "triton_memory", "gateway_cpu", "gateway_memory"):
+            value = getattr(self, key)
+            if value is not None and not _QUANTITY.fullmatch(str(value)):
+                raise ConfigError(f"--{key.replace('_', '-')}={value!r} is not a Kubernetes quantity; use a number "
+                                  "with an optional suffix, e.g. 2, 500m (CPU), 1Gi, 512Mi, 2G (memory)")
         if not 1 <= self.triton_replicas <= self.triton_max_replicas:
             raise ConfigError(f"triton_replicas={self.triton_replicas} must be >= 1 and <= triton_max_replicas="
                               f"{self.triton_max_replicas}")
@@ -262,17 +270,8 @@ def triton_objects(options: DeployOptions, facts: RepositoryFacts) -> dict[str, 
                                                                     "readOnly": True}})
     else:  # credentials for the object store, when the cluster does not give them by workload identity
         container["envFrom"] = [{"secretRef": {"name": options.object_name("model-store"), "optional": True}}]
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": options.triton_replicas,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": labels, "annotations": _scrape(ports["metrics"])},
-                "spec": {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 45},
-            },
-        },
-    }
+    deployment = _deployment(name, labels, selector, options.triton_replicas, ports["metrics"],
+                             {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 45})
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
         "spec": {"selector": selector, "ports": [{"name": port, "port": number, "targetPort": port, "protocol": "TCP"}
@@ -322,19 +321,10 @@ def gateway_objects(options: DeployOptions, facts: RepositoryFacts) -> dict[str,
         "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
     }
     items = [{"key": key, "path": path} for key, path in catalog_files(facts).items()]
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": options.gateway_replicas,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": labels, "annotations": _scrape(port)},
-                "spec": {"containers": [container],
-                         "volumes": [{"name": "catalog", "configMap": {"name": options.object_name("catalog"),
-                                                                       "items": items}}]},
-            },
-        },
-    }
+    deployment = _deployment(name, labels, selector, options.gateway_replicas, port,
+                             {"containers": [container],
+                              "volumes": [{"name": "catalog", "configMap": {"name": options.object_name("catalog"),
+                                                                            "items": items}}]})
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
         # Gradio's page keeps a session (queue join, then its event stream) on one process: one client, one pod
@@ -353,6 +343,19 @@ def catalog_files(facts: RepositoryFacts) -> dict[str, str]:
             if (entry.folder / file).is_file():
                 files[f"{entry.name}.{file}"] = f"{entry.name}/{file}"
     return files
+
+
+def _deployment(name: str, labels: dict, selector: dict, replicas: int, metrics_port: int, pod_spec: dict) -> dict:
+    """A Deployment of `replicas` pods labelled `labels`, matched by `selector`, scraped by Prometheus on
+    `metrics_port` (`_scrape`), each running `pod_spec` (containers, volumes, ...): Triton's and the gateway's."""
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": labels, "annotations": _scrape(metrics_port)}, "spec": pod_spec},
+        },
+    }
 
 
 def _pdb(options: DeployOptions, component: str, selector: dict) -> dict:

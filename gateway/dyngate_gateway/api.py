@@ -2,10 +2,11 @@
 GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /metrics (the gateway's
 Prometheus metrics, dyngate_gateway/telemetry.py).
 
-POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget",
+POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget" (points),
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
 body over limits.max_body_bytes (any route) -> 413, Triton down -> 503. With a login, every route but
-Gradio's login page asks for it (HTTP basic auth here).
+Gradio's login page and static files asks for it (HTTP basic auth here; Gradio's login cookie too on the routes
+Gradio itself would answer without it, `GRADIO_UNGUARDED`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import secrets
 import gradio as gr
 from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Mount
 
 from dyngate_build.errors import InputError, ServingError
 from dyngate_gateway import models_view
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT
-from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub
+from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub, LoginRequired
+
+# Routes Gradio answers without its login; with a login set, the gateway asks for it there too.
+GRADIO_UNGUARDED = ("/openapi.json", "/gradio_api/startup-events")
 
 
 def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
@@ -32,8 +37,11 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     limits = state.config.limits
     app = FastAPI(title=demo.title, docs_url=None, redoc_url=None, openapi_url=None)  # Gradio's API page documents it
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    mounted = {}  # "gradio": the mounted Gradio app, once mounted below
     if auth:
         app.add_middleware(LoginPageScrub)
+        app.add_middleware(LoginRequired, paths=GRADIO_UNGUARDED,
+                           allowed=lambda scope: authorized(Request(scope)) or logged_in(Request(scope)))
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -49,6 +57,16 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         except (binascii.Error, UnicodeDecodeError):
             return False
         return secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
+
+    def logged_in(request: Request) -> bool:
+        """Whether the request carries the login cookie Gradio set on its login page (its own check, routes.py
+        get_current_user: the access-token cookie looked up in the app's tokens)."""
+        gradio = mounted.get("gradio")
+        if gradio is None:
+            return False
+        token = (request.cookies.get(f"access-token-{gradio.cookie_id}")
+                 or request.cookies.get(f"access-token-unsecure-{gradio.cookie_id}"))
+        return token is not None and gradio.tokens.get(token) is not None
 
     def unauthorized() -> JSONResponse:
         return JSONResponse({"error": "login required: HTTP basic auth with the gateway's user and password"},
@@ -142,5 +160,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                                  for r in models_view.model_rows(state.repository, state.clients)])
         return guarded(rows)(request)
 
-    return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
-                               footer_links=["api"], max_file_size=limits.max_image_bytes)
+    app = gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
+                              footer_links=["api"], max_file_size=limits.max_image_bytes)
+    mounted["gradio"] = next(r.app for r in app.routes if isinstance(r, Mount))
+    return app

@@ -123,7 +123,7 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                 policy = gr.Dropdown(choices=list(POLICIES), value="fastest", label="Policy", elem_id="policy")
                 route_variant = gr.Dropdown(choices=handlers.all_variant_names(catalog), value=None,
                                             label="Variant (policy 'variant')", elem_id="route-variant")
-                budget = gr.Number(value=state.config.routing.accuracy_budget, label="Accuracy budget",
+                budget = gr.Number(value=state.config.routing.accuracy_budget, label="Accuracy budget (points)",
                                    elem_id="budget")
                 threshold = gr.Number(value=state.config.routing.cascade_threshold,
                                       label="Cascade threshold (top-1)", elem_id="threshold")

@@ -25,7 +25,7 @@ import numpy as np
 
 from dyngate_build.errors import InputError
 from dyngate_build.evaluate import summarize_ms
-from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend, sample_size_mismatch
 from dyngate_serving.client import TritonClient
 
 HEADERS = ["variant", "concurrency", "batch", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "mean ms",
@@ -236,16 +236,20 @@ def tradeoff(variants: dict, rows: list[list], budget_pt: float, metric_name: st
 
     variants: {variant: VariantMetadata or None} (dev metric, size); rows: a run's HEADERS rows, of which the
     lowest concurrency level of each variant gives its p50 (at the run's batch size). A variant without a
-    successful request has no p50 and is not recommended."""
+    successful request has no p50 and is not recommended, nor one whose dev metric was measured on another
+    number of examples than the baseline's (`sample_size_mismatch`)."""
     lowest: dict[str, list] = {}
     for row in rows:
         if row[0] not in lowest or row[1] < lowest[row[0]][1]:
             lowest[row[0]] = row
     candidates = []
+    reference = variants.get(baseline)
     for variant, row in lowest.items():
         meta = variants.get(variant)
+        unusable = (sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, baseline, metric_name)
+                    if meta and reference else None)
         candidates.append(Candidate(variant, meta.accuracy.value if meta else None, row[5],
-                                    meta.size_mb if meta else None))
+                                    meta.size_mb if meta else None, unusable=unusable))
     level = min((r[1] for r in lowest.values()), default=1)
     batch = next((r[2] for r in lowest.values()), 1)
     return recommend(candidates, baseline, budget_pt, metric_name,

@@ -2,11 +2,13 @@
 
     {"limits": {"max_text_chars": 10000, "max_image_bytes": 5242880, "max_body_bytes": 8388608,
                 "max_bench_requests": 2000, "max_bench_concurrency": 16},
-     "routing": {"accuracy_budget": 0.01, "cascade_threshold": 0.9, "seed": 0, "ab_agreement_share": 0.1,
+     "routing": {"accuracy_budget": 1.0, "cascade_threshold": 0.9, "seed": 0, "ab_agreement_share": 0.1,
                  "ab_weights": {"distilbert-tiny": {"fp32": 3, "torchscript": 1}}},
      "auth": {"user": "me", "password": "..."},
      "metrics_url": "http://127.0.0.1:8002/metrics", "data": "../shared/data"}
 
+routing.accuracy_budget is in points (1.0 = one point of accuracy below the best), the unit of
+`dyngate recommend --budget` and of the JSON API's "accuracy_budget".
 Environment (wins over the file): DYNGATE_GATEWAY_USER and DYNGATE_GATEWAY_PASSWORD (login, both or neither),
 DYNGATE_GATEWAY_CONFIG (the file), DYNGATE_TRITON_METRICS (metrics url).
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
-from dyngate_serving.client import AsyncTritonClient, TritonClient
+from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
@@ -163,7 +163,7 @@ class ClientPool:
 
     def __init__(self, url: str, protocol: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
         self.url, self.timeout_s = url, timeout_s
-        self.protocol = protocol or ("http" if url.startswith("http://") else "grpc")
+        self.protocol = parse_address(url, protocol)[1]
         self._local = threading.local()
         self._aio: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> AsyncTritonClient
 

@@ -20,6 +20,7 @@ import psutil
 
 from dyngate_build.errors import ServingError
 from dyngate_measure.machine import ProcessTree, gpu_usage, listening_pid
+from dyngate_serving.client import parse_address
 from dyngate_serving.net import DIRECT
 
 MODEL_HEADERS = ["model", "success", "failure", "inferences", "executions", "batching ratio", "avg queue ms",
@@ -28,13 +29,11 @@ HISTORY = 300
 
 
 def default_metrics_url(triton_url: str) -> str:
-    """Triton's metrics url from its gRPC address by Triton's default layout (http p-1, grpc p, metrics p+1)."""
-    address = triton_url.split("://", 1)[-1].rstrip("/")
+    """Triton's metrics url from its gRPC address by Triton's default layout (http p-1, grpc p, metrics p+1);
+    the address as `dyngate_serving.client.parse_address` reads it (ConfigError when malformed)."""
+    address, protocol = parse_address(triton_url)
     host, _, port = address.rpartition(":")
-    port = int(port)
-    if triton_url.startswith("http://"):
-        return f"http://{host}:{port + 2}/metrics"
-    return f"http://{host}:{port + 1}/metrics"
+    return f"http://{host}:{int(port) + (2 if protocol == 'http' else 1)}/metrics"
 
 
 def fetch_metrics(url: str, timeout_s: float = 2.0) -> str:

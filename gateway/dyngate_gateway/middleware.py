@@ -1,5 +1,6 @@
-"""ASGI middleware of the gateway: a request body limit for every route, and a login page that does not give
-away the API description (model and variant names) before anyone logged in."""
+"""ASGI middleware of the gateway: a request body limit for every route, a login page that does not give
+away the API description (model and variant names) before anyone logged in, and the login for the routes
+Gradio answers without it."""
 
 from __future__ import annotations
 
@@ -106,3 +107,24 @@ class LoginPageScrub:
             await send(message)
 
         await self.app(scope, receive, scrubbing_send)
+
+
+class LoginRequired:
+    """ASGI middleware for gateways with a login: requests for `paths` (routes Gradio answers without its login:
+    its OpenAPI description /openapi.json and /gradio_api/startup-events) get 401 {"error": ...} unless
+    `allowed(scope)` says the caller logged in (HTTP basic auth or Gradio's login cookie)."""
+
+    def __init__(self, app, paths, allowed):
+        self.app, self.paths, self.allowed = app, frozenset(paths), allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"].rstrip("/") or "/") in self.paths and not self.allowed(scope):
+            body = json.dumps({"error": "login required: HTTP basic auth with the gateway's user and password, "
+                                        "or log in on the page"}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"www-authenticate", b'Basic realm="dyngate"')]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

@@ -9,10 +9,12 @@
 
 Policies (POLICIES):
 - `variant`: the variant named in `variant` (a variant name given as the policy means the same).
-- `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` of the model's best
-  (absolute, in the accuracy metric's units). p50 comes from this gateway's live round trips once a variant
+- `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` points of the model's
+  best (points: 0.01 of the metric's [0, 1] scale, the unit of `dyngate recommend --budget`; 1.0 = one point). p50 comes from this gateway's live round trips once a variant
   has `MIN_LIVE_SAMPLES` of them, else from the build's measurement (metadata `latency_in_process`).
 - `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
+  `fastest` and `most-accurate` leave out a variant whose accuracy was measured on another number of dev
+  examples than the reference's (fp32), the rule of `dyngate recommend` (`recommend.sample_size_mismatch`).
 - `ab`: a weighted random split from the config (`ab_weights[model] = {variant: weight}`, equal weights when
   the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence. Its answers carry
   `arms`: per arm the requests it answered, their p50/p99 round trips, and its agreement with the next arm on
@@ -44,6 +46,7 @@ import numpy as np
 from dyngate_build import runtime
 from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
+from dyngate_measure.recommend import reference_metadata, sample_size_mismatch
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
 MIN_LIVE_SAMPLES = 5
@@ -59,7 +62,7 @@ FAILED_TTL_S = 30.0
 class RoutingConfig:
     """Defaults of the routing policies (a request may override budget and threshold)."""
 
-    accuracy_budget: float = 0.01
+    accuracy_budget: float = 1.0  # points (0.01 of the metric's [0, 1] scale), as `dyngate recommend --budget`
     cascade_threshold: float = 0.9
     ab_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {variant: weight}
     cascade_order: dict[str, list[str]] = field(default_factory=dict)  # model -> variants (overrides cost order)
@@ -87,6 +90,17 @@ def confidence(answer: dict) -> float:
 def _accuracy(view: ModelView, variant: str) -> float | None:
     meta = view.variants[variant].metadata
     return None if meta is None else float(meta.accuracy.value)
+
+
+def _metric_mismatch(view: ModelView, variant: str) -> str | None:
+    """Why the variant's dev metric cannot be set beside the model's reference (fp32, else its first variant):
+    measured on another number of dev examples (`dyngate_measure.recommend.sample_size_mismatch`, the rule
+    `dyngate recommend` applies); None when comparable."""
+    meta = view.variants[variant].metadata
+    reference = reference_metadata(list(view.variants.values()))
+    if meta is None or reference is None:
+        return None
+    return sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, reference.variant, meta.accuracy.name)
 
 
 def _build_p50(view: ModelView, variant: str) -> float | None:
@@ -306,7 +320,8 @@ class Router:
                 raise InputError(str(e)) from None
         budget = self.config.accuracy_budget if accuracy_budget in (None, "") else float(accuracy_budget)
         if not math.isfinite(budget) or budget < 0:
-            raise InputError(f"accuracy_budget={budget} must be a number ≥ 0: the accuracy drop allowed, e.g. 0.01")
+            raise InputError(f"accuracy_budget={budget} must be a number ≥ 0: the points of accuracy the variant may "
+                             "lose against the best, e.g. 1.0 (the unit of dyngate recommend --budget)")
         cut = self.config.cascade_threshold if threshold in (None, "") else float(threshold)
         if not 0.0 <= cut <= 1.0:
             raise InputError(f"threshold={cut} is outside [0, 1]; it is the top-1 probability a cascade step "
@@ -361,26 +376,30 @@ class Router:
 
     def _choose(self, view: ModelView, policy: str, budget: float, ready: set[str]) -> tuple[str, str]:
         names = self._ready_variants(view, ready)
-        accuracy = {v: _accuracy(view, v) for v in names}
+        # a metric measured on another number of dev examples than the reference's is not compared at all
+        mismatch = {v: _metric_mismatch(view, v) for v in names}
+        accuracy = {v: None if mismatch[v] else _accuracy(view, v) for v in names}
+        not_comparable = "".join(f"; not comparable: {v} ({why})" for v, why in mismatch.items() if why)
         p50 = {v: self.p50(view, v) for v in names}
         speed = lambda v: p50[v][0] if p50[v][0] is not None else float("inf")  # noqa: E731
         known = [a for a in accuracy.values() if a is not None]
         if policy == "most-accurate":
             if not known:
                 chosen = min(names, key=speed)
-                return chosen, f"no variant has a measured accuracy; took the fastest ({chosen})"
+                return chosen, f"no variant has a measured accuracy; took the fastest ({chosen})" + not_comparable
             chosen = max(names, key=lambda v: (accuracy[v] if accuracy[v] is not None else -1, -speed(v)))
-            return chosen, f"highest accuracy among ready variants: {accuracy[chosen]:.4f}"
+            return chosen, f"highest accuracy among ready variants: {accuracy[chosen]:.4f}" + not_comparable
         if policy == "fastest":
             best = max(known) if known else None
-            allowed = [v for v in names if best is None or accuracy[v] is None or accuracy[v] >= best - budget]
+            allowed = [v for v in names if not mismatch[v]
+                       and (best is None or accuracy[v] is None or accuracy[v] >= best - budget / 100.0 - 1e-9)] or names
             chosen = min(allowed, key=speed)
-            left_out = [v for v in names if v not in allowed]
+            left_out = [v for v in names if v not in allowed and not mismatch[v]]
             reason = (f"lowest p50 ({speed(chosen):.3f} ms, {p50[chosen][1]}) among ready variants within "
-                      f"accuracy budget {budget} of the best ({best if best is None else round(best, 4)})")
+                      f"{budget:g} pt (accuracy budget) of the best ({best if best is None else round(best, 4)})")
             if left_out:
                 reason += f"; outside the budget: {', '.join(left_out)}"
-            return chosen, reason
+            return chosen, reason + not_comparable
         # ab
         weights = self._ab_weights(view)
         pool = [(v, w) for v, w in weights.items() if v in names]

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 from dyngate_build.errors import ConfigError, InputError, ServingError
 from dyngate_build.evaluate import summarize_ms
+from dyngate_serving.client import grpc_address
 
 TARGETS = ("triton", "gateway")
 MAX_ERROR_MESSAGES = 10
@@ -111,10 +112,6 @@ def load_inputs(client_input: str, data: str | None, limit: int = 200) -> list[b
 
 
 # ------------------------------------------------------------------------------------------------ Triton
-
-def _grpc_address(url: str) -> str:
-    return url.split("://", 1)[-1].rstrip("/")
-
 
 async def triton_stats(client, model: str) -> dict[str, int]:
     """Cumulative counts of `model`: inference_count, execution_count, success (requests), queue_ns, infer_ns."""
@@ -211,7 +208,7 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
     import tritonclient.grpc.aio as grpcaio
 
     triton_model = f"{model}__{variant}"
-    control = grpcaio.InferenceServerClient(_grpc_address(triton_url))
+    control = grpcaio.InferenceServerClient(triton_url)
     try:
         input_name, outputs = await _model_signature(control, triton_model)
 
@@ -219,7 +216,7 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
             url = triton_url
 
             async def factory():
-                client = grpcaio.InferenceServerClient(_grpc_address(triton_url))
+                client = grpcaio.InferenceServerClient(triton_url)
                 requested = [grpcaio.InferRequestedOutput(n) for n in outputs]
 
                 async def send(i: int):
@@ -276,6 +273,7 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
     ServingError when the variant is not ready on Triton.
     """
     check_bounds(clients, duration_s, max_requests, timeout_s)
+    triton_url = grpc_address(triton_url)  # "host:port"; ConfigError for an http:// URL or a malformed address
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise ConfigError(f"targets={list(targets)}: choose from {', '.join(TARGETS)}")
@@ -288,7 +286,7 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
     async def main():
         import tritonclient.grpc.aio as grpcaio
 
-        probe = grpcaio.InferenceServerClient(_grpc_address(triton_url))
+        probe = grpcaio.InferenceServerClient(triton_url)
         try:
             input_name, _ = await _model_signature(probe, f"{model}__{variant}")
         finally:
@@ -333,7 +331,8 @@ def write_report(runs: list[LoadRun], out: Path, name: str = "load", command: st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `dyngate load`."""
-    parser.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address (loopback)")
+    parser.add_argument("--triton", "--triton-url", dest="triton", default="127.0.0.1:8001", metavar="HOST:PORT",
+                        help="Triton's gRPC address on this machine (port default 8001; an http:// URL is refused)")
     parser.add_argument("--gateway", default=None, help="gateway url, e.g. http://127.0.0.1:7860 (loopback)")
     parser.add_argument("--targets", default=None, help="comma-separated: triton,gateway (default: triton, plus "
                                                          "gateway when --gateway is given)")

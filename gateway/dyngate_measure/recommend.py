@@ -143,12 +143,37 @@ def this_machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
-def build_candidates(entries: list, machine: dict | None = None) -> list[Candidate]:
+def sample_size_mismatch(n: int | None, reference_n: int | None, reference: str = BASELINE_VARIANT,
+                         metric_name: str = "accuracy") -> str | None:
+    """Why a dev metric measured on `n` examples cannot be set beside the reference's, measured on
+    `reference_n`; None when the counts are equal (or either is unknown).
+
+    Two builds with another `--eval-limit` score different dev examples, so the Δ in points between them says
+    nothing (found in a trial: an early-exit variant scored on 200 examples read +1.08 pt beside fp32 on 872
+    while it was −0.50 pt against its own FP32 reference). The one rule for `build_candidates`, the gateway's
+    policies and the Compare tab and report's recommendations."""
+    if n is None or reference_n is None or int(n) == int(reference_n):
+        return None
+    return (f"{metric_name} measured on {n} dev examples, {reference}'s on {reference_n}: not comparable; "
+            f"rebuild both with the same --eval-limit")
+
+
+def reference_metadata(entries: list, baseline: str = BASELINE_VARIANT):
+    """The metadata (VariantMetadata or None) a model's variants are compared with: the `baseline` entry's,
+    else the first entry's (as `recommend` picks its baseline). entries: objects with .variant, .metadata."""
+    entry = next((e for e in entries if e.variant == baseline), entries[0] if entries else None)
+    return None if entry is None else entry.metadata
+
+
+def build_candidates(entries: list, machine: dict | None = None, baseline: str = BASELINE_VARIANT) -> list[Candidate]:
     """Candidates from the build's own numbers in each entry's metadata.json (VariantMetadata): dev metric,
-    in-process p50 at batch 1, size. A variant whose numbers were measured on another machine (its recorded
-    cpu/cores differ from `machine`, default: this one) is unusable: its p50 says nothing about this machine;
-    one without metadata has no numbers."""
+    in-process p50 at batch 1, size. Unusable (the reason is shown by `Recommendation.explain`):
+    a variant whose numbers were measured on another machine (its recorded cpu/cores differ from `machine`,
+    default: this one): its p50 says nothing about this machine; one whose dev metric was measured on another
+    number of examples than the `baseline` variant's (`sample_size_mismatch`); one without metadata (no
+    numbers)."""
     machine = machine or this_machine()
+    reference = reference_metadata(entries, baseline)
     candidates = []
     for entry in entries:
         meta = entry.metadata
@@ -158,6 +183,9 @@ def build_candidates(entries: list, machine: dict | None = None) -> list[Candida
         unusable = None
         if meta.machine is not None and (meta.machine.cpu, meta.machine.cores) != (machine["cpu"], machine["cores"]):
             unusable = f"measured on another machine ({meta.machine.cpu}, {meta.machine.cores} cores); rebuild it here"
+        elif reference is not None:
+            unusable = sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, reference.variant,
+                                            meta.accuracy.name)
         candidates.append(Candidate(variant=entry.variant, metric=meta.accuracy.value,
                                     p50_ms=meta.latency_in_process.p50_ms, size_mb=meta.size_mb, unusable=unusable))
     return candidates

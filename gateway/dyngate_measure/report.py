@@ -37,7 +37,7 @@ import numpy as np
 from dyngate_build.errors import ConfigError, ServingError
 from dyngate_build.repository import RepositoryEntry, directory_size, python_variants_by_model
 from dyngate_measure.machine import ResourceSampler, library_versions, machine_info, server_version
-from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend, sample_size_mismatch
 
 BATCH_SIZES = (1, 8)
 PATH = "grpc"
@@ -126,8 +126,12 @@ def add_changes(rows: list[dict], baseline: dict) -> None:
 
 def recommendation(rows: list[dict], baseline: str, budget_pt: float) -> Recommendation:
     """`dyngate_measure.recommend.recommend` over the report's rows: the fastest variant at batch 1 (Triton gRPC
-    p50) whose dev metric is within `budget_pt` points of `baseline`'s."""
-    candidates = [Candidate(r["variant"], r["accuracy"], r["latency"]["batch1"]["p50_ms"], r["size_mb"]) for r in rows]
+    p50) whose dev metric is within `budget_pt` points of `baseline`'s, measured on as many dev examples
+    (`accuracy_n`; `sample_size_mismatch`)."""
+    base_n = next((r["accuracy_n"] for r in rows if r["variant"] == baseline), None)
+    candidates = [Candidate(r["variant"], r["accuracy"], r["latency"]["batch1"]["p50_ms"], r["size_mb"],
+                            unusable=sample_size_mismatch(r["accuracy_n"], base_n, baseline, r["metric"]))
+                  for r in rows]
     return recommend(candidates, baseline, budget_pt, rows[0]["metric"], latency=f"Triton {PATH} p50 at batch 1")
 
 

@@ -24,6 +24,7 @@ tritonclient clients are NOT thread-safe: create one `TritonClient` per thread (
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import numpy as np
 from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
 
 PROTOCOLS = ("grpc", "http")
-_SCHEMES = {"grpc://": "grpc", "http://": "http"}
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}  # Triton's own defaults
 CONTROL_TIMEOUT_S = 600.0  # a load answers once the model is READY or failed: a torch variant takes a while
 
 
@@ -65,16 +66,8 @@ class TritonClient:
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
-        address, protocol = _endpoint(url, protocol, timeout_s)
-        self.url, self.protocol, self.timeout_s = address, protocol, timeout_s
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-            self._client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
-        else:
-            import tritonclient.http as module
-            self._client = module.InferenceServerClient(address, connection_timeout=timeout_s,
-                                                        network_timeout=timeout_s)
-        self._module = module
+        self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=False)
+        self.timeout_s = timeout_s
         self._signatures: dict[str, _Signature] = {}
 
     # ---- server state
@@ -190,7 +183,8 @@ class TritonClient:
                 from e
 
     def _unreachable_error(self, e: Exception) -> TritonUnreachable:
-        return TritonUnreachable(f"Triton at {self.url} is not reachable: {_message(e)}")
+        return _unreachable_error(self.url, e, _answers_http(self.url) if self.protocol == "grpc"
+                                  else False)
 
     def _call(self, method, *, json: bool = False):
         """Call one tritonclient method with our timeout; TritonUnreachable when the server cannot be reached,
@@ -265,15 +259,8 @@ class AsyncTritonClient:
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
-        address, protocol = _endpoint(url, protocol, timeout_s)
-        self.url, self.protocol, self.timeout_s = address, protocol, timeout_s
-        if protocol == "grpc":
-            import tritonclient.grpc.aio as module
-            self._client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
-        else:
-            import tritonclient.http.aio as module
-            self._client = module.InferenceServerClient(address, conn_timeout=timeout_s)
-        self._module = module
+        self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=True)
+        self.timeout_s = timeout_s
         self._signatures: dict[str, _Signature] = {}
 
     async def is_ready(self) -> bool:
@@ -316,7 +303,8 @@ class AsyncTritonClient:
             return await asyncio.wait_for(awaitable, self.timeout_s)
         except Exception as e:
             if _unreachable(e):
-                raise TritonUnreachable(f"Triton at {self.url} is not reachable: {_message(e)}") from e
+                http = self.protocol == "grpc" and await asyncio.to_thread(_answers_http, self.url)
+                raise _unreachable_error(self.url, e, http) from e
             raise ServingError(f"Triton at {self.url} answered with an error: {_message(e)}") from e
 
     async def _signature(self, model: str) -> _Signature:
@@ -366,22 +354,80 @@ class AsyncTritonClient:
         return await self._model_error(model, e)
 
 
-def _endpoint(url: str, protocol: str | None, timeout_s: float) -> tuple[str, str]:
-    """(address "host:port", protocol) of a client url; ConfigError for a protocol other than grpc/http, a
-    scheme that contradicts `protocol`, or a timeout ≤ 0."""
-    address, scheme_protocol = url, None
-    for scheme, name in _SCHEMES.items():
-        if url.startswith(scheme):
-            address, scheme_protocol = url[len(scheme):].rstrip("/"), name
-    protocol = protocol or scheme_protocol
+def parse_address(text: str, protocol: str | None = None, what: str = "url") -> tuple[str, str]:
+    """(address "host:port", protocol) of a Triton address: "HOST[:PORT]", "grpc://HOST[:PORT]" or
+    "http://HOST[:PORT]" (IPv6 in brackets: "[::1]:8001"). The one parser of Triton addresses: every client and
+    every `dyngate` subcommand's `--triton` goes through it.
+
+    protocol: "grpc" or "http"; None takes the scheme's, else gRPC. Without a port, Triton's default port of
+    the protocol (gRPC 8001, HTTP 8000; gRPC would otherwise dial 443). what: the option's name for messages.
+    Raises ConfigError naming `what`, the value and the expected shape for an empty address, another scheme
+    (https://, grpcs://: TLS is not supported), a path, a port that is not a number in 1-65535, a protocol
+    other than grpc/http, or a scheme that contradicts `protocol`.
+    """
+    shape = "HOST:PORT, e.g. 127.0.0.1:8001 (Triton's gRPC port; its HTTP port is 8000, as http://HOST:PORT)"
+    rest, scheme_protocol = str(text or "").strip(), None
+    scheme, sep, after = rest.partition("://")
+    if sep:
+        scheme_protocol = {"grpc": "grpc", "http": "http"}.get(scheme.lower())
+        if scheme_protocol is None:
+            raise ConfigError(f"{what}={text!r}: scheme {scheme}:// is not supported (no TLS); give {shape}")
+        rest = after.rstrip("/")
+    protocol = protocol or scheme_protocol or "grpc"
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={protocol!r} is not supported; choose one of: {', '.join(PROTOCOLS)} "
                           "(or give the url a grpc:// or http:// scheme)")
     if scheme_protocol and scheme_protocol != protocol:
-        raise ConfigError(f"url={url!r} says {scheme_protocol} but protocol={protocol!r}; make them agree")
+        raise ConfigError(f"{what}={text!r} says {scheme_protocol} but protocol={protocol!r}; make them agree")
+    if rest.count(":") > 1 and not rest.startswith("["):
+        raise ConfigError(f"{what}={text!r}: write an IPv6 host in brackets, e.g. [::1]:8001")
+    end = rest.find("]") + 1 if rest.startswith("[") else 0  # after an IPv6 host's closing bracket
+    host, colon, port = rest[:end] + rest[end:].partition(":")[0], *rest[end:].partition(":")[1:]
+    if (not host.strip("[]") or "/" in rest or (rest.startswith("[") and not end)
+            or (end and rest[end:] and not colon)):
+        raise ConfigError(f"{what}={text!r} is not a Triton address; give {shape}")
+    if not colon:
+        port = str(DEFAULT_PORTS[protocol])
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{what}={text!r}: port {port!r} is not a number in 1-65535; give {shape}")
+    return f"{host}:{int(port)}", protocol
+
+
+def grpc_address(text: str, what: str = "--triton") -> str:
+    """Triton's gRPC address "host:port" from "HOST[:PORT]" or "grpc://HOST[:PORT]" (`parse_address`), for
+    what talks gRPC to Triton: model control (`dyngate build --triton`, `reload`), the gateway, `dyngate load`.
+
+    Raises ConfigError for an http:// URL, saying to give the gRPC address instead (an HTTP load stalls HTTP
+    inference on other models for seconds in Triton 2.51; the HTTP port is not mapped to the gRPC one because
+    a server may use any ports), and for what `parse_address` refuses."""
+    if str(text or "").strip().lower().startswith(("http://", "https://")):
+        raise ConfigError(f"{what} {text!r} is Triton's HTTP endpoint; dyngate talks to Triton over gRPC (model "
+                          "control over HTTP stalls HTTP inference on other models for seconds): give Triton's "
+                          "gRPC address, e.g. 127.0.0.1:8001 (`dyngate serve` prints it as grpc://...)")
+    return parse_address(text, "grpc", what)[0]
+
+
+def _make(url: str, protocol: str | None, timeout_s: float, aio: bool) -> tuple:
+    """(address "host:port", protocol, tritonclient module, its InferenceServerClient) for a client url: the one
+    place `TritonClient` (aio=False) and `AsyncTritonClient` (aio=True: tritonclient's asyncio twins) are built.
+    gRPC gets `_grpc_channel_args`; HTTP gets timeout_s as its connection (sync: and network) timeout.
+    ConfigError as `_endpoint`."""
+    address, protocol = _endpoint(url, protocol, timeout_s)
+    module = importlib.import_module(f"tritonclient.{protocol}" + (".aio" if aio else ""))
+    if protocol == "grpc":
+        client = module.InferenceServerClient(address, channel_args=_grpc_channel_args(module, address))
+    elif aio:
+        client = module.InferenceServerClient(address, conn_timeout=timeout_s)
+    else:
+        client = module.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
+    return address, protocol, module, client
+
+
+def _endpoint(url: str, protocol: str | None, timeout_s: float) -> tuple[str, str]:
+    """(address "host:port", protocol) of a client url (`parse_address`); ConfigError also for a timeout ≤ 0."""
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s={timeout_s!r} must be > 0")
-    return address, protocol
+    return parse_address(url, protocol)
 
 
 def _signature_from(model: str, meta: dict, config: dict) -> _Signature:
@@ -421,16 +467,9 @@ def _answers(result, signature: _Signature, model: str, latency_ms: float) -> li
 
 
 def model_control_client(address: str, timeout_s: float = 30) -> TritonClient:
-    """The client that loads and unloads models: Triton's gRPC address "host:port" or "grpc://host:port".
-
-    Raises ConfigError for an http:// URL, saying to give the gRPC address instead (an HTTP load stalls HTTP
-    inference on other models for seconds in Triton 2.51; the HTTP port is not mapped to the gRPC one because
-    a server may use any ports)."""
-    if address.startswith("http://") or address.startswith("https://"):
-        raise ConfigError(f"--triton {address!r} is Triton's HTTP endpoint; model control goes over gRPC (an HTTP "
-                          "load stalls HTTP inference on other models for seconds): give Triton's gRPC address, "
-                          "e.g. --triton 127.0.0.1:8001 (`dyngate serve` prints it as grpc://...)")
-    return TritonClient(address, protocol="grpc", timeout_s=timeout_s)
+    """The client that loads and unloads models: Triton's gRPC address "host[:port]" or "grpc://host[:port]"
+    (`grpc_address`: ConfigError for an http:// URL or a malformed address)."""
+    return TritonClient(grpc_address(address), protocol="grpc", timeout_s=timeout_s)
 
 
 def short_reason(reason: str, limit: int = 400) -> str:
@@ -461,6 +500,33 @@ def _message(e: Exception) -> str:
     message = getattr(e, "message", None)
     text = message() if callable(message) else None
     return text or str(e) or type(e).__name__
+
+
+def _answers_http(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether `address` ("host:port") answers an HTTP request (any status): a gRPC client given Triton's HTTP
+    port only hears "Socket closed"."""
+    import urllib.error
+
+    from dyngate_serving.net import DIRECT
+
+    try:
+        with DIRECT.open(f"http://{address}/v2/health/live", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except Exception:
+        return False
+
+
+def _unreachable_error(url: str, e: Exception, answers_http: bool) -> TritonUnreachable:
+    """TritonUnreachable for a call to `url` that could not reach Triton; when the gRPC address answers HTTP,
+    the message says it may be Triton's HTTP port where its gRPC port is expected."""
+    text = f"Triton at {url} is not reachable: {_message(e)}"
+    if answers_http:
+        host = url.rsplit(":", 1)[0]
+        text += (f"; {url} answers HTTP, so it may be Triton's HTTP port (default {DEFAULT_PORTS['http']}) where "
+                 f"its gRPC port is expected: give Triton's gRPC address, e.g. {host}:{DEFAULT_PORTS['grpc']}")
+    return TritonUnreachable(text)
 
 
 def _unreachable(e: Exception) -> bool:

@@ -89,9 +89,10 @@ def after_publish(client: TritonClient, log=print) -> Callable[[list[Published]]
 
     Once the build's model folders are in the repository, every one that Triton serves (and every new
     python-backend model) is rolled out (`roll_out`); the others (e.g. a native flavour on the embedded server)
-    keep one previous version folder (`dyngate_build.repository.keep_previous_version`). When a roll-out
-    fails, that model and every one not rolled out yet are put back as they were (`Published.undo`; Triton
-    still serves their previous versions) and ServingError is raised naming them.
+    keep their previous version folders as a build without Triton does
+    (`dyngate_build.repository.keep_previous_version`). When a roll-out fails, that model and every one not
+    rolled out yet are put back as they were (`Published.undo`; Triton still serves their previous versions)
+    and ServingError is raised naming them.
     """
 
     def after(published: list[Published]) -> None:
