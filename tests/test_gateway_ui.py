@@ -8,7 +8,6 @@ Screenshots of each tab go to /tmp/gateway_ui_<tab>.png (docs/ holds copies of t
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -24,10 +23,9 @@ from dyngate_gateway.routing import Router
 from dyngate_gateway.shadow import Shadow
 from dyngate_measure.recommend import Candidate, recommend
 from dyngate_serving.client import TritonClient
-from tests.conftest import post_predict as _post, running_gateway
+from tests.conftest import open_page, post_predict as _post, running_gateway, screenshot
 
 TEXT_MODEL, NER_MODEL, IMAGE_MODEL = "distilbert-tiny", "deberta-tiny", "vit-tiny"
-TIMEOUT_MS = 120_000
 SENTENCES = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ",
              "a gripping , beautifully acted film", "the plot is a mess and the jokes fall flat",
              "one of the year 's best", "tedious , overlong and dull"]
@@ -41,31 +39,6 @@ def catalog(built_repository):
         if name not in catalog:
             pytest.skip(f"the repository has no {name}")
     return catalog
-
-
-@pytest.fixture(scope="module")
-def gateway(built_repository, triton, data_dir):
-    with running_gateway(built_repository, triton, status_interval_s=1, metrics_interval_s=1,
-                         data=str(data_dir)) as running:
-        yield running
-
-
-def _page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.wait_for_function("document.querySelector('#triton-status') && "
-                           "document.querySelector('#triton-status').innerText.includes('is ready')")
-    return page
-
-
-def _screenshot(page, tmp_path: Path, tab: str) -> None:
-    shot = tmp_path / f"gateway_ui_{tab}.png"
-    page.screenshot(path=str(shot), full_page=True)
-    try:
-        shutil.copyfile(shot, f"/tmp/gateway_ui_{tab}.png")
-    except OSError:
-        pass
 
 
 def _pick(page, elem_id: str, option: str) -> None:
@@ -85,7 +58,7 @@ def _get(url: str) -> dict:
 def test_page_opens_on_text_classification_and_draws_bars_for_every_ticked_variant(browser, gateway, catalog,
                                                                                      triton, tmp_path):
     view = catalog[TEXT_MODEL]
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     assert page.locator("#model input").input_value() == TEXT_MODEL  # opens on text classification
     assert "film" in page.locator("#text textarea").get_attribute("placeholder")  # a review, for sentiment
     assert not page.locator("#raw-accordion").get_by_text("Raw answers (by variant)").is_visible()  # folded
@@ -103,7 +76,7 @@ def test_page_opens_on_text_classification_and_draws_bars_for_every_ticked_varia
         assert shown == pytest.approx(direct[variant]["probabilities"], abs=1e-6)
         top = page.locator(f"#answer-{variant} [data-testid=label-output-value]").inner_text()
         assert top == direct[variant]["label"]
-    _screenshot(page, tmp_path, "predict")
+    screenshot(page, tmp_path, "gateway_ui_predict")
 
     # untick one variant: its drawing goes, the other stays
     page.locator(f"#variants input[name='{view.variant_names[-1]}']").uncheck()
@@ -128,7 +101,7 @@ def _ner_sentence(data_dir, grpc_url: str, triton_model: str) -> tuple[str, dict
 def test_ner_sentence_shows_highlighted_entities(browser, gateway, catalog, triton, data_dir, tmp_path):
     view = catalog[NER_MODEL]
     sentence, _ = _ner_sentence(data_dir, triton.endpoints["grpc"], view.variants[view.variant_names[0]].name)
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     _pick(page, "model", NER_MODEL)
     page.wait_for_function("document.querySelector('#text textarea').placeholder.includes('Merkel')")
     page.locator("#text textarea").fill(sentence)
@@ -143,7 +116,7 @@ def test_ner_sentence_shows_highlighted_entities(browser, gateway, catalog, trit
         for i, entity in enumerate(entities):  # in order: the entity's text, labelled with its type
             shown = spans.nth(i).inner_text()
             assert entity["text"] in shown and entity["entity"] in shown, (shown, entity)
-    _screenshot(page, tmp_path, "predict_ner")
+    screenshot(page, tmp_path, "gateway_ui_predict_ner")
     page.close()
 
 
@@ -161,7 +134,7 @@ _READ_TABLE = """(id) => {
 
 def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, catalog, tmp_path):
     view = catalog[TEXT_MODEL]
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     page.get_by_role("tab", name="Compare", exact=True).click()
     _pick(page, "cmp-model", TEXT_MODEL)
     page.locator("#cmp-requests input").fill("8")
@@ -180,7 +153,7 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
 
     assert f"recommended: {expected(1.0)} —" in page.locator("#cmp-recommendation").inner_text()
     page.wait_for_timeout(500)
-    _screenshot(page, tmp_path, "compare")
+    screenshot(page, tmp_path, "gateway_ui_compare")
     # a budget no variant but fp32 meets: the recommendation follows without a new run
     page.locator("#cmp-budget input").fill("0")
     page.locator("#cmp-budget input").press("Enter")
@@ -192,7 +165,7 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
 # ------------------------------------------------------------------------------------------------ models
 
 def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_path):
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     page.get_by_role("tab", name="Models", exact=True).click()
     served = sorted(e.name for v in catalog.values() for e in v.variants.values())
     page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {len(served)}", arg="models-table")
@@ -201,7 +174,7 @@ def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_p
     assert native and all(r[0].endswith("__native") and r[6] == "for NVIDIA's container; not loadable here"
                           for r in native)
     assert "not loadable here" in page.locator("#models-native").inner_text()
-    _screenshot(page, tmp_path, "models")
+    screenshot(page, tmp_path, "gateway_ui_models")
     page.close()
 
 
@@ -255,14 +228,14 @@ def test_shadow_on_agreement_appears_and_every_primary_answer_is_unchanged(brows
         assert samples[("dyngate_gateway_shadow_mirrored_total", candidate)] == len(texts)
         assert samples[("dyngate_gateway_shadow_agreed_total", candidate)] == round(agreed * len(texts))
 
-        page = _page(browser, gateway.url)
+        page = open_page(browser, gateway.url)
         page.get_by_role("tab", name="Shadow", exact=True).click()
         _pick(page, "shadow-model", TEXT_MODEL)
         page.wait_for_function(f"document.querySelector('#shadow-summary').innerText.includes("
                                f"'mirrored {len(texts)}')")
         assert "top-1 agreement" in page.locator("#shadow-summary").inner_text()
         page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= 1", arg="shadow-table")
-        _screenshot(page, tmp_path, "shadow")
+        screenshot(page, tmp_path, "gateway_ui_shadow")
         page.close()
     finally:
         api.predict(TEXT_MODEL, api_name="/shadow_stop")
