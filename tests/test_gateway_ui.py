@@ -21,7 +21,7 @@ from dyngate_build.repository import RepositoryEntry
 from dyngate_gateway.handlers import ClientPool, ModelView, load_catalog
 from dyngate_gateway.routing import Router
 from dyngate_gateway.shadow import Shadow
-from dyngate_measure.recommend import Candidate, recommend
+from dyngate_measure.recommend import Candidate, cascade_from_repository, recommend
 from dyngate_serving.client import TritonClient
 from tests.conftest import open_page, post_predict as _post, running_gateway, screenshot
 
@@ -138,13 +138,18 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
     page.get_by_role("tab", name="Compare", exact=True).click()
     _pick(page, "cmp-model", TEXT_MODEL)
     page.locator("#cmp-requests input").fill("8")
-    page.locator("#cmp-concurrency textarea, #cmp-concurrency input").first.fill("1")
+    page.locator("#cmp-concurrency textarea, #cmp-concurrency input").first.fill("1,2")
     page.click("#cmp-run")
     page.wait_for_function("document.querySelector('#cmp-recommendation').innerText.includes('recommended')")
-    page.locator("#cmp-pareto img, #cmp-pareto svg").first.wait_for()
+    chart = page.locator("#cmp-pareto img").first
+    chart.wait_for()
+    # two panels side by side (concurrency 1 and 2): twice as wide as one panel's 7 × 5 inches
+    width, height = chart.evaluate("(img) => [img.naturalWidth, img.naturalHeight]")
+    assert width / height == pytest.approx(14 / 5, rel=0.05)
     rows = page.evaluate(_READ_TABLE, "cmp-table")
-    p50 = {r[0]: float(r[5]) for r in rows}
+    p50 = {r[0]: float(r[5]) for r in rows if r[1] == "1"}  # the recommendation: the lone requests' p50
     assert set(p50) == set(view.variant_names)
+    assert {(r[0], r[1]) for r in rows} == {(v, c) for v in view.variant_names for c in ("1", "2")}
 
     def expected(budget: float) -> str:
         candidates = [Candidate(v, view.variants[v].metadata.accuracy.value, p50[v],
@@ -160,6 +165,34 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
     page.wait_for_function("document.querySelector('#cmp-recommendation').innerText.includes('within 0 pt')")
     assert f"recommended: {expected(0.0)} —" in page.locator("#cmp-recommendation").inner_text()
     page.close()
+
+
+def test_compare_chart_has_a_panel_per_concurrency_and_stars_the_batch_1_choice(catalog):
+    import matplotlib.pyplot as plt
+
+    from dyngate_gateway.compare import levels, tradeoff
+    from dyngate_measure.report import pareto_figure
+
+    view = catalog[TEXT_MODEL]
+    fast, slow = view.variant_names[-1], view.variant_names[0]
+    metas = {v: e.metadata for v, e in view.variants.items()}
+    # the HEADERS rows of a run: `fast` is faster alone, `slow` under load at concurrency 4
+    rows = [[fast, 1, 1, 8, 0, 1.0, 1.1, 1.2, 1.0, 900.0], [slow, 1, 1, 8, 0, 2.0, 2.1, 2.2, 2.0, 480.0],
+            [fast, 4, 1, 8, 0, 9.0, 9.1, 9.2, 9.0, 400.0], [slow, 4, 1, 8, 0, 3.0, 3.1, 3.2, 3.0, 1300.0]]
+    assert levels(rows) == [1, 4]
+    alone, loaded = (tradeoff(metas, rows, 100.0, level=level) for level in (1, 4))
+    assert (alone.chosen, loaded.chosen) == (fast, slow)
+    assert alone.candidate(fast).p50_ms == 1.0 and loaded.candidate(fast).p50_ms == 9.0
+    figure = pareto_figure(alone, "concurrency 1", "p50 ms", [(loaded, "concurrency 4", "p50 ms")])
+    try:
+        assert [ax.get_title() for ax in figure.axes] == ["concurrency 1", "concurrency 4"]
+        for ax, x in zip(figure.axes, (1.0, 9.0)):  # both panels star the batch-1 choice, at its own p50
+            labels = ax.get_legend_handles_labels()[1]
+            assert f"recommended: {fast}" in labels and "Pareto front" in labels
+            star = next(c for c in ax.collections if c.get_label() == f"recommended: {fast}")
+            assert star.get_offsets()[0][0] == x
+    finally:
+        plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -328,3 +361,42 @@ def test_ab_agreement_share_is_checked():
     assert GatewayConfig.from_dict({"routing": {"ab_agreement_share": 0}}).routing.ab_agreement_share == 0
     with pytest.raises(ConfigError, match="ab_agreement_share=2"):
         GatewayConfig.from_dict({"routing": {"ab_agreement_share": 2}})
+
+
+# ------------------------------------------------------------------------------------ cascade threshold
+
+def _get_status(url: str) -> tuple[int, dict]:
+    try:
+        with _DIRECT.open(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_cascade_threshold_is_chosen_from_a_dev_target_on_the_page_and_the_api(browser, gateway, built_repository,
+                                                                               catalog, tmp_path):
+    view = catalog[TEXT_MODEL]
+    order = gateway.state.router.cascade_order(view, gateway.state.router.ready_models(fresh=True))
+    expected = cascade_from_repository(Path(built_repository), TEXT_MODEL, order, within_pt=0.0)
+    assert expected.threshold is not None and expected.order == order
+
+    page = open_page(browser, gateway.url)
+    page.locator("#cascade-target input").fill("0")
+    page.click("#cascade-choose")
+    page.wait_for_function("document.querySelector('#cascade-line').innerText.includes('escalate')")
+    line = page.locator("#cascade-line").inner_text()
+    assert f"{expected.escalation_share:.1%} of requests escalate past {order[0]}" in line
+    assert float(page.locator("#threshold input").input_value()) == pytest.approx(expected.threshold, abs=1e-9)
+    screenshot(page, tmp_path, "gateway_ui_cascade")
+    page.close()
+
+    status, body = _get_status(f"{gateway.url}/api/cascade?model={TEXT_MODEL}&within_pt=0")
+    assert status == 200 and body["order"] == order
+    assert (body["threshold"], body["escalation_share"], body["metric"]) == \
+        (expected.threshold, expected.escalation_share, expected.metric)
+    status, body = _get_status(f"{gateway.url}/api/cascade?model={TEXT_MODEL}&at_least=0")
+    assert status == 200 and body["threshold"] == 0.0 and body["escalation_share"] == 0.0
+    for query, code in ((f"model={TEXT_MODEL}&at_least=2", 400), (f"model={TEXT_MODEL}", 400),
+                        (f"model={TEXT_MODEL}&within_pt=abc", 400), ("model=no-such-model&within_pt=1", 404)):
+        status, body = _get_status(f"{gateway.url}/api/cascade?{query}")
+        assert status == code and body["error"], (query, body)

@@ -13,8 +13,9 @@ Views:
   the cascade threshold can be chosen from an accuracy target on the dev split (the build's per-example dev
   scores, dyngate_measure.recommend.choose_cascade_threshold), shown with the share of requests that escalate.
 - Compare: benchmark chosen variants live against Triton (requests, concurrency levels, batch, dev inputs); the
-  dev metric against the p50 just measured, with the Pareto front, size as marker area and the recommended
-  variant for an accuracy budget the user sets (dyngate_measure.recommend, as `dyngate recommend`).
+  dev metric against the p50 just measured at the lowest concurrency level and, beside it, at the highest, each
+  with its Pareto front, size as marker area and the recommended variant for an accuracy budget the user sets
+  (dyngate_measure.recommend, as `dyngate recommend`, on the lowest level's p50).
 - Metrics: Triton's Prometheus metrics, the server process, the machine and the GPU, refreshed by a timer.
 - Models: the served variants with technique, size, dev metric, build p50, threads × instances and Triton's
   state (load and unload); the native flavours apart, as "for NVIDIA's container; not loadable here".
@@ -243,10 +244,10 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
             budget = gr.Number(value=1.0, minimum=0, label="Accuracy budget (points below FP32) for the "
                                "recommendation", elem_id="cmp-budget")
         measured = gr.State(None)  # {"model", "rows"} of the last run: the chart is redrawn when the budget changes
-        with gr.Row():
-            pareto = gr.Plot(label="Accuracy vs p50 (lowest concurrency): Pareto front, marker area = size, "
-                             "★ recommended", elem_id="cmp-pareto")
-            recommendation = gr.Markdown(elem_id="cmp-recommendation")
+        # the panels' own titles say what each draws (the label would cover the first one)
+        pareto = gr.Plot(label="Accuracy vs p50 at the lowest concurrency (batch 1 by default) and at the highest: "
+                         "Pareto front, marker area = size, ★ recommended", show_label=False, elem_id="cmp-pareto")
+        recommendation = gr.Markdown(elem_id="cmp-recommendation")
         table = gr.Dataframe(headers=compare.HEADERS, label="Latency and throughput", interactive=False,
                              elem_id="cmp-table")
         server = gr.Dataframe(headers=compare.SERVER_HEADERS, label="Server-side split per request "
@@ -305,9 +306,16 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
         view = state.router.view(last["model"])
         if budget_pt is None or budget_pt < 0:
             raise InputError(f"budget={budget_pt!r}: give the accuracy points the recommendation may lose, ≥ 0")
-        chosen = compare.tradeoff({v: e.metadata for v, e in view.variants.items()}, last["rows"], float(budget_pt),
-                                  metric_name(list(view.variants.values())))
-        figure = pareto_figure(chosen, f"{view.name}: {chosen.metric_name} vs p50", f"p50 ms ({chosen.latency})")
+        metas, metric = {v: e.metadata for v, e in view.variants.items()}, metric_name(list(view.variants.values()))
+        run_levels = compare.levels(last["rows"])
+        chosen = compare.tradeoff(metas, last["rows"], float(budget_pt), metric, level=run_levels[0])
+        more = []
+        if len(run_levels) > 1:  # the same variants at the run's highest concurrency, beside the lone requests
+            loaded = compare.tradeoff(metas, last["rows"], float(budget_pt), metric, level=run_levels[-1])
+            more.append((loaded, f"at concurrency {run_levels[-1]} (★ recommended at {run_levels[0]})",
+                         f"p50 ms ({loaded.latency})"))
+        figure = pareto_figure(chosen, f"{view.name}: {chosen.metric_name} vs p50, concurrency {run_levels[0]}",
+                               f"p50 ms ({chosen.latency})", more)
         plt.close(figure)  # Gradio renders it; pyplot need not keep it
         return figure, "```\n" + chosen.explain() + "\n```"
 
