@@ -8,6 +8,7 @@ embedded Triton, no mocks, no timing assertions.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import pytest
 
 from dyngate_build.data import load_examples
 from dyngate_build.errors import ConfigError, RepositoryError
-from dyngate_build.metadata import DEV_SCORES_FILE, DevScores, VariantMetadata, metric_from_counts
+from dyngate_build.metadata import (DEV_SCORES_FILE, DevScores, StaleRepositoryError, VariantMetadata,
+                                    metric_from_counts)
 from dyngate_build.repository import newest_version_dir, python_variants_by_model
 from dyngate_gateway.handlers import ClientPool, load_catalog
 from dyngate_gateway.routing import Router, RoutingConfig
@@ -70,6 +72,22 @@ def test_the_build_stores_every_dev_answer_matching_its_metric(repository, steps
     assert steps[0][1].examples_sha256 == steps[1][1].examples_sha256
 
 
+def test_dev_scores_of_every_task_reproduce_its_metric(built_repository):
+    """Text classification, image classification and NER (entity F1 from per-sentence span counts)."""
+    tasks = set()
+    for model, entries in python_variants_by_model(built_repository).items():
+        for entry in entries:
+            scores = DevScores.load(newest_version_dir(entry.folder))
+            meta = entry.metadata
+            tasks.add(meta.task)
+            assert (scores.metric, scores.n) == (meta.accuracy.name, meta.accuracy.n)
+            assert metric_from_counts(scores.metric, scores.hits, scores.predicted, scores.gold) == \
+                pytest.approx(meta.accuracy.value, abs=1e-12)
+        choice = choose_cascade_threshold(cascade_steps(entries, [e.variant for e in entries]), within_pt=0.0)
+        assert choice.threshold is not None and choice.metric >= choice.alone[choice.order[-1]] - 1e-9
+    assert tasks == {"text-classification", "image-classification", "token-classification"}
+
+
 def test_the_threshold_is_the_lowest_that_meets_the_target(steps):
     alone = {v: metric_from_counts(s.metric, s.hits, s.predicted, s.gold) for v, s in steps}
     assert alone[CHEAP] < alone[EXPENSIVE], "early exit should lose some accuracy, else the cascade is moot"
@@ -116,9 +134,13 @@ def test_targets_and_mismatched_dev_samples_are_refused(steps, repository, tmp_p
         cascade_from_repository(repository, MODEL, [CHEAP, "no-such-variant"], within_pt=0.5)
     entries = python_variants_by_model(repository, [MODEL])[MODEL]
     (tmp_path / "1").mkdir()
+    moved = [type(e)(e.name, tmp_path, e.backend, e.metadata) for e in entries[:1]] + entries[1:]
     with pytest.raises(RepositoryError):  # a version folder without dev scores (built by an older dyngate)
-        cascade_steps([type(e)(e.name, tmp_path, e.backend, e.metadata) for e in entries[:1]] + entries[1:],
-                      [entries[0].variant, entries[1].variant])
+        cascade_steps(moved, [entries[0].variant, entries[1].variant])
+    stale = json.loads((newest_version_dir(entries[0].folder) / DEV_SCORES_FILE).read_text())
+    (tmp_path / "1" / DEV_SCORES_FILE).write_text(json.dumps({**stale, "schema_version": 0}))
+    with pytest.raises(StaleRepositoryError):
+        cascade_steps(moved, [entries[0].variant, entries[1].variant])
 
 
 def test_recommend_cascade_prints_the_threshold_and_escalation(repository, steps):
@@ -128,7 +150,7 @@ def test_recommend_cascade_prints_the_threshold_and_escalation(repository, steps
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     strict = choose_cascade_threshold(steps, within_pt=0.0)
-    assert f"cascade threshold {strict.threshold:.6g}" in out.stdout
+    assert f"cascade threshold {strict.threshold:.7g}" in out.stdout
     assert f"{strict.escalation_share:.1%} of requests escalate past {CHEAP}" in out.stdout
 
 

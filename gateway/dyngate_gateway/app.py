@@ -61,10 +61,10 @@ from dyngate_gateway import answers_view, compare, handlers, metrics, models_vie
 from dyngate_gateway.api import create_app
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
 from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
-from dyngate_measure.recommend import CascadeChoice, cascade_steps, choose_cascade_threshold
 from dyngate_gateway.routing import POLICIES, Router
 from dyngate_gateway.shadow import DEFAULT_QUEUE_LIMIT, Shadow
 from dyngate_gateway.telemetry import GatewayTelemetry
+from dyngate_measure.recommend import CascadeChoice, cascade_steps, choose_cascade_threshold
 
 TITLE = "dyngate gateway"
 
@@ -561,7 +561,7 @@ class GatewayState:
                        at_least: float | None = None) -> CascadeChoice:
         """The `cascade` threshold for an accuracy target (dyngate_measure.recommend.choose_cascade_threshold) on
         the chain the policy runs for `model` now: its READY variants cheapest first (every variant when Triton
-        cannot be asked), from the dev scores the build stored. Reads two small files per variant; no Triton."""
+        cannot be asked), from the dev scores the build stored: one small file per variant, no inference."""
         self.refresh()
         view = self.router.view(model)
         try:

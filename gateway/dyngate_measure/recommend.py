@@ -223,7 +223,7 @@ class CascadeChoice:
                     f"gives {self.metric_name} {self.metric:.4f} with {self.escalation_share:.1%} escalating")
         shares = ", ".join(f"{v} {s:.1%}" for v, s in self.answered.items())
         alone = ", ".join(f"{v} {m:.4f}" for v, m in self.alone.items())
-        return (f"cascade threshold {self.threshold:.6g}: {self.metric_name} {self.metric:.4f} on {self.n} dev "
+        return (f"cascade threshold {self.threshold:.7g}: {self.metric_name} {self.metric:.4f} on {self.n} dev "
                 f"examples, {self.escalation_share:.1%} of requests escalate past {self.order[0]}\n"
                 f"  the lowest top-1 threshold that reaches {self.rule} (cascade {chain})\n"
                 f"  answered by: {shares}; each alone: {alone}")
@@ -239,9 +239,9 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
     steps: (variant, its DevScores) cheapest first, as the gateway's `cascade` policy calls them: a variant's
     answer is kept when its confidence (runtime.answer_confidence, stored per dev example by the build) is ≥ the
     threshold, else the next one is asked; the last always answers. The cascade is simulated exactly on the
-    stored answers at 0 and halfway between each two neighbouring confidence values of the non-last steps:
-    every routing the dev split can see, with room on both sides so that a served confidence a rounding step
-    away from the stored one is routed alike. Escalation only grows with the threshold, so the lowest
+    stored answers at 0 and halfway between each two neighbouring values of {the non-last steps' confidences,
+    1}: every routing the dev split can see, with room on both sides so that a served confidence a rounding step
+    away from the stored one is routed alike (stored confidences have 6 decimals, thresholds at most 7). Escalation only grows with the threshold, so the lowest
     qualifying one escalates least.
     Give one target: within_pt, points (0.01 of the metric) below the last (most expensive) variant's own dev
     metric, ≥ 0; or at_least, an absolute dev metric in [0, 1].
@@ -285,7 +285,7 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
         picked = [c[answering, columns] for c in counts]
         return metric_from_counts(metric_name, *picked), answering
 
-    values = np.unique(np.concatenate([[0.0], confidence[:-1].ravel()]))
+    values = np.unique(np.concatenate([[0.0], confidence[:-1].ravel(), [1.0]]))  # 1.0: room to escalate all
     # the routing changes only at a stored confidence; the threshold returned lies halfway below it, so that a
     # served answer a rounding step away from a dev one is routed as on the dev split
     candidates = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2.0])
