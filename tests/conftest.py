@@ -18,6 +18,7 @@ PRESET_NAMES = ("distilbert-tiny", "vit-tiny", "deberta-tiny")
 BASELINE_VARIANTS = ("fp32", "torchscript")
 # Debian's Chromium (apt packages chromium, chromium-driver; `make browser`), never a downloaded build.
 CHROMIUM = "/usr/bin/chromium"
+PAGE_TIMEOUT_MS = 120_000  # a page step on a loaded 2-core machine (Gradio, Triton and the browser share it)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 
@@ -121,6 +122,40 @@ def triton(built_repository, tmp_path_factory):
     """The embedded Triton serving `built_repository` on free ports (python-backend models loaded)."""
     with running_triton(built_repository, tmp_path_factory.mktemp("triton") / "triton.log") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(built_repository, triton, data_dir):
+    """The gateway in front of the session's `triton`, status line and metrics refreshed every second, the Compare
+    tab's dev inputs from `data_dir`; one per test module (a module may define its own `gateway` instead)."""
+    with running_gateway(built_repository, triton, status_interval_s=1, metrics_interval_s=1,
+                         data=str(data_dir)) as running:
+        yield running
+
+
+def open_page(browser, url: str, ready: str = "is ready", height: int = 1000, timeout_ms: int = PAGE_TIMEOUT_MS):
+    """A new Chromium page (1280 × `height`) on the gateway at `url`, returned once the Triton status line on top
+    (#triton-status) contains `ready` ("is ready"; "Triton" for any state, e.g. with Triton down)."""
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.set_default_timeout(timeout_ms)
+    page.goto(url)
+    page.wait_for_function("(ready) => document.querySelector('#triton-status') && "
+                           "document.querySelector('#triton-status').innerText.includes(ready)", arg=ready)
+    return page
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    """A full-page PNG of `page` at tmp_path/<name>.png, copied to /tmp/<name>.png (docs/ holds copies of those,
+    linked from the README); returns the first path."""
+    import shutil
+
+    shot = tmp_path / f"{name}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    try:
+        shutil.copyfile(shot, f"/tmp/{name}.png")
+    except OSError:
+        pass
+    return shot
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ Gradio, no mocks, no timing assertions (only "fails fast" is bounded, by the cli
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
 from dyngate_serving.launcher import TritonServer, TritonServerConfig
 from dyngate_serving.net import free_port, free_ports
-from tests.conftest import post_predict as _post, running_gateway
+from tests.conftest import PAGE_TIMEOUT_MS, open_page, post_predict as _post, screenshot
 
 TEXT_MODEL = "distilbert-tiny"
-TIMEOUT_MS = 90_000
 
 _READ_TABLE = """(id) => {
   const rows = [];
@@ -41,36 +39,12 @@ def catalog(built_repository):
     return catalog
 
 
-@pytest.fixture(scope="module")
-def gateway(built_repository, triton):
-    with running_gateway(built_repository, triton, status_interval_s=1, metrics_interval_s=1) as running:
-        yield running
-
-
-def _page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 1200})
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.wait_for_function("document.querySelector('#triton-status') && "
-                           "document.querySelector('#triton-status').innerText.includes('Triton')")
-    return page
-
-
-def _screenshot(page, tmp_path: Path, tab: str) -> None:
-    shot = tmp_path / f"gateway_{tab}.png"
-    page.screenshot(path=str(shot), full_page=True)
-    try:
-        shutil.copyfile(shot, f"/tmp/gateway_{tab}.png")
-    except OSError:
-        pass
-
-
 def _rows(page, elem_id: str) -> list[list[str]]:
     return page.evaluate(_READ_TABLE, elem_id)
 
 
 def _wait_rows(page, elem_id: str, n: int) -> list[list[str]]:
-    page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {n}", arg=elem_id, timeout=TIMEOUT_MS)
+    page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {n}", arg=elem_id, timeout=PAGE_TIMEOUT_MS)
     return _rows(page, elem_id)
 
 
@@ -87,7 +61,7 @@ def _open_tab(page, name: str) -> None:
 
 def test_predict_tab_routes_by_policy(browser, gateway, catalog, triton, tmp_path):
     view = catalog[TEXT_MODEL]
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url, ready="Triton", height=1200)
     _pick(page, "model", TEXT_MODEL)
     sentence = "unflinchingly bleak and desperate "
     page.locator("#text textarea").fill(sentence)
@@ -102,13 +76,13 @@ def test_predict_tab_routes_by_policy(browser, gateway, catalog, triton, tmp_pat
         direct = client.predict(view.variants[order[-1]].name, sentence.encode()).answer["label"]
     assert direct in line
     assert "exit_threshold" not in page.locator("#route-json").inner_text()  # blank: the variant's default
-    _screenshot(page, tmp_path, "predict")
+    screenshot(page, tmp_path, "gateway_predict")
     page.close()
 
 
 def test_compare_tab_benchmarks_variants(browser, gateway, catalog, tmp_path):
     view = catalog[TEXT_MODEL]
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url, ready="Triton", height=1200)
     _open_tab(page, "Compare")
     _pick(page, "cmp-model", TEXT_MODEL)
     page.locator("#cmp-requests input").fill("12")
@@ -125,7 +99,7 @@ def test_compare_tab_benchmarks_variants(browser, gateway, catalog, tmp_path):
     assert {r[0] for r in server} == set(view.variant_names) and all(int(r[1]) >= 24 for r in server)
     page.locator("#cmp-csv a, #cmp-csv .file-preview").first.wait_for()
     page.wait_for_timeout(500)  # let the plots draw for the screenshot
-    _screenshot(page, tmp_path, "compare")
+    screenshot(page, tmp_path, "gateway_compare")
     page.close()
 
 
@@ -156,7 +130,7 @@ def test_metrics_tab_shows_triton_and_process(browser, gateway, catalog, triton,
     with TritonClient(triton.endpoints["grpc"]) as client:
         for _ in range(3):
             client.predict(name, b"a fine film")
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url, ready="Triton", height=1200)
     _open_tab(page, "Metrics")
     page.wait_for_function("document.querySelector('#metrics-summary').innerText.includes('Server process')")
     summary = page.locator("#metrics-summary").inner_text()
@@ -172,14 +146,14 @@ def test_metrics_tab_shows_triton_and_process(browser, gateway, catalog, triton,
             client.predict(name, b"another fine film")
     page.wait_for_function(f"""(id) => ({_READ_TABLE})(id).some(r => r[0] === {json.dumps(name)}
                                && +r[1] >= {before + 2})""", arg="metrics-table")  # the timer refreshed it
-    _screenshot(page, tmp_path, "metrics")
+    screenshot(page, tmp_path, "gateway_metrics")
     page.close()
 
 
 def test_models_tab_unloads_and_loads(browser, gateway, catalog, triton, tmp_path):
     view = catalog[TEXT_MODEL]
     name = view.variants[view.variant_names[-1]].name
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url, ready="Triton", height=1200)
     _open_tab(page, "Models")
     served = [e.name for v in catalog.values() for e in v.variants.values()]
     rows = _wait_rows(page, "models-table", len(served))
@@ -203,7 +177,7 @@ def test_models_tab_unloads_and_loads(browser, gateway, catalog, triton, tmp_pat
         page.wait_for_function(f"""(id) => ({_READ_TABLE})(id).some(r => r[0] === {json.dumps(name)}
                                    && r[8] === 'READY')""", arg="models-table")
         assert name in triton.ready_models()
-        _screenshot(page, tmp_path, "models")
+        screenshot(page, tmp_path, "gateway_models")
     finally:
         if name not in triton.ready_models():
             triton.load_model(name)
@@ -232,13 +206,13 @@ def test_triton_stopped_and_restarted_under_the_gateway(browser, built_repositor
     try:
         api = Client(running.url, verbose=False)
         assert _post(running.url, body)[0] == 200
-        page = _page(browser, running.url)
+        page = open_page(browser, running.url, ready="Triton", height=1200)
         page.wait_for_function("document.querySelector('#triton-status').innerText.includes('is ready')")
 
         server.stop()
         page.wait_for_function("document.querySelector('#triton-status').innerText.includes('not reachable')")
         assert "reconnects by itself" in page.locator("#triton-status").inner_text()
-        _screenshot(page, tmp_path, "triton_down")
+        screenshot(page, tmp_path, "gateway_triton_down")
         started = time.monotonic()
         status, answer = _post(running.url, body)
         assert status == 503 and "not reachable" in answer["error"]

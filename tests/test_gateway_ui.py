@@ -8,7 +8,6 @@ Screenshots of each tab go to /tmp/gateway_ui_<tab>.png (docs/ holds copies of t
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -22,12 +21,11 @@ from dyngate_build.repository import RepositoryEntry
 from dyngate_gateway.handlers import ClientPool, ModelView, load_catalog
 from dyngate_gateway.routing import Router
 from dyngate_gateway.shadow import Shadow
-from dyngate_measure.recommend import Candidate, recommend
+from dyngate_measure.recommend import Candidate, cascade_from_repository, recommend
 from dyngate_serving.client import TritonClient
-from tests.conftest import post_predict as _post, running_gateway
+from tests.conftest import open_page, post_predict as _post, running_gateway, screenshot
 
 TEXT_MODEL, NER_MODEL, IMAGE_MODEL = "distilbert-tiny", "deberta-tiny", "vit-tiny"
-TIMEOUT_MS = 120_000
 SENTENCES = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ",
              "a gripping , beautifully acted film", "the plot is a mess and the jokes fall flat",
              "one of the year 's best", "tedious , overlong and dull"]
@@ -41,31 +39,6 @@ def catalog(built_repository):
         if name not in catalog:
             pytest.skip(f"the repository has no {name}")
     return catalog
-
-
-@pytest.fixture(scope="module")
-def gateway(built_repository, triton, data_dir):
-    with running_gateway(built_repository, triton, status_interval_s=1, metrics_interval_s=1,
-                         data=str(data_dir)) as running:
-        yield running
-
-
-def _page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.wait_for_function("document.querySelector('#triton-status') && "
-                           "document.querySelector('#triton-status').innerText.includes('is ready')")
-    return page
-
-
-def _screenshot(page, tmp_path: Path, tab: str) -> None:
-    shot = tmp_path / f"gateway_ui_{tab}.png"
-    page.screenshot(path=str(shot), full_page=True)
-    try:
-        shutil.copyfile(shot, f"/tmp/gateway_ui_{tab}.png")
-    except OSError:
-        pass
 
 
 def _pick(page, elem_id: str, option: str) -> None:
@@ -85,7 +58,7 @@ def _get(url: str) -> dict:
 def test_page_opens_on_text_classification_and_draws_bars_for_every_ticked_variant(browser, gateway, catalog,
                                                                                      triton, tmp_path):
     view = catalog[TEXT_MODEL]
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     assert page.locator("#model input").input_value() == TEXT_MODEL  # opens on text classification
     assert "film" in page.locator("#text textarea").get_attribute("placeholder")  # a review, for sentiment
     assert not page.locator("#raw-accordion").get_by_text("Raw answers (by variant)").is_visible()  # folded
@@ -103,7 +76,7 @@ def test_page_opens_on_text_classification_and_draws_bars_for_every_ticked_varia
         assert shown == pytest.approx(direct[variant]["probabilities"], abs=1e-6)
         top = page.locator(f"#answer-{variant} [data-testid=label-output-value]").inner_text()
         assert top == direct[variant]["label"]
-    _screenshot(page, tmp_path, "predict")
+    screenshot(page, tmp_path, "gateway_ui_predict")
 
     # untick one variant: its drawing goes, the other stays
     page.locator(f"#variants input[name='{view.variant_names[-1]}']").uncheck()
@@ -128,7 +101,7 @@ def _ner_sentence(data_dir, grpc_url: str, triton_model: str) -> tuple[str, dict
 def test_ner_sentence_shows_highlighted_entities(browser, gateway, catalog, triton, data_dir, tmp_path):
     view = catalog[NER_MODEL]
     sentence, _ = _ner_sentence(data_dir, triton.endpoints["grpc"], view.variants[view.variant_names[0]].name)
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     _pick(page, "model", NER_MODEL)
     page.wait_for_function("document.querySelector('#text textarea').placeholder.includes('Merkel')")
     page.locator("#text textarea").fill(sentence)
@@ -143,7 +116,7 @@ def test_ner_sentence_shows_highlighted_entities(browser, gateway, catalog, trit
         for i, entity in enumerate(entities):  # in order: the entity's text, labelled with its type
             shown = spans.nth(i).inner_text()
             assert entity["text"] in shown and entity["entity"] in shown, (shown, entity)
-    _screenshot(page, tmp_path, "predict_ner")
+    screenshot(page, tmp_path, "gateway_ui_predict_ner")
     page.close()
 
 
@@ -161,17 +134,22 @@ _READ_TABLE = """(id) => {
 
 def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, catalog, tmp_path):
     view = catalog[TEXT_MODEL]
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     page.get_by_role("tab", name="Compare", exact=True).click()
     _pick(page, "cmp-model", TEXT_MODEL)
     page.locator("#cmp-requests input").fill("8")
-    page.locator("#cmp-concurrency textarea, #cmp-concurrency input").first.fill("1")
+    page.locator("#cmp-concurrency textarea, #cmp-concurrency input").first.fill("1,2")
     page.click("#cmp-run")
     page.wait_for_function("document.querySelector('#cmp-recommendation').innerText.includes('recommended')")
-    page.locator("#cmp-pareto img, #cmp-pareto svg").first.wait_for()
+    chart = page.locator("#cmp-pareto img").first
+    chart.wait_for()
+    # two panels side by side (concurrency 1 and 2): twice as wide as one panel's 7 × 5 inches
+    width, height = chart.evaluate("(img) => [img.naturalWidth, img.naturalHeight]")
+    assert width / height == pytest.approx(14 / 5, rel=0.05)
     rows = page.evaluate(_READ_TABLE, "cmp-table")
-    p50 = {r[0]: float(r[5]) for r in rows}
+    p50 = {r[0]: float(r[5]) for r in rows if r[1] == "1"}  # the recommendation: the lone requests' p50
     assert set(p50) == set(view.variant_names)
+    assert {(r[0], r[1]) for r in rows} == {(v, c) for v in view.variant_names for c in ("1", "2")}
 
     def expected(budget: float) -> str:
         candidates = [Candidate(v, view.variants[v].metadata.accuracy.value, p50[v],
@@ -180,7 +158,7 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
 
     assert f"recommended: {expected(1.0)} —" in page.locator("#cmp-recommendation").inner_text()
     page.wait_for_timeout(500)
-    _screenshot(page, tmp_path, "compare")
+    screenshot(page, tmp_path, "gateway_ui_compare")
     # a budget no variant but fp32 meets: the recommendation follows without a new run
     page.locator("#cmp-budget input").fill("0")
     page.locator("#cmp-budget input").press("Enter")
@@ -189,10 +167,38 @@ def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, cata
     page.close()
 
 
+def test_compare_chart_has_a_panel_per_concurrency_and_stars_the_batch_1_choice(catalog):
+    import matplotlib.pyplot as plt
+
+    from dyngate_gateway.compare import levels, tradeoff
+    from dyngate_measure.report import pareto_figure
+
+    view = catalog[TEXT_MODEL]
+    fast, slow = view.variant_names[-1], view.variant_names[0]
+    metas = {v: e.metadata for v, e in view.variants.items()}
+    # the HEADERS rows of a run: `fast` is faster alone, `slow` under load at concurrency 4
+    rows = [[fast, 1, 1, 8, 0, 1.0, 1.1, 1.2, 1.0, 900.0], [slow, 1, 1, 8, 0, 2.0, 2.1, 2.2, 2.0, 480.0],
+            [fast, 4, 1, 8, 0, 9.0, 9.1, 9.2, 9.0, 400.0], [slow, 4, 1, 8, 0, 3.0, 3.1, 3.2, 3.0, 1300.0]]
+    assert levels(rows) == [1, 4]
+    alone, loaded = (tradeoff(metas, rows, 100.0, level=level) for level in (1, 4))
+    assert (alone.chosen, loaded.chosen) == (fast, slow)
+    assert alone.candidate(fast).p50_ms == 1.0 and loaded.candidate(fast).p50_ms == 9.0
+    figure = pareto_figure(alone, "concurrency 1", "p50 ms", [(loaded, "concurrency 4", "p50 ms")])
+    try:
+        assert [ax.get_title() for ax in figure.axes] == ["concurrency 1", "concurrency 4"]
+        for ax, x in zip(figure.axes, (1.0, 9.0)):  # both panels star the batch-1 choice, at its own p50
+            labels = ax.get_legend_handles_labels()[1]
+            assert f"recommended: {fast}" in labels and "Pareto front" in labels
+            star = next(c for c in ax.collections if c.get_label() == f"recommended: {fast}")
+            assert star.get_offsets()[0][0] == x
+    finally:
+        plt.close(figure)
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_path):
-    page = _page(browser, gateway.url)
+    page = open_page(browser, gateway.url)
     page.get_by_role("tab", name="Models", exact=True).click()
     served = sorted(e.name for v in catalog.values() for e in v.variants.values())
     page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {len(served)}", arg="models-table")
@@ -201,7 +207,7 @@ def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_p
     assert native and all(r[0].endswith("__native") and r[6] == "for NVIDIA's container; not loadable here"
                           for r in native)
     assert "not loadable here" in page.locator("#models-native").inner_text()
-    _screenshot(page, tmp_path, "models")
+    screenshot(page, tmp_path, "gateway_ui_models")
     page.close()
 
 
@@ -255,14 +261,14 @@ def test_shadow_on_agreement_appears_and_every_primary_answer_is_unchanged(brows
         assert samples[("dyngate_gateway_shadow_mirrored_total", candidate)] == len(texts)
         assert samples[("dyngate_gateway_shadow_agreed_total", candidate)] == round(agreed * len(texts))
 
-        page = _page(browser, gateway.url)
+        page = open_page(browser, gateway.url)
         page.get_by_role("tab", name="Shadow", exact=True).click()
         _pick(page, "shadow-model", TEXT_MODEL)
         page.wait_for_function(f"document.querySelector('#shadow-summary').innerText.includes("
                                f"'mirrored {len(texts)}')")
         assert "top-1 agreement" in page.locator("#shadow-summary").inner_text()
         page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= 1", arg="shadow-table")
-        _screenshot(page, tmp_path, "shadow")
+        screenshot(page, tmp_path, "gateway_ui_shadow")
         page.close()
     finally:
         api.predict(TEXT_MODEL, api_name="/shadow_stop")
@@ -355,3 +361,42 @@ def test_ab_agreement_share_is_checked():
     assert GatewayConfig.from_dict({"routing": {"ab_agreement_share": 0}}).routing.ab_agreement_share == 0
     with pytest.raises(ConfigError, match="ab_agreement_share=2"):
         GatewayConfig.from_dict({"routing": {"ab_agreement_share": 2}})
+
+
+# ------------------------------------------------------------------------------------ cascade threshold
+
+def _get_status(url: str) -> tuple[int, dict]:
+    try:
+        with _DIRECT.open(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_cascade_threshold_is_chosen_from_a_dev_target_on_the_page_and_the_api(browser, gateway, built_repository,
+                                                                               catalog, tmp_path):
+    view = catalog[TEXT_MODEL]
+    order = gateway.state.router.cascade_order(view, gateway.state.router.ready_models(fresh=True))
+    expected = cascade_from_repository(Path(built_repository), TEXT_MODEL, order, within_pt=0.0)
+    assert expected.threshold is not None and expected.order == order
+
+    page = open_page(browser, gateway.url)
+    page.locator("#cascade-target input").fill("0")
+    page.click("#cascade-choose")
+    page.wait_for_function("document.querySelector('#cascade-line').innerText.includes('escalate')")
+    line = page.locator("#cascade-line").inner_text()
+    assert f"{expected.escalation_share:.1%} of requests escalate past {order[0]}" in line
+    assert float(page.locator("#threshold input").input_value()) == pytest.approx(expected.threshold, abs=1e-9)
+    screenshot(page, tmp_path, "gateway_ui_cascade")
+    page.close()
+
+    status, body = _get_status(f"{gateway.url}/api/cascade?model={TEXT_MODEL}&within_pt=0")
+    assert status == 200 and body["order"] == order
+    assert (body["threshold"], body["escalation_share"], body["metric"]) == \
+        (expected.threshold, expected.escalation_share, expected.metric)
+    status, body = _get_status(f"{gateway.url}/api/cascade?model={TEXT_MODEL}&at_least=0")
+    assert status == 200 and body["threshold"] == 0.0 and body["escalation_share"] == 0.0
+    for query, code in ((f"model={TEXT_MODEL}&at_least=2", 400), (f"model={TEXT_MODEL}", 400),
+                        (f"model={TEXT_MODEL}&within_pt=abc", 400), ("model=no-such-model&within_pt=1", 404)):
+        status, body = _get_status(f"{gateway.url}/api/cascade?{query}")
+        assert status == code and body["error"], (query, body)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from dyngate_build import errors
-from dyngate_build.runtime import InputError, Predictor
+from dyngate_build.metadata import DevScores, metric_from_counts
+from dyngate_build.runtime import InputError, Predictor, answer_confidence
 
 
 @contextlib.contextmanager
@@ -125,14 +127,34 @@ def entity_f1(predicted: list[set], gold: list[set]) -> float:
     return entity_scores(predicted, gold)["f1"]
 
 
-def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> Metric:
-    """Accuracy for classification, entity F1 for token classification, from runtime answers."""
+def example_counts(task: str, predictions: list, examples: list, labels: list[str]) -> tuple[list, list, list]:
+    """Per example (hits, predicted, gold): classification 1/1/1 when the answer's label is the gold one, else
+    0/1/1; token classification the exact entity spans (type, start, end) matched, predicted and gold."""
     if task == "token-classification":
         predicted = [{(e["entity"], e["start"], e["end"]) for e in p.answer["entities"]} for p in predictions]
         gold = [set(map(tuple, ex.target)) for ex in examples]
-        return Metric("entity_f1", entity_f1(predicted, gold), len(examples))
-    correct = sum(p.answer["label"] == labels[ex.target] for p, ex in zip(predictions, examples))
-    return Metric("accuracy", correct / max(len(examples), 1), len(examples))
+        return [len(p & g) for p, g in zip(predicted, gold)], [len(p) for p in predicted], [len(g) for g in gold]
+    hits = [int(p.answer["label"] == labels[ex.target]) for p, ex in zip(predictions, examples)]
+    return hits, [1] * len(hits), [1] * len(hits)
+
+
+def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> Metric:
+    """Accuracy for classification, entity F1 for token classification, from runtime answers."""
+    name = "entity_f1" if task == "token-classification" else "accuracy"
+    return Metric(name, metric_from_counts(name, *example_counts(task, predictions, examples, labels)), len(examples))
+
+
+def dev_scores(task: str, predictions: list, examples: list, labels: list[str]) -> DevScores:
+    """One variant's DevScores (metadata.py) from its runtime answers on `examples`: per example the confidence
+    the gateway's cascade reads and the counts of `example_counts`."""
+    hits, predicted, gold = example_counts(task, predictions, examples, labels)
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(hashlib.sha256(ex.raw).digest())
+    return DevScores(metric="entity_f1" if task == "token-classification" else "accuracy",
+                     examples_sha256=digest.hexdigest(),
+                     confidence=[answer_confidence(p.answer) for p in predictions],
+                     hits=hits, predicted=predicted, gold=gold)
 
 
 def latency(predictor: Predictor, raws: list[bytes], warmup: int = 5, options: dict | None = None) -> Latency:

@@ -183,3 +183,73 @@ class VariantMetadata:
         except (OSError, json.JSONDecodeError) as e:
             raise RepositoryError(f"cannot read {path}: {e}; {rebuild_hint()}") from None
         return cls.from_dict(data, str(path))
+
+
+DEV_SCORES_FILE = "dev_scores.json"
+
+
+@dataclass
+class DevScores:
+    """dev_scores.json: one variant's answer on every dev example, as the build measured it through the served
+    runtime (default request options). The gateway chooses a cascade threshold from these
+    (dyngate_measure.recommend.choose_cascade_threshold) without asking Triton. It lives in the version folder
+    it describes, so it moves and is replaced with that version.
+
+    metric: "accuracy" | "entity_f1". examples_sha256: digest of the dev inputs, in order (two variants' scores
+    are only combined when it is equal). Per example, lists of n: confidence (runtime.answer_confidence: the
+    value the cascade compares with its threshold), hits / predicted / gold: correct, predicted and gold items
+    (classification: 1/1/1 when right, 0/1/1 when wrong; NER: exact entity spans, which micro F1 sums).
+    """
+
+    metric: str
+    examples_sha256: str
+    confidence: list[float]
+    hits: list[int]
+    predicted: list[int]
+    gold: list[int]
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def n(self) -> int:
+        return len(self.confidence)
+
+    def save(self, folder: Path) -> Path:
+        """Write folder/dev_scores.json (one line: ~10 KB for SST-2's 872 examples); returns its path."""
+        path = Path(folder) / DEV_SCORES_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), separators=(",", ":")))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "DevScores":
+        """Read folder/dev_scores.json. RepositoryError when missing or unreadable, StaleRepositoryError when its
+        schema is not this dyngate's."""
+        path = Path(folder) / DEV_SCORES_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RepositoryError(f"cannot read {path}: {e}; {rebuild_hint()} to store the variant's dev scores") \
+                from None
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            raise StaleRepositoryError(f"{path} was written by another dyngate (schema_version "
+                                       f"{data.get('schema_version') if isinstance(data, dict) else None}, this "
+                                       f"dyngate reads {SCHEMA_VERSION}); {rebuild_hint()}")
+        try:
+            scores = cls(**data)
+        except TypeError as e:
+            raise StaleRepositoryError(f"{path} does not match schema_version {SCHEMA_VERSION} ({e}); "
+                                       f"{rebuild_hint()}") from None
+        lengths = {len(scores.confidence), len(scores.hits), len(scores.predicted), len(scores.gold)}
+        if len(lengths) != 1:
+            raise RepositoryError(f"{path}: its per-example lists differ in length ({sorted(lengths)}); "
+                                  f"{rebuild_hint()}")
+        return scores
+
+
+def metric_from_counts(metric: str, hits, predicted, gold) -> float:
+    """The dev metric from per-example counts (DevScores' hits / predicted / gold, sequences of ints, equal
+    length n): "accuracy" = Σhits / n; "entity_f1" = micro F1 over exact spans, 2·Σhits / (Σpredicted + Σgold)
+    (seqeval's default mode for CoNLL). 0.0 when there is nothing to count."""
+    if metric == "entity_f1":
+        denominator = sum(predicted) + sum(gold)
+        return 2.0 * sum(hits) / denominator if denominator else 0.0
+    return sum(hits) / len(hits) if len(hits) else 0.0

@@ -6,7 +6,8 @@ For one model:
 3. the FP32 PyTorch reference answers the dev inputs through the serving runtime (same preprocessing);
 4. each technique makes its variant; the variant's version folder is written to a staging repository and
    loaded with the very runtime Triton will use; it must agree with the reference within its tolerance
-   (else ExportError), then its dev metric, size and in-process p50 latency are measured;
+   (else ExportError), then its dev metric, size and in-process p50 latency are measured, and its answer on
+   every dev example (confidence, correct or not) is kept in the version folder (`dev_scores.json`);
 5. metadata and config.pbtxt are written last, and the staging repository moves into place only when every
    variant succeeded: a new variant's folder moves in whole, a rebuilt one gets the next version folder
    (`<model>__<variant>/2/` beside `1/`; see build/dyngate_build/repository.py), never a replaced folder;
@@ -31,8 +32,8 @@ from typing import Callable
 
 from dyngate_build import __version__
 from dyngate_build.errors import ConfigError, ExportError
-from dyngate_build.evaluate import (Agreement, Latency, Metric, agreement, latency, run_predictor, task_metric,
-                                    torch_threads_kept)
+from dyngate_build.evaluate import (Agreement, Latency, Metric, agreement, dev_scores, latency, run_predictor,
+                                    task_metric, torch_threads_kept)
 from dyngate_build.metadata import (AgreementRecord, LatencyRecord, MachineRecord, MetricRecord, ServingRecord,
                                     SourceRecord, ToleranceRecord, VariantMetadata)
 from dyngate_build.repository import (Published, ServingOptions, directory_size, finish_model, keep_previous_version,
@@ -279,6 +280,8 @@ def _write_variant(staging: Path, source, variant: Variant, options: BuildOption
     if variant.check_options or len(checked) != len(examples):  # else the check already answered every example
         checked = run_predictor(predictor, [ex.raw for ex in examples])
     metric = task_metric(source.family.task, checked, examples, source.labels)
+    # per-example answers in the version folder: the gateway chooses a cascade threshold from them
+    dev_scores(source.family.task, checked, examples, source.labels).save(version_dir)
     lat = latency(predictor, measure.latency_raws)
     size = directory_size(version_dir / artifact_name)
     family = source.family

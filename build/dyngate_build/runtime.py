@@ -471,6 +471,24 @@ def classification_answer(logits: np.ndarray, labels: list[str]) -> dict:
             "probabilities": {labels[i]: float(p) for i, p in enumerate(probs)}}
 
 
+CONFIDENCE_DIGITS = 6
+
+
+def answer_confidence(answer: dict) -> float:
+    """How sure one answer is, in [0, 1], rounded to CONFIDENCE_DIGITS: the top-1 probability of a
+    classification answer; for NER the lowest entity score (1.0 without entities). The gateway's `cascade`
+    policy keeps an answer whose confidence reaches its threshold, and the build stores this value per dev
+    example (metadata.DevScores) to choose that threshold: one rule for both."""
+    if "entities" in answer:
+        scores = [float(e["score"]) for e in answer.get("entities") or [] if e.get("score") is not None]
+        value = min(scores) if scores else 1.0
+    elif answer.get("probabilities"):
+        value = float(max(answer["probabilities"].values()))
+    else:
+        value = float(answer.get("score") or 0.0)
+    return round(value, CONFIDENCE_DIGITS)
+
+
 def entity_answer(logits: np.ndarray, encoding, text: str, labels: list[str]) -> dict:
     """Token logits [L, C] of one sentence -> words with BIO labels and entity spans (character offsets).
 

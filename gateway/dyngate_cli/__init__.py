@@ -8,6 +8,7 @@ bench, load, zero-report, deploy. This module is the one place that wires the pa
     dyngate gateway --triton 127.0.0.1:8001
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
     dyngate recommend --model distilbert-tiny --budget 1.0
+    dyngate recommend --model distilbert-tiny --cascade int8-dynamic,fp32 --budget 0.5
     dyngate bench / dyngate load / dyngate zero-report
     dyngate deploy kubernetes --repository model_repository --out deploy/k8s
 
@@ -190,9 +191,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32."""
-    from dyngate_measure.recommend import recommend_from_repository
+    """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32;
+    with --cascade, the cascade threshold for the target (--budget points below the last variant, or
+    --at-least) and the share of requests that escalate, from the build's per-example dev scores."""
+    from dyngate_measure.recommend import cascade_from_repository, recommend_from_repository
 
+    if args.cascade:
+        order = [v.strip() for v in args.cascade.split(",") if v.strip()]
+        within = None if args.at_least is not None else args.budget
+        print(cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least).explain())
+        return 0
+    if args.at_least is not None:
+        raise ConfigError("--at-least sets a cascade target: give --cascade CHEAP,EXPENSIVE with it")
     print(recommend_from_repository(Path(args.repository), args.model, args.budget).explain())
     return 0
 
@@ -302,7 +312,14 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                          "of FP32, and why (from the build's metadata)")
     p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
     p.add_argument("--budget", type=float, default=1.0,
-                   help="points of the dev metric the variant may lose against FP32 (default 1.0)")
+                   help="points of the dev metric the variant may lose against FP32 (default 1.0); with "
+                        "--cascade, against the cascade's last variant")
+    p.add_argument("--cascade", metavar="CHEAP,...,EXPENSIVE",
+                   help="choose the cascade policy's threshold for these variants (cheapest first) from the dev "
+                        "scores the build stored: the lowest one within --budget (or --at-least), and the share "
+                        "of requests that escalate")
+    p.add_argument("--at-least", type=float, default=None, metavar="METRIC",
+                   help="with --cascade: an absolute dev metric to reach instead of --budget (e.g. 0.80)")
     p.add_argument("--repository", default=repository)
     p.set_defaults(func=cmd_recommend)
 

@@ -1,6 +1,8 @@
 """The gateway's plain HTTP routes beside the Gradio page: POST /api/predict, GET /api/status, GET /api/models,
-GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /metrics (the gateway's
-Prometheus metrics, dyngate_gateway/telemetry.py).
+GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /api/cascade (?model=M and
+within_pt=P or at_least=A: the `cascade` threshold for that dev-metric target, its expected metric and share of
+requests escalating; 400 for a bad target, 409 for variants built without dev scores), GET /metrics (the
+gateway's Prometheus metrics, dyngate_gateway/telemetry.py).
 
 POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget" (points),
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
@@ -21,7 +23,7 @@ from fastapi import FastAPI, Request  # module level: the routes' annotations ar
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Mount
 
-from dyngate_build.errors import InputError, ServingError
+from dyngate_build.errors import ConfigError, InputError, RepositoryError, ServingError
 from dyngate_gateway import models_view
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT
 from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub, LoginRequired
@@ -146,6 +148,30 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         def stats():
             return JSONResponse(state.shadow.stats(request.query_params.get("model")))
         return guarded(stats)(request)
+
+    @app.get("/api/cascade")
+    def api_cascade(request: Request):
+        def choose():
+            query = request.query_params
+            model = query.get("model")
+            state.refresh()
+            if model not in state.catalog:
+                return error(404, f"unknown model {model!r}; the repository's models are: {', '.join(state.catalog)}")
+            targets = {}
+            for key in ("within_pt", "at_least"):
+                if query.get(key) is not None:
+                    try:
+                        targets[key] = float(query[key])
+                    except ValueError:
+                        return error(400, f"{key}={query[key]!r} is not a number")
+            try:
+                return JSONResponse(state.cascade_choice(model, **targets).as_dict())
+            except ConfigError as e:
+                return error(400, str(e))
+            except RepositoryError as e:  # variants built before dev scores were stored
+                return error(409, str(e))
+        return guarded(choose)(request)
+
     @app.get("/metrics")
     def prometheus_metrics(request: Request):
         def scrape():

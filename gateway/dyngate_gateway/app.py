@@ -9,10 +9,13 @@ Views:
   each variant's answer drawn side by side (entities highlighted in the text, class probabilities as bars, the
   image with its prediction; answers_view.py), a summary table and the raw JSON (folded away). Opens on a
   text-classification model. "Route by policy" sends the
-  same input through one routing policy (gateway/dyngate_gateway/routing.py) and shows who served it and why.
+  same input through one routing policy (gateway/dyngate_gateway/routing.py) and shows who served it and why;
+  the cascade threshold can be chosen from an accuracy target on the dev split (the build's per-example dev
+  scores, dyngate_measure.recommend.choose_cascade_threshold), shown with the share of requests that escalate.
 - Compare: benchmark chosen variants live against Triton (requests, concurrency levels, batch, dev inputs); the
-  dev metric against the p50 just measured, with the Pareto front, size as marker area and the recommended
-  variant for an accuracy budget the user sets (dyngate_measure.recommend, as `dyngate recommend`).
+  dev metric against the p50 just measured at the lowest concurrency level and, beside it, at the highest, each
+  with its Pareto front, size as marker area and the recommended variant for an accuracy budget the user sets
+  (dyngate_measure.recommend, as `dyngate recommend`, on the lowest level's p50).
 - Metrics: Triton's Prometheus metrics, the server process, the machine and the GPU, refreshed by a timer.
 - Models: the served variants with technique, size, dev metric, build p50, threads × instances and Triton's
   state (load and unload); the native flavours apart, as "for NVIDIA's container; not loadable here".
@@ -29,12 +32,14 @@ API endpoints (gradio_client, by name):
 - "metrics": () -> (summary Markdown, per-model table, CPU plot, memory plot, snapshot JSON)
 - "models": () -> table; "load_model" / "unload_model": (triton model) -> (message, table)
 - "model_info": (model) -> the page's updates for that model (variant choices, description, inputs)
+- "cascade_threshold": (model, points below the most expensive variant) -> (threshold, explanation Markdown)
 - "triton_status": () -> the status line (is Triton reachable, which variants are loaded)
 
 Plain HTTP (same server): POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant",
 "accuracy_budget", "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...},
 unknown model -> 404, a body over limits.max_body_bytes (any route) -> 413, Triton down -> 503.
-GET /api/status, GET /api/models, GET /api/shadow (?model=M: shadow traffic counts), GET /metrics (the gateway's
+GET /api/status, GET /api/models, GET /api/shadow (?model=M: shadow traffic counts), GET /api/cascade
+(?model=M&within_pt=0.5 or &at_least=0.8: the cascade threshold for that target), GET /metrics (the gateway's
 Prometheus metrics, dyngate_gateway/telemetry.py). With a login, every route but Gradio's login page asks for it.
 
     dyngate gateway --repository model_repository --triton 127.0.0.1:8001     # http://127.0.0.1:7860
@@ -59,6 +64,7 @@ from dyngate_gateway.handlers import RESULT_HEADERS, ClientPool, ModelView
 from dyngate_gateway.routing import POLICIES, Router
 from dyngate_gateway.shadow import DEFAULT_QUEUE_LIMIT, Shadow
 from dyngate_gateway.telemetry import GatewayTelemetry
+from dyngate_measure.recommend import CascadeChoice, cascade_steps, choose_cascade_threshold
 
 TITLE = "dyngate gateway"
 
@@ -130,6 +136,11 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                 # a Textbox, not a Number: blank must mean "the variant's default" (a Number sends 0)
                 exit_threshold = gr.Textbox(value="", label="Exit threshold (early-exit variants; blank: default)",
                                             placeholder="e.g. 0.9", elem_id="exit-threshold")
+            with gr.Row():
+                cascade_target = gr.Number(value=0.5, minimum=0, label="Cascade: accuracy target (points below "
+                                           "the most expensive variant, on the dev split)", elem_id="cascade-target")
+                cascade_choose = gr.Button("Choose the threshold from dev data", elem_id="cascade-choose")
+            cascade_line = gr.Markdown(elem_id="cascade-line")
             route = gr.Button("Route", elem_id="route")
             route_line = gr.Markdown(elem_id="route-line")
             route_json = gr.JSON(label="Routed answer", elem_id="route-json")
@@ -185,6 +196,16 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
             line += "\n\n" + answers_view.arms_table(answer["arms"])
         return line
 
+    @handlers.user_errors
+    def on_cascade_target(name, within_pt):
+        if within_pt is None:
+            raise InputError("cascade target: give the points of accuracy the cascade may lose, e.g. 0.5")
+        choice = state.cascade_choice(name, within_pt=float(within_pt))
+        line = choice.explain().replace("\n", "  \n")
+        return (choice.threshold if choice.threshold is not None else gr.update()), line
+
+    cascade_choose.click(on_cascade_target, [model, cascade_target], [threshold, cascade_line],
+                         api_name="cascade_threshold")
     route.click(on_route, [model, text, image, policy, route_variant, budget, threshold, exit_threshold],
                 route_json, api_name="route").then(route_summary, route_json, route_line,
                                                     api_visibility="private")
@@ -223,10 +244,10 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
             budget = gr.Number(value=1.0, minimum=0, label="Accuracy budget (points below FP32) for the "
                                "recommendation", elem_id="cmp-budget")
         measured = gr.State(None)  # {"model", "rows"} of the last run: the chart is redrawn when the budget changes
-        with gr.Row():
-            pareto = gr.Plot(label="Accuracy vs p50 (lowest concurrency): Pareto front, marker area = size, "
-                             "★ recommended", elem_id="cmp-pareto")
-            recommendation = gr.Markdown(elem_id="cmp-recommendation")
+        # the panels' own titles say what each draws (the label would cover the first one)
+        pareto = gr.Plot(label="Accuracy vs p50 at the lowest concurrency (batch 1 by default) and at the highest: "
+                         "Pareto front, marker area = size, ★ recommended", show_label=False, elem_id="cmp-pareto")
+        recommendation = gr.Markdown(elem_id="cmp-recommendation")
         table = gr.Dataframe(headers=compare.HEADERS, label="Latency and throughput", interactive=False,
                              elem_id="cmp-table")
         server = gr.Dataframe(headers=compare.SERVER_HEADERS, label="Server-side split per request "
@@ -285,9 +306,16 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
         view = state.router.view(last["model"])
         if budget_pt is None or budget_pt < 0:
             raise InputError(f"budget={budget_pt!r}: give the accuracy points the recommendation may lose, ≥ 0")
-        chosen = compare.tradeoff({v: e.metadata for v, e in view.variants.items()}, last["rows"], float(budget_pt),
-                                  metric_name(list(view.variants.values())))
-        figure = pareto_figure(chosen, f"{view.name}: {chosen.metric_name} vs p50", f"p50 ms ({chosen.latency})")
+        metas, metric = {v: e.metadata for v, e in view.variants.items()}, metric_name(list(view.variants.values()))
+        run_levels = compare.levels(last["rows"])
+        chosen = compare.tradeoff(metas, last["rows"], float(budget_pt), metric, level=run_levels[0])
+        more = []
+        if len(run_levels) > 1:  # the same variants at the run's highest concurrency, beside the lone requests
+            loaded = compare.tradeoff(metas, last["rows"], float(budget_pt), metric, level=run_levels[-1])
+            more.append((loaded, f"at concurrency {run_levels[-1]} (★ recommended at {run_levels[0]})",
+                         f"p50 ms ({loaded.latency})"))
+        figure = pareto_figure(chosen, f"{view.name}: {chosen.metric_name} vs p50, concurrency {run_levels[0]}",
+                               f"p50 ms ({chosen.latency})", more)
         plt.close(figure)  # Gradio renders it; pyplot need not keep it
         return figure, "```\n" + chosen.explain() + "\n```"
 
@@ -528,6 +556,20 @@ class GatewayState:
                     raise InputError(f"no dev inputs for {view.task}: {e}") from e
                 self._dev[view.task] = [ex.raw for ex in examples]
             return self._dev[view.task]
+
+    def cascade_choice(self, model: str | None, within_pt: float | None = None,
+                       at_least: float | None = None) -> CascadeChoice:
+        """The `cascade` threshold for an accuracy target (dyngate_measure.recommend.choose_cascade_threshold) on
+        the chain the policy runs for `model` now: its READY variants cheapest first (every variant when Triton
+        cannot be asked), from the dev scores the build stored: one small file per variant, no inference."""
+        self.refresh()
+        view = self.router.view(model)
+        try:
+            ready = self.router.ready_models()
+        except ServingError:
+            ready = None
+        order = self.router.cascade_order(view, ready)
+        return choose_cascade_threshold(cascade_steps(list(view.variants.values()), order), within_pt, at_least)
 
     def status(self) -> tuple[bool, str]:
         self.refresh()

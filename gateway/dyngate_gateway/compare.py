@@ -231,29 +231,31 @@ def distribution(result: BenchResult, points: int = 50) -> list[dict]:
 
 
 def tradeoff(variants: dict, rows: list[list], budget_pt: float, metric_name: str = "accuracy",
-             baseline: str = BASELINE_VARIANT) -> Recommendation:
+             baseline: str = BASELINE_VARIANT, level: int | None = None) -> Recommendation:
     """The Compare tab's recommendation: `dyngate_measure.recommend.recommend` on the p50 just measured.
 
     variants: {variant: VariantMetadata or None} (dev metric, size); rows: a run's HEADERS rows, of which the
-    lowest concurrency level of each variant gives its p50 (at the run's batch size). A variant without a
-    successful request has no p50 and is not recommended, nor one whose dev metric was measured on another
-    number of examples than the baseline's (`sample_size_mismatch`)."""
-    lowest: dict[str, list] = {}
-    for row in rows:
-        if row[0] not in lowest or row[1] < lowest[row[0]][1]:
-            lowest[row[0]] = row
+    rows of concurrency `level` (default: the run's lowest) give each variant's p50 (at the run's batch size).
+    A variant without a successful request at that level has no p50 and is not recommended, nor one whose dev
+    metric was measured on another number of examples than the baseline's (`sample_size_mismatch`)."""
+    level = min((r[1] for r in rows), default=1) if level is None else level
+    at_level = {r[0]: r for r in rows if r[1] == level}
     candidates = []
     reference = variants.get(baseline)
-    for variant, row in lowest.items():
+    for variant, row in at_level.items():
         meta = variants.get(variant)
         unusable = (sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, baseline, metric_name)
                     if meta and reference else None)
         candidates.append(Candidate(variant, meta.accuracy.value if meta else None, row[5],
                                     meta.size_mb if meta else None, unusable=unusable))
-    level = min((r[1] for r in lowest.values()), default=1)
-    batch = next((r[2] for r in lowest.values()), 1)
+    batch = next((r[2] for r in at_level.values()), 1)
     return recommend(candidates, baseline, budget_pt, metric_name,
                      latency=f"Triton p50 just measured, concurrency {level}, batch {batch}")
+
+
+def levels(rows: list[list]) -> list[int]:
+    """The concurrency levels of a run's HEADERS rows, ascending."""
+    return sorted({r[1] for r in rows})
 
 
 def to_json(result: BenchResult, settings: dict) -> str:

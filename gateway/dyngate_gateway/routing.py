@@ -45,6 +45,7 @@ import numpy as np
 
 from dyngate_build import runtime
 from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
+from dyngate_build.runtime import answer_confidence as confidence  # the rule the build's dev scores use too
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
 from dyngate_measure.recommend import reference_metadata, sample_size_mismatch
 
@@ -74,17 +75,6 @@ class RoutingConfig:
         if not 0.0 <= float(self.ab_agreement_share) <= 1.0:
             raise ConfigError(f"routing.ab_agreement_share={self.ab_agreement_share!r} is outside [0, 1]: the share "
                               "of ab requests mirrored to another arm to measure agreement (0 turns it off)")
-
-
-def confidence(answer: dict) -> float:
-    """Top-1 probability of a classification answer; for NER the lowest entity score (1.0 without entities)."""
-    if "entities" in answer:
-        scores = [float(e["score"]) for e in answer.get("entities") or [] if e.get("score") is not None]
-        return min(scores) if scores else 1.0
-    probabilities = answer.get("probabilities")
-    if probabilities:
-        return float(max(probabilities.values()))
-    return float(answer.get("score") or 0.0)
 
 
 def _accuracy(view: ModelView, variant: str) -> float | None:
@@ -467,7 +457,7 @@ class Router:
         self.live.record(name, result.latency_ms)
         label, score = summarize(result.answer)
         step = {"variant": variant, "triton_model": name, "prediction": label,
-                "confidence": round(confidence(result.answer), 6), "latency_ms": round(result.latency_ms, 3),
+                "confidence": confidence(result.answer), "latency_ms": round(result.latency_ms, 3),
                 "answer": result.answer}
         if result.answer.get("exit_layer") is not None:
             step["exit_layer"] = result.answer["exit_layer"]

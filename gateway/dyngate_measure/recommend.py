@@ -9,6 +9,16 @@ gateway's Compare tab (the p50 it has just measured); each brings its own latenc
                      Candidate("early-exit", 0.861, 1.2)], baseline="fp32", budget_pt=1.0)
     rec.chosen      # "int8-dynamic"
     print(rec.explain())
+
+The `cascade` routing policy's threshold is chosen here too, from an accuracy target on the dev split:
+`choose_cascade_threshold` simulates the cascade on each variant's per-example dev answers that the build
+stored (metadata.DevScores, `dev_scores.json` in the version folder) and returns the lowest threshold that
+reaches the target with the share of requests that escalate (the page's cascade control, GET /api/cascade,
+`dyngate recommend --cascade`).
+
+    choice = cascade_from_repository(Path("model_repository"), "distilbert-tiny", ["int8-dynamic", "fp32"],
+                                     within_pt=0.5)
+    choice.threshold, choice.metric, choice.escalation_share
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dyngate_build.errors import ConfigError
+from dyngate_build.metadata import DevScores, metric_from_counts
 
 BASELINE_VARIANT = "fp32"
 _EPS = 1e-9
@@ -204,3 +217,143 @@ def recommend_from_repository(repository: Path, model: str, budget_pt: float) ->
     entries = python_variants_by_model(Path(repository), [model])[model]
     return recommend(build_candidates(entries), BASELINE_VARIANT, budget_pt, metric_name(entries),
                      latency="in-process p50 at batch 1, measured by the build on this machine")
+
+
+# --------------------------------------------------------------------------------------- the cascade threshold
+
+@dataclass
+class CascadeChoice:
+    """The `cascade` policy's threshold chosen for a dev-metric target, and what it gives on the dev split.
+
+    order: the variants, cheapest first (the last always answers). target: the dev metric to reach, a fraction;
+    rule: how it was set, in words. threshold: the lowest top-1 threshold whose simulated cascade reaches the
+    target (None when none does). metric: the cascade's dev metric at that threshold (at the best threshold when
+    none qualifies). escalation_share: share of dev examples the first variant passes on (0..1). answered: per
+    variant, the share of dev examples it answers. alone: each variant's own dev metric. n: dev examples.
+    """
+
+    order: list[str]
+    metric_name: str
+    target: float
+    rule: str
+    threshold: float | None
+    metric: float
+    escalation_share: float
+    answered: dict[str, float]
+    alone: dict[str, float]
+    n: int
+
+    def explain(self) -> str:
+        """A few lines for people: the threshold, the metric it gives and the share of requests that escalate."""
+        chain = " → ".join(self.order)
+        if self.threshold is None:
+            return (f"no cascade threshold reaches {self.rule} on {self.n} dev examples (cascade {chain}); the best "
+                    f"gives {self.metric_name} {self.metric:.4f} with {self.escalation_share:.1%} escalating")
+        shares = ", ".join(f"{v} {s:.1%}" for v, s in self.answered.items())
+        alone = ", ".join(f"{v} {m:.4f}" for v, m in self.alone.items())
+        return (f"cascade threshold {self.threshold:.7g}: {self.metric_name} {self.metric:.4f} on {self.n} dev "
+                f"examples, {self.escalation_share:.1%} of requests escalate past {self.order[0]}\n"
+                f"  the lowest top-1 threshold that reaches {self.rule} (cascade {chain})\n"
+                f"  answered by: {shares}; each alone: {alone}")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "explanation": self.explain()}
+
+
+def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: float | None = None,
+                             at_least: float | None = None) -> CascadeChoice:
+    """The lowest cascade threshold whose answers on the dev split reach a target, with the share that escalates.
+
+    steps: (variant, its DevScores) cheapest first, as the gateway's `cascade` policy calls them: a variant's
+    answer is kept when its confidence (runtime.answer_confidence, stored per dev example by the build) is ≥ the
+    threshold, else the next one is asked; the last always answers. The cascade is simulated exactly on the
+    stored answers at 0 and halfway between each two neighbouring values of {the non-last steps' confidences,
+    1}: every routing the dev split can see, with room on both sides so that a served confidence a rounding step
+    away from the stored one is routed alike (stored confidences have 6 decimals, thresholds at most 7). Escalation only grows with the threshold, so the lowest
+    qualifying one escalates least.
+    Give one target: within_pt, points (0.01 of the metric) below the last (most expensive) variant's own dev
+    metric, ≥ 0; or at_least, an absolute dev metric in [0, 1].
+    Raises ConfigError for no or both targets, a target out of range, fewer than two steps, or steps whose
+    scores were measured on different dev examples (another --eval-limit or data) or metrics.
+    Confidence-based cascading of cheap and expensive models: Wang et al., "IDK Cascades" (2017).
+    """
+    if len(steps) < 2:
+        raise ConfigError(f"a cascade needs two variants or more, got {[v for v, _ in steps]}; name a cheap one "
+                          "then an expensive one")
+    if (within_pt is None) == (at_least is None):
+        raise ConfigError("give one accuracy target: within_pt (points below the last variant, e.g. 0.5) or "
+                          "at_least (an absolute dev metric, e.g. 0.80)")
+    names = [v for v, _ in steps]
+    first = steps[0][1]
+    for variant, scores in steps[1:]:
+        if (scores.examples_sha256, scores.n, scores.metric) != (first.examples_sha256, first.n, first.metric):
+            raise ConfigError(f"the dev scores of {names[0]} ({first.n} examples, {first.metric}) and {variant} "
+                              f"({scores.n} examples, {scores.metric}) were not measured on the same dev examples; "
+                              "rebuild both with the same --eval-limit and --data")
+    metric_name = first.metric
+    confidence = np.array([s.confidence for _, s in steps], dtype=float)  # [K, n]
+    counts = [np.array([getattr(s, key) for _, s in steps], dtype=np.int64) for key in ("hits", "predicted", "gold")]
+    alone = {v: metric_from_counts(metric_name, s.hits, s.predicted, s.gold) for v, s in steps}
+    if within_pt is not None:
+        if not math.isfinite(within_pt) or within_pt < 0:
+            raise ConfigError(f"within_pt={within_pt!r} must be a number ≥ 0: the points of {metric_name} the "
+                              f"cascade may lose against {names[-1]}, e.g. 0.5")
+        target = alone[names[-1]] - within_pt / 100.0
+        rule = f"within {within_pt:g} pt of {names[-1]} ({metric_name} {alone[names[-1]]:.4f} → ≥ {target:.4f})"
+    else:
+        if not math.isfinite(at_least) or not 0.0 <= at_least <= 1.0:
+            raise ConfigError(f"at_least={at_least!r} must be a {metric_name} in [0, 1], e.g. 0.80")
+        target, rule = float(at_least), f"{metric_name} ≥ {at_least:.4f}"
+
+    columns = np.arange(first.n)
+
+    def simulate(threshold: float) -> tuple[float, np.ndarray]:
+        keeps = confidence[:-1] >= threshold  # [K-1, n]
+        answering = np.where(keeps.any(axis=0), keeps.argmax(axis=0), len(steps) - 1)
+        picked = [c[answering, columns] for c in counts]
+        return metric_from_counts(metric_name, *picked), answering
+
+    values = np.unique(np.concatenate([[0.0], confidence[:-1].ravel(), [1.0]]))  # 1.0: room to escalate all
+    # the routing changes only at a stored confidence; the threshold returned lies halfway below it, so that a
+    # served answer a rounding step away from a dev one is routed as on the dev split
+    candidates = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2.0])
+    best = None
+    for threshold in candidates:
+        value, answering = simulate(float(threshold))
+        if best is None or value > best[1] + _EPS:
+            best = (float(threshold), value, answering)
+        if value >= target - _EPS:
+            chosen, found = (float(threshold), value, answering), True
+            break
+    else:
+        chosen, found = best, False
+    threshold, value, answering = chosen
+    answered = {v: float(np.mean(answering == k)) for k, v in enumerate(names)}
+    return CascadeChoice(order=names, metric_name=metric_name, target=float(target), rule=rule,
+                         threshold=threshold if found else None, metric=float(value),
+                         escalation_share=float(np.mean(answering > 0)), answered=answered, alone=alone, n=first.n)
+
+
+def cascade_steps(entries: list, order: list[str]) -> list[tuple[str, DevScores]]:
+    """(variant, DevScores) for `order` (variant names, cheapest first) from repository entries (RepositoryEntry
+    of one model): each read from the newest version folder (what Triton serves). ConfigError naming the
+    variants when one is unknown; RepositoryError when a variant has no dev scores (built before they were
+    stored: rebuild it)."""
+    from dyngate_build.repository import newest_version_dir
+
+    by_name = {e.variant: e for e in entries}
+    unknown = [v for v in order if v not in by_name]
+    if unknown:
+        raise ConfigError(f"cascade variants {unknown} are not built; this model's variants are: "
+                          f"{', '.join(by_name)}")
+    return [(v, DevScores.load(newest_version_dir(by_name[v].folder))) for v in order]
+
+
+def cascade_from_repository(repository: Path, model: str, order: list[str], within_pt: float | None = None,
+                            at_least: float | None = None) -> CascadeChoice:
+    """`choose_cascade_threshold` for `model`'s variants `order` (cheapest first) in `repository`, from the dev
+    scores the build stored (`cascade_steps`)."""
+    from dyngate_build.repository import python_variants_by_model
+
+    entries = python_variants_by_model(Path(repository), [model])[model]
+    return choose_cascade_threshold(cascade_steps(entries, order), within_pt, at_least)

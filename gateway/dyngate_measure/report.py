@@ -343,16 +343,29 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def pareto_figure(recommendation: Recommendation, title: str, xlabel: str):
+def pareto_figure(recommendation: Recommendation, title: str, xlabel: str, more: list[tuple] = ()):
     """A matplotlib Figure: dev metric (%) against p50 (ms) for the recommendation's candidates, the Pareto
     front (no other variant is both faster and more accurate), marker area ∝ size on disk, the budget line
     (baseline − budget) and the recommended variant as a star. Used by `dyngate report` (PNG) and the gateway's
-    Compare tab (drawn live). Candidates without a metric or p50 are left out."""
+    Compare tab (drawn live). Candidates without a metric or p50 are left out.
+
+    more: further panels to the right, each (Recommendation, title, xlabel), e.g. the same variants' p50 at a
+    higher concurrency; every panel stars `recommendation.chosen`, the variant recommended on the first."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [(recommendation, title, xlabel), *more]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (panel, panel_title, panel_xlabel) in zip(axes[0], panels):
+        _pareto_panel(ax, panel, panel_title, panel_xlabel, recommendation.chosen)
+    fig.tight_layout()
+    return fig
+
+
+def _pareto_panel(ax, recommendation: Recommendation, title: str, xlabel: str, chosen: str | None) -> None:
+    """One panel of `pareto_figure` on `ax`, starring `chosen`."""
     points = [c for c in recommendation.candidates if c.metric is not None and c.p50_ms is not None]
     names = [c.variant for c in points]
     lat = np.array([c.p50_ms for c in points], dtype=float)
@@ -360,7 +373,6 @@ def pareto_figure(recommendation: Recommendation, title: str, xlabel: str):
     sizes = np.array([c.size_mb if c.size_mb is not None else 0.0 for c in points], dtype=float)
     area = 30 + 400 * (sizes / sizes.max() if sizes.size and sizes.max() > 0 else np.zeros_like(sizes))
 
-    fig, ax = plt.subplots(figsize=(7, 5))
     ax.scatter(lat, acc, s=area, color="tab:blue", alpha=0.6, edgecolor="tab:blue", zorder=3,
                label="variant (area ∝ size MB)")
     for i, (x, y, n) in enumerate(zip(lat, acc, names)):  # alternate above/below so close points stay legible
@@ -375,17 +387,15 @@ def pareto_figure(recommendation: Recommendation, title: str, xlabel: str):
     ax.plot(lat[front], acc[front], "--", color="tab:gray", label="Pareto front", zorder=2)
     ax.axhline(recommendation.baseline_metric * 100 - recommendation.budget_pt, color="tab:red", lw=0.8, ls=":",
                label=f"budget: {recommendation.baseline} − {recommendation.budget_pt:g} pt")
-    if recommendation.chosen in names:
-        i = names.index(recommendation.chosen)
+    if chosen in names:
+        i = names.index(chosen)
         ax.scatter([lat[i]], [acc[i]], s=260, marker="*", color="gold", edgecolor="black", zorder=4,
-                   label=f"recommended: {recommendation.chosen}")
+                   label=f"recommended: {chosen}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{recommendation.metric_name} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
 
 
 def write_charts(model: str, section: dict, out: Path, budget_pt: float) -> list[Path]:
