@@ -259,9 +259,11 @@ class AsyncTritonClient:
     `tritonclient.grpc.aio` (or `.http.aio`) client whose connection every request of one event loop shares,
     so no thread waits on Triton and no call blocks the loop. Same answers (`Answer`) and the same errors as
     `TritonClient` (InputError, TritonUnreachable, ServingError). Use it only on the event loop it was first
-    used on.
+    used on. Over gRPC, `predict` calls the generated stub on that client's channel with a request made once per
+    model (`_LeanInfer`).
 
-    url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (asyncio.wait_for).
+    url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (the gRPC deadline of `predict`,
+    asyncio.wait_for elsewhere).
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
