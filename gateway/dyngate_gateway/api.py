@@ -111,7 +111,6 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return error(503, str(e))
         return Response(orjson.dumps(answer), media_type="application/json")  # 1 µs; JSONResponse (json) 17 µs
 
-    @app.post("/api/predict")
     async def api_predict(request: Request):
         if not authorized(request):
             return unauthorized()
@@ -122,6 +121,10 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         except RecursionError:
             return error(400, "the body is not JSON this route accepts: nested too deeply")
         return await predict(body)  # on the event loop: the router awaits Triton through the loop's shared client
+
+    # A plain Starlette route: FastAPI's (parameter analysis, dependency solving) cost 0.045 ms CPU a request
+    # against 0.026 ms, middlewares included, measured on empty routes of this app.
+    app.add_route("/api/predict", api_predict, methods=["POST"])
 
     @app.get("/api/status")
     def api_status(request: Request):
