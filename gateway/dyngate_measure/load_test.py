@@ -361,7 +361,8 @@ def markdown(runs: list[LoadRun], command: str) -> str:
         lines += ["", f"Gateway against direct Triton, same run: throughput "
                       f"{gateway.throughput_rps / triton.throughput_rps:.0%} of Triton's, p99 "
                       f"×{gateway.p99_ms / triton.p99_ms:.2f} Triton's."]
-    lines += ["", f"The targets took turns in {max(r.rounds for r in runs)} round(s), the order rotating; each row adds "
+    rounds = max(r.rounds for r in runs)
+    lines += ["", f"The targets took turns in {rounds} round(s), the order rotating; each row adds "
                   "up its target's rounds. batching ratio = Triton inference_count / execution_count for the variant "
                   "over the run (1.0: no merging; higher: dynamic batching merged requests). Latency: client round "
                   "trip."]
