@@ -24,11 +24,6 @@ from dyngate_build.errors import InputError, ServingError
 from dyngate_gateway import models_view
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT
 from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub
-from dyngate_gateway.routing import POLICIES
-
-# How old the JSON route lets its view of the repository get before it looks for new builds again (the router's
-# READY set is cached as long); a request naming a model or variant the view lacks looks at once.
-CATALOG_MAX_AGE_S = 1.0
 
 
 def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
@@ -74,13 +69,11 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         unknown = sorted(set(body) - allowed)
         if unknown:
             return error(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-        state.refresh(CATALOG_MAX_AGE_S)
+        state.refresh()
         model = body.get("model")
         if not isinstance(model, str):
             return error(400, f"model must be a string naming one of the repository's models "
                               f"({', '.join(state.catalog)}), not {type(model).__name__}")
-        if model not in state.catalog or _names_unknown_variant(state.catalog[model], body):
-            state.refresh()  # perhaps built since the last look
         if model not in state.catalog:
             return error(404, f"unknown model {model!r}; the repository's models are: {', '.join(state.catalog)}")
         for key in ("text", "image_base64", "policy", "variant"):
@@ -155,9 +148,3 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
 
     return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
                                footer_links=["api"], max_file_size=limits.max_image_bytes)
-
-
-def _names_unknown_variant(view, body: dict) -> bool:
-    """Whether `body` names a variant (as `variant`, or as its policy) that `view` does not have."""
-    names = (body.get("variant"), body["policy"].strip() if isinstance(body.get("policy"), str) else None)
-    return any(isinstance(n, str) and n and n not in view.variants and n not in POLICIES for n in names)

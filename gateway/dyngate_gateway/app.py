@@ -503,20 +503,11 @@ class GatewayState:
         self._dev: dict[str, list[bytes]] = {}
         self._dev_lock = threading.Lock()
         self._fingerprint = handlers.repository_fingerprint(self.repository)
-        self._checked = time.monotonic()
         self._refresh_lock = threading.Lock()
 
-    def refresh(self, max_age_s: float = 0.0) -> None:
+    def refresh(self) -> None:
         """Pick up variants built (or removed) since the gateway started: the catalog is re-read when the
-        repository's model folders or their metadata changed. Called before each API answer and status tick.
-
-        max_age_s: skip the check when the last one is younger (the JSON route passes CATALOG_MAX_AGE_S: one
-        directory listing and a stat per model folder on every request cost more than the route's own work
-        with a few dozen variants; it checks again at once when a request names a model or variant it lacks)."""
-        now = time.monotonic()
-        if max_age_s > 0 and now - self._checked < max_age_s:
-            return
-        self._checked = now
+        repository's model folders or their metadata changed. Called before each API answer and status tick."""
         fingerprint = handlers.repository_fingerprint(self.repository)
         if fingerprint == self._fingerprint:
             return
