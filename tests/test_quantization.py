@@ -251,16 +251,55 @@ def test_zeroquant_w8a8(context, dev_feeds, kernel):
     linears = len(quantizable_linears(context.source.model))
     if kernel == "tokenwise":  # per-row scales (ReduceMax over the last axis), no per-tensor DynamicQuantizeLinear
         graph = onnx.load(str(variant.artifact)).graph
-        assert counts["MatMulInteger"] == linears and counts["DynamicQuantizeLinear"] == 0
-        axes = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        layers = context.source.model.config.n_layers
+        # q/k/v read one activation: one quantization, one fused GEMM, one Split per layer
+        assert counts["MatMulIntegerToFloat"] == linears - 2 * layers and counts["Split"] == layers
+        assert counts["DynamicQuantizeLinear"] == 0 and counts["MatMulInteger"] == 0
+        consts = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
         reduce = [n for n in graph.node if n.op_type == "ReduceMax"]
-        assert reduce and all(axes[n.input[1]].tolist() == [-1] for n in reduce)
-        weights = [axes[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger"]
-        assert all(w.dtype == np.int8 for w in weights)
+        assert reduce and all(consts[n.input[1]].tolist() == [-1] for n in reduce)
+        weights = {n.input[0]: consts[n.input[1]] for n in graph.node if n.op_type == "MatMulIntegerToFloat"}
+        assert all(w.dtype == np.int8 for w in weights.values())
+        blocks = {n.input[0]: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                  for n in graph.node if n.op_type == "QuantizeLinear"}
+        assert len(blocks) == len(weights)  # one row-wise quantization per activation, one block per row
+        quantizer_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+        for codes, w in weights.items():
+            attrs = blocks[quantizer_of[codes]]
+            assert attrs["axis"] == -1 and attrs["block_size"] == w.shape[0]
+        # the embedding tables are INT8 (weight-only, one scale per row): no FP32 table is left
+        vocab = context.source.model.config.vocab_size
+        tables = [consts[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[0] in consts
+                  and consts[n.input[0]].ndim == 2 and consts[n.input[0]].shape[1] > 1]
+        assert any(t.shape[0] == vocab for t in tables) and all(t.dtype == np.int8 for t in tables)
+        dim = context.source.model.config.dim
+        assert not any(c.dtype == np.float32 and c.shape == (vocab, dim) for c in consts.values())
     else:
         assert counts["MatMulNBits"] == linears
     max_diff, _, top1 = _errors(variant.artifact, context.fp32_onnx(), dev_feeds)
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
+
+
+def test_tokenwise_w8a8_all_zero_row_gives_exact_zero(tmp_path):
+    """A token row of zeros has row scale 0: its output is exactly 0 (FP32's answer), never NaN."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dyngate_build.techniques.quantization.zeroquant import tokenwise_w8a8
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 5)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 5])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "f.onnx")
+    out = tokenwise_w8a8(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    x[1, 2] = 0.0
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.all(np.isfinite(y)) and np.all(y[1, 2] == 0.0)
+    np.testing.assert_allclose(y, x @ weight, atol=0.05 * np.abs(x @ weight).max())
 
 
 def _alone_and_in_batch(path, context, texts: list[bytes]) -> float:
