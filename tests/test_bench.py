@@ -156,7 +156,8 @@ def test_headline_skips_variants_outside_the_budget():
         return {"name": name, "variant": variant, "path": path, "accuracy": acc, "kind": kind,
                 "latency": {"batch1": {"p50_ms": p50}}}
     rows = [row(BASELINE_LABELS[BASELINES[2]], None, "in-process", 0.80, 2.0, kind="baseline"),
-            row("fast (in-process)", "fast", "in-process", 0.789, 0.5), row("ok (in-process)", "ok", "in-process", 0.80, 1.0),
+            row("fast (in-process)", "fast", "in-process", 0.789, 0.5),
+            row("ok (in-process)", "ok", "in-process", 0.80, 1.0),
             row("ok (grpc)", "ok", "grpc", 0.80, 3.0), row("int8-dynamic (grpc)", "int8-dynamic", "grpc", 0.80, 4.5)]
     (h,) = headlines({"sections": [{"kind": "preset", "model": "m", "reference_accuracy": 0.80, "rows": rows}]})
     assert h["variant"] == "ok" and h["in_process_speedup"] == 2.0 and h["served"]["speedup"] == 1.5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dyngate_build.errors import ConfigError
+from dyngate_build.errors import ConfigError, ExportError
 
 
 def check_distillation(config) -> None:
@@ -151,18 +151,17 @@ def integer_weight_matmuls(fp32, out, activation_quantization: dict | None = Non
     the Linear's bias folded in. ExportError when an activation has no entry.
 
     Weights: every MatMul with a constant [K, N] FP32 weight; INT8, one symmetric scale per output column
-    w_n = max_k |W_kn| / 127 (`per_channel`; else one scale per weight). MatMuls reading the same activation (attention q/k/v) are fused: one
-    quantization, their weights concatenated along N into one MatMulIntegerToFloat (com.microsoft), their Linear
-    biases into one bias, then a Split into the original outputs. With `tables`, embedding tables (Gather on a
-    constant 2-D FP32 table along axis 0) are stored INT8 with one scale per row (weight-only: Gather of the
-    codes and of the row scales, Cast, Mul), so the file is about int8-dynamic's size.
+    w_n = max_k |W_kn| / 127 (`per_channel`; else one scale per weight). MatMuls reading the same activation
+    (attention q/k/v) are fused: one quantization, their weights concatenated along N into one
+    MatMulIntegerToFloat (com.microsoft), their Linear biases into one bias, then a Split into the original
+    outputs. With `tables`, embedding tables (Gather on a constant 2-D FP32 table along axis 0) are stored INT8
+    with one scale per row (weight-only: Gather of the codes and of the row scales, Cast, Mul), so the file is
+    about int8-dynamic's size.
 
     Returns `out`; ExportError when the graph has no such MatMul. Library: ONNX Runtime kernels (no simulation).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from dyngate_build.errors import ExportError
 
     static = activation_quantization is not None
     model = onnx.load(str(fp32))
@@ -206,7 +205,8 @@ def integer_weight_matmuls(fp32, out, activation_quantization: dict | None = Non
             table, e = numpy_helper.to_array(weights[node.input[0]]).astype(np.float32), f"zq_gather{len(nodes)}"
             row_scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
             row_scale[row_scale == 0] = 1.0
-            added += [numpy_helper.from_array(np.clip(np.round(table / row_scale), -127, 127).astype(np.int8), f"{e}_q"),
+            codes = np.clip(np.round(table / row_scale), -127, 127).astype(np.int8)
+            added += [numpy_helper.from_array(codes, f"{e}_q"),
                       numpy_helper.from_array(row_scale.astype(np.float32), f"{e}_scale")]
             nodes += [helper.make_node("Gather", [f"{e}_q", node.input[1]], [f"{e}_rows"], axis=0),
                       helper.make_node("Gather", [f"{e}_scale", node.input[1]], [f"{e}_row_scales"], axis=0),

@@ -80,9 +80,9 @@ def calibrated_activations(fp32: Path, feeds: list[dict], method: str = "minmax"
     constants = {i.name for i in graph.initializer}
     wanted = {n.input[0] for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants}
     with tempfile.TemporaryDirectory(prefix="dyngate-calibrate-") as tmp, quiet_ort_quantization():
+        extra = {"percentile": float(percentile)} if method == "percentile" else {}
         calibrator = create_calibrator(Path(fp32), ["MatMul"], augmented_model_path=f"{tmp}/augmented.onnx",
-                                       calibrate_method=calibrate,
-                                       extra_options={"percentile": float(percentile)} if method == "percentile" else {})
+                                       calibrate_method=calibrate, extra_options=extra)
         calibrator.collect_data(make_reader(feeds))
         ranges = calibrator.compute_data()
     out = {}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice
@@ -52,8 +51,8 @@ class ZeroQuantConfig:
     """bits: weight bits, 4 or 8. group_size: inputs per weight scale of the MatMulNBits kernels (power of two
     16..256, must divide every Linear's in_features). kernel: 8-bit kernel, "tokenwise" (token-wise INT8
     activations, one weight scale per output neuron, MatMulIntegerToFloat, q/k/v fused, INT8 embedding
-    tables; default) or "matmulnbits" (group-wise weights along the input dimension). kd: distil the quantized model against the FP32 one first,
-    layer by layer (hidden-state and logit MSE; off: faster builds).
+    tables; default) or "matmulnbits" (group-wise weights along the input dimension). kd: distil the
+    quantized model against the FP32 one first, layer by layer (hidden-state and logit MSE; off: faster builds).
     kd_steps, kd_learning_rate, kd_samples, kd_batch_size: distillation settings."""
 
     bits: int = 4
@@ -153,8 +152,8 @@ def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
     if counts.get("MatMulNBits", 0) + counts.get("MatMulIntegerToFloat", 0) == 0:
         raise ExportError(f"{name}: no MatMul was quantized ({dict(counts)}); the graph has no quantizable MatMul")
     report.update({"kernel": kernel, "quantized_ops": {k: v for k, v in counts.items() if k in (
-        "MatMulNBits", "GatherBlockQuantized", "MatMulIntegerToFloat", "QuantizeLinear", "DynamicQuantizeLinear", "MatMul",
-        "Gemm")}})
+        "MatMulNBits", "GatherBlockQuantized", "MatMulIntegerToFloat", "QuantizeLinear", "DynamicQuantizeLinear",
+        "MatMul", "Gemm")}})
     params = {"bits": config.bits, "group_size": config.group_size, "kernel": config.kernel, "kd": config.kd}
     if config.kd:
         params.update(kd_steps=config.kd_steps, kd_learning_rate=config.kd_learning_rate)
