@@ -68,6 +68,7 @@ bench: setup
 	$(DYNGATE) bench --repository $(REPOSITORY) $(DATA_FLAG) --requests $(BENCH_REQUESTS) \
 	  --repeats $(BENCH_REPEATS) --threads $(BENCH_THREADS) --out $(BENCH_OUT) \
 	  $(if $(filter 1,$(BENCH_BASE)),--base --base-requests $(BENCH_BASE_REQUESTS),)
+	@grep '^\*\*Headline' $(BENCH_OUT)/bench.md || true
 
 # Every built variant through Triton gRPC at batch 1 and 8 with accuracy, size, server CPU/RSS: reports/ (md, json, png).
 REPORT_DIR ?= reports

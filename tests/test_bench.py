@@ -10,8 +10,8 @@ import json
 import pytest
 
 from dyngate_build.repository import list_models
-from dyngate_measure.benchmark import (BASE_TECHNIQUES, BASELINE_LABELS, BASELINES, BenchOptions, add_ratios, interleave,
-                               latency_summary, run_bench, speedup)
+from dyngate_measure.benchmark import (BASE_TECHNIQUES, BASELINE_LABELS, BASELINES, BenchOptions, add_ratios, headlines,
+                               interleave, latency_summary, run_bench, speedup)
 
 MODELS = ("distilbert-tiny", "vit-tiny")
 REQUESTS, REPEATS = 2, 2
@@ -123,14 +123,44 @@ def test_base_section_runs_the_training_free_techniques(bench):
     assert section["architecture"]["dim"] == BASE_CONFIG["dim"] and section["architecture"]["n_layers"] == 2
     rows = section["rows"]
     assert [r["name"] for r in rows[:3]] == BASELINE_NAMES
-    assert [(r["name"], r["variant"]) for r in rows[3:-1]] == [(label, name) for label, name, _ in BASE_TECHNIQUES]
+    assert [(r["name"], r["variant"]) for r in rows[3:-2]] == [(label, name) for label, name, _ in BASE_TECHNIQUES]
     assert all(r["accuracy"] is None and r["path"] == "in-process" for r in rows)
-    early = rows[-1]
+    early, stacked = rows[-2:]
     assert early["variant"] == "early-exit" and early["name"] == "early-exit (layer 1 of 2)"
     assert early["exit_layers_seen"] == [1]  # every input took the fixed exit
+    assert stacked["variant"] == "stacked" and stacked["name"] == "stacked (layer 1 of 2)"
+    assert stacked["exit_layers_seen"] == [1]
     pruned = next(r for r in rows if r["variant"] == "pruned")
     assert "no recovery" in pruned["notes"]
     assert pruned["size_bytes"] < rows[1]["size_bytes"]  # smaller than the FP32 graph
+    assert stacked["size_bytes"] < 0.5 * pruned["size_bytes"]  # the pruned model's segments, INT8
+
+
+def test_headline_names_the_fastest_variant_within_one_point_in_process_and_served(bench):
+    out, result = bench
+    lines = {h["model"]: h for h in result["headline"]}
+    assert set(lines) == set(MODELS)
+    for model, h in lines.items():
+        rows = _sections(result)[model]["rows"]
+        assert h["accuracy"] >= h["reference_accuracy"] - 0.01
+        row = next(r for r in rows if r["variant"] == h["variant"] and r["path"] == "in-process")
+        assert h["in_process_speedup"] == row["ratios"]["batch1"][BASELINE_LABELS[BASELINES[2]]]
+        # served: against dyngate's int8-dynamic through Triton, which this repository (fp32, torchscript) lacks
+        assert h["served"] is None
+    text = (out / "bench.md").read_text()
+    assert text.count("**Headline, ") == len(MODELS) and "not measured through Triton" in text
+
+
+def test_headline_skips_variants_outside_the_budget():
+    def row(name, variant, path, acc, p50, kind="dyngate"):
+        return {"name": name, "variant": variant, "path": path, "accuracy": acc, "kind": kind,
+                "latency": {"batch1": {"p50_ms": p50}}}
+    rows = [row(BASELINE_LABELS[BASELINES[2]], None, "in-process", 0.80, 2.0, kind="baseline"),
+            row("fast (in-process)", "fast", "in-process", 0.789, 0.5),
+            row("ok (in-process)", "ok", "in-process", 0.80, 1.0),
+            row("ok (grpc)", "ok", "grpc", 0.80, 3.0), row("int8-dynamic (grpc)", "int8-dynamic", "grpc", 0.80, 4.5)]
+    (h,) = headlines({"sections": [{"kind": "preset", "model": "m", "reference_accuracy": 0.80, "rows": rows}]})
+    assert h["variant"] == "ok" and h["in_process_speedup"] == 2.0 and h["served"]["speedup"] == 1.5
 
 
 def test_interleave_rotates_the_order():

@@ -138,40 +138,38 @@ def test_int8_dynamic(context, dev_feeds):
 
 
 def _integer_matmul_inputs(path) -> list[tuple]:
-    """(activation zero-point dtype, weight dtype) of every MatMul fed by DequantizeLinear on both inputs."""
+    """(activation zero-point dtype, weight dtype, activation scale is a constant) of every MatMulIntegerToFloat
+    whose activation comes from a QuantizeLinear."""
     graph = onnx.load(str(path)).graph
     produced = {out: node for node in graph.node for out in node.output}
     constants = {i.name: i for i in graph.initializer}
     pairs = []
     for node in graph.node:
-        dq = [produced.get(name) for name in node.input[:2]]
-        if node.op_type == "MatMul" and all(d is not None and d.op_type == "DequantizeLinear" for d in dq):
-            act_zp, weight = constants[dq[0].input[2]], constants[dq[1].input[0]]
+        q = produced.get(node.input[0])
+        if node.op_type == "MatMulIntegerToFloat" and q is not None and q.op_type == "QuantizeLinear":
+            act_zp, weight = constants[q.input[2]], constants[node.input[1]]
             pairs.append((onnx.helper.tensor_dtype_to_np_dtype(act_zp.data_type),
-                          onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)))
+                          onnx.helper.tensor_dtype_to_np_dtype(weight.data_type), q.input[1] in constants))
     return pairs
 
 
-def _assert_static_integer_graph(path, linears):
-    """The static property: no run-time activation statistics, every weight MatMul an integer U8S8 MatMul."""
+def _assert_static_integer_graph(path, model):
+    """The static property: no run-time activation statistics (constant scales, no DynamicQuantizeLinear or
+    ReduceMax), every weight MatMul an integer U8S8 GEMM with its bias folded in, q/k/v fused into one."""
     counts = op_counts(path)
-    assert counts["DynamicQuantizeLinear"] == 0 and counts["QuantizeLinear"] >= 1
+    linears, layers = len(quantizable_linears(model)), model.config.n_layers
+    assert counts["DynamicQuantizeLinear"] == 0 and counts["ReduceMax"] == 0 and counts["QuantizeLinear"] >= 1
     pairs = _integer_matmul_inputs(path)
-    assert len(pairs) == linears and set(pairs) == {(np.dtype(np.uint8), np.dtype(np.int8))}
+    assert len(pairs) == linears - 2 * layers and counts["Split"] == layers
+    assert set(pairs) == {(np.dtype(np.uint8), np.dtype(np.int8), True)}
+    graph = onnx.load(str(path)).graph
+    assert all(len(n.input) == 7 and n.input[6] for n in graph.node if n.op_type == "MatMulIntegerToFloat")
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_int8_static(context, dev_feeds, method):
-    import onnxruntime as ort
-
     variant = _apply(context, "int8-static", method=method, samples=16)
-    _assert_static_integer_graph(variant.artifact, len(quantizable_linears(context.source.model)))
-    # ONNX Runtime fuses each Q -> DQ -> MatMul into an integer kernel when it loads the graph
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(context.work_dir / f"int8-static-{method}-optimized.onnx")
-    ort.InferenceSession(str(variant.artifact), options, providers=["CPUExecutionProvider"])
-    fused = op_counts(options.optimized_model_filepath)
-    assert fused["MatMulIntegerToFloat"] + fused["QLinearMatMul"] == len(quantizable_linears(context.source.model))
+    _assert_static_integer_graph(variant.artifact, context.source.model)
     assert variant.params["samples"] == 16 and variant.params["method"] == method
     max_diff, _, top1 = _errors(variant.artifact, context.fp32_onnx(), dev_feeds)
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
@@ -179,7 +177,7 @@ def test_int8_static(context, dev_feeds, method):
 
 def test_smoothquant(context, dev_feeds):
     variant = _apply(context, "smoothquant", samples=32)
-    _assert_static_integer_graph(variant.artifact, len(quantizable_linears(context.source.model)))
+    _assert_static_integer_graph(variant.artifact, context.source.model)
     report = variant.report
     tried = report["alpha_logit_mse"]  # α chosen by the smallest quantized logit error on calibration inputs
     assert len(tried) == 3 and tried[f"{variant.params['alpha']:g}"] == min(tried.values())
@@ -251,16 +249,55 @@ def test_zeroquant_w8a8(context, dev_feeds, kernel):
     linears = len(quantizable_linears(context.source.model))
     if kernel == "tokenwise":  # per-row scales (ReduceMax over the last axis), no per-tensor DynamicQuantizeLinear
         graph = onnx.load(str(variant.artifact)).graph
-        assert counts["MatMulInteger"] == linears and counts["DynamicQuantizeLinear"] == 0
-        axes = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        layers = context.source.model.config.n_layers
+        # q/k/v read one activation: one quantization, one fused GEMM, one Split per layer
+        assert counts["MatMulIntegerToFloat"] == linears - 2 * layers and counts["Split"] == layers
+        assert counts["DynamicQuantizeLinear"] == 0 and counts["MatMulInteger"] == 0
+        consts = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
         reduce = [n for n in graph.node if n.op_type == "ReduceMax"]
-        assert reduce and all(axes[n.input[1]].tolist() == [-1] for n in reduce)
-        weights = [axes[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger"]
-        assert all(w.dtype == np.int8 for w in weights)
+        assert reduce and all(consts[n.input[1]].tolist() == [-1] for n in reduce)
+        weights = {n.input[0]: consts[n.input[1]] for n in graph.node if n.op_type == "MatMulIntegerToFloat"}
+        assert all(w.dtype == np.int8 for w in weights.values())
+        blocks = {n.input[0]: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                  for n in graph.node if n.op_type == "QuantizeLinear"}
+        assert len(blocks) == len(weights)  # one row-wise quantization per activation, one block per row
+        quantizer_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+        for codes, w in weights.items():
+            attrs = blocks[quantizer_of[codes]]
+            assert attrs["axis"] == -1 and attrs["block_size"] == w.shape[0]
+        # the embedding tables are INT8 (weight-only, one scale per row): no FP32 table is left
+        vocab = context.source.model.config.vocab_size
+        tables = [consts[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[0] in consts
+                  and consts[n.input[0]].ndim == 2 and consts[n.input[0]].shape[1] > 1]
+        assert any(t.shape[0] == vocab for t in tables) and all(t.dtype == np.int8 for t in tables)
+        dim = context.source.model.config.dim
+        assert not any(c.dtype == np.float32 and c.shape == (vocab, dim) for c in consts.values())
     else:
         assert counts["MatMulNBits"] == linears
     max_diff, _, top1 = _errors(variant.artifact, context.fp32_onnx(), dev_feeds)
     assert max_diff <= variant.tolerance.max_abs_logit and top1 >= variant.tolerance.min_top1_agreement
+
+
+def test_tokenwise_w8a8_all_zero_row_gives_exact_zero(tmp_path):
+    """A token row of zeros has row scale 0: its output is exactly 0 (FP32's answer), never NaN."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dyngate_build.techniques.quantization.zeroquant import tokenwise_w8a8
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 5)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 5])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "f.onnx")
+    out = tokenwise_w8a8(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    x[1, 2] = 0.0
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.all(np.isfinite(y)) and np.all(y[1, 2] == 0.0)
+    np.testing.assert_allclose(y, x @ weight, atol=0.05 * np.abs(x @ weight).max())
 
 
 def _alone_and_in_batch(path, context, texts: list[bytes]) -> float:

@@ -73,8 +73,6 @@ def test_every_quantization_variant_answers_over_grpc_like_fp32(quantized_reposi
 def test_quantized_files_are_smaller_than_fp32(quantized_repository):
     _, reports = quantized_repository
     fp32 = reports["fp32"].size_bytes
-    for variant in ("int8-dynamic", "zeroquant-w4a8", "xtc"):
-        assert reports[variant].size_bytes < 0.35 * fp32, variant
-    # token-wise W8A8 quantizes the encoder's MatMuls only; its embedding table (most of a tiny model) stays FP32
-    assert reports["zeroquant-w8a8"].size_bytes < fp32
+    for variant in ("int8-dynamic", "zeroquant-w8a8", "zeroquant-w4a8", "xtc"):
+        assert reports[variant].size_bytes < 0.35 * fp32, variant  # embedding tables INT8 too (most of a tiny model)
     assert reports["xtc"].size_bytes < reports["zeroquant-w8a8"].size_bytes

@@ -713,21 +713,22 @@ def _architecture(model) -> dict:
             "parameters": int(sum(p.numel() for p in model.parameters()))}
 
 
-def _preset_exit_layer(repository: Path | None, layers: int) -> tuple[int, str]:
-    """Exit layer for the base section: the trained preset's mean layers at its default threshold, scaled to
-    `layers` layers (rounded, within 1..layers-1); half the depth when no early-exit variant is built."""
+def _preset_exit_layer(repository: Path | None, layers: int, variant: str = "early-exit") -> tuple[int, str]:
+    """Exit layer for the base section: the trained preset's `variant` (early-exit or stacked) mean layers at its
+    default threshold, scaled to `layers` layers (rounded, within 1..layers-1); half the depth when no such
+    variant is built."""
     if repository is not None and repository.is_dir():
         for entry in list_models(repository):
             report = entry.metadata.technique_report if entry.metadata else {}
             at = report.get("at_default")
-            if entry.variant == "early-exit" and isinstance(at, dict) and report.get("layers"):
+            if entry.variant == variant and isinstance(at, dict) and report.get("layers"):
                 fraction = at["mean_layers"] / report["layers"]
                 layer = min(max(int(round(fraction * layers)), 1), layers - 1)
                 return layer, (f"{entry.name} computes {at['mean_layers']:g} of {report['layers']} layers on average "
                                f"at its default threshold {report.get('default_threshold')}: "
                                f"{fraction:.2f} × {layers} ≈ layer {layer}")
     layer = max(layers // 2, 1)
-    return layer, f"no trained early-exit variant in the repository: half the depth, layer {layer}"
+    return layer, f"no trained {variant} variant in the repository: half the depth, layer {layer}"
 
 
 def _tokenizer_checkpoint(options: BenchOptions) -> str:
@@ -783,6 +784,34 @@ def _row_folder(context, name: str, engine: str, artifact: Path, artifact_name: 
     return folder, artifact_name
 
 
+def stacked_base_candidate(context, options: BenchOptions, pruning: dict, layers: int) -> Candidate:
+    """The `stacked` row of the base section: the `pruned` row's model (structure only, `pruning` options, no
+    recovery), cut into segments with an untrained ramp after the layer the trained preset's `stacked` variant
+    reaches on average (threshold 0: every input exits there), each segment through int8-dynamic's
+    `quantize_dynamic_int8` as the stacked technique does (techniques/stacked.py). Latency only."""
+    from dyngate_build.techniques import make_config
+    from dyngate_build.techniques.early_exit.onnx_export import export_onnx_segments
+    from dyngate_build.techniques.early_exit.segments import segment_model
+    from dyngate_build.techniques.pruning.pruned import pruned_model
+    from dyngate_build.techniques.stacked import quantize_segments
+
+    source = context.source
+    exit_layer, why = ((options.base_exit_layer, "--base-exit-layer") if options.base_exit_layer
+                       else _preset_exit_layer(options.repository, layers, "stacked"))
+    student, report = pruned_model(context, make_config("pruned", pruning))  # cached: the pruned row's model
+    segments = segment_model(student, source.family.model_type, [min(max(exit_layer, 1), layers - 1)])
+    fp32 = export_onnx_segments(segments, context.work_dir / "stacked-segments", "max_prob", 0.0, source.family.task)
+    int8 = quantize_segments(fp32, context.work_dir / "stacked-int8-segments", True, "int8")
+    folder, _ = _row_folder(context, "stacked", "early-exit-onnx", int8, "early_exit",
+                            {"extra": {"exit_threshold": 0.0}}, options.threads)
+    return Candidate(f"stacked (layer {exit_layer} of {layers})", "dyngate", "in-process",
+                     variant_predictor(folder, options.threads).predict, variant="stacked",
+                     size_bytes=directory_size(folder / "early_exit"),
+                     notes=f"the pruned row's model ({report['parameters_after']:,} parameters) + untrained ramp "
+                           f"after layer {exit_layer}, threshold 0, INT8 dynamic per segment; layer chosen from: "
+                           f"{why}")
+
+
 def base_section(options: BenchOptions, source_data, work_dir: Path, log=print) -> dict:
     """DistilBERT-base architecture, in process: baselines, the training-free techniques and early exit at a
     fixed layer, interleaved; latency only (random weights make accuracy meaningless)."""
@@ -830,21 +859,22 @@ def base_section(options: BenchOptions, source_data, work_dir: Path, log=print) 
     artifact = export_onnx_segments(segments, work_dir / "early-exit-segments", "max_prob", 0.0, task)
     folder, _ = _row_folder(context, "early-exit", "early-exit-onnx", artifact, "early_exit",
                             {"extra": {"exit_threshold": 0.0}}, options.threads)
-    exits: list[int] = []
     predictor = variant_predictor(folder, options.threads)
     candidates.append(Candidate(f"early-exit (layer {exit_layer} of {layers})", "dyngate", "in-process",
                                 predictor.predict, variant="early-exit",
                                 size_bytes=directory_size(folder / "early_exit"),
                                 notes=f"untrained ramp after layer {exit_layer}, threshold 0 (every input exits "
                                       f"there); layer chosen from: {why}"))
+    pruning = next(opts for _, name, opts in BASE_TECHNIQUES if name == "pruned")
+    candidates.append(stacked_base_candidate(context, options, pruning, layers))
     requests_n = options.base_requests or options.requests
     raws = [ex.raw for ex in load_examples(task, "dev", source_data, limit=requests_n * max(options.batch_sizes))[0]]
     requests = {b: request_groups(raws, requests_n, b) for b in options.batch_sizes}
-    ee_name = candidates[-1].name
+    exits: dict[str, set] = {c.name: set() for c in candidates[-2:]}  # early-exit and stacked: layers seen
 
     def on_result(key, batch_size, out):
-        if key == ee_name:
-            exits.extend(p.answer["exit_layer"] for p in out)
+        if key in exits:
+            exits[key].update(p.answer["exit_layer"] for p in out)
 
     made_s = time.perf_counter() - started
     total = options.repeats * len(candidates) * len(options.batch_sizes) * requests_n
@@ -855,8 +885,9 @@ def base_section(options: BenchOptions, source_data, work_dir: Path, log=print) 
     finally:
         if bar is not None:
             bar.close()
-    ee_row = next(r for r in rows if r["name"] == ee_name)
-    ee_row["exit_layers_seen"] = sorted(set(exits))
+    for row in rows:
+        if row["name"] in exits:
+            row["exit_layers_seen"] = sorted(exits[row["name"]])
     return {"title": "DistilBERT-base architecture, latency only", "model": "distilbert-base", "kind": "base",
             "task": task, "metric": None, "how": how, "architecture": _architecture(source.model),
             "baselines": [BASELINE_LABELS[b] for b in BASELINES], "prepare_s": round(made_s, 1),
@@ -934,6 +965,7 @@ def run_bench(options: BenchOptions, log=print) -> dict:
         if options.base:
             (tmp / "base").mkdir()
             result["sections"].append(base_section(options, source_data, tmp / "base", log))
+    result["headline"] = headlines(result)
     write_bench(result, options.out)
     return result
 
@@ -1015,8 +1047,62 @@ def header_markdown(result: dict, title: str = "dyngate bench") -> list[str]:
     return lines
 
 
+HEADLINE_BUDGET = 0.01  # "within 1 pt of FP32": accuracy (a fraction) at least FP32's minus this
+
+
+def headlines(result: dict, budget: float = HEADLINE_BUDGET) -> list[dict]:
+    """Per preset section: the fastest variant at batch 1 in process whose dev accuracy is within `budget` of the
+    FP32 reference (the section's `reference_accuracy`), its speed-up over the in-process ONNX Runtime INT8
+    dynamic baseline, and the same variant through Triton against dyngate's `int8-dynamic` variant served the
+    same way (the baseline has no served form). Ratios: baseline p50 / variant p50 (above 1 = faster)."""
+    out = []
+    for section in result["sections"]:
+        reference = section.get("reference_accuracy")
+        rows = [r for r in section["rows"] if "batch1" in r["latency"]]
+        inside = [r for r in rows if r["kind"] == "dyngate" and r["path"] == "in-process" and
+                  r["accuracy"] is not None and reference is not None and r["accuracy"] >= reference - budget - 1e-9]
+        baseline = next((r for r in rows if r["name"] == BASELINE_LABELS[ORT_INT8]), None)
+        if section.get("kind") != "preset" or not inside or baseline is None:
+            continue
+        best = min(inside, key=lambda r: r["latency"]["batch1"]["p50_ms"])
+        line = {"model": section["model"], "variant": best["variant"], "accuracy": best["accuracy"],
+                "reference_accuracy": reference, "delta_pt": round(100 * (best["accuracy"] - reference), 2),
+                "in_process_ms": best["latency"]["batch1"]["p50_ms"],
+                "baseline_ms": baseline["latency"]["batch1"]["p50_ms"],
+                "in_process_speedup": speedup(baseline["latency"]["batch1"]["p50_ms"],
+                                              best["latency"]["batch1"]["p50_ms"]), "served": None}
+        for path in [p for p in PATHS if p != "in-process"]:
+            row = next((r for r in rows if r["variant"] == best["variant"] and r["path"] == path), None)
+            dyn = next((r for r in rows if r["variant"] == "int8-dynamic" and r["path"] == path), None)
+            if row and dyn:
+                line["served"] = {"path": path, "ms": row["latency"]["batch1"]["p50_ms"],
+                                  "int8_dynamic_ms": dyn["latency"]["batch1"]["p50_ms"],
+                                  "speedup": speedup(dyn["latency"]["batch1"]["p50_ms"],
+                                                     row["latency"]["batch1"]["p50_ms"])}
+                break
+        out.append(line)
+    return out
+
+
+def headline_markdown(lines: list[dict]) -> list[str]:
+    """One line per preset: the best variant within 1 pt of FP32 against ONNX Runtime INT8 dynamic, in process
+    and through Triton (batch 1)."""
+    text = []
+    for h in lines:
+        served = h["served"]
+        text.append(
+            f"**Headline, {h['model']}**: best variant within 1 pt of FP32 ({h['reference_accuracy']:.4f}) is "
+            f"**{h['variant']}** ({h['accuracy']:.4f}, {h['delta_pt']:+.2f} pt); batch 1 p50 in process "
+            f"{h['in_process_ms']:.2f} ms = **{h['in_process_speedup']:.2f}x** ONNX Runtime INT8 dynamic "
+            f"({h['baseline_ms']:.2f} ms)"
+            + (f"; through Triton ({served['path']}) {served['ms']:.2f} ms = **{served['speedup']:.2f}x** dyngate "
+               f"int8-dynamic served the same way ({served['int8_dynamic_ms']:.2f} ms)." if served else
+               "; not measured through Triton (no served path in this run)."))
+    return text + ([""] if text else [])
+
+
 def markdown(result: dict, title: str = "dyngate bench") -> str:
-    lines = header_markdown(result, title)
+    lines = header_markdown(result, title) + headline_markdown(result.get("headline") or headlines(result))
     if result.get("serving_overhead"):
         lines += [overhead_markdown(result["serving_overhead"]), ""]
     for section in result["sections"]:

@@ -9,9 +9,11 @@ simulated this, is gone from DeepSpeed 0.19). What each variant does that `int8-
   computed on every run over the whole batch: a text's answer depends on the other texts of its request
   (max |Δlogit| 0.009-0.015 measured here for one sentence alone vs inside a 32-text batch).
 - 8 bits, kernel `"tokenwise"` (default): one activation scale per token row (s_r = max|x_r|/127, UINT8 codes
-  with zero point 128) and INT8 weights with one scale per output neuron, as a standard-op graph around
-  MatMulInteger (`tokenwise_w8a8`): batch-invariant answers (Δ exactly 0 in the same test) and a smaller error
-  against FP32. Kernel `"matmulnbits"`: MatMulNBits bits=8 with `group_size` inputs per weight scale
+  with zero point 128, one blocked QuantizeLinear per activation) and INT8 weights with one scale per output
+  neuron, run by MatMulIntegerToFloat (`tokenwise_w8a8`): batch-invariant answers (Δ exactly 0 in the same
+  test) and a smaller error against FP32. The attention q/k/v projections share one quantization and one fused
+  GEMM; the embedding tables are INT8 with one scale per row (weight-only), so the file is int8-dynamic's size.
+  Kernel `"matmulnbits"`: MatMulNBits bits=8 with `group_size` inputs per weight scale
   (accuracy_level=4: activations quantized per row and block inside the kernel), for comparison; it measured
   slower than FP32 on this CPU (DESIGN.md).
 - 4 bits: MatMulNBitsQuantizer, block (group) size `group_size` along the input dimension, symmetric,
@@ -25,14 +27,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from dyngate_build.errors import ConfigError, ExportError, check_choice
 from dyngate_build.export import export_onnx
 from dyngate_build.techniques import BuildContext, Tolerance, Variant, register
 from dyngate_build.techniques.quantization.core import (calibration_feeds, check_distillation, check_group_size,
-                                                         distill_fake_quantized, quiet_ort_quantization)
+                                                         distill_fake_quantized, integer_weight_matmuls,
+                                                         quiet_ort_quantization)
 
 BITS = (4, 8)
 GROUP_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes: powers of two >= 16
@@ -48,9 +50,9 @@ TOLERANCES = {8: Tolerance(max_abs_logit=0.3, min_top1_agreement=0.97),
 class ZeroQuantConfig:
     """bits: weight bits, 4 or 8. group_size: inputs per weight scale of the MatMulNBits kernels (power of two
     16..256, must divide every Linear's in_features). kernel: 8-bit kernel, "tokenwise" (token-wise INT8
-    activations, one weight scale per output neuron, MatMulInteger; default) or "matmulnbits" (group-wise
-    weights along the input dimension). kd: distil the quantized model against the FP32 one first,
-    layer by layer (hidden-state and logit MSE; off: faster builds).
+    activations, one weight scale per output neuron, MatMulIntegerToFloat, q/k/v fused, INT8 embedding
+    tables; default) or "matmulnbits" (group-wise weights along the input dimension). kd: distil the
+    quantized model against the FP32 one first, layer by layer (hidden-state and logit MSE; off: faster builds).
     kd_steps, kd_learning_rate, kd_samples, kd_batch_size: distillation settings."""
 
     bits: int = 4
@@ -114,75 +116,10 @@ def quantize_matmul_nbits(fp32, out, bits: int, group_size: int, include_gather:
 
 
 def tokenwise_w8a8(fp32, out):
-    """Rewrite every MatMul of `fp32` with a constant [K, N] weight into token-wise W8A8 integer form; save to `out`.
-
-    ZeroQuant (Yao et al. 2022) activation quantization, token-wise, with standard ONNX ops only:
-    for activation x [..., K] (one row per token), s_r = max_k |x_rk| / 127 (float32 [..., 1]) and
-    q = Cast<uint8>(Round(x / s_r) + 128) (values 1..255, zero point 128); the weight is INT8 with one
-    symmetric scale per output column, w_n = max_k |W_kn| / 127 (ZeroQuant's group-wise weights at their
-    finest row grouping: one group per output neuron). y = MatMulInteger(q, W8, 128, 0) (int32, exact) ->
-    Cast<float> · s_r · w_n. Each row's scale depends on that row alone, so a token's answer does not depend on
-    the other texts of its batch. MatMuls that read the same tensor (q/k/v) share one quantized activation.
-    Returns `out`; ExportError when the graph has no such MatMul.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(fp32))
-    graph = model.graph
-    weights = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    added = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "zq_axes_last"),
-             numpy_helper.from_array(np.array(1e-8, dtype=np.float32), "zq_eps"),
-             numpy_helper.from_array(np.array(1.0 / 127.0, dtype=np.float32), "zq_inv127"),
-             numpy_helper.from_array(np.array(128.0, dtype=np.float32), "zq_128f"),
-             numpy_helper.from_array(np.array(128, dtype=np.uint8), "zq_zp_a")]
-    quantized: dict[str, tuple[str, str]] = {}  # activation -> (uint8 codes, per-row scale)
-    nodes, rewritten, dropped = [], 0, set()
-    for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
-            nodes.append(node)
-            continue
-        x, tag = node.input[0], f"zq{rewritten}"
-        if x not in quantized:
-            a = f"{tag}_act"
-            nodes += [helper.make_node("Abs", [x], [f"{a}_abs"]),
-                      helper.make_node("ReduceMax", [f"{a}_abs", "zq_axes_last"], [f"{a}_max"], keepdims=1),
-                      helper.make_node("Max", [f"{a}_max", "zq_eps"], [f"{a}_maxe"]),
-                      helper.make_node("Mul", [f"{a}_maxe", "zq_inv127"], [f"{a}_scale"]),
-                      helper.make_node("Div", [x, f"{a}_scale"], [f"{a}_div"]),
-                      helper.make_node("Round", [f"{a}_div"], [f"{a}_round"]),
-                      helper.make_node("Add", [f"{a}_round", "zq_128f"], [f"{a}_shift"]),
-                      helper.make_node("Cast", [f"{a}_shift"], [f"{a}_u8"], to=TensorProto.UINT8)]
-            quantized[x] = (f"{a}_u8", f"{a}_scale")
-        codes, row_scale = quantized[x]
-        w = numpy_helper.to_array(weight).astype(np.float32)
-        column_scale = np.abs(w).max(axis=0) / 127.0
-        column_scale[column_scale == 0] = 1.0
-        w8 = np.clip(np.round(w / column_scale), -127, 127).astype(np.int8)
-        added += [numpy_helper.from_array(w8, f"{tag}_w8"),
-                  numpy_helper.from_array(column_scale.astype(np.float32), f"{tag}_wscale")]
-        nodes += [helper.make_node("MatMulInteger", [codes, f"{tag}_w8", "zq_zp_a"], [f"{tag}_i32"]),
-                  helper.make_node("Cast", [f"{tag}_i32"], [f"{tag}_f32"], to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [f"{tag}_f32", row_scale], [f"{tag}_rows"]),
-                  helper.make_node("Mul", [f"{tag}_rows", f"{tag}_wscale"], [node.output[0]])]
-        rewritten += 1
-        uses[weight.name] -= 1
-        if uses[weight.name] == 0:
-            dropped.add(weight.name)
-    if not rewritten:
-        raise ExportError(f"token-wise W8A8: {fp32} has no MatMul with a constant 2-D weight to quantize")
-    kept = [i for i in graph.initializer if i.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
-    return out
+    """Token-wise W8A8 (ZeroQuant, Yao et al. 2022) of `fp32` into `out`: `core.integer_weight_matmuls` with
+    per-row dynamic activation scales (see there: blocked QuantizeLinear per row, MatMulIntegerToFloat, q/k/v
+    fused, INT8 embedding tables). Returns `out`; ExportError when the graph has no weight MatMul."""
+    return integer_weight_matmuls(fp32, out)
 
 
 def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
@@ -203,8 +140,8 @@ def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
     out = context.work_dir / f"{name}.onnx"
     if tokenwise:
         tokenwise_w8a8(fp32, out)
-        kernel = ("MatMulInteger, token-wise (per-row) dynamic UINT8 activation scales, INT8 weights with one "
-                  "scale per output neuron")
+        kernel = ("MatMulIntegerToFloat, token-wise (per-row) dynamic UINT8 activation scales, INT8 weights with "
+                  "one scale per output neuron, q/k/v fused, INT8 embedding tables with one scale per row")
     else:
         quantize_matmul_nbits(fp32, out, config.bits, config.group_size)
         kernel = (f"MatMulNBits bits={config.bits} block={config.group_size} accuracy_level=4"
@@ -212,10 +149,11 @@ def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
     from dyngate_build.techniques.quantization.core import op_counts
 
     counts = op_counts(out)
-    if counts.get("MatMulNBits", 0) + counts.get("MatMulInteger", 0) == 0:
+    if counts.get("MatMulNBits", 0) + counts.get("MatMulIntegerToFloat", 0) == 0:
         raise ExportError(f"{name}: no MatMul was quantized ({dict(counts)}); the graph has no quantizable MatMul")
     report.update({"kernel": kernel, "quantized_ops": {k: v for k, v in counts.items() if k in (
-        "MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Gemm")}})
+        "MatMulNBits", "GatherBlockQuantized", "MatMulIntegerToFloat", "QuantizeLinear", "DynamicQuantizeLinear",
+        "MatMul", "Gemm")}})
     params = {"bits": config.bits, "group_size": config.group_size, "kernel": config.kernel, "kd": config.kd}
     if config.kd:
         params.update(kd_steps=config.kd_steps, kd_learning_rate=config.kd_learning_rate)
