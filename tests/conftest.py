@@ -6,6 +6,8 @@ repository is built into a temporary folder with small evaluation counts; Triton
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 from pathlib import Path
@@ -132,6 +134,12 @@ def gateway(built_repository, triton, data_dir):
                          data=str(data_dir)) as running:
         yield running
 
+
+
+def run_in_own_loop(coroutine):
+    """asyncio.run in a worker thread: the browser tests' Playwright keeps an event loop running in the main one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        return worker.submit(asyncio.run, coroutine).result()
 
 def open_page(browser, url: str, ready: str = "is ready", height: int = 1000, timeout_ms: int = PAGE_TIMEOUT_MS):
     """A new Chromium page (1280 × `height`) on the gateway at `url`, returned once the Triton status line on top

@@ -82,11 +82,14 @@ def test_concurrent_requests_are_batched_and_all_correct(triton, references):
     examples, expected = references["distilbert-tiny"]
     failures, errors = [], []
 
+    start_together = threading.Barrier(16)  # each round's 16 requests arrive at once, however busy the machine
+
     def worker(offset: int):
         client = TritonClient(triton.endpoints["grpc"], protocol="grpc")  # one client per thread
         try:
             for i in range(4):
                 k = (offset + i) % len(examples)
+                start_together.wait(timeout=60)
                 if client.predict(model, examples[k].raw).answer["label"] != expected[k].answer["label"]:
                     failures.append(k)
         except Exception as e:  # pragma: no cover - reported below

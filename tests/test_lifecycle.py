@@ -59,14 +59,14 @@ def _copy_model(built_repository: Path, target: Path, name: str = NAME) -> Path:
     return target
 
 
-def _wait_for(condition, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2):
+def _wait_for(condition, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2, detail=lambda: ""):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(poll_s)
-    pytest.fail(f"gave up waiting {timeout_s:.0f} s for {what}")
+    pytest.fail(f"gave up waiting {timeout_s:.0f} s for {what}{detail()}")
 
 
 @dataclass
@@ -405,7 +405,8 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         stubs[0].kill()  # fault 0: a dead stub, the server itself alive
         answers = []
         _wait_for(lambda: answers.append(_post(f"{gateway.url}/api/predict", body)) or answers[-1][0] == 200,
-                  "the gateway's first answer after the stub was reloaded", poll_s=0.5)
+                  "the gateway's first answer after the stub was reloaded", poll_s=0.5,
+                  detail=lambda: f"; last answer {answers[-1]}; dyngate serve said:\n{out_path.read_text()}")
         assert any(status != 200 for status, _ in answers), answers  # it was broken, then healed
         assert f"model {NAME}: python stub {NAME}_0_0 died while Triton reports it READY; loading it again" \
             in out_path.read_text()

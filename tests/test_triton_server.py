@@ -7,7 +7,6 @@ native-flavour `echo__native` config the embedded server must not try to load.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import textwrap
@@ -21,6 +20,7 @@ from dyngate_serving.client import Answer, AsyncTritonClient, TritonClient, mode
 from dyngate_build.repository import python_backend_models
 from dyngate_serving.launcher import TritonServer, TritonServerConfig, repository_models
 from dyngate_serving.net import DIRECT, free_ports
+from tests.conftest import run_in_own_loop
 
 ECHO_MODEL = textwrap.dedent('''
     import json
@@ -210,7 +210,7 @@ def test_http_port_given_as_grpc_says_so(server):
             await client.close()
 
     with pytest.raises(TritonUnreachable, match="may be Triton's HTTP port"):
-        asyncio.run(aio())
+        run_in_own_loop(aio())
     with pytest.raises(TritonUnreachable) as caught:  # a closed port is not called an HTTP port
         TritonClient(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=5).ready_models()
     assert "HTTP port" not in str(caught.value)

@@ -4,7 +4,7 @@ and models, watch, stop on Ctrl-C/SIGTERM).
 
 Why the stubs: every python-backend model instance is a `triton_python_backend_stub` process. When one dies
 (killed, out of memory), Triton 2.51 keeps reporting the model READY while every request to it fails, until the
-model is loaded again (checked on this machine: a gRPC load brings it back in ~1.5 s).
+model is unloaded and loaded again (a plain load of the unchanged model keeps the dead instance).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class Supervisor:
         print(f"Triton {self.server.pid} ready in {time.monotonic() - started:.1f} s (log: {self.server.log_path})",
               file=self.out, flush=True)
         self._loaded = self.server.ready_models()
+        self._instances, self._missing = self.server.stub_instances(), set()  # a stub may die before the first poll
 
     def _wait_for_exit(self) -> int | None:
         """The exit code once the process dies; None when stop() was called first."""
@@ -116,6 +117,9 @@ class Supervisor:
             print(f"model {model}: python stub {names} died while Triton reports it READY; loading it again",
                   file=self.out, flush=True)
             try:
+                # unload first: a load of an unchanged model keeps its instances (Triton reuses them), dead stub
+                # included; the model fails every request anyway until it is back
+                self.server.unload_model(model)
                 self.server.load_model(model)
             except ServingError as e:
                 print(f"model {model}: reload failed: {e}", file=self.out, flush=True)
