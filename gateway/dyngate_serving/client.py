@@ -261,7 +261,8 @@ class AsyncTritonClient:
     and parameters are under way are sent together as one [n, 1] request (n ≤ the model's max_batch_size) as soon
     as one of those calls returns. Each caller gets its own item's answer, with the merged call's latency. If a
     merged call fails with an error from Triton (one bad input fails the whole request), its items are sent
-    again one by one, so each caller gets its own input's answer or error.
+    again one by one, so each caller gets its own input's answer or error. FP32 answers do not depend on their
+    neighbours (padding is masked); int8-dynamic and early-exit answers do, as under Triton's dynamic batcher.
 
     url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (the gRPC deadline of `predict`,
     asyncio.wait_for elsewhere). in_flight: calls in flight per (model, parameters) before requests are merged
@@ -270,10 +271,10 @@ class AsyncTritonClient:
 
     def __init__(self, url: str, protocol: Literal["grpc", "http"] | None = None, timeout_s: float = 30,
                  in_flight: int = COALESCE_IN_FLIGHT):
+        if not isinstance(in_flight, int) or in_flight < 0:
+            raise ConfigError(f"in_flight={in_flight!r} must be an integer ≥ 0 (0 sends every request on its own)")
         self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=True)
         self.timeout_s = timeout_s
-        if in_flight < 0:
-            raise ConfigError(f"in_flight={in_flight!r} must be ≥ 0 (0 sends every request on its own)")
         self.in_flight = in_flight
         self._lanes: dict[tuple, _Lane] = {}
         self._tasks: set[asyncio.Task] = set()  # merged calls under way (a reference keeps each task alive)
@@ -376,7 +377,7 @@ class AsyncTritonClient:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the event loop is shutting down: no caller may wait forever
             for _, future in batch:
                 future.cancel()
             raise
@@ -399,8 +400,7 @@ class AsyncTritonClient:
         return lean.answers(response, len(raws), (time.perf_counter() - started) * 1000)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        """Close the connection; merged calls under way then fail, and their callers get the error."""
         try:
             await self._client.close()
         except Exception:
