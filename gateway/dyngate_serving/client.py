@@ -38,7 +38,10 @@ from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUn
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}  # Triton's own defaults
 CONTROL_TIMEOUT_S = 600.0  # a load answers once the model is READY or failed: a torch variant takes a while
-COALESCE_IN_FLIGHT = 2  # AsyncTritonClient: calls in flight per (model, parameters) before requests are merged
+# AsyncTritonClient: calls in flight per (model, parameters) before requests are merged. Measured (dyngate load,
+# distilbert-tiny fp32, one instance, 2 cores): 2 gave 96% of direct Triton's throughput at 32 and 100 clients,
+# 1 gave 86% / 81% (Triton idles between calls), 4 gave 85% / 83% (smaller merged requests).
+COALESCE_IN_FLIGHT = 2
 
 
 @dataclass
