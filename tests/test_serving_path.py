@@ -283,3 +283,91 @@ def test_gateway_survives_clients_that_hang_up_mid_request_and_slow_clients(gate
     finally:
         slow.close()
     _gateway_healthy(gateway, triton)
+
+
+# ------------------------------------------------------------------------- merged requests (AsyncTritonClient)
+
+TEXTS = [f"{word} film, scene {i}" for i, word in enumerate(["a fine", "a dull", "a warm", "a grim"] * 12)]
+EMPTY = "\u200d"  # tokenizes to nothing: Triton answers INVALID_ARG "TEXT is empty" (test_inputs_as_hf.py)
+
+
+def _counts(server) -> tuple[int, int]:
+    """(items inferred, requests executed) of MODEL so far, from Triton's statistics."""
+    with TritonClient(server.endpoints["http"]) as client:
+        stats = client.statistics(MODEL)["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["inference_stats"]["success"]["count"])
+
+
+def _alone(server, texts: list[str]):
+    """Each text's Answer from a request of its own."""
+    with TritonClient(server.endpoints["grpc"]) as client:
+        return [client.predict(MODEL, text.encode()) for text in texts]
+
+
+def _assert_same(answer: dict, alone: dict) -> None:
+    """The same answer up to float rounding (FP32 is batch-invariant: padding is masked)."""
+    assert answer.keys() == alone.keys(), (answer, alone)
+    for key, value in answer.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(alone[key], abs=1e-6), (key, answer, alone)
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            np.testing.assert_allclose(value, alone[key], rtol=0, atol=1e-6)
+        else:
+            assert value == alone[key], (key, answer, alone)
+
+
+def test_gateway_merges_concurrent_requests_for_one_variant_each_answered_as_alone(gateway, triton):
+    import aiohttp
+
+    alone = {text: a.answer for text, a in zip(TEXTS, _alone(triton, TEXTS))}
+    _, requests = _counts(triton)
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=False,
+                                         timeout=aiohttp.ClientTimeout(total=120)) as session:
+            async def one(text):
+                body = json.dumps({"model": "distilbert-tiny", "text": text, "policy": "variant", "variant": "fp32"})
+                async with session.post(f"{gateway.url}/api/predict", data=body,
+                                        headers={"content-type": "application/json"}) as response:
+                    return response.status, await response.json()
+
+            return await asyncio.gather(*(one(text) for text in TEXTS))
+
+    results = run_in_own_loop(main())
+    for text, (status, answer) in zip(TEXTS, results):
+        assert status == 200, answer
+        _assert_same(answer["answer"], alone[text])
+    _, requests_after = _counts(triton)
+    # 48 texts reached Triton in fewer requests: some requests carried several texts
+    assert requests_after - requests < len(TEXTS), "the gateway sent every request on its own"
+
+
+def test_one_bad_input_in_a_merged_request_fails_only_its_own_caller(triton):
+    from dyngate_build.errors import InputError
+    from dyngate_serving.client import AsyncTritonClient
+
+    texts = TEXTS[:6] + [EMPTY] + TEXTS[6:12]
+    alone = _alone(triton, TEXTS[:12])
+    items, requests = _counts(triton)
+
+    async def main():
+        client = AsyncTritonClient(triton.endpoints["grpc"], protocol="grpc", timeout_s=30, in_flight=1)
+        try:
+            await client.predict(MODEL, b"warm up")  # the model's signature, so the calls below start together
+            # one call in flight: the first text goes alone, the 12 after it wait and go as one merged request
+            return await asyncio.gather(*(client.predict(MODEL, text.encode()) for text in texts),
+                                        return_exceptions=True)
+        finally:
+            await client.close()
+
+    results = run_in_own_loop(main())
+    bad = results.pop(texts.index(EMPTY))
+    assert isinstance(bad, InputError) and "TEXT is empty" in str(bad), bad
+    for result, lone in zip(results, alone):
+        assert not isinstance(result, BaseException), result
+        _assert_same(result.answer, lone.answer)
+        np.testing.assert_allclose(result.logits, lone.logits, rtol=0, atol=1e-6)
+    items_after, requests_after = _counts(triton)
+    # the warm-up and the first text alone, the merged request of 12 that failed, the 12 again one by one
+    # (Triton's statistics count a request the model answered with an error as a success)
+    assert (items_after - items, requests_after - requests) == (2 + 12 + 12, 2 + 1 + 12)
