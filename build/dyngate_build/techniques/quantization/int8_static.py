@@ -112,7 +112,7 @@ def pad_id(source) -> int:
 
 @register("int8-static", Int8StaticConfig, needs_calibration=True)
 def apply(context: BuildContext, config: Int8StaticConfig) -> Variant:
-    """INT8 static W8A8 (U8S8 QDQ, calibrated fixed scales: no run-time activation statistics)."""
+    """INT8 static W8A8 (calibrated fixed activation scales, U8S8 integer GEMMs, fused q/k/v)."""
     feeds = calibration_feeds(context, config.samples)
     out = quantize_static_w8a8(context.fp32_onnx(), context.work_dir / "int8-static.onnx", feeds, config.method,
                                config.percentile, config.per_channel, pad_id(context.source))

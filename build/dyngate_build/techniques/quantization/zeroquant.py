@@ -166,7 +166,7 @@ def zeroquant(context: BuildContext, config: ZeroQuantConfig) -> Variant:
 
 @register("zeroquant-w8a8", W8A8Config, needs_calibration=True, check=check)
 def apply_w8a8(context: BuildContext, config: W8A8Config) -> Variant:
-    """ZeroQuant INT8: token-wise activation scales (batch-invariant, unlike int8-dynamic), per-neuron weights."""
+    """ZeroQuant INT8: per-token activation scales (answers batch-invariant), per-neuron weights, INT8 embeddings."""
     return zeroquant(context, config)
 
 
