@@ -478,9 +478,9 @@ class _Lane:
 class _LeanInfer:
     """One dyngate variant's gRPC ModelInferRequest made once (model, input tensor BYTES, the two outputs), so a
     call copies it, sets the batch size and appends the inputs' bytes; `answers` reads the response's raw output
-    contents. The
-    same wire request and the same Answer as tritonclient's InferInput/InferResult path, with less Python per
-    call (tritonclient.grpc.service_pb2; BYTES elements are a 4-byte little-endian length, then the bytes)."""
+    contents. The same wire request and the same Answers as tritonclient's InferInput/InferResult path, with less
+    Python per call (tritonclient.grpc.service_pb2; BYTES elements are a 4-byte little-endian length, then the
+    bytes)."""
 
     def __init__(self, model: str, signature: _Signature):
         from tritonclient.grpc import service_pb2
