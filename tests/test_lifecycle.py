@@ -443,10 +443,12 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
             serve.wait(60)
 
 
-def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tmp_path):
+def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tmp_path, browser):
     """A variant that appears in the repository while the gateway runs (a build with --triton) is routable
-    without restarting the gateway: its catalog is re-read when the repository changes."""
+    without restarting the gateway: its catalog is re-read when the repository changes, and a page opened then
+    lists it in Compare too (found in a trial: only Predict did)."""
     from dyngate_gateway.app import serve as serve_gateway
+    from tests.conftest import open_page
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     added = f"{MODEL}__torchscript"
@@ -463,6 +465,10 @@ def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tm
             status, answer = _post(f"{gateway.url}/api/predict", body)
             assert status == 200, answer
             assert (answer["served_by"], answer["triton_model"]) == ("torchscript", added)
+            page = open_page(browser, gateway.url)
+            page.get_by_role("tab", name="Compare", exact=True).click()
+            page.wait_for_function("document.querySelector('#cmp-variants').innerText.includes('torchscript')")
+            page.close()
             shutil.rmtree(repository / added)  # and a removed variant is gone again
             status, answer = _post(f"{gateway.url}/api/predict", body)
             assert status == 400, answer

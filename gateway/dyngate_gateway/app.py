@@ -325,6 +325,7 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
               concurrency_limit=1).then(on_draw, [measured, budget], [pareto, recommendation],
                                         api_visibility="private")
     budget.change(on_draw, [measured, budget], [pareto, recommendation], api_visibility="private")
+    return on_model, model, variants  # run again on every page load: variants built since the gateway started
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -432,7 +433,8 @@ def _models_tab(state: "GatewayState"):
 
 def _shadow_tab(catalog: dict[str, ModelView], state: "GatewayState"):
     """The Shadow view: mirror a share of a model's routed requests to a candidate variant (shadow.py) and watch
-    its agreement with the served answers and its latency, per minute. Returns its refresh timer."""
+    its agreement with the served answers and its latency, per minute. Returns its refresh timer and (on_model,
+    model, outputs) for the page load."""
     first = answers_view.default_model(catalog)
     with gr.Tab("Shadow", id="shadow"):
         gr.Markdown("Mirror a share of a model's **routed** requests (the Route button, `POST /api/predict`) to a "
@@ -497,7 +499,7 @@ def _shadow_tab(catalog: dict[str, ModelView], state: "GatewayState"):
     start.click(on_start, [model, candidate, share, limit], outputs, api_name="shadow_start")
     stop.click(on_stop, model, outputs, api_name="shadow_stop")
     timer.tick(show, model, outputs, api_visibility="private", show_progress="hidden")
-    return timer
+    return timer, (on_model, model, [candidate, *outputs])  # the page load runs on_model: variants built since
 
 
 SHADOW_HEADERS = ["minute", "mirrored", "top-1 agreement", "max |Δ| score", "entity F1", "served p50 ms",
@@ -594,10 +596,10 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
         status = gr.Markdown(elem_id="triton-status")
         with gr.Tabs() as tabs:
             on_model, model, model_outputs = _predict_tab(catalog, clients, state)
-            _compare_tab(catalog, state)
+            compare_model = _compare_tab(catalog, state)
             metrics_timer = _metrics_tab(state)
             models_rows, models_table = _models_tab(state)
-            shadow_timer = _shadow_tab(catalog, state)
+            shadow_timer, shadow_model = _shadow_tab(catalog, state)
 
         def on_tab(evt: gr.SelectData):
             return gr.Timer(active=evt.value == "Metrics"), gr.Timer(active=evt.value == "Shadow")
@@ -611,6 +613,8 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
         gr.Timer(config.status_interval_s).tick(on_status, None, status, api_visibility="private",
                                                 show_progress="hidden")
         demo.load(on_model, model, model_outputs, api_visibility="private")
+        for tab_on_model, tab_model, tab_outputs in (compare_model, shadow_model):
+            demo.load(tab_on_model, tab_model, tab_outputs, api_visibility="private")
         demo.load(models_rows, None, models_table, api_visibility="private")
     demo.dyngate = state
     return demo
