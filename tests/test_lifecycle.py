@@ -410,6 +410,7 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         assert any(status != 200 for status, _ in answers), answers  # it was broken, then healed
         assert f"model {NAME}: python stub {NAME}_0_0 died while Triton reports it READY; loading it again" \
             in out_path.read_text()
+        assert f"model {NAME}: loaded again" in out_path.read_text()
         assert pids() == [first]  # healed without a restart
 
         prefix = _shm_prefix(first)

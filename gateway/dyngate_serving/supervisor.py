@@ -121,6 +121,7 @@ class Supervisor:
                 # included; the model fails every request anyway until it is back
                 self.server.unload_model(model)
                 self.server.load_model(model)
+                print(f"model {model}: loaded again", file=self.out, flush=True)
             except ServingError as e:
                 print(f"model {model}: reload failed: {e}", file=self.out, flush=True)
         if dead:
