@@ -135,12 +135,13 @@ async def triton_stats(client, model: str) -> dict[str, int]:
 
 
 async def settled_stats(client, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
-    """triton_stats once Triton has counted the `answered` requests since `before` (or after `wait_s`): Triton
-    records a request when it releases it, which can be just after the client has its answer."""
+    """triton_stats once Triton has counted the `answered` one-item requests since `before` as inferred items (or
+    after `wait_s`): Triton records a request when it releases it, which can be just after the client has its
+    answer. Items, not requests: the gateway merges concurrent requests into fewer Triton requests."""
     deadline = time.monotonic() + wait_s
     while True:
         after = await triton_stats(client, model)
-        if after["success"] - before["success"] >= answered or time.monotonic() > deadline:
+        if after["inference_count"] - before["inference_count"] >= answered or time.monotonic() > deadline:
             return after
         await asyncio.sleep(0.05)
 
