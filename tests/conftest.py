@@ -141,6 +141,17 @@ def run_in_own_loop(coroutine):
     with concurrent.futures.ThreadPoolExecutor(1) as worker:
         return worker.submit(asyncio.run, coroutine).result()
 
+# JavaScript for page.evaluate(READ_TABLE, elem_id): the rows of a Gradio Dataframe as lists of cell texts
+READ_TABLE = """(id) => {
+  const rows = [];
+  for (const cell of document.querySelectorAll('#' + id + ' [role=gridcell][data-row][data-col]')) {
+    const r = +cell.dataset.row, c = +cell.dataset.col;
+    (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
+  }
+  return rows.filter(Boolean);
+}"""
+
+
 def open_page(browser, url: str, ready: str = "is ready", height: int = 1000, timeout_ms: int = PAGE_TIMEOUT_MS):
     """A new Chromium page (1280 × `height`) on the gateway at `url`, returned once the Triton status line on top
     (#triton-status) contains `ready` ("is ready"; "Triton" for any state, e.g. with Triton down)."""

@@ -17,18 +17,9 @@ from dyngate_gateway.config import GatewayConfig
 from dyngate_gateway.handlers import REQUEST_TIMEOUT_S, load_catalog
 from dyngate_serving.launcher import TritonServer, TritonServerConfig
 from dyngate_serving.net import free_port, free_ports
-from tests.conftest import PAGE_TIMEOUT_MS, open_page, post_predict as _post, screenshot
+from tests.conftest import PAGE_TIMEOUT_MS, READ_TABLE as _READ_TABLE, open_page, post_predict as _post, screenshot
 
 TEXT_MODEL = "distilbert-tiny"
-
-_READ_TABLE = """(id) => {
-  const rows = [];
-  for (const cell of document.querySelectorAll('#' + id + ' [role=gridcell][data-row][data-col]')) {
-    const r = +cell.dataset.row, c = +cell.dataset.col;
-    (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
-  }
-  return rows.filter(Boolean);
-}"""
 
 
 @pytest.fixture(scope="module")

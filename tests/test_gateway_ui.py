@@ -23,7 +23,7 @@ from dyngate_gateway.routing import Router
 from dyngate_gateway.shadow import Shadow
 from dyngate_measure.recommend import Candidate, cascade_from_repository, recommend
 from dyngate_serving.client import TritonClient
-from tests.conftest import open_page, post_predict as _post, running_gateway, screenshot
+from tests.conftest import READ_TABLE as _READ_TABLE, open_page, post_predict as _post, running_gateway, screenshot
 
 TEXT_MODEL, NER_MODEL, IMAGE_MODEL = "distilbert-tiny", "deberta-tiny", "vit-tiny"
 SENTENCES = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate ",
@@ -121,15 +121,6 @@ def test_ner_sentence_shows_highlighted_entities(browser, gateway, catalog, trit
 
 
 # ----------------------------------------------------------------------------------------------- compare
-
-_READ_TABLE = """(id) => {
-  const rows = [];
-  for (const cell of document.querySelectorAll('#' + id + ' [role=gridcell][data-row][data-col]')) {
-    const r = +cell.dataset.row, c = +cell.dataset.col;
-    (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
-  }
-  return rows.filter(Boolean);
-}"""
 
 
 def test_compare_draws_the_chart_with_a_recommended_point(browser, gateway, catalog, tmp_path):
