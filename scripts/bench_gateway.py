@@ -1,14 +1,17 @@
 """Gateway checks against plain tritonclient, same variant, same Triton, one run.
 
     python scripts/bench_gateway.py --repository model_repository --variant distilbert-tiny__fp32 --requests 300
+    # before/after: a second gateway from another checkout (git worktree add /tmp/before <commit>), same run
+    python scripts/bench_gateway.py --repository R --before-pythonpath /tmp/before/build:/tmp/before/gateway
 
-Starts an embedded Triton and the gateway (page + JSON routes) on free loopback ports and runs two checks on
-SST-2 dev sentences at natural length, batch 1:
-1. Overhead: for each sentence, both paths in alternating order:
-   - direct: dyngate_serving.client.TritonClient.predict over gRPC (what the gateway itself calls);
+Starts an embedded Triton and `dyngate gateway` (page + JSON routes, a process of its own, as deployed) on free
+loopback ports and runs two checks on SST-2 dev sentences at natural length, batch 1:
+1. Overhead: for each sentence, every path in rotating order:
+   - direct gRPC: dyngate_serving.client.TritonClient.predict (tritonclient's gRPC client, as a user's would);
    - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
-     (one kept-alive connection, as a real client would hold).
-   Prints p50/p90/p99 of each and the p50 overhead (gateway minus direct) in ms.
+     (one kept-alive connection, as a real client would hold);
+   - with --before-pythonpath, the same through a second gateway run with that PYTHONPATH.
+   Prints p50/p90/p99 of each and the p50 each gateway adds over direct gRPC, in ms.
 2. Compare tab vs a plain loop: the Compare tab's driver (dyngate_gateway.compare.run_benchmark, concurrency 1) and a
    loop written directly on tritonclient.grpc (InferInput / infer, nothing of dyngate's), alternating in
    `--rounds` blocks of `--requests` requests. Prints both p50s per round, their median ratio, and whether
@@ -18,8 +21,7 @@ SST-2 dev sentences at natural length, batch 1:
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
+import contextlib
 import statistics
 import sys
 import time
@@ -33,11 +35,10 @@ def main(argv=None) -> int:
     from dyngate_build.data import DataSource, load_examples
     from dyngate_build.evaluate import summarize_ms
     from dyngate_build.repository import list_models
-    from dyngate_gateway.app import serve
     from dyngate_serving.client import TritonClient
-    from dyngate_gateway.config import GatewayConfig
+    from dyngate_measure.benchmark import gateway_call, gateway_process
     from dyngate_serving.launcher import TritonServer, TritonServerConfig
-    from dyngate_serving.net import free_port, free_ports
+    from dyngate_serving.net import free_ports
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of the Compare-vs-loop check")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--before-pythonpath", default=None,
+                        help="PYTHONPATH of a second gateway (another checkout's build:gateway), measured alongside")
     args = parser.parse_args(argv)
 
     entry = next((e for e in list_models(args.repository) if e.name == args.variant), None)
@@ -57,47 +60,39 @@ def main(argv=None) -> int:
     config = TritonServerConfig(repository=args.repository, http_port=http_port, grpc_port=grpc_port,
                                 metrics_port=metrics_port,
                                 models=[entry.name])
-    with TritonServer(config) as server:
-        gateway = serve(args.repository, server.endpoints["grpc"], port=free_port(),
-                        config=GatewayConfig(metrics_url=server.endpoints["metrics"]))
-        try:
-            client = TritonClient(server.endpoints["grpc"])
-            connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)  # kept alive
-
-            def via_gateway(text: str) -> dict:
-                body = json.dumps({"model": entry.model, "text": text, "policy": "variant",
-                                   "variant": entry.variant})
-                connection.request("POST", "/api/predict", body, {"Content-Type": "application/json"})
-                response = connection.getresponse()
-                answer = json.loads(response.read())
-                if response.status != 200:
-                    raise RuntimeError(f"gateway answered {response.status}: {answer}")
-                return answer
-
-            paths = {"direct gRPC": lambda text: client.predict(entry.name, text.encode()),
-                     "gateway JSON": via_gateway}
-            times = {name: [] for name in paths}
-            texts = [ex.raw.decode() for ex in examples]
-            for text in texts[:10]:
-                for call in paths.values():
-                    call(text)
-            for i, text in enumerate(texts):
-                order = list(paths) if i % 2 else list(paths)[::-1]
-                for name in order:
-                    start = time.perf_counter()
-                    paths[name](text)
-                    times[name].append((time.perf_counter() - start) * 1000)
-            agreement = compare_with_plain_loop(server.endpoints["grpc"], entry.name,
-                                                [t.encode() for t in texts], args.rounds)
-        finally:
-            gateway.close()
+    with TritonServer(config) as server, contextlib.ExitStack() as stack:
+        gateways = {"gateway": {}}
+        if args.before_pythonpath:
+            gateways["gateway (before)"] = {"PYTHONPATH": args.before_pythonpath}
+        client = stack.enter_context(contextlib.closing(TritonClient(server.endpoints["grpc"])))
+        paths = {"direct gRPC": lambda text: client.predict(entry.name, text.encode())}
+        for name, env in gateways.items():
+            url = stack.enter_context(gateway_process(args.repository, server.endpoints["grpc"],
+                                                      ROOT / "reports" / f"bench-{name.replace(' ', '-')}.log",
+                                                      env=env))
+            call, close = gateway_call(url, entry)
+            stack.callback(close)
+            paths[name] = lambda text, call=call: call([text.encode()])
+        times = {name: [] for name in paths}
+        texts = [ex.raw.decode() for ex in examples]
+        for text in texts[:10]:
+            for call in paths.values():
+                call(text)
+        names = list(paths)
+        for i, text in enumerate(texts):
+            for name in names[i % len(names):] + names[:i % len(names)]:  # each path first in turn
+                start = time.perf_counter()
+                paths[name](text)
+                times[name].append((time.perf_counter() - start) * 1000)
+        agreement = compare_with_plain_loop(server.endpoints["grpc"], entry.name,
+                                            [t.encode() for t in texts], args.rounds)
     stats = {name: summarize_ms(values) for name, values in times.items()}
-    print(f"{entry.name}: {len(texts)} SST-2 dev sentences, batch 1, alternating order")
+    print(f"{entry.name}: {len(texts)} SST-2 dev sentences, batch 1, rotating order")
     print("| path | p50 ms | p90 ms | p99 ms |\n| --- | --- | --- | --- |")
     for name, s in stats.items():
         print(f"| {name} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | {s.p99_ms:.2f} |")
-    overhead = stats["gateway JSON"].p50_ms - stats["direct gRPC"].p50_ms
-    print(f"gateway overhead at p50: {overhead:.2f} ms")
+    for name in gateways:
+        print(f"{name} overhead at p50: {stats[name].p50_ms - stats['direct gRPC'].p50_ms:+.2f} ms over direct gRPC")
     print(f"\nCompare tab driver vs plain tritonclient.grpc loop, {len(texts)} requests per block, concurrency 1")
     print("| round | Compare p50 ms | plain loop p50 ms | ratio |\n| --- | --- | --- | --- |")
     for i, (ours, plain) in enumerate(agreement):

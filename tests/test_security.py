@@ -162,11 +162,25 @@ def test_gateway_refuses_unknown_and_malicious_model_names(gateway, model):
     ({"model": TEXT_MODEL, "text": "fine", "policy": "variant", "variant": ["fp32"]}, 400, "variant must be"),
     ({"model": TEXT_MODEL, "text": "fine", "threshold": 10**400}, 400, "bad field value"),
     ({"model": TEXT_MODEL, "text": "fine", "accuracy_budget": [1]}, 400, "accuracy_budget must be a number"),
+    ({"model": TEXT_MODEL, "text": "fine", "accuracy_budget": "1"}, 400, "accuracy_budget must be a number"),
+    ({"model": TEXT_MODEL, "text": "fine", "image_base64": "aGk="}, 400, "not both"),
     ({"model": TEXT_MODEL, "text": "caf\ud800"}, 400, "lone surrogate"),
 ])
 def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message):
     raw = json.dumps(body).encode()  # json.dumps writes the lone surrogate as \ud800, as a client would
     code, answer = request(gateway.url, "/api/predict", raw, {"content-type": "application/json"})
+    assert code == status and message in json.loads(answer)["error"], answer
+
+
+@pytest.mark.parametrize("method, path, status, message", [
+    ("GET", "/api/predict", 405, "send POST"),
+    ("PUT", "/api/predict", 405, "send POST"),
+    ("GET", "/api/shadow?model=nope", 404, "unknown model 'nope'"),
+    ("GET", "/api/cascade", 400, "model is required"),
+    ("GET", "/api/cascade?model=nope", 404, "unknown model 'nope'"),
+])
+def test_gateway_api_edges_answer_json_errors(gateway, method, path, status, message):
+    code, answer = request(gateway.url, path, b"" if method == "PUT" else None, method=method)
     assert code == status and message in json.loads(answer)["error"], answer
 
 

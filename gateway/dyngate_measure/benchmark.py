@@ -302,10 +302,13 @@ def concurrent_run(make_call: Callable[[], tuple[Callable, Callable]], requests:
 
 
 @contextlib.contextmanager
-def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: float = 180):
+def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: float = 180,
+                    env: dict[str, str] | None = None):
     """`dyngate gateway` for `repository` in front of the Triton at `grpc_url`, on a free loopback port, in a
-    process of its own (its event loop shares no GIL with the bench's clients); yields its url. ServingError
-    with the log's tail when it does not answer within `timeout_s`."""
+    process of its own (its event loop shares no GIL with the bench's clients); yields its url. env: variables
+    set for that process on top of this one's (e.g. PYTHONPATH of another checkout, for a before/after run).
+    ServingError with the log's tail when it does not answer within `timeout_s`."""
+    import os
     import subprocess
     import urllib.error
     import urllib.request
@@ -319,7 +322,8 @@ def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: 
     with open(log_file, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "dyngate_cli", "gateway", "--repository", str(repository),
                                     "--triton", grpc_url.split("://")[-1], "--port", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, **(env or {})})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         deadline = time.monotonic() + timeout_s
@@ -343,7 +347,7 @@ def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: 
             process.kill()
 
 
-def _gateway_call(url: str, entry) -> tuple[Callable, Callable]:
+def gateway_call(url: str, entry) -> tuple[Callable, Callable]:
     """(call, close): POST /api/predict {"model", "text" | "image_base64", "policy": "variant", "variant"} of
     one request (a list with one raw input) over one kept-alive connection, as a client of the gateway would."""
     import base64
@@ -402,7 +406,7 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
     variant_paths = list(OVERHEAD_PATHS) + (["gateway"] if "gateway" in endpoints else [])
     entries = {e.name: e for e in group}
     clients = {p: TritonClient(endpoints[p], p) for p in protocols}
-    gateway = {e.name: _gateway_call(endpoints["gateway"], e) for e in group} if "gateway" in endpoints else {}
+    gateway = {e.name: gateway_call(endpoints["gateway"], e) for e in group} if "gateway" in endpoints else {}
     predictors = {e.name: variant_predictor(newest_version_dir(e.folder)) for e in group}
     calls: dict[tuple[str, str], Callable] = {}
     for p in protocols:
@@ -430,7 +434,7 @@ def overhead_section(model: str, group: list, floor: str, raws: list[bytes], end
         if path == "in-process":
             return lambda: (predictors[name].predict, lambda: None)
         if path == "gateway":
-            return lambda: _gateway_call(endpoints["gateway"], entries[name])
+            return lambda: gateway_call(endpoints["gateway"], entries[name])
 
         def factory():
             client = TritonClient(endpoints[path], path)
