@@ -15,7 +15,8 @@ bench, load, zero-report, deploy. This module is the one place that wires the pa
 Every `--triton` takes Triton's address as HOST:PORT (gRPC; without a port, 8001), parsed by one function
 (`dyngate_serving.client.parse_address`); only `predict` also takes http://HOST:PORT.
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
-Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
+Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2. A closed stdout
+(`dyngate recommend ... | head -1`) ends the command quietly with status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -359,7 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser(argv).parse_args(argv)
     args.command_line = "dyngate " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # the reader went away (`dyngate recommend ... | head -1`): stop quietly. Python's recipe (docs of the
+        # signal module, "Note on SIGPIPE"): point stdout at devnull so the last flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a program a closed pipe stopped
     except InputError as e:
         print(f"error: bad input: {e}", file=sys.stderr)
         return 2
