@@ -216,9 +216,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_load(args) -> int:
+    from dyngate_gateway.config import GatewayConfig
     from dyngate_measure.load_test import run_from_args
 
-    return run_from_args(args, args.command_line)
+    # the gateway's login, read as `dyngate gateway` reads it: DYNGATE_GATEWAY_USER / DYNGATE_GATEWAY_PASSWORD,
+    # else the config file's "auth" (--gateway-config, else $DYNGATE_GATEWAY_CONFIG)
+    auth = GatewayConfig.load(args.gateway_config).auth if args.gateway else None
+    return run_from_args(args, args.command_line, gateway_auth=auth)
 
 
 def cmd_zero_report(args) -> int:
@@ -343,6 +347,11 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         if name == chosen:
             importlib.import_module(f"dyngate_measure.{module}").add_arguments(p)
+        if name == chosen == "load":
+            p.add_argument("--gateway-config", default=None, metavar="FILE",
+                           help="the gateway's JSON config, for its login (\"auth\"), as `dyngate gateway --config` "
+                                "(default: $DYNGATE_GATEWAY_CONFIG); DYNGATE_GATEWAY_USER and "
+                                "DYNGATE_GATEWAY_PASSWORD win over it, as for the gateway")
         p.set_defaults(func=func)
     p = sub.add_parser("deploy", help="Kubernetes manifests (Kustomize base + cpu/gpu overlays) for the repository")
     if chosen == "deploy":  # like bench and load: its options are added only when it is the one run
