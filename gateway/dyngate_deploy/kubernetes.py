@@ -22,8 +22,8 @@ defaults of `dyngate_serving.launcher.TritonServerConfig` (`dyngate serve`), the
 Kubernetes Secret (`secretKeyRef`) that the user creates; no secret value is ever written.
 
 Bad input (an unknown overlay, a repository that does not exist or holds no model, an object-store URL Triton
-cannot read, a memory request without a unit or not above the /dev/shm volume) raises a ConfigError before anything is written; everything is written into a temporary folder
-beside `out` and renamed into place at the end.
+cannot read, a memory request without a unit or not above the /dev/shm volume) raises a ConfigError before
+anything is written; everything is written into a temporary folder beside `out` and renamed into place at the end.
 """
 
 from __future__ import annotations
