@@ -8,6 +8,7 @@ Fixture from tests/conftest.py: `text_repository` (fp32 + torchscript of distilb
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,8 @@ import yaml
 from dyngate_build.errors import ConfigError, DyngateError
 from dyngate_build.repository import list_models
 from dyngate_deploy import image
-from dyngate_deploy.kubernetes import COMPONENT, DeployOptions, gateway_port, triton_ports, write_kubernetes
+from dyngate_deploy.kubernetes import (COMPONENT, DeployOptions, gateway_port, read_repository, triton_ports,
+                                       write_kubernetes)
 
 SECRET = "pw-k8s-Zq8x-never-in-a-manifest"
 KUBECTL = shutil.which("kubectl")
@@ -215,7 +217,8 @@ def test_object_store_repository(text_repository, tmp_path, kubectl):
 # ------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["overlay", "missing", "empty", "http", "ftp", "bucketless", "name", "memory",
-                                  "cpu"])
+                                  "cpu", "memory-zero", "memory-no-unit", "memory-milli", "gateway-memory-no-unit",
+                                  "memory-not-above-shm"])
 def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository, tmp_path):
     empty = tmp_path / "empty-repo"
     empty.mkdir()
@@ -223,7 +226,13 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository
                 "empty": {"repository": empty}, "http": {"model_store": "http://example.com/models"},
                 "ftp": {"model_store": "ftp://host/models"}, "bucketless": {"model_store": "s3://"},
                 "name": {"name": "Dyn_Gate"}, "memory": {"triton_memory": "lots"},
-                "cpu": {"gateway_cpu": "2 cores"}}[case]
+                "cpu": {"gateway_cpu": "2 cores"}, "memory-zero": {"triton_memory": "0"},
+                "memory-no-unit": {"triton_memory": "512"}, "memory-milli": {"triton_memory": "512m"},
+                "gateway-memory-no-unit": {"gateway_memory": "1024"},
+                "memory-not-above-shm": {"triton_memory": "shm"}}[case]
+    shm = f"{math.ceil(read_repository(text_repository).shm_bytes / 2**20 / 64) * 64}Mi"  # the manifest's sizeLimit
+    if settings.get("triton_memory") == "shm":  # equal to the /dev/shm volume: not above it
+        settings = {"triton_memory": shm}
     parent = tmp_path / "out"
     parent.mkdir()
     with pytest.raises(ConfigError) as error:
@@ -232,7 +241,13 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository
     message = str(error.value)
     word = {"overlay": "arm", "missing": "nope", "empty": "no python-backend variant", "http": "http://",
             "ftp": "ftp://", "bucketless": "s3://", "name": "Dyn_Gate", "memory": "--triton-memory='lots'",
-            "cpu": "--gateway-cpu='2 cores'"}[case]
+            "cpu": "--gateway-cpu='2 cores'", "memory-zero": "--triton-memory='0' has no memory unit",
+            "memory-no-unit": "--triton-memory='512' has no memory unit (Kubernetes reads it as 512 bytes)",
+            "memory-milli": "thousandths of a byte", "gateway-memory-no-unit": "--gateway-memory='1024' has no memory",
+            "memory-not-above-shm": f"--triton-memory='{shm}' is not above the python backend's shared memory for "
+                                    f"this repository ({shm}, the /dev/shm volume"}[case]
+    if case.startswith(("memory", "gateway-memory")) and case != "memory-not-above-shm":
+        assert "512Mi" in message and "CPU" not in message and "500m" not in message, message  # a memory example
     assert word in message and ("choose" in message or "use" in message or "build" in message), message
     assert list(parent.iterdir()) == []  # no output, no staging folder left behind
 
@@ -261,5 +276,8 @@ def test_cli_writes_and_reports_bad_input(text_repository, tmp_path, capsys):
     assert main(["deploy", "kubernetes", "--repository", str(text_repository), "--out", str(tmp_path / "x"),
                  "--triton-memory", "lots"]) == 2  # found in a trial: written unchecked into the manifests
     assert "error: --triton-memory='lots' is not a Kubernetes quantity" in capsys.readouterr().err
+    assert main(["deploy", "kubernetes", "--repository", str(text_repository), "--out", str(tmp_path / "x"),
+                 "--triton-memory", "512"]) == 2  # found by a new user: 512 bytes
+    assert "error: --triton-memory='512' has no memory unit" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert issubclass(ConfigError, DyngateError)

@@ -90,6 +90,31 @@ def test_fastest_uses_live_p50_within_the_accuracy_budget(catalog, clients):
     assert answer["served_by"] == fast and "live p50" in answer["reason"]
 
 
+def test_fastest_compares_p50s_from_one_source(catalog, clients):
+    """Live round trips (Triton's included) are never set against the build's in-process p50: with live samples
+    for one variant only, every candidate is judged by the build's numbers; once all have them, by live ones."""
+    view = copy.deepcopy(catalog[TEXT_MODEL])
+    a, b = view.variant_names[:2]
+    view.variants = {a: view.variants[a], b: view.variants[b]}
+    for variant in (a, b):
+        view.variants[variant].metadata.accuracy.value = 0.9  # both within any budget
+    view.variants[a].metadata.latency_in_process.p50_ms = 1.0  # a is the faster in process
+    view.variants[b].metadata.latency_in_process.p50_ms = 2.0
+    router = Router({TEXT_MODEL: view}, clients)
+    for _ in range(5):
+        router.live.record(view.variants[a].name, 50.0)  # a's live round trips: only a has live samples
+
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=100.0)
+    assert answer["served_by"] == a, answer["reason"]
+    assert "build p50 (in process) for all" in answer["reason"] and "live p50" not in answer["reason"]
+    for _ in range(5):
+        router.live.record(view.variants[b].name, 10.0)
+    answer = router.route(TEXT_MODEL, "a gripping film", "fastest", accuracy_budget=100.0)
+    assert answer["served_by"] == b and "live p50" in answer["reason"], answer["reason"]
+    candidates = router.candidates(view)
+    assert candidates[a]["p50_source"] == candidates[b]["p50_source"]
+
+
 def test_policies_leave_out_an_accuracy_measured_on_other_dev_examples(catalog, clients):
     """The rule of `dyngate recommend` (dyngate_measure.recommend.sample_size_mismatch): a variant whose accuracy
     was measured on half of fp32's dev examples is not the most accurate, however high it reads."""

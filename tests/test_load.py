@@ -7,6 +7,7 @@ Fixtures from tests/conftest.py: `built_repository` and `triton`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,33 @@ def test_load_test_refuses_other_hosts_and_bad_bounds():
     done = subprocess.run([sys.executable, "-m", "dyngate_cli", "load", "--triton", "192.0.2.1:8001"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "only targets servers on this machine" in done.stderr
+
+
+def test_load_drives_a_gateway_with_a_login(built_repository, triton, data_dir, tmp_path):
+    """Found by a new user: `dyngate load` sent no login, so a gateway started with one (README's login section)
+    answered 401 to every request. It now reads the login as `dyngate gateway` does (environment, else the
+    config file) and refuses to start when the gateway answers 401. A handful of requests: no load measured."""
+    with running_gateway(built_repository, triton, server_pid=triton.pid, auth=("ada", "s3cret")) as gateway:
+        command = [sys.executable, "-m", "dyngate_cli", "load", "--triton", triton.endpoints["grpc"], "--gateway",
+                   gateway.url, "--targets", "gateway", "--model", MODEL, "--variant", VARIANT, "--clients", "1",
+                   "--duration", "10", "--rounds", "1", "--max-requests", "8", "--data", str(data_dir),
+                   "--out", str(tmp_path)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DYNGATE_GATEWAY_")}
+
+        def load(*extra, **login):
+            return subprocess.run([*command, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                  env={**env, **login})
+
+        done = load()
+        assert done.returncode == 2 and "asks for a login and none was given (HTTP 401)" in done.stderr, done.stderr
+        done = load(DYNGATE_GATEWAY_USER="ada", DYNGATE_GATEWAY_PASSWORD="wrong")
+        assert done.returncode == 2 and "refused the login of user 'ada'" in done.stderr, done.stderr
+        assert "wrong" not in done.stderr  # the password is never printed
+        config = tmp_path / "gateway.json"
+        config.write_text(json.dumps({"auth": {"user": "ada", "password": "s3cret"}}))
+        for done in (load(DYNGATE_GATEWAY_USER="ada", DYNGATE_GATEWAY_PASSWORD="s3cret"),
+                     load("--gateway-config", str(config))):
+            assert done.returncode == 0, done.stdout + done.stderr
+            run = json.loads((tmp_path / "load.json").read_text())["runs"][0]
+            assert run["target"] == "gateway" and run["errors"] == 0, run["error_messages"]
+            assert run["requests"] == run["ok"] == 8

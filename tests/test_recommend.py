@@ -4,7 +4,10 @@ on a built repository (the build's own metadata), no mocks."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from dyngate_build.errors import ConfigError
 from dyngate_build.repository import python_variants_by_model
 from dyngate_cli import main as cli_main
 from dyngate_measure.recommend import Candidate, build_candidates, recommend, this_machine
+from tests.conftest import ROOT
 
 CANDIDATES = [Candidate("fp32", 0.900, 10.0, 100.0), Candidate("int8", 0.895, 6.0, 25.0),
               Candidate("ee", 0.850, 3.0, 100.0), Candidate("pruned", 0.899, 8.0, 60.0),
@@ -57,6 +61,37 @@ def test_cli_prints_the_choice_from_the_build_metadata(built_repository, capsys)
 
     assert cli_main(["recommend", "--model", "no-such-model", "--repository", str(built_repository)]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_repeated_cascade_variant_a_missing_folder_and_a_bad_target(built_repository, tmp_path,
+                                                                                   capsys):
+    """Found by a new user: --cascade A,A was accepted; a missing --repository said only that the model was not
+    in it; --at-least out of range said "must be a accuracy"."""
+    repository = str(built_repository)
+    base = ["recommend", "--model", "distilbert-tiny", "--repository", repository]
+    assert cli_main([*base, "--cascade", "fp32,fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "the cascade order fp32,fp32 names fp32 more than once" in err and "name each variant once" in err
+    assert cli_main([*base, "--cascade", "fp32,torchscript", "--at-least", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "at_least=1.5 must be in [0, 1]: the accuracy the cascade must reach" in err and "a accuracy" not in err
+    missing = tmp_path / "no-repository"
+    assert cli_main(["recommend", "--model", "distilbert-tiny", "--repository", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--repository {str(missing)!r} is not a folder" in err and "dyngate build --model" in err
+
+
+def test_a_closed_stdout_ends_the_command_quietly(built_repository):
+    """Found by a new user: `dyngate recommend ... | head -1` printed a BrokenPipeError traceback. Here the reader
+    closes its end before the command writes: the write fails with EPIPE every time."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'build'}:{ROOT / 'gateway'}"}
+    process = subprocess.Popen([sys.executable, "-m", "dyngate_cli", "recommend", "--model", "distilbert-tiny",
+                                "--repository", str(built_repository)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141  # as a shell reports a program stopped by SIGPIPE
+    assert stderr == ""
 
 
 def test_numbers_from_another_machine_are_not_recommended(built_repository, tmp_path):

@@ -8,6 +8,7 @@ native-flavour `echo__native` config the embedded server must not try to load.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import textwrap
 
@@ -214,6 +215,48 @@ def test_http_port_given_as_grpc_says_so(server):
     with pytest.raises(TritonUnreachable) as caught:  # a closed port is not called an HTTP port
         TritonClient(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=5).ready_models()
     assert "HTTP port" not in str(caught.value)
+
+
+def test_gateway_status_names_the_http_port_given_as_grpc(server):
+    """Found by a new user: `dyngate gateway --triton HOST:8000` (Triton's HTTP port) said only that Triton was
+    down or restarting; its status line (page and /api/status) now says the port answers HTTP, and the fix."""
+    from dyngate_gateway.handlers import ClientPool, triton_status
+
+    http = server.endpoints["http"].split("://", 1)[1]
+    ready, line = triton_status(ClientPool(http), {})
+    assert not ready
+    assert f"{http} answers HTTP, not gRPC" in line and "down or restarting" not in line
+    assert f"{http.rsplit(':', 1)[0]}:8001" in line and f"http://{http}" in line
+    ready, line = triton_status(ClientPool(f"127.0.0.1:{free_ports(1)[0]}"), {})  # nothing there: down
+    assert not ready and "down or restarting" in line and "answers HTTP" not in line
+
+
+def test_http_scheme_on_the_grpc_port_says_so(server, capsys):
+    """Found by a new user: `dyngate predict --triton http://HOST:8001` said "answered with an error: ('Expected
+    HTTP/, RTSP/ or ICE/', 8)"; every HTTP client now names the gRPC port and the fix."""
+    from dyngate_cli import main as cli_main
+
+    grpc = server.endpoints["grpc"].split("://", 1)[1]
+    hint = f"{grpc} answers gRPC (HTTP/2), not HTTP/1.1"
+    with pytest.raises(TritonUnreachable, match=re.escape(hint)) as caught:
+        TritonClient(f"http://{grpc}", timeout_s=10).ready_models()
+    assert f"http://{grpc.rsplit(':', 1)[0]}:8000" in str(caught.value)
+
+    async def aio():
+        client = AsyncTritonClient(f"http://{grpc}", timeout_s=10)
+        try:
+            await client.ready_models()
+        finally:
+            await client.close()
+
+    with pytest.raises(TritonUnreachable, match=re.escape(hint)):
+        run_in_own_loop(aio())
+    assert cli_main(["predict", "--model", "echo", "--text", "x", "--triton", f"http://{grpc}"]) == 2
+    err = capsys.readouterr().err
+    assert hint in err and "drop http://" in err and "Expected HTTP/" in err
+    with pytest.raises(TritonUnreachable) as caught:  # a closed port is not called a gRPC port
+        TritonClient(f"http://127.0.0.1:{free_ports(1)[0]}", timeout_s=5).ready_models()
+    assert "answers gRPC" not in str(caught.value)
 
 
 @pytest.mark.parametrize("text, expected", [

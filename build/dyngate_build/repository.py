@@ -507,7 +507,13 @@ def list_models(repository: Path) -> list[RepositoryEntry]:
 
 def python_variants_by_model(repository: Path, models: list[str] | None = None) -> dict[str, list[RepositoryEntry]]:
     """Python-backend entries of `repository` grouped per model (sorted by model name), only `models` when
-    given. ConfigError naming what is there when a model in `models` is missing or nothing is built."""
+    given. ConfigError naming what is there when a model in `models` is missing or nothing is built, and the
+    folder when `repository` is not one."""
+    if not Path(repository).is_dir():
+        raise ConfigError(f"--repository {str(repository)!r} is not a folder: no model repository there. Build one "
+                          f"with `dyngate build --model MODEL --techniques fp32,int8-dynamic --repository "
+                          f"{repository}`, or pass the folder dyngate build wrote (default: $DYNGATE_REPOSITORY, "
+                          "else model_repository)")
     entries = [e for e in list_models(repository) if e.backend == "python"]
     known = sorted({e.model for e in entries})
     missing = [m for m in models or [] if m not in known]

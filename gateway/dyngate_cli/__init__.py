@@ -15,7 +15,8 @@ bench, load, zero-report, deploy. This module is the one place that wires the pa
 Every `--triton` takes Triton's address as HOST:PORT (gRPC; without a port, 8001), parsed by one function
 (`dyngate_serving.client.parse_address`); only `predict` also takes http://HOST:PORT.
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
-Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2.
+Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2. A closed stdout
+(`dyngate recommend ... | head -1`) ends the command quietly with status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -215,9 +216,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_load(args) -> int:
+    from dyngate_gateway.config import GatewayConfig
     from dyngate_measure.load_test import run_from_args
 
-    return run_from_args(args, args.command_line)
+    # the gateway's login, read as `dyngate gateway` reads it: DYNGATE_GATEWAY_USER / DYNGATE_GATEWAY_PASSWORD,
+    # else the config file's "auth" (--gateway-config, else $DYNGATE_GATEWAY_CONFIG)
+    auth = GatewayConfig.load(args.gateway_config).auth if args.gateway else None
+    return run_from_args(args, args.command_line, gateway_auth=auth)
 
 
 def cmd_zero_report(args) -> int:
@@ -342,6 +347,11 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         if name == chosen:
             importlib.import_module(f"dyngate_measure.{module}").add_arguments(p)
+        if name == chosen == "load":
+            p.add_argument("--gateway-config", default=None, metavar="FILE",
+                           help="the gateway's JSON config, for its login (\"auth\"), as `dyngate gateway --config` "
+                                "(default: $DYNGATE_GATEWAY_CONFIG); DYNGATE_GATEWAY_USER and "
+                                "DYNGATE_GATEWAY_PASSWORD win over it, as for the gateway")
         p.set_defaults(func=func)
     p = sub.add_parser("deploy", help="Kubernetes manifests (Kustomize base + cpu/gpu overlays) for the repository")
     if chosen == "deploy":  # like bench and load: its options are added only when it is the one run
@@ -359,7 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser(argv).parse_args(argv)
     args.command_line = "dyngate " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # the reader went away (`dyngate recommend ... | head -1`): stop quietly. Python's recipe (docs of the
+        # signal module, "Note on SIGPIPE"): point stdout at devnull so the last flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a program a closed pipe stopped
     except InputError as e:
         print(f"error: bad input: {e}", file=sys.stderr)
         return 2

@@ -22,8 +22,8 @@ defaults of `dyngate_serving.launcher.TritonServerConfig` (`dyngate serve`), the
 Kubernetes Secret (`secretKeyRef`) that the user creates; no secret value is ever written.
 
 Bad input (an unknown overlay, a repository that does not exist or holds no model, an object-store URL Triton
-cannot read) raises a ConfigError before anything is written; everything is written into a temporary folder
-beside `out` and renamed into place at the end.
+cannot read, a memory request without a unit or not above the /dev/shm volume) raises a ConfigError before
+anything is written; everything is written into a temporary folder beside `out` and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ from dyngate_deploy import image
 # A Kubernetes resource quantity (apimachinery's resource.Quantity grammar, without a sign): a decimal number and
 # a binary (Ki..Ei), decimal (m, k, M..E) or exponent (e3, E-2) suffix.
 _QUANTITY = re.compile(r"\+?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?\d+)?")
+# The suffixes that make a quantity a memory size (a bare number is bytes, `m` thousandths of a byte)
+BYTE_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+              "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_MEMORY_SHAPE = ("a number with a unit: Ki, Mi, Gi, Ti (powers of 2) or k, M, G, T (powers of 10), e.g. 512Mi "
+                 "or 2Gi")
 OVERLAYS = ("cpu", "gpu")
 STORE_SCHEMES = ("s3", "gs", "as")  # object stores tritonserver reads a repository from itself
 PVC = "pvc"
@@ -136,11 +141,14 @@ class DeployOptions:
                 raise ConfigError(f"{key}={value!r} is not a Kubernetes name; use lowercase letters, digits and '-', "
                                   "starting and ending with a letter or digit, at most 40 characters")
         store_scheme(self.model_store)
-        for key in ("triton_cpu", "triton_memory", "gateway_cpu", "gateway_memory"):
+        for key in ("triton_cpu", "gateway_cpu"):
             value = getattr(self, key)
-            if value is not None and not _QUANTITY.fullmatch(str(value)):
-                raise ConfigError(f"--{key.replace('_', '-')}={value!r} is not a Kubernetes quantity; use a number "
-                                  "with an optional suffix, e.g. 2, 500m (CPU), 1Gi, 512Mi, 2G (memory)")
+            if not _QUANTITY.fullmatch(str(value)):
+                raise ConfigError(f"--{key.replace('_', '-')}={value!r} is not a Kubernetes quantity; use CPU cores "
+                                  "as a number or millicores, e.g. 2, 0.5 or 500m")
+        for key in ("triton_memory", "gateway_memory"):
+            if getattr(self, key) is not None:
+                memory_bytes(f"--{key.replace('_', '-')}", getattr(self, key))
         if not 1 <= self.triton_replicas <= self.triton_max_replicas:
             raise ConfigError(f"triton_replicas={self.triton_replicas} must be >= 1 and <= triton_max_replicas="
                               f"{self.triton_max_replicas}")
@@ -157,6 +165,40 @@ class DeployOptions:
 
     def object_name(self, part: str) -> str:
         return f"{self.name}-{part}"
+
+
+def memory_bytes(field: str, value: str) -> float:
+    """Bytes of a Kubernetes memory quantity with a unit: "512Mi" -> 536870912.0, "2G" -> 2e9.
+
+    Raises ConfigError naming `field` and the value for what is no quantity, a quantity without a byte unit
+    (Kubernetes reads "512" as 512 bytes and "512m" as thousandths of a byte: never what was meant), or zero."""
+    match = _QUANTITY.fullmatch(str(value))
+    if not match:
+        raise ConfigError(f"{field}={value!r} is not a Kubernetes quantity; use {_MEMORY_SHAPE}")
+    unit = match.group(3)
+    if unit not in BYTE_UNITS:
+        read_as = {None: f"{match.group(1)} bytes", "m": f"{match.group(1)} thousandths of a byte"}.get(
+            unit, f"{value} bytes, an exponent")
+        raise ConfigError(f"{field}={value!r} has no memory unit (Kubernetes reads it as {read_as}); use "
+                          f"{_MEMORY_SHAPE}")
+    size = float(match.group(1)) * BYTE_UNITS[unit]
+    if size <= 0:
+        raise ConfigError(f"{field}={value!r} is zero; use {_MEMORY_SHAPE}")
+    return size
+
+
+def check_triton_memory(options: DeployOptions, facts: RepositoryFacts) -> None:
+    """ConfigError when `options.triton_memory` is not above the python backend's shared memory, the /dev/shm
+    volume written for the repository (`facts.shm_bytes`, a memory-backed emptyDir that counts against the pod's
+    memory): the stubs would be out of memory before Triton holds a graph."""
+    if options.triton_memory is None:
+        return
+    shm = _mebibytes(facts.shm_bytes)  # as the manifest's sizeLimit says it
+    if memory_bytes("--triton-memory", options.triton_memory) <= int(shm.removesuffix("Mi")) * MiB:
+        raise ConfigError(f"--triton-memory={options.triton_memory!r} is not above the python backend's shared "
+                          f"memory for this repository ({shm}, the /dev/shm volume, which counts against the pod's "
+                          f"memory); use more than {shm}, e.g. {_mebibytes(facts.memory_bytes)} (the estimate from "
+                          "the repository's variants, used when --triton-memory is left out)")
 
 
 def store_scheme(model_store: str) -> str:
@@ -498,7 +540,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--triton-max-replicas", type=int, default=d["triton_max_replicas"].default)
     p.add_argument("--gateway-replicas", type=int, default=d["gateway_replicas"].default)
     p.add_argument("--triton-cpu", default=d["triton_cpu"].default, help="CPU request of a Triton pod")
-    p.add_argument("--triton-memory", default=None, help="memory request of a Triton pod (default: from the "
+    p.add_argument("--triton-memory", default=None, help="memory request of a Triton pod, with a unit and above "
+                                                         "the /dev/shm volume, e.g. 2Gi (default: from the "
                                                          "repository's variants)")
     p.add_argument("--gateway-cpu", default=d["gateway_cpu"].default)
     p.add_argument("--gateway-memory", default=d["gateway_memory"].default)
@@ -532,6 +575,7 @@ def write_kubernetes(options: DeployOptions, log=print) -> Path:
     embedded Triton could not tell its version) before anything is written.
     """
     facts = read_repository(options.repository)
+    check_triton_memory(options, facts)
     out = options.out
     if out.exists() and not (out / MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and was not written by `dyngate deploy`; choose an empty or "

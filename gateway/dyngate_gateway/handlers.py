@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
-from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address
+from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address, protocol_mismatch
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
@@ -209,6 +209,9 @@ def triton_status(clients: ClientPool, catalog: dict[str, ModelView]) -> tuple[b
     client = clients.status_client()
     try:
         if not client.is_ready():
+            wrong_port = protocol_mismatch(client.url, client.protocol)
+            if wrong_port:  # a running Triton, asked on its other protocol's port: waiting will not help
+                return False, f"⚠️ **Triton is not reachable** at `{clients.url}`: {wrong_port}."
             return False, (f"⚠️ **Triton is not reachable** at `{clients.url}` (down or restarting): requests "
                            "fail at once until it is back; start it with `dyngate serve` (or `make serve`). "
                            "The gateway reconnects by itself: no restart or reload needed.")

@@ -10,8 +10,11 @@
 Policies (POLICIES):
 - `variant`: the variant named in `variant` (a variant name given as the policy means the same).
 - `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` points of the model's
-  best (points: 0.01 of the metric's [0, 1] scale, the unit of `dyngate recommend --budget`; 1.0 = one point). p50 comes from this gateway's live round trips once a variant
-  has `MIN_LIVE_SAMPLES` of them, else from the build's measurement (metadata `latency_in_process`).
+  best (points: 0.01 of the metric's [0, 1] scale, the unit of `dyngate recommend --budget`; 1.0 = one point).
+  One source of p50 for all candidates of one decision (`Router.p50s`): this gateway's live round trips when
+  every candidate has `MIN_LIVE_SAMPLES` of them, else the build's in-process measurement (metadata
+  `latency_in_process`) for all. Live round trips include Triton's, in-process times do not: mixed, the variant
+  with live samples would always look slower. The answer's reason names the source.
 - `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
   `fastest` and `most-accurate` leave out a variant whose accuracy was measured on another number of dev
   examples than the reference's (fp32), the rule of `dyngate recommend` (`recommend.sample_size_mismatch`).
@@ -205,23 +208,37 @@ class Router:
                              f"{', '.join(self.catalog) or 'none (run dyngate build)'}")
         return view
 
-    def p50(self, view: ModelView, variant: str) -> tuple[float | None, str]:
-        """(p50 ms, where it comes from): live round trips once there are enough, else the build's number."""
-        live, n = self.live.p50(view.variants[variant].name)
-        if live is not None and n >= MIN_LIVE_SAMPLES:
-            return live, f"live p50 over {n} requests"
-        build = _build_p50(view, variant)
-        return build, "build p50 (in process)" if build is not None else "no measurement"
+    def p50s(self, view: ModelView, variants: list[str]) -> tuple[dict[str, float | None], str]:
+        """p50 (ms) of each of `variants` from ONE source, and that source in words, for one decision.
+
+        This gateway's live round trips (LiveLatency, Triton round trip included) when every one of `variants`
+        has MIN_LIVE_SAMPLES of them; else the build's in-process p50 (metadata `latency_in_process`; None
+        where a variant has no metadata) for all of them, so a variant with live samples is never compared
+        against variants timed in process.
+        """
+        live = {v: self.live.p50(view.variants[v].name) for v in variants}
+        counts = [n for _, n in live.values()]
+        if variants and min(counts) >= MIN_LIVE_SAMPLES:
+            return {v: p for v, (p, _) in live.items()}, f"live p50, at least {min(counts)} requests each"
+        have = sum(n >= MIN_LIVE_SAMPLES for n in counts)
+        source = "build p50 (in process) for all"
+        if have:
+            source += f": only {have} of {len(variants)} have {MIN_LIVE_SAMPLES} live requests"
+        return {v: _build_p50(view, v) for v in variants}, source
 
     def candidates(self, view: ModelView) -> dict[str, dict]:
-        """Per variant: ready, accuracy, p50 and its source, as the policies see them now."""
+        """Per variant: ready, accuracy, p50 and its source (one source for the READY variants), as the policies
+        see them now."""
         ready = self.ready_models()
+        names = list(view.variants)
+        in_ready, ready_source = self.p50s(view, [v for v in names if view.variants[v].name in ready])
+        others, other_source = self.p50s(view, [v for v in names if view.variants[v].name not in ready])
         out = {}
         for variant, entry in view.variants.items():
-            p50, source = self.p50(view, variant)
-            out[variant] = {"triton_model": entry.name, "ready": entry.name in ready,
-                            "accuracy": _accuracy(view, variant), "p50_ms": p50, "p50_source": source,
-                            "size_mb": _size(view, variant)}
+            up = entry.name in ready
+            out[variant] = {"triton_model": entry.name, "ready": up, "accuracy": _accuracy(view, variant),
+                            "p50_ms": (in_ready if up else others)[variant],
+                            "p50_source": ready_source if up else other_source, "size_mb": _size(view, variant)}
         return out
 
     def cascade_order(self, view: ModelView, ready: set[str] | None = None) -> list[str]:
@@ -370,22 +387,28 @@ class Router:
         mismatch = {v: _metric_mismatch(view, v) for v in names}
         accuracy = {v: None if mismatch[v] else _accuracy(view, v) for v in names}
         not_comparable = "".join(f"; not comparable: {v} ({why})" for v, why in mismatch.items() if why)
-        p50 = {v: self.p50(view, v) for v in names}
-        speed = lambda v: p50[v][0] if p50[v][0] is not None else float("inf")  # noqa: E731
         known = [a for a in accuracy.values() if a is not None]
+
+        def fastest_of(pool: list[str]) -> tuple[str, float, str]:
+            p50, source = self.p50s(view, pool)  # one source for the whole pool
+            chosen = min(pool, key=lambda v: p50[v] if p50[v] is not None else float("inf"))
+            return chosen, (p50[chosen] if p50[chosen] is not None else float("inf")), source
+
         if policy == "most-accurate":
             if not known:
-                chosen = min(names, key=speed)
-                return chosen, f"no variant has a measured accuracy; took the fastest ({chosen})" + not_comparable
-            chosen = max(names, key=lambda v: (accuracy[v] if accuracy[v] is not None else -1, -speed(v)))
+                chosen, _, source = fastest_of(names)
+                return chosen, (f"no variant has a measured accuracy; took the fastest ({chosen}, {source})"
+                                + not_comparable)
+            top = max(accuracy[v] if accuracy[v] is not None else -1 for v in names)
+            chosen, _, _ = fastest_of([v for v in names if (accuracy[v] if accuracy[v] is not None else -1) == top])
             return chosen, f"highest accuracy among ready variants: {accuracy[chosen]:.4f}" + not_comparable
         if policy == "fastest":
             best = max(known) if known else None
             allowed = [v for v in names if not mismatch[v]
                        and (best is None or accuracy[v] is None or accuracy[v] >= best - budget / 100.0 - 1e-9)] or names
-            chosen = min(allowed, key=speed)
+            chosen, p50, source = fastest_of(allowed)
             left_out = [v for v in names if v not in allowed and not mismatch[v]]
-            reason = (f"lowest p50 ({speed(chosen):.3f} ms, {p50[chosen][1]}) among ready variants within "
+            reason = (f"lowest p50 ({p50:.3f} ms, {source}) among ready variants within "
                       f"{budget:g} pt (accuracy budget) of the best ({best if best is None else round(best, 4)})")
             if left_out:
                 reason += f"; outside the budget: {', '.join(left_out)}"

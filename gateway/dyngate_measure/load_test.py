@@ -19,6 +19,10 @@ Triton's statistics API is read before and after each run: the deltas of `infere
 inference_count / execution_count: 1.0 means every request ran alone; 8 means dynamic batching merged eight
 requests per execution on average.
 
+A gateway started with a login (README: DYNGATE_GATEWAY_USER / DYNGATE_GATEWAY_PASSWORD, or the config file's
+"auth") is sent that login as HTTP basic auth (`gateway_auth`; `dyngate load` reads it as `dyngate gateway` does);
+a gateway that refuses the login given, or asks for one when none was, is a ConfigError before the run.
+
 Only loopback servers are accepted (127.0.0.0/8, localhost, ::1): this tool must not load someone else's server.
 Writes `<out>/<name>.json` and `<out>/<name>.md`.
 """
@@ -39,6 +43,7 @@ from urllib.parse import urlparse
 from dyngate_build.errors import ConfigError, InputError, ServingError
 from dyngate_build.evaluate import summarize_ms
 from dyngate_serving.client import grpc_address
+from dyngate_serving.net import DIRECT
 
 TARGETS = ("triton", "gateway")
 MAX_ERROR_MESSAGES = 10
@@ -97,6 +102,28 @@ def check_bounds(clients: int, duration_s: float, max_requests: int, timeout_s: 
         raise ConfigError(f"max_requests={max_requests} must be ≥ 1")
     if timeout_s <= 0:
         raise ConfigError(f"timeout={timeout_s} s must be > 0")
+
+
+def check_gateway_login(gateway_url: str, auth: tuple[str, str] | None, timeout_s: float = 10.0) -> None:
+    """ConfigError when the gateway at `gateway_url` answers 401 to its status route (`GET /api/status`, no
+    inference) with the login `auth` (user, password; None: none); a gateway that cannot be reached is left to
+    the run, which counts its failed requests."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(gateway_url.rstrip("/") + "/api/status")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        DIRECT.open(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            said = f"refused the login of user {auth[0]!r}" if auth else "asks for a login and none was given"
+            raise ConfigError(f"gateway={gateway_url!r} {said} (HTTP 401); give the gateway's login as for "
+                              "`dyngate gateway`: DYNGATE_GATEWAY_USER and DYNGATE_GATEWAY_PASSWORD in the "
+                              "environment, or --gateway-config with the config file that holds its \"auth\"") from None
+    except OSError:
+        pass
 
 
 def load_inputs(client_input: str, data: str | None, limit: int = 200) -> list[bytes]:
@@ -214,9 +241,11 @@ async def _model_signature(client, model: str) -> tuple[str, list[str]]:
 
 async def run_target(target: str, triton_url: str, gateway_url: str | None, model: str, variant: str,
                      raws: list[bytes], clients: int, duration_s: float, max_requests: int,
-                     timeout_s: float, warmup: int = 5) -> tuple[LoadRun, list[float], dict]:
+                     timeout_s: float, warmup: int = 5, gateway_auth: tuple[str, str] | None = None
+                     ) -> tuple[LoadRun, list[float], dict]:
     """One target's run ("triton" or "gateway") with Triton's statistics before and after: (the run, its round
-    trips in ms, the raw deltas of Triton's counts, for `combine`)."""
+    trips in ms, the raw deltas of Triton's counts, for `combine`). gateway_auth: (user, password) sent to the
+    gateway as HTTP basic auth."""
     import numpy as np
     import tritonclient.grpc.aio as grpcaio
 
@@ -253,7 +282,8 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
                 # sniffio installed, it retries an import on every request; the run measured the generator.)
                 session = aiohttp.ClientSession(
                     url, connector=aiohttp.TCPConnector(limit=1), trust_env=False,
-                    timeout=aiohttp.ClientTimeout(total=timeout_s))
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                    auth=aiohttp.BasicAuth(*gateway_auth) if gateway_auth else None)
 
                 async def send(i: int):
                     async with session.post("/api/predict", data=bodies[i % len(bodies)],
@@ -300,12 +330,13 @@ def combine(parts: list[tuple[LoadRun, list[float], dict]]) -> LoadRun:
 def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: str | None = None,
              targets: tuple[str, ...] = TARGETS, clients: int = 100, duration_s: float = 60,
              max_requests: int = 1_000_000, timeout_s: float = 30, data: str | None = None,
-             rounds: int = 3) -> list[LoadRun]:
+             rounds: int = 3, gateway_auth: tuple[str, str] | None = None) -> list[LoadRun]:
     """Run the targets in turn, `rounds` rounds of duration_s / rounds seconds each (see the module docstring);
     returns one LoadRun per target (its rounds combined). max_requests caps each target's total.
+    gateway_auth: the gateway's login (user, password), sent as HTTP basic auth; None for a gateway without one.
 
-    Raises ConfigError for a non-loopback url, an unknown target, a missing gateway url or bounds out of range;
-    ServingError when the variant is not ready on Triton.
+    Raises ConfigError for a non-loopback url, an unknown target, a missing gateway url, bounds out of range or a
+    gateway that answers 401 (`check_gateway_login`); ServingError when the variant is not ready on Triton.
     """
     check_bounds(clients, duration_s, max_requests, timeout_s, rounds)
     triton_url = grpc_address(triton_url)  # "host:port"; ConfigError for an http:// URL or a malformed address
@@ -317,6 +348,7 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
         if not gateway_url:
             raise ConfigError("target 'gateway' needs --gateway http://127.0.0.1:PORT (or leave it out of --targets)")
         check_loopback(gateway_url, "gateway")
+        check_gateway_login(gateway_url, gateway_auth, timeout_s)
 
     async def main():
         import tritonclient.grpc.aio as grpcaio
@@ -335,7 +367,7 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
                 if left > 0:
                     parts[target].append(await run_target(target, triton_url, gateway_url, model, variant, raws,
                                                           clients, duration_s / rounds, left, timeout_s,
-                                                          warmup=5 if r == 0 else 0))
+                                                          warmup=5 if r == 0 else 0, gateway_auth=gateway_auth))
         return [combine(parts[t]) for t in targets]
 
     return asyncio.run(main())
@@ -401,13 +433,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="load", help="report file name without extension")
 
 
-def run_from_args(args, command: str) -> int:
+def run_from_args(args, command: str, gateway_auth: tuple[str, str] | None = None) -> int:
     """Run the load test the parsed options describe, print and write its report; exit status 1 when any
-    request failed. Raises ConfigError/InputError/ServingError. `command`: the command line, for the report."""
+    request failed. Raises ConfigError/InputError/ServingError. `command`: the command line, for the report.
+    gateway_auth: the gateway's login (user, password) or None (see `run_load`)."""
     targets = tuple(t.strip() for t in (args.targets or ("triton,gateway" if args.gateway else "triton")).split(",")
                     if t.strip())
     runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
-                    args.max_requests, args.timeout, args.data, args.rounds)
+                    args.max_requests, args.timeout, args.data, args.rounds, gateway_auth)
     json_path, md_path = write_report(runs, Path(args.out), args.name, command)
     print(markdown(runs, command))
     print(f"written: {json_path}, {md_path}", file=sys.stderr)

@@ -273,17 +273,22 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
     qualifying one escalates least.
     Give one target: within_pt, points (0.01 of the metric) below the last (most expensive) variant's own dev
     metric, ≥ 0; or at_least, an absolute dev metric in [0, 1].
-    Raises ConfigError for no or both targets, a target out of range, fewer than two steps, or steps whose
-    scores were measured on different dev examples (another --eval-limit or data) or metrics.
+    Raises ConfigError for no or both targets, a target out of range, fewer than two steps, a variant named twice,
+    or steps whose scores were measured on different dev examples (another --eval-limit or data) or metrics.
     Confidence-based cascading of cheap and expensive models: Wang et al., "IDK Cascades" (2017).
     """
     if len(steps) < 2:
         raise ConfigError(f"a cascade needs two variants or more, got {[v for v, _ in steps]}; name a cheap one "
                           "then an expensive one")
+    names = [v for v, _ in steps]
+    repeated = sorted({v for v in names if names.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"the cascade order {','.join(names)} names {', '.join(repeated)} more than once: a variant "
+                          "would only be asked again with the same answer; name each variant once, cheapest "
+                          "first (e.g. int8-dynamic,fp32)")
     if (within_pt is None) == (at_least is None):
         raise ConfigError("give one accuracy target: within_pt (points below the last variant, e.g. 0.5) or "
                           "at_least (an absolute dev metric, e.g. 0.80)")
-    names = [v for v, _ in steps]
     first = steps[0][1]
     for variant, scores in steps[1:]:
         if (scores.examples_sha256, scores.n, scores.metric) != (first.examples_sha256, first.n, first.metric):
@@ -302,7 +307,8 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
         rule = f"within {within_pt:g} pt of {names[-1]} ({metric_name} {alone[names[-1]]:.4f} → ≥ {target:.4f})"
     else:
         if not math.isfinite(at_least) or not 0.0 <= at_least <= 1.0:
-            raise ConfigError(f"at_least={at_least!r} must be a {metric_name} in [0, 1], e.g. 0.80")
+            raise ConfigError(f"at_least={at_least!r} must be in [0, 1]: the {metric_name} the cascade must reach, "
+                              "e.g. 0.80")
         target, rule = float(at_least), f"{metric_name} ≥ {at_least:.4f}"
 
     columns = np.arange(first.n)

@@ -188,8 +188,7 @@ class TritonClient:
                 from e
 
     def _unreachable_error(self, e: Exception) -> TritonUnreachable:
-        return _unreachable_error(self.url, e, _answers_http(self.url) if self.protocol == "grpc"
-                                  else False)
+        return _unreachable_error(self.url, e, protocol_mismatch(self.url, self.protocol))
 
     def _call(self, method, *, json: bool = False):
         """Call one tritonclient method with our timeout; TritonUnreachable when the server cannot be reached,
@@ -414,8 +413,8 @@ class AsyncTritonClient:
             return await asyncio.wait_for(awaitable, self.timeout_s)
         except Exception as e:
             if _unreachable(e):
-                http = self.protocol == "grpc" and await asyncio.to_thread(_answers_http, self.url)
-                raise _unreachable_error(self.url, e, http) from e
+                hint = await asyncio.to_thread(protocol_mismatch, self.url, self.protocol)
+                raise _unreachable_error(self.url, e, hint) from e
             raise ServingError(f"Triton at {self.url} answered with an error: {_message(e)}") from e
 
     async def _signature(self, model: str) -> _Signature:
@@ -698,9 +697,43 @@ def _message(e: Exception) -> str:
     return text or str(e) or type(e).__name__
 
 
+def protocol_mismatch(address: str, protocol: str, timeout_s: float = 2.0) -> str | None:
+    """Why a `protocol` ("grpc" or "http") client may not reach Triton at `address` ("host:port", as
+    `parse_address` returns it): the port answers the other protocol (Triton's HTTP port given where gRPC is
+    expected, or an http:// url on its gRPC port). One sentence with the fix, or None when the port does not
+    answer the other protocol (down, or something else listens there). Probes the port: for error paths only."""
+    host = address.rsplit(":", 1)[0]
+    if protocol == "grpc" and _answers_http(address, timeout_s):
+        return (f"{address} answers HTTP, not gRPC: it may be Triton's HTTP port (default "
+                f"{DEFAULT_PORTS['http']}) where its gRPC port is expected; give Triton's gRPC port, e.g. "
+                f"{host}:{DEFAULT_PORTS['grpc']} (`dyngate serve` prints it as grpc://...), or, where HTTP is taken "
+                f"(dyngate predict), the url http://{address}")
+    if protocol == "http" and _answers_grpc(address, timeout_s):
+        return (f"{address} answers gRPC (HTTP/2), not HTTP/1.1: it may be Triton's gRPC port (default "
+                f"{DEFAULT_PORTS['grpc']}) given with an http:// scheme; drop http:// to talk gRPC to it "
+                f"({address}), or give Triton's HTTP port, e.g. http://{host}:{DEFAULT_PORTS['http']}")
+    return None
+
+
+def _answers_grpc(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether `address` ("host:port") speaks HTTP/2, as a gRPC server does: it answers the client connection
+    preface (RFC 9113 section 3.4) with a SETTINGS frame (type 0x4). An HTTP client given Triton's gRPC port
+    only hears bytes that are no HTTP/1.1 status line."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            head = sock.recv(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[3] == 0x04
+
+
 def _answers_http(address: str, timeout_s: float = 2.0) -> bool:
-    """Whether `address` ("host:port") answers an HTTP request (any status): a gRPC client given Triton's HTTP
-    port only hears "Socket closed"."""
+    """Whether `address` ("host:port") answers an HTTP/1.1 request (any status): a gRPC client given Triton's
+    HTTP port only hears "Socket closed"."""
     import urllib.error
 
     from dyngate_serving.net import DIRECT
@@ -714,20 +747,24 @@ def _answers_http(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _unreachable_error(url: str, e: Exception, answers_http: bool) -> TritonUnreachable:
-    """TritonUnreachable for a call to `url` that could not reach Triton; when the gRPC address answers HTTP,
-    the message says it may be Triton's HTTP port where its gRPC port is expected."""
+def _unreachable_error(url: str, e: Exception, hint: str | None) -> TritonUnreachable:
+    """TritonUnreachable for a call to `url` that could not reach Triton; `hint` (`protocol_mismatch`: the port
+    answers the other protocol, and the fix) ends the message."""
     text = f"Triton at {url} is not reachable: {_message(e)}"
-    if answers_http:
-        host = url.rsplit(":", 1)[0]
-        text += (f"; {url} answers HTTP, so it may be Triton's HTTP port (default {DEFAULT_PORTS['http']}) where "
-                 f"its gRPC port is expected: give Triton's gRPC address, e.g. {host}:{DEFAULT_PORTS['grpc']}")
-    return TritonUnreachable(text)
+    return TritonUnreachable(f"{text}; {hint}" if hint else text)
 
 
 def _unreachable(e: Exception) -> bool:
-    """Connection refused / DNS failure / timeout, whichever client library raised it."""
-    if isinstance(e, (ConnectionError, TimeoutError, OSError)):
+    """Connection refused / DNS failure / timeout / an answer that is no HTTP/1.1 (an HTTP client on a gRPC
+    port), whichever client library raised it."""
+    import http.client
+
+    import aiohttp
+
+    # geventhttpclient's parser error is an http.client.HTTPException; aiohttp wraps a bad status line in
+    # ClientResponseError (tritonclient reads Triton's own error statuses itself, so they never raise it)
+    if isinstance(e, (ConnectionError, TimeoutError, OSError, http.client.HTTPException,
+                      aiohttp.ClientResponseError)):
         return True
     status = str(getattr(e, "status", lambda: "")() or "")
     if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):

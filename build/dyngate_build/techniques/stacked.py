@@ -73,7 +73,7 @@ class StackedConfig:
     def __post_init__(self):
         for name, kind in (("pruning", PrunedConfig), ("early_exit", EarlyExitConfig), ("int8", Int8DynamicConfig)):
             if not isinstance(getattr(self, name), kind):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a {kind.__name__}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be of type {kind.__name__}")
         for key in SHARED_KEYS:
             if getattr(self.pruning, key) != getattr(self.early_exit, key):
                 raise ConfigError(f"{key} differs between pruning ({getattr(self.pruning, key)!r}) and early_exit "
