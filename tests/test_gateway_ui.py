@@ -202,6 +202,26 @@ def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_p
     page.close()
 
 
+# the sideways overflow of every scrolling box inside a page element: [[scrollWidth, clientWidth], ...]
+_SIDEWAYS = """(id) => [...document.querySelectorAll('#' + id + ' *')]
+  .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX) && e.clientWidth > 0)
+  .map(e => [e.scrollWidth, e.clientWidth])"""
+
+
+def test_models_tables_fit_a_1280_px_page(browser, gateway, catalog, tmp_path):
+    """Found in a new user's trial: the Models tab's tables had columns off-screen at 1280 px (Gradio sized each
+    column to its longest cell); with column widths and wrapped cells nothing scrolls sideways."""
+    page = open_page(browser, gateway.url)  # 1280 px wide
+    page.get_by_role("tab", name="Models", exact=True).click()
+    served = sum(len(v.variants) for v in catalog.values())
+    page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {served}", arg="models-table")
+    for table in ("models-table", "models-native"):
+        boxes = page.evaluate(_SIDEWAYS, table)
+        assert boxes and all(scroll <= client for scroll, client in boxes), (table, boxes)
+    screenshot(page, tmp_path, "gateway_ui_models_1280")
+    page.close()
+
+
 # ------------------------------------------------------------------------------------------------ shadow
 
 def _routed(url: str, texts: list[str], variant: str) -> list[dict]:

@@ -401,7 +401,8 @@ def _models_tab(state: "GatewayState"):
     python_models = [e.name for v in state.catalog.values() for e in v.variants.values()]
     with gr.Tab("Models", id="models"):
         table = gr.Dataframe(headers=models_view.HEADERS, label="Served variants (python backend)",
-                             interactive=False, wrap=True, elem_id="models-table")
+                             interactive=False, wrap=True, column_widths=models_view.COLUMN_WIDTHS,
+                             elem_id="models-table")
         with gr.Row():
             name = gr.Dropdown(choices=python_models, value=python_models[0] if python_models else None,
                                label="Triton model", elem_id="models-name")
@@ -413,7 +414,7 @@ def _models_tab(state: "GatewayState"):
         gr.Dataframe(value=pd.DataFrame(native, columns=models_view.NATIVE_HEADERS), headers=models_view.NATIVE_HEADERS,
                      label=f"Native flavour: {models_view.NATIVE_NOTE} (the same graphs for the onnxruntime and "
                            "pytorch backends of NVIDIA's tritonserver)", interactive=False, wrap=True,
-                     visible=bool(native), elem_id="models-native")
+                     column_widths=models_view.NATIVE_COLUMN_WIDTHS, visible=bool(native), elem_id="models-native")
 
     def rows():
         return pd.DataFrame(models_view.model_rows(state.repository, state.clients), columns=models_view.HEADERS)
