@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
+BUILD = $(DYNGATE) build $(foreach p,$(PRESETS),--model $(p)) --techniques $(TECHNIQUES) --repository $(REPOSITORY) $(DATA_FLAG)
 build: setup
-	$(DYNGATE) build $(foreach p,$(PRESETS),--model $(p)) --techniques $(TECHNIQUES) --repository $(REPOSITORY) $(DATA_FLAG)
+	$(BUILD)
 
 serve: setup
 	$(DYNGATE) serve --repository $(REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
@@ -41,8 +42,10 @@ gateway: setup
 	$(DYNGATE) gateway --repository $(REPOSITORY) --triton 127.0.0.1:$(GRPC_PORT) --port $(GATEWAY_PORT) \
 	  --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics
 
-# Builds the presets' variants, starts Triton in the background and the gateway in the foreground.
-demo: build
+# Builds the presets' variants unless the repository has them all, built alike (`make build` rebuilds), then starts
+# Triton and the gateway; both stop on Ctrl-C or when Triton cannot be kept serving.
+demo: setup
+	$(BUILD) --skip-existing
 	REPOSITORY=$(REPOSITORY) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
 	GATEWAY_PORT=$(GATEWAY_PORT) DYNGATE=$(DYNGATE) bash scripts/demo.sh
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start Triton (background) on the built repository, wait until it is ready, then the gateway (foreground).
-# Ctrl-C stops both. Called by `make demo`; ports and paths come from the environment (see Makefile).
+# Start Triton (`dyngate serve`, background) on the built repository, wait until it is ready, then the gateway.
+# Ctrl-C stops both. When serve gives up (Triton died more often than it restarts it, or could not start), the
+# gateway is stopped too and the demo ends with serve's reason (its error and Triton's log tail).
+# Called by `make demo`; ports and paths come from the environment (see Makefile).
 set -euo pipefail
 DYNGATE=${DYNGATE:-dyngate}
 REPOSITORY=${REPOSITORY:-model_repository}
@@ -10,23 +12,49 @@ GATEWAY_PORT=${GATEWAY_PORT:-7860}
 if curl -s -o /dev/null "http://127.0.0.1:$HTTP_PORT/"; then
   echo "something already listens on port $HTTP_PORT; stop it or run with HTTP_PORT=<free port>" >&2; exit 1
 fi
+SERVE_OUT=$(mktemp -t dyngate-serve-XXXXXX.out)
+GATEWAY=
+stop_all() {
+  kill -TERM $GATEWAY $SERVER 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -f "$SERVE_OUT"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
 "$DYNGATE" serve --repository "$REPOSITORY" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" \
-  --metrics-port "$METRICS_PORT" &
+  --metrics-port "$METRICS_PORT" >"$SERVE_OUT" 2>&1 &
 SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT INT TERM
+tail -n +1 -f --pid=$SERVER "$SERVE_OUT" &  # serve's messages as they come; it ends with serve
+
+serve_stopped() {  # serve has exited: stop the gateway and end with serve's reason ($1: its status, if reaped)
+  local code=${1:-0}
+  [ $# -gt 0 ] || wait $SERVER || code=$?
+  kill -TERM $GATEWAY 2>/dev/null || true
+  sleep 0.5  # tail prints serve's last lines first
+  echo >&2
+  echo "dyngate serve stopped (exit status $code), so the demo stops (gateway included). serve said:" >&2
+  if grep -q '^error: ' "$SERVE_OUT"; then sed -n '/^error: /,$p' "$SERVE_OUT" >&2; else tail -n 20 "$SERVE_OUT" >&2; fi
+  exit 1
+}
 
 for _ in $(seq 1 240); do
   if curl -sf "http://127.0.0.1:$HTTP_PORT/v2/health/ready" >/dev/null; then break; fi
-  if ! kill -0 $SERVER 2>/dev/null; then echo "Triton exited; see the messages above" >&2; exit 1; fi
+  kill -0 $SERVER 2>/dev/null || serve_stopped
   sleep 0.5
 done
 curl -sf "http://127.0.0.1:$HTTP_PORT/v2/health/ready" >/dev/null || { echo "Triton did not become ready" >&2; exit 1; }
 sleep 1
-kill -0 $SERVER 2>/dev/null || { echo "our Triton exited (is another server on these ports?)" >&2; exit 1; }
+kill -0 $SERVER 2>/dev/null || serve_stopped
 
 echo
 echo "Triton   HTTP http://127.0.0.1:$HTTP_PORT  gRPC 127.0.0.1:$GRPC_PORT  metrics http://127.0.0.1:$METRICS_PORT/metrics"
 echo "Gateway  http://127.0.0.1:$GATEWAY_PORT"
 echo
 "$DYNGATE" gateway --repository "$REPOSITORY" --triton "127.0.0.1:$GRPC_PORT" --port "$GATEWAY_PORT" \
-  --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics"
+  --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" &
+GATEWAY=$!
+code=0
+wait -n -p ENDED $SERVER $GATEWAY || code=$?
+[ "$ENDED" != "$SERVER" ] || serve_stopped $code
+exit $code  # the gateway ended; stop_all stops serve

@@ -180,3 +180,47 @@ def test_cli_refuses_bad_settings_before_any_work(tmp_path, case):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "repo").exists()
+
+
+def test_skip_existing_builds_nothing_when_every_variant_is_built_alike(text_repository, preset_checkpoint, tmp_path,
+                                                                       cache_dir):
+    """Found in a new user's trial: every `make demo` rebuilt every variant, even into a repository that another
+    demo's Triton was serving. `--skip-existing` (make demo) writes nothing when the repository has them all,
+    built alike, and says so in one line; a missing variant or other settings mean a build."""
+    import dataclasses
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from dyngate_build.pipeline import not_built_alike
+    from dyngate_build.repository import ServingOptions
+
+    repository = tmp_path / "repo"
+    shutil.copytree(text_repository, repository)
+    before = _snapshot(repository)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "build"), str(root / "gateway")])}
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", "build", "--model", "distilbert-tiny", "--techniques",
+                           "fp32,torchscript", "--repository", str(repository), "--cache-dir", str(cache_dir),
+                           "--skip-existing"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        f"distilbert-tiny: fp32, torchscript already built in {repository} from the same source and serving "
+        "settings; not rebuilt (`dyngate build` without --skip-existing, or `make build`, rebuilds)"], done.stdout
+    assert _snapshot(repository) == before
+
+    alike = BuildOptions(model="distilbert-tiny", techniques=("fp32", "torchscript"), repository=repository)
+    assert not_built_alike(alike) == []
+    otherwise = {
+        "distilbert-tiny: int8-dynamic is not in": dataclasses.replace(alike, techniques=("fp32", "int8-dynamic")),
+        "distilbert-tiny: fp32 was built with serving settings": dataclasses.replace(
+            alike, serving=ServingOptions(threads=alike.serving.threads + 1)),
+        "distilbert-tiny: fp32 was built from distilbert-tiny, not": dataclasses.replace(
+            alike, model=str(preset_checkpoint("distilbert-tiny"))),
+        "technique options given (torchscript)": dataclasses.replace(
+            alike, technique_options={"torchscript": {}}),
+    }
+    for reason, options in otherwise.items():
+        reasons = not_built_alike(options)
+        assert reasons and reasons[0].startswith(reason), (reason, reasons)

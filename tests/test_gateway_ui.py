@@ -202,6 +202,26 @@ def test_models_tab_shows_native_flavours_apart(browser, gateway, catalog, tmp_p
     page.close()
 
 
+# the sideways overflow of every scrolling box inside a page element: [[scrollWidth, clientWidth], ...]
+_SIDEWAYS = """(id) => [...document.querySelectorAll('#' + id + ' *')]
+  .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX) && e.clientWidth > 0)
+  .map(e => [e.scrollWidth, e.clientWidth])"""
+
+
+def test_models_tables_fit_a_1280_px_page(browser, gateway, catalog, tmp_path):
+    """Found in a new user's trial: the Models tab's tables had columns off-screen at 1280 px (Gradio sized each
+    column to its longest cell); with column widths and wrapped cells nothing scrolls sideways."""
+    page = open_page(browser, gateway.url)  # 1280 px wide
+    page.get_by_role("tab", name="Models", exact=True).click()
+    served = sum(len(v.variants) for v in catalog.values())
+    page.wait_for_function(f"(id) => ({_READ_TABLE})(id).length >= {served}", arg="models-table")
+    for table in ("models-table", "models-native"):
+        boxes = page.evaluate(_SIDEWAYS, table)
+        assert boxes and all(scroll <= client for scroll, client in boxes), (table, boxes)
+    screenshot(page, tmp_path, "gateway_ui_models_1280")
+    page.close()
+
+
 # ------------------------------------------------------------------------------------------------ shadow
 
 def _routed(url: str, texts: list[str], variant: str) -> list[dict]:
@@ -391,3 +411,30 @@ def test_cascade_threshold_is_chosen_from_a_dev_target_on_the_page_and_the_api(b
                         (f"model={TEXT_MODEL}&within_pt=abc", 400), ("model=no-such-model&within_pt=1", 404)):
         status, body = _get_status(f"{gateway.url}/api/cascade?{query}")
         assert status == code and body["error"], (query, body)
+
+
+def test_cascade_target_below_zero_is_a_message_and_blank_is_the_default(browser, gateway, built_repository,
+                                                                        catalog, tmp_path, capfd):
+    """Found in a new user's trial: -1 as the accuracy target failed in Gradio's own bound check (a traceback in
+    the gateway's output, "Error" on the page) and blank was refused. Now -1 is dyngate's message, shown the way
+    the page shows every bad input, and blank chooses the threshold for the default target."""
+    from dyngate_gateway.app import CASCADE_TARGET_PT
+
+    view = catalog[TEXT_MODEL]
+    order = gateway.state.router.cascade_order(view, gateway.state.router.ready_models(fresh=True))
+    expected = cascade_from_repository(Path(built_repository), TEXT_MODEL, order, within_pt=CASCADE_TARGET_PT)
+    page = open_page(browser, gateway.url)
+    page.locator("#cascade-target input").fill("-1")
+    page.click("#cascade-choose")
+    toast = page.locator(".toast-body", has_text="within_pt=-1.0 must be a number ≥ 0")
+    toast.first.wait_for()
+    badge = page.evaluate("() => [...document.querySelectorAll('#threshold [data-testid=status-tracker]')]"
+                          ".map(t => getComputedStyle(t).opacity)")
+    assert all(opacity == "0" for opacity in badge), badge  # no "Error" badge over the field the answer goes to
+    screenshot(page, tmp_path, "gateway_ui_cascade_target_negative")
+    page.locator("#cascade-target input").fill("")
+    page.click("#cascade-choose")
+    page.wait_for_function("document.querySelector('#cascade-line').innerText.includes('escalate')")
+    assert float(page.locator("#threshold input").input_value()) == pytest.approx(expected.threshold, abs=1e-9)
+    page.close()
+    assert "Traceback" not in capfd.readouterr().err

@@ -37,7 +37,8 @@ from dyngate_build.evaluate import (Agreement, Latency, Metric, agreement, dev_s
 from dyngate_build.metadata import (AgreementRecord, LatencyRecord, MachineRecord, MetricRecord, ServingRecord,
                                     SourceRecord, ToleranceRecord, VariantMetadata)
 from dyngate_build.repository import (Published, ServingOptions, directory_size, finish_model, keep_previous_version,
-                                      native_config, python_config, staged_repository, triton_name)
+                                      list_models, model_name_for, native_config, python_config, staged_repository,
+                                      triton_name)
 from dyngate_build.runtime import Predictor
 from dyngate_build.techniques import BuildContext, Variant, get_technique, make_config
 from dyngate_build.variant_folder import artifact_name_for, reference_predictor, write_variant_folder
@@ -203,6 +204,38 @@ def build(options: BuildOptions, log=print,
     if fastest:
         log(fastest)
     return reports
+
+
+def not_built_alike(options: BuildOptions) -> list[str]:
+    """Why `build(options)` would write to its repository: one line per requested technique whose variant is
+    missing there or was built otherwise; [] when every one is there, built alike (`dyngate build --skip-existing`).
+
+    Built alike: metadata.json of its python-flavour model (`<model>__<technique>`) names the same source as
+    given (`options.model`), the same serving settings (ServingOptions) and this dyngate version. Technique options
+    are not recorded as given (metadata keeps the settings a technique derived from them), so a build with
+    `technique_options` never counts as alike; the data setting and the evaluation counts are not compared.
+    Raises StaleRepositoryError when a metadata.json was written by an older dyngate (rebuild then).
+    """
+    if options.technique_options:
+        return [f"technique options given ({', '.join(sorted(options.technique_options))}): the build compares "
+                "only builds without them"]
+    model = model_name_for(options.model)
+    built = {e.metadata.technique: e.metadata for e in list_models(options.repository)
+             if e.metadata is not None and not e.native and e.metadata.model == model}
+    serving = ServingRecord(**options.serving.as_dict())
+    reasons = []
+    for technique in options.techniques:
+        metadata = built.get(technique)
+        if metadata is None:
+            reasons.append(f"{model}: {technique} is not in {options.repository}")
+        elif metadata.source.location != options.model:
+            reasons.append(f"{model}: {technique} was built from {metadata.source.location}, not {options.model}")
+        elif metadata.serving != serving:
+            reasons.append(f"{model}: {technique} was built with serving settings {metadata.serving}, not {serving}")
+        elif metadata.dyngate_version != __version__:
+            reasons.append(f"{model}: {technique} was built by dyngate {metadata.dyngate_version}, this is "
+                           f"{__version__}")
+    return reasons
 
 
 INT8_TECHNIQUES = ("int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8")

@@ -67,7 +67,7 @@ def parse_params(items: list[str]) -> dict:
 
 
 def cmd_build(args) -> int:
-    from dyngate_build.pipeline import BuildOptions, build
+    from dyngate_build.pipeline import BuildOptions, build, not_built_alike
     from dyngate_build.repository import ServingOptions
     from dyngate_build.techniques import TECHNIQUES, known_techniques
 
@@ -91,11 +91,19 @@ def cmd_build(args) -> int:
         client = model_control_client(args.triton)
         client.index()  # TritonUnreachable now, not after the work
         hook = after_publish(client)
-    for model in args.model:
-        build(BuildOptions(
-            model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
-            cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-            serving=serving, native=not args.no_native), after_publish=hook)
+    builds = [BuildOptions(
+        model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
+        cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
+        serving=serving, native=not args.no_native) for model in args.model]
+    if args.skip_existing:
+        skipped = [b.model for b in builds if not not_built_alike(b)]
+        if skipped:
+            print(f"{', '.join(skipped)}: {', '.join(techniques)} already built in {args.repository} from the same "
+                  "source and serving settings; not rebuilt (`dyngate build` without --skip-existing, or `make "
+                  "build`, rebuilds)")
+        builds = [b for b in builds if b.model not in skipped]
+    for settings in builds:
+        build(settings, after_publish=hook)
     return 0
 
 
@@ -260,6 +268,9 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--queue-delay-us", type=int, default=None,
                    help="dynamic batching window in microseconds (default 0: a lone request never waits)")
     p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="build nothing for a model whose requested variants are all in the repository, built from "
+                        "the same source with the same serving settings by this dyngate (make demo uses it)")
     p.add_argument("--list", action="store_true", help="list the techniques and exit")
     p.add_argument("--triton", "--triton-url", dest="triton", default=None, metavar="HOST:PORT",
                    help="a running Triton's gRPC address (e.g. 127.0.0.1:8001): load the rebuilt variants there "

@@ -67,6 +67,7 @@ from dyngate_gateway.telemetry import GatewayTelemetry
 from dyngate_measure.recommend import CascadeChoice, cascade_steps, choose_cascade_threshold
 
 TITLE = "dyngate gateway"
+CASCADE_TARGET_PT = 0.5  # the Predict tab's accuracy target for choosing a cascade threshold (points)
 
 
 def _table(rows: list[list] | None = None) -> pd.DataFrame:
@@ -137,8 +138,11 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
                 exit_threshold = gr.Textbox(value="", label="Exit threshold (early-exit variants; blank: default)",
                                             placeholder="e.g. 0.9", elem_id="exit-threshold")
             with gr.Row():
-                cascade_target = gr.Number(value=0.5, minimum=0, label="Cascade: accuracy target (points below "
-                                           "the most expensive variant, on the dev split)", elem_id="cascade-target")
+                # no `minimum`: Gradio's own bound check fails with a traceback; choose_cascade_threshold's
+                # ConfigError reaches the page as a message instead, and blank means the default
+                cascade_target = gr.Number(value=CASCADE_TARGET_PT, label="Cascade: accuracy target (points below "
+                                           f"the most expensive variant, on the dev split; blank: {CASCADE_TARGET_PT})",
+                                           elem_id="cascade-target")
                 cascade_choose = gr.Button("Choose the threshold from dev data", elem_id="cascade-choose")
             cascade_line = gr.Markdown(elem_id="cascade-line")
             route = gr.Button("Route", elem_id="route")
@@ -198,14 +202,13 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
 
     @handlers.user_errors
     def on_cascade_target(name, within_pt):
-        if within_pt is None:
-            raise InputError("cascade target: give the points of accuracy the cascade may lose, e.g. 0.5")
-        choice = state.cascade_choice(name, within_pt=float(within_pt))
+        choice = state.cascade_choice(name, within_pt=CASCADE_TARGET_PT if within_pt is None else float(within_pt))
         line = choice.explain().replace("\n", "  \n")
         return (choice.threshold if choice.threshold is not None else gr.update()), line
 
+    # show_progress hidden: it answers at once, and a bad target would cover the threshold field with an "Error" badge
     cascade_choose.click(on_cascade_target, [model, cascade_target], [threshold, cascade_line],
-                         api_name="cascade_threshold")
+                         api_name="cascade_threshold", show_progress="hidden")
     route.click(on_route, [model, text, image, policy, route_variant, budget, threshold, exit_threshold],
                 route_json, api_name="route").then(route_summary, route_json, route_line,
                                                     api_visibility="private")
@@ -398,7 +401,8 @@ def _models_tab(state: "GatewayState"):
     python_models = [e.name for v in state.catalog.values() for e in v.variants.values()]
     with gr.Tab("Models", id="models"):
         table = gr.Dataframe(headers=models_view.HEADERS, label="Served variants (python backend)",
-                             interactive=False, wrap=True, elem_id="models-table")
+                             interactive=False, wrap=True, column_widths=models_view.COLUMN_WIDTHS,
+                             elem_id="models-table")
         with gr.Row():
             name = gr.Dropdown(choices=python_models, value=python_models[0] if python_models else None,
                                label="Triton model", elem_id="models-name")
@@ -410,7 +414,7 @@ def _models_tab(state: "GatewayState"):
         gr.Dataframe(value=pd.DataFrame(native, columns=models_view.NATIVE_HEADERS), headers=models_view.NATIVE_HEADERS,
                      label=f"Native flavour: {models_view.NATIVE_NOTE} (the same graphs for the onnxruntime and "
                            "pytorch backends of NVIDIA's tritonserver)", interactive=False, wrap=True,
-                     visible=bool(native), elem_id="models-native")
+                     column_widths=models_view.NATIVE_COLUMN_WIDTHS, visible=bool(native), elem_id="models-native")
 
     def rows():
         return pd.DataFrame(models_view.model_rows(state.repository, state.clients), columns=models_view.HEADERS)

@@ -17,6 +17,10 @@ from dyngate_gateway.handlers import STATUS_TIMEOUT_S, ClientPool
 HEADERS = ["triton model", "model", "variant", "technique", "size MB", "dev metric", "build p50 ms",
            "serving", "state", "version", "reason"]
 NATIVE_HEADERS = ["triton model", "model", "variant", "platform", "size MB", "dev metric", "serving"]
+# Column widths (share of the table) with wrapped cells: without them Gradio sizes columns to their longest cell and
+# both tables scroll sideways at 1280 px
+COLUMN_WIDTHS = ["16%", "10%", "9%", "9%", "6%", "9%", "6%", "14%", "7%", "7%", "7%"]
+NATIVE_COLUMN_WIDTHS = ["24%", "12%", "10%", "14%", "7%", "12%", "21%"]
 NATIVE_NOTE = "for NVIDIA's container; not loadable here"
 CONTROL_TIMEOUT_S = 180.0
 SETTLE_S = 30.0  # loading a torch variant on a busy 2-core machine takes a while

@@ -50,6 +50,10 @@ PYTHON_BACKEND = "python"
 STUB_NAME = "triton_python_backend_stub"
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 LOG_TAIL_LINES = 40
+# What Triton logs on every start on a machine without an NVIDIA GPU or driver ("Error: Failed to initialize NVML",
+# "DCGM unable to start"): harmless (DESIGN.md), so log tails shown to people leave these lines out lest they read
+# as the cause of a failure.
+NO_GPU_LOG_LINES = ("Failed to initialize NVML", "DCGM unable to start")
 _POLL_S = 0.1
 
 
@@ -384,13 +388,15 @@ class TritonServer:
         return instances
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last `lines` lines of the server's log ("" without one), without the NO_GPU_LOG_LINES."""
         if self.log_path is None or not self.log_path.exists():
             return ""
         with open(self.log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
             text = f.read().decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        kept = [line for line in text.splitlines() if not any(noise in line for noise in NO_GPU_LOG_LINES)]
+        return "\n".join(kept[-lines:])
 
     # ---- how it is run
 

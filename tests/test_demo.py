@@ -1,0 +1,97 @@
+"""scripts/demo.sh (`make demo`) with the real `dyngate serve` and gateway on free ports.
+
+Found in a new user's trial: the gateway went on in front of nothing after `dyngate serve` gave up, and the log
+tail serve printed ended with Triton's harmless "Failed to initialize NVML" line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from dyngate_serving.net import free_ports
+from tests.conftest import ROOT
+
+NAME = "distilbert-tiny__fp32"
+WAIT_S = 240  # upper bound for a start or restart on a loaded 2-core machine (a bound, never an assertion)
+
+
+def _wait_for(condition, what: str, detail=lambda: ""):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"gave up waiting {WAIT_S} s for {what}{detail()}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_demo_stops_the_gateway_and_says_why_when_serve_gives_up(text_repository, tmp_path):
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    shutil.copytree(text_repository / NAME, repository / NAME)
+    dyngate = tmp_path / "dyngate"
+    dyngate.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m dyngate_cli "$@"\n')
+    dyngate.chmod(0o755)
+    http, grpc, metrics, gateway_port = free_ports(4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DYNGATE": str(dyngate), "REPOSITORY": str(repository),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "build"), str(ROOT / "gateway")]),
+           "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
+           "GATEWAY_PORT": str(gateway_port)}
+    out_path = tmp_path / "demo.out"
+    with open(out_path, "wb") as out:
+        demo = subprocess.Popen(["bash", "scripts/demo.sh"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+    def said() -> str:
+        return out_path.read_text(errors="replace")
+
+    def tritons() -> list[int]:
+        return [int(p) for p in re.findall(r"Triton (\d+) ready", said())]
+
+    try:
+        _wait_for(lambda: _answers(f"http://127.0.0.1:{gateway_port}/") or demo.poll() is not None,
+                  "the demo's gateway", detail=lambda: f"; the demo said:\n{said()}")
+        assert demo.poll() is None, said()
+        gateway = [p.pid for p in psutil.Process(demo.pid).children(recursive=True)
+                   if "gateway" in p.cmdline()]
+        assert len(gateway) == 1, gateway
+        for deaths in range(1, 5):  # serve restarts Triton 3 times, then gives up
+            pid = _wait_for(lambda: len(tritons()) >= deaths and tritons()[deaths - 1], f"Triton start {deaths}",
+                            detail=lambda: f"; the demo said:\n{said()}")
+            os.kill(pid, signal.SIGKILL)
+        code = demo.wait(WAIT_S)
+        text = said()
+        assert code == 1, text
+        reason = text.split("dyngate serve stopped (exit status 2), so the demo stops")[1]
+        assert "error: Triton" in reason and "giving up" in reason and "Last lines of" in reason, text
+        assert "NVML" not in text and "DCGM" not in text, text
+        assert _gone(gateway[0]) and _answers(f"http://127.0.0.1:{gateway_port}/") is False
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGTERM)
+            demo.wait(60)
