@@ -10,7 +10,7 @@ loopback ports and runs two checks on SST-2 dev sentences at natural length, bat
    - direct gRPC: dyngate_serving.client.TritonClient.predict (tritonclient's gRPC client, as a user's would);
    - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
      (one kept-alive connection, as a real client would hold);
-   - with --before-pythonpath, the same through a second gateway run with that PYTHONPATH.
+   - per --before-pythonpath, the same through another gateway run with that PYTHONPATH.
    Prints p50/p90/p99 of each and the p50 each gateway adds over direct gRPC, in ms.
 2. Compare tab vs a plain loop: the Compare tab's driver (dyngate_gateway.compare.run_benchmark, concurrency 1) and a
    loop written directly on tritonclient.grpc (InferInput / infer, nothing of dyngate's), alternating in
@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of the Compare-vs-loop check")
     parser.add_argument("--data", default=None)
-    parser.add_argument("--before-pythonpath", default=None,
-                        help="PYTHONPATH of a second gateway (another checkout's build:gateway), measured alongside")
+    parser.add_argument("--before-pythonpath", action="append", default=[],
+                        help="PYTHONPATH of another gateway (another checkout's build:gateway), measured alongside; "
+                             "repeat for more")
     args = parser.parse_args(argv)
 
     entry = next((e for e in list_models(args.repository) if e.name == args.variant), None)
@@ -62,8 +63,8 @@ def main(argv=None) -> int:
                                 models=[entry.name])
     with TritonServer(config) as server, contextlib.ExitStack() as stack:
         gateways = {"gateway": {}}
-        if args.before_pythonpath:
-            gateways["gateway (before)"] = {"PYTHONPATH": args.before_pythonpath}
+        for i, pythonpath in enumerate(args.before_pythonpath):
+            gateways[f"gateway (before {i + 1})"] = {"PYTHONPATH": pythonpath}
         client = stack.enter_context(contextlib.closing(TritonClient(server.endpoints["grpc"])))
         paths = {"direct gRPC": lambda text: client.predict(entry.name, text.encode())}
         for name, env in gateways.items():

@@ -21,7 +21,8 @@ Views:
   state (load and unload); the native flavours apart, as "for NVIDIA's container; not loadable here".
 - Shadow: mirror a share of a model's routed requests to a candidate variant in the background (shadow.py);
   its agreement with the served answers and its latency per minute.
-A status line on top (refreshed by a timer) says whether Triton is reachable: down, restarting, or ready.
+A status line on top (refreshed by a timer) says whether Triton is reachable: down, restarting, or ready (or that
+the address given is the wrong protocol's port, and which to give).
 
 API endpoints (gradio_client, by name):
 - "predict": (model, text, image file or None, variants) -> (table {headers, data}, {variant: answer})
