@@ -25,7 +25,8 @@ import numpy as np
 
 from dyngate_build.errors import InputError
 from dyngate_build.evaluate import summarize_ms
-from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend, sample_size_mismatch
+from dyngate_build.metadata import dev_sample_mismatch
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 from dyngate_serving.client import TritonClient
 
 HEADERS = ["variant", "concurrency", "batch", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "mean ms",
@@ -237,14 +238,15 @@ def tradeoff(variants: dict, rows: list[list], budget_pt: float, metric_name: st
     variants: {variant: VariantMetadata or None} (dev metric, size); rows: a run's HEADERS rows, of which the
     rows of concurrency `level` (default: the run's lowest) give each variant's p50 (at the run's batch size).
     A variant without a successful request at that level has no p50 and is not recommended, nor one whose dev
-    metric was measured on another number of examples than the baseline's (`sample_size_mismatch`)."""
+    metric was measured on another dev sample than the baseline's (`dyngate_build.metadata.dev_sample_mismatch`)."""
     level = min((r[1] for r in rows), default=1) if level is None else level
     at_level = {r[0]: r for r in rows if r[1] == level}
     candidates = []
     reference = variants.get(baseline)
     for variant, row in at_level.items():
         meta = variants.get(variant)
-        unusable = (sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, baseline, metric_name)
+        unusable = (dev_sample_mismatch(meta.accuracy.n, meta.accuracy.examples_sha256, reference.accuracy.n,
+                                        reference.accuracy.examples_sha256, baseline, metric_name)
                     if meta and reference else None)
         candidates.append(Candidate(variant, meta.accuracy.value if meta else None, row[5],
                                     meta.size_mb if meta else None, unusable=unusable))
