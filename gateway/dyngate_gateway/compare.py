@@ -26,6 +26,7 @@ import numpy as np
 from dyngate_build.errors import InputError
 from dyngate_build.evaluate import summarize_ms
 from dyngate_build.metadata import dev_sample_mismatch
+from dyngate_measure.load_test import STAT_PHASES, settled_stats, triton_stats
 from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 from dyngate_serving.client import TritonClient
 
@@ -33,7 +34,6 @@ HEADERS = ["variant", "concurrency", "batch", "requests", "errors", "p50 ms", "p
            "throughput items/s"]
 SERVER_HEADERS = ["variant", "requests", "queue ms", "compute input ms", "compute infer ms", "compute output ms",
                   "queue share"]
-_STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -87,36 +87,11 @@ def parse_levels(text) -> list[int]:
     return sorted(set(levels))
 
 
-def server_stats(client: TritonClient, model: str) -> dict[str, tuple[int, int]]:
-    """Triton's cumulative statistics of `model`: {"success"|"queue"|...: (count, ns)}."""
-    stats = client.statistics(model)
-    out = {k: (0, 0) for k in _STAT_KEYS}
-    for entry in stats.get("model_stats", []):
-        inference = entry.get("inference_stats") or {}
-        for key in _STAT_KEYS:
-            item = inference.get(key) or {}
-            count, ns = out[key]
-            out[key] = (count + int(item.get("count", 0) or 0), ns + int(item.get("ns", 0) or 0))
-    return out
-
-
-def settled_stats(client: TritonClient, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
-    """server_stats once Triton has counted the `answered` requests sent since `before` (or after `wait_s` s).
-
-    Triton records a request's statistics when it releases the request, which can be just after the client has
-    its response: read at once, the last request or two of a run may be missing from the counts."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        after = server_stats(client, model)
-        if after["success"][0] - before["success"][0] >= answered or time.monotonic() > deadline:
-            return after
-        time.sleep(0.05)
-
-
 def split_row(variant: str, before: dict, after: dict) -> list:
-    """One SERVER_HEADERS row from two statistics snapshots: mean ms per request of each phase."""
-    n = after["success"][0] - before["success"][0]
-    ms = {k: (after[k][1] - before[k][1]) / 1e6 / n if n else 0.0 for k in _STAT_KEYS}
+    """One SERVER_HEADERS row from two statistics snapshots (dyngate_measure.load_test.triton_stats): mean ms per
+    request of each phase."""
+    n = after["success"] - before["success"]
+    ms = {k: (after[f"{k}_ns"] - before[f"{k}_ns"]) / 1e6 / n if n else 0.0 for k in STAT_PHASES}
     total = ms["queue"] + ms["compute_input"] + ms["compute_infer"] + ms["compute_output"]
     share = ms["queue"] / total if total else 0.0
     return [variant, n, round(ms["queue"], 4), round(ms["compute_input"], 4), round(ms["compute_infer"], 4),
@@ -193,7 +168,7 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
                     control.predict_batch(variants[label], batch)
                 except Exception:
                     break
-        before = {label: server_stats(control, variants[label]) for label in labels}
+        before = {label: triton_stats(control, variants[label]) for label in labels}
         for level_index, level in enumerate(concurrency):
             rotation = labels[level_index % len(labels):] + labels[: level_index % len(labels)]
             for label in rotation:
@@ -212,7 +187,7 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
         result.rows.sort(key=lambda r: (labels.index(r[0]), r[1]))
         for label in labels:
             answered = sum(len(result.latencies[f"{label}@{level}"]) for level in concurrency)
-            after = settled_stats(control, variants[label], before[label], answered)
+            after = settled_stats(control, variants[label], before[label], answered, counted="success")
             result.server.append(split_row(label, before[label], after))
     finally:
         control.close()
