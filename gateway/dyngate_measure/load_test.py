@@ -69,6 +69,15 @@ class LoadRun:
     throughput_rps: float = 0.0
     triton: dict = field(default_factory=dict)  # deltas of Triton's statistics for triton_model
 
+    def summarize(self, times: list[float]) -> None:
+        """Fill p50/p90/p99/mean (ms, 3 decimals, dyngate_build.evaluate.summarize_ms; None without answers) and
+        throughput_rps (answers / wall_s) from `times`, the answered requests' round trips in ms."""
+        if times:
+            lat = summarize_ms(times)
+            self.p50_ms, self.p90_ms, self.p99_ms, self.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
+                                                                   round(lat.p99_ms, 3), round(lat.mean_ms, 3))
+        self.throughput_rps = round(len(times) / self.wall_s, 2) if self.wall_s > 0 else 0.0
+
 
 def check_loopback(url: str, what: str) -> str:
     """The host of `url` ("host:port" or "scheme://host:port") if it is a loopback address, else ConfigError."""
@@ -200,11 +209,7 @@ async def _drive(send_factory, clients: int, duration_s: float, max_requests: in
     run.wall_s = round(time.perf_counter() - started, 3)
     run.requests, run.errors, run.ok = counter["sent"], counter["errors"], len(times)
     run.error_messages = list(messages)
-    if times:
-        lat = summarize_ms(times)
-        run.p50_ms, run.p90_ms, run.p99_ms, run.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
-                                                           round(lat.p99_ms, 3), round(lat.mean_ms, 3))
-    run.throughput_rps = round(len(times) / run.wall_s, 2) if run.wall_s > 0 else 0.0
+    run.summarize(times)
     return times
 
 
@@ -298,11 +303,7 @@ def combine(parts: list[tuple[LoadRun, list[float], dict]]) -> LoadRun:
     run.requests, run.ok, run.errors = (sum(p[0].requests for p in parts), len(times),
                                         sum(p[0].errors for p in parts))
     run.error_messages = list(dict.fromkeys(m for p in parts for m in p[0].error_messages))[:MAX_ERROR_MESSAGES]
-    if times:
-        lat = summarize_ms(times)
-        run.p50_ms, run.p90_ms, run.p99_ms, run.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
-                                                           round(lat.p99_ms, 3), round(lat.mean_ms, 3))
-    run.throughput_rps = round(len(times) / run.wall_s, 2) if run.wall_s > 0 else 0.0
+    run.summarize(times)
     run.triton = _stats_summary({k: sum(p[2][k] for p in parts) for k in parts[0][2]})
     return run
 
