@@ -69,8 +69,7 @@ def test_numbers_from_another_machine_are_not_recommended(built_repository, tmp_
             meta = json.loads(path.read_text())
             meta["machine"] = {"cpu": "some other cpu", "cores": 64}
             path.write_text(json.dumps(meta))
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    candidates = _candidates(repository)
     assert candidates["fp32"].unusable is None
     assert all("another machine" in c.unusable for v, c in candidates.items() if v != "fp32")
     assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
@@ -88,8 +87,7 @@ def test_a_metric_measured_on_fewer_dev_examples_is_not_compared(built_repositor
     meta["accuracy"].update(n=n // 2, value=1.0)
     meta["latency_in_process"]["p50_ms"] = 1e-3
     path.write_text(json.dumps(meta))
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    candidates = _candidates(repository)
     assert candidates["fp32"].unusable is None
     assert candidates["torchscript"].unusable == (f"accuracy measured on {n // 2} dev examples, fp32's on {n}: "
                                                   "not comparable; rebuild both with the same --eval-limit")
@@ -111,13 +109,12 @@ def test_a_metric_measured_on_as_many_other_dev_examples_is_not_compared(built_r
     path = repository / "distilbert-tiny__torchscript" / "metadata.json"
     meta = json.loads(path.read_text())
     assert len(fp32["examples_sha256"]) == 64 and meta["accuracy"]["examples_sha256"] == fp32["examples_sha256"]
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    assert DevScores.load(newest_version_dir(entries[0].folder)).examples_sha256 == fp32["examples_sha256"]
+    (entry, *_) = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
+    assert DevScores.load(newest_version_dir(entry.folder)).examples_sha256 == fp32["examples_sha256"]
     meta["accuracy"].update(examples_sha256="0" * 64, value=1.0)
     meta["latency_in_process"]["p50_ms"] = 1e-3
     path.write_text(json.dumps(meta))
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    candidates = _candidates(repository)
     assert candidates["fp32"].unusable is None
     assert candidates["torchscript"].unusable.startswith(f"accuracy measured on other dev examples than fp32's "
                                                          f"({fp32['n']} each")
@@ -125,9 +122,14 @@ def test_a_metric_measured_on_as_many_other_dev_examples_is_not_compared(built_r
 
     del meta["accuracy"]["examples_sha256"]  # written by a dyngate that did not record the digest
     path.write_text(json.dumps(meta))
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    candidates = _candidates(repository)
     assert candidates["torchscript"].unusable is None
+
+
+def _candidates(repository: Path) -> dict[str, Candidate]:
+    """build_candidates of distilbert-tiny's variants in `repository` on this machine, by variant."""
+    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
+    return {c.variant: c for c in build_candidates(entries, this_machine())}
 
 
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])
