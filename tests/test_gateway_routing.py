@@ -116,7 +116,7 @@ def test_fastest_compares_p50s_from_one_source(catalog, clients):
 
 
 def test_policies_leave_out_an_accuracy_measured_on_other_dev_examples(catalog, clients):
-    """The rule of `dyngate recommend` (dyngate_measure.recommend.sample_size_mismatch): a variant whose accuracy
+    """The rule of `dyngate recommend` (dyngate_build.metadata.dev_sample_mismatch): a variant whose accuracy
     was measured on half of fp32's dev examples is not the most accurate, however high it reads."""
     view = copy.deepcopy(catalog[TEXT_MODEL])
     other = next(v for v in view.variant_names if v != "fp32")

@@ -225,6 +225,26 @@ def test_without_triton_a_rebuild_adds_a_version_and_keeps_the_two_before(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
+@pytest.mark.parametrize("keep", [0, 1, 2])
+def test_keep_previous_version_keeps_the_newest_and_the_count_before_it(tmp_path, monkeypatch, keep):
+    """The rule counts versions (repository.KEEP_PREVIOUS_VERSIONS, read when it runs): after every build without
+    --triton the folder holds the new version and the `keep` before it; a version loaded before the builds (the one
+    a Triton serves) is gone only after `keep` + 1 builds. With 0 every previous version goes, never the newest."""
+    from dyngate_build import repository as repository_module
+
+    monkeypatch.setattr(repository_module, "KEEP_PREVIOUS_VERSIONS", keep)
+    repository = tmp_path / "repo"
+    folder = repository / "m__v"
+    served = 1
+    for build_number in range(1, keep + 4):
+        with staged_repository(repository, lambda published: [repository_module.keep_previous_version(p, lambda _: None)
+                                                              for p in published]) as staging:
+            _staged_model(staging, "m__v", f"build {build_number}")
+        assert version_numbers(folder) == list(range(max(1, build_number - keep), build_number + 1))
+        assert (folder / str(build_number) / "model.onnx").read_text() == f"build {build_number}"
+        assert (served in version_numbers(folder)) == (build_number - served <= keep)
+
+
 # ----------------------------------------------------------------------------------- corrupt model files
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from dyngate_build.metadata import (SCHEMA_VERSION, AgreementRecord, LatencyRecord, MetricRecord, SourceRecord,
-                                    StaleRepositoryError, ToleranceRecord, VariantMetadata)
+                                    StaleRepositoryError, ToleranceRecord, VariantMetadata, dev_sample_digest,
+                                    dev_sample_mismatch)
 from dyngate_build.repository import ServingOptions, finish_model, list_models, python_config
 from dyngate_build.runtime import RuntimeSpec, RuntimeSpecVersionError
 
@@ -55,3 +56,29 @@ def test_runtime_json_from_an_older_dyngate_is_refused(tmp_path):
     (tmp_path / "runtime.json").write_text(json.dumps(data))
     with pytest.raises(RuntimeSpecVersionError, match="dyngate build --model"):
         RuntimeSpec.load(str(tmp_path))
+
+
+def test_metadata_without_the_dev_sample_digest_reads_back_with_none(tmp_path):
+    """metadata.json written before the build recorded the dev sample's digest is still read (schema 1)."""
+    old = _metadata().to_dict()
+    del old["accuracy"]["examples_sha256"]
+    _model_folder(tmp_path, old)
+    (entry,) = list_models(tmp_path)
+    assert entry.metadata.accuracy.examples_sha256 is None and entry.metadata.accuracy.n == 8
+
+
+def test_same_dev_sample_is_the_digest_where_both_have_it_else_the_count():
+    sst2 = [b"a fine film", b"a dull film", b"no plot"]
+    digest = dev_sample_digest(sst2)
+    assert len(digest) == 64 and digest == dev_sample_digest(iter(sst2))
+    other = dev_sample_digest(sst2[::-1])  # the same examples in another order: another sample
+    assert other != digest
+    assert dev_sample_mismatch(3, digest, 3, digest, "fp32", "accuracy") is None
+    assert "other dev examples than fp32's" in dev_sample_mismatch(3, other, 3, digest, "fp32", "accuracy")
+    assert dev_sample_mismatch(2, dev_sample_digest(sst2[:2]), 3, digest, "fp32", "accuracy").startswith(
+        "accuracy measured on 2 dev examples, fp32's on 3")
+    # older metadata (no digest on one side): only the counts are compared
+    assert dev_sample_mismatch(3, None, 3, digest, "fp32", "accuracy") is None
+    assert dev_sample_mismatch(3, digest, 3, None, "fp32", "accuracy") is None
+    assert "on 2 dev examples" in dev_sample_mismatch(2, None, 3, digest, "fp32", "entity_f1")
+    assert dev_sample_mismatch(None, None, 3, digest, "fp32", "accuracy") is None

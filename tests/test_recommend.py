@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.repository import python_variants_by_model
+from dyngate_build.metadata import DevScores
+from dyngate_build.repository import newest_version_dir, python_variants_by_model
 from dyngate_cli import main as cli_main
 from dyngate_measure.recommend import Candidate, build_candidates, recommend, this_machine
 from tests.conftest import ROOT
@@ -103,8 +104,7 @@ def test_numbers_from_another_machine_are_not_recommended(built_repository, tmp_
             meta = json.loads(path.read_text())
             meta["machine"] = {"cpu": "some other cpu", "cores": 64}
             path.write_text(json.dumps(meta))
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    candidates = _candidates(repository)
     assert candidates["fp32"].unusable is None
     assert all("another machine" in c.unusable for v, c in candidates.items() if v != "fp32")
     assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
@@ -122,8 +122,7 @@ def test_a_metric_measured_on_fewer_dev_examples_is_not_compared(built_repositor
     meta["accuracy"].update(n=n // 2, value=1.0)
     meta["latency_in_process"]["p50_ms"] = 1e-3
     path.write_text(json.dumps(meta))
-    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
-    candidates = {c.variant: c for c in build_candidates(entries, this_machine())}
+    candidates = _candidates(repository)
     assert candidates["fp32"].unusable is None
     assert candidates["torchscript"].unusable == (f"accuracy measured on {n // 2} dev examples, fp32's on {n}: "
                                                   "not comparable; rebuild both with the same --eval-limit")
@@ -133,6 +132,39 @@ def test_a_metric_measured_on_fewer_dev_examples_is_not_compared(built_repositor
                      "--repository", str(repository)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("recommended: fp32") and f"torchscript: accuracy measured on {n // 2} dev examples" in out
+
+
+def test_a_metric_measured_on_as_many_other_dev_examples_is_not_compared(built_repository, tmp_path):
+    """The build records the dev sample's digest (the one DevScores carries): the same for every variant of one
+    build. A variant whose digest differs (another --data with as many examples) is unusable; metadata written
+    before the digest was recorded is compared by its count only."""
+    repository = tmp_path / "repo"
+    shutil.copytree(built_repository, repository)
+    fp32 = json.loads((repository / "distilbert-tiny__fp32" / "metadata.json").read_text())["accuracy"]
+    path = repository / "distilbert-tiny__torchscript" / "metadata.json"
+    meta = json.loads(path.read_text())
+    assert len(fp32["examples_sha256"]) == 64 and meta["accuracy"]["examples_sha256"] == fp32["examples_sha256"]
+    (entry, *_) = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
+    assert DevScores.load(newest_version_dir(entry.folder)).examples_sha256 == fp32["examples_sha256"]
+    meta["accuracy"].update(examples_sha256="0" * 64, value=1.0)
+    meta["latency_in_process"]["p50_ms"] = 1e-3
+    path.write_text(json.dumps(meta))
+    candidates = _candidates(repository)
+    assert candidates["fp32"].unusable is None
+    assert candidates["torchscript"].unusable.startswith(f"accuracy measured on other dev examples than fp32's "
+                                                         f"({fp32['n']} each")
+    assert recommend(list(candidates.values()), "fp32", 100.0).chosen == "fp32"
+
+    del meta["accuracy"]["examples_sha256"]  # written by a dyngate that did not record the digest
+    path.write_text(json.dumps(meta))
+    candidates = _candidates(repository)
+    assert candidates["torchscript"].unusable is None
+
+
+def _candidates(repository: Path) -> dict[str, Candidate]:
+    """build_candidates of distilbert-tiny's variants in `repository` on this machine, by variant."""
+    entries = python_variants_by_model(repository, ["distilbert-tiny"])["distilbert-tiny"]
+    return {c.variant: c for c in build_candidates(entries, this_machine())}
 
 
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0])

@@ -116,10 +116,10 @@ def test_report_writes_markdown_and_png_charts(report):
         assert f"**{section['recommended']}** ★" in text
 
 
-def _row(variant, accuracy, size, p50, n=872):
+def _row(variant, accuracy, size, p50, n=872, sha256="sst2-dev-872"):
     lat = {"p50_ms": p50, "p95_ms": p50 * 1.5, "throughput_items_s": 1000.0 / p50}
-    return {"variant": variant, "accuracy": accuracy, "accuracy_n": n, "metric": "accuracy", "size_bytes": size,
-            "size_mb": size / 1e6, "latency": {f"batch{b}": dict(lat) for b in BATCH_SIZES}}
+    return {"variant": variant, "accuracy": accuracy, "accuracy_n": n, "accuracy_sha256": sha256,
+            "metric": "accuracy", "size_bytes": size, "size_mb": size / 1e6, "latency": {f"batch{b}": dict(lat) for b in BATCH_SIZES}}
 
 
 def test_recommendation_is_fastest_within_budget():
@@ -135,6 +135,9 @@ def test_recommendation_is_fastest_within_budget():
     rows.append(_row("ee-200", 0.95, 100, 1.0, n=200))  # scored on another number of dev examples: never chosen
     assert recommendation(rows, "fp32", 100.0).chosen == "ee"
     assert dict(recommendation(rows, "fp32", 1.0).rejected)["ee-200"].startswith("accuracy measured on 200")
+    rows.append(_row("ee-other", 0.96, 100, 0.5, sha256="another-dev-file"))  # as many examples, other ones
+    assert recommendation(rows, "fp32", 100.0).chosen == "ee"
+    assert "other dev examples than fp32's" in dict(recommendation(rows, "fp32", 1.0).rejected)["ee-other"]
 
 
 def test_report_unknown_model_is_named(built_repository, tmp_path, capsys):

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from dyngate_build import errors
-from dyngate_build.metadata import DevScores, metric_from_counts
+from dyngate_build.metadata import DevScores, dev_sample_digest, metric_from_counts
 from dyngate_build.runtime import InputError, Predictor, answer_confidence
 
 
@@ -60,11 +59,13 @@ class Agreement:
 
 @dataclass
 class Metric:
-    """A task metric on a dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples."""
+    """A task metric on a dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples, examples_sha256
+    the sample's digest (metadata.dev_sample_digest)."""
 
     name: str
     value: float
     n: int
+    examples_sha256: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,18 +142,16 @@ def example_counts(task: str, predictions: list, examples: list, labels: list[st
 def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> Metric:
     """Accuracy for classification, entity F1 for token classification, from runtime answers."""
     name = "entity_f1" if task == "token-classification" else "accuracy"
-    return Metric(name, metric_from_counts(name, *example_counts(task, predictions, examples, labels)), len(examples))
+    return Metric(name, metric_from_counts(name, *example_counts(task, predictions, examples, labels)), len(examples),
+                  dev_sample_digest(ex.raw for ex in examples))
 
 
 def dev_scores(task: str, predictions: list, examples: list, labels: list[str]) -> DevScores:
     """One variant's DevScores (metadata.py) from its runtime answers on `examples`: per example the confidence
     the gateway's cascade reads and the counts of `example_counts`."""
     hits, predicted, gold = example_counts(task, predictions, examples, labels)
-    digest = hashlib.sha256()
-    for ex in examples:
-        digest.update(hashlib.sha256(ex.raw).digest())
     return DevScores(metric="entity_f1" if task == "token-classification" else "accuracy",
-                     examples_sha256=digest.hexdigest(),
+                     examples_sha256=dev_sample_digest(ex.raw for ex in examples),
                      confidence=[answer_confidence(p.answer) for p in predictions],
                      hits=hits, predicted=predicted, gold=gold)
 

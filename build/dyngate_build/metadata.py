@@ -9,6 +9,7 @@ rebuild. Light on purpose (json and dataclasses only): the gateway imports it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,14 @@ def rebuild_hint(model: str | None = None) -> str:
 
 @dataclass
 class MetricRecord:
-    """A task metric on the dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples."""
+    """A task metric on the dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples,
+    examples_sha256 the dev sample's digest (`dev_sample_digest`; None in a metadata.json written before the
+    build recorded it)."""
 
     name: str
     value: float
     n: int
+    examples_sha256: str | None = None
 
 
 @dataclass
@@ -185,6 +189,43 @@ class VariantMetadata:
         return cls.from_dict(data, str(path))
 
 
+def dev_sample_digest(raws) -> str:
+    """The identity of a dev sample: sha256 (hex, 64 characters) over the sha256 of each example's raw request
+    bytes, in order. raws: an iterable of bytes (data.Example.raw). Recorded as `MetricRecord.examples_sha256` and
+    `DevScores.examples_sha256`; compared by `dev_sample_mismatch`."""
+    digest = hashlib.sha256()
+    for raw in raws:
+        digest.update(hashlib.sha256(raw).digest())
+    return digest.hexdigest()
+
+
+def dev_sample_mismatch(n: int | None, sha256: str | None, reference_n: int | None, reference_sha256: str | None,
+                        reference: str, metric_name: str) -> str | None:
+    """Why a dev metric measured on one dev sample (`n` examples, digest `sha256`) cannot be set beside the
+    `reference` variant's (`reference_n`, `reference_sha256`); None when both were measured on the same sample.
+
+    The one rule for every place that compares dev metrics or per-example dev scores of two variants
+    (dyngate_measure.recommend: `build_candidates` and the cascade threshold's DevScores; dyngate_measure.report;
+    the gateway's policies and Compare tab). Two builds with another `--eval-limit` or `--data` score different
+    dev examples, so the Δ in points between them says nothing (found in a trial: an early-exit variant scored on
+    200 examples read +1.08 pt beside fp32 on 872 while it was −0.50 pt against its own FP32 reference).
+    - Where both sides carry the digest (`dev_sample_digest`), the digests must be equal: another data file or
+      another order of the same number of examples is another sample.
+    - Metadata written before the digest was recorded (`MetricRecord.examples_sha256` None on either side) gets
+      the weaker rule: equal numbers of examples.
+    - Different counts are a mismatch whatever the digests say; an unknown count or digest is never one.
+    reference, metric_name: words for the message (the reference variant, "accuracy" | "entity_f1").
+    """
+    if n is not None and reference_n is not None and int(n) != int(reference_n):
+        return (f"{metric_name} measured on {n} dev examples, {reference}'s on {reference_n}: not comparable; "
+                f"rebuild both with the same --eval-limit")
+    if sha256 is not None and reference_sha256 is not None and sha256 != reference_sha256:
+        return (f"{metric_name} measured on other dev examples than {reference}'s ({n} each, digests "
+                f"{sha256[:12]} and {reference_sha256[:12]}): not comparable; rebuild both with the same --data "
+                f"and --eval-limit")
+    return None
+
+
 DEV_SCORES_FILE = "dev_scores.json"
 
 
@@ -195,8 +236,8 @@ class DevScores:
     (dyngate_measure.recommend.choose_cascade_threshold) without asking Triton. It lives in the version folder
     it describes, so it moves and is replaced with that version.
 
-    metric: "accuracy" | "entity_f1". examples_sha256: digest of the dev inputs, in order (two variants' scores
-    are only combined when it is equal). Per example, lists of n: confidence (runtime.answer_confidence: the
+    metric: "accuracy" | "entity_f1". examples_sha256: the dev sample's digest (`dev_sample_digest`; two variants'
+    scores are only combined when `dev_sample_mismatch` finds none). Per example, lists of n: confidence (runtime.answer_confidence: the
     value the cascade compares with its threshold), hits / predicted / gold: correct, predicted and gold items
     (classification: 1/1/1 when right, 0/1/1 when wrong; NER: exact entity spans, which micro F1 sums).
     """

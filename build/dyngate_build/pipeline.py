@@ -13,8 +13,8 @@ For one model:
    (`<model>__<variant>/2/` beside `1/`; see build/dyngate_build/repository.py), never a replaced folder;
 6. `after_publish(published)` runs once every model folder is in place: the CLI passes a roll-out to a running
    Triton (dyngate_serving) there. Without one, `repository.keep_previous_version` runs for every model: the
-   two previous version folders stay beside the new one for a Triton that may still serve one of them
-   (`dyngate reload` switches it over and removes them); older ones are deleted.
+   `repository.KEEP_PREVIOUS_VERSIONS` previous version folders stay beside the new one for a Triton that may
+   still serve one of them (`dyngate reload` switches it over and removes them); older ones are deleted.
 The build step never talks to Triton itself (dyngate_build imports no serving code).
 """
 
@@ -147,8 +147,8 @@ def build(options: BuildOptions, log=print,
     """Run one build (see module docstring). Returns one report per variant.
 
     after_publish: called with every `Published` model once all are in the repository (e.g. a roll-out to a
-    running Triton); it may `undo()` models it gives up on, and what it raises propagates. None: keep the two
-    previous version folders per model (`repository.keep_previous_version`).
+    running Triton); it may `undo()` models it gives up on, and what it raises propagates. None: keep
+    `repository.KEEP_PREVIOUS_VERSIONS` previous version folders per model (`repository.keep_previous_version`).
     Raises ConfigError/SourceError before anything is written; ExportError when a variant fails its check or
     its exported file cannot be loaded (the repository is then left as it was).
     """

@@ -29,7 +29,7 @@ then metadata.json and config.pbtxt are replaced with `os.replace`. Every config
 `version_policy: { latest { num_versions: 1 } }`, so a Triton asked to load the model (explicit model control)
 loads the new version, moves traffic to it once it is ready and unloads the old one; the old folder is removed
 once Triton no longer serves it (a roll-out in dyngate_serving, `dyngate build --triton`), or, without a
-Triton to ask, kept for two more builds (`keep_previous_version`: the newest three versions stay).
+Triton to ask, kept for `KEEP_PREVIOUS_VERSIONS` more builds (`keep_previous_version`).
 """
 
 from __future__ import annotations
@@ -396,23 +396,27 @@ def publish_model(staged: Path, repository: Path, trash: Path) -> Published:
 
 
 KEEP_PREVIOUS_VERSIONS = 2
+"""How many version folders before the newest a build without a Triton to ask keeps (`keep_previous_version`).
+
+A build without `--triton` cannot know which version a running Triton loaded (explicit model control keeps
+serving what it loaded until it is told to reload), and each such build adds a version: with 2, the version a
+Triton serves survives two builds without `--triton` and the third deletes it (found in a trial: keeping one, the
+second build deleted the served folder). The newest version is never deleted whatever this count is."""
 
 
 def keep_previous_version(published: Published, log=print) -> list[int]:
     """What a build does after publishing when no Triton is asked to roll out (`dyngate build` without
-    `--triton`): delete old version folders, but never one a Triton may still be serving.
+    `--triton`): delete old version folders, but keep those a Triton may still be serving.
 
-    The rule: the newest version (the one just written) and the `KEEP_PREVIOUS_VERSIONS` (2) versions before
-    it are never deleted; only older ones are. A build without `--triton` cannot know which version a running
-    Triton loaded (explicit model control keeps serving what it loaded until it is told to reload), and each
-    such build adds a version: keeping two previous ones means the version Triton serves survives two builds
-    without `--triton` (counting folders alone and keeping one, the second build deleted the served folder).
-    `dyngate reload` or `dyngate build --triton HOST:PORT` switch Triton over and then delete every version it
-    no longer holds (dyngate_serving.rollout.roll_out).
+    The rule counts versions: the newest one (the one just written, `published.version`) and the
+    `KEEP_PREVIOUS_VERSIONS` versions before it (of `published.previous`) are never deleted; only older ones
+    are. It cannot ask Triton, so a version a running Triton still serves is deleted once that many builds
+    without `--triton` have followed it. `dyngate reload` or `dyngate build --triton HOST:PORT` switch Triton
+    over and then delete every version it no longer holds (dyngate_serving.rollout.roll_out).
 
     Returns the versions removed; logs one line when previous versions are kept.
     """
-    kept = published.previous[-KEEP_PREVIOUS_VERSIONS:]
+    kept = published.previous[max(0, len(published.previous) - KEEP_PREVIOUS_VERSIONS):]
     removed = remove_versions(published.folder, [v for v in published.previous if v not in kept])
     if kept:
         log(f"  {published.name}: version {published.version} written; version(s) {', '.join(map(str, kept))} kept "

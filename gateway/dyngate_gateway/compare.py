@@ -25,14 +25,15 @@ import numpy as np
 
 from dyngate_build.errors import InputError
 from dyngate_build.evaluate import summarize_ms
-from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend, sample_size_mismatch
+from dyngate_build.metadata import dev_sample_mismatch
+from dyngate_measure.load_test import STAT_PHASES, settled_stats, triton_stats
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 from dyngate_serving.client import TritonClient
 
 HEADERS = ["variant", "concurrency", "batch", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "mean ms",
            "throughput items/s"]
 SERVER_HEADERS = ["variant", "requests", "queue ms", "compute input ms", "compute infer ms", "compute output ms",
                   "queue share"]
-_STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -86,36 +87,11 @@ def parse_levels(text) -> list[int]:
     return sorted(set(levels))
 
 
-def server_stats(client: TritonClient, model: str) -> dict[str, tuple[int, int]]:
-    """Triton's cumulative statistics of `model`: {"success"|"queue"|...: (count, ns)}."""
-    stats = client.statistics(model)
-    out = {k: (0, 0) for k in _STAT_KEYS}
-    for entry in stats.get("model_stats", []):
-        inference = entry.get("inference_stats") or {}
-        for key in _STAT_KEYS:
-            item = inference.get(key) or {}
-            count, ns = out[key]
-            out[key] = (count + int(item.get("count", 0) or 0), ns + int(item.get("ns", 0) or 0))
-    return out
-
-
-def settled_stats(client: TritonClient, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
-    """server_stats once Triton has counted the `answered` requests sent since `before` (or after `wait_s` s).
-
-    Triton records a request's statistics when it releases the request, which can be just after the client has
-    its response: read at once, the last request or two of a run may be missing from the counts."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        after = server_stats(client, model)
-        if after["success"][0] - before["success"][0] >= answered or time.monotonic() > deadline:
-            return after
-        time.sleep(0.05)
-
-
 def split_row(variant: str, before: dict, after: dict) -> list:
-    """One SERVER_HEADERS row from two statistics snapshots: mean ms per request of each phase."""
-    n = after["success"][0] - before["success"][0]
-    ms = {k: (after[k][1] - before[k][1]) / 1e6 / n if n else 0.0 for k in _STAT_KEYS}
+    """One SERVER_HEADERS row from two statistics snapshots (dyngate_measure.load_test.triton_stats): mean ms per
+    request of each phase."""
+    n = after["success"] - before["success"]
+    ms = {k: (after[f"{k}_ns"] - before[f"{k}_ns"]) / 1e6 / n if n else 0.0 for k in STAT_PHASES}
     total = ms["queue"] + ms["compute_input"] + ms["compute_infer"] + ms["compute_output"]
     share = ms["queue"] / total if total else 0.0
     return [variant, n, round(ms["queue"], 4), round(ms["compute_input"], 4), round(ms["compute_infer"], 4),
@@ -192,7 +168,7 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
                     control.predict_batch(variants[label], batch)
                 except Exception:
                     break
-        before = {label: server_stats(control, variants[label]) for label in labels}
+        before = {label: triton_stats(control, variants[label]) for label in labels}
         for level_index, level in enumerate(concurrency):
             rotation = labels[level_index % len(labels):] + labels[: level_index % len(labels)]
             for label in rotation:
@@ -211,7 +187,7 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
         result.rows.sort(key=lambda r: (labels.index(r[0]), r[1]))
         for label in labels:
             answered = sum(len(result.latencies[f"{label}@{level}"]) for level in concurrency)
-            after = settled_stats(control, variants[label], before[label], answered)
+            after = settled_stats(control, variants[label], before[label], answered, counted="success")
             result.server.append(split_row(label, before[label], after))
     finally:
         control.close()
@@ -237,14 +213,15 @@ def tradeoff(variants: dict, rows: list[list], budget_pt: float, metric_name: st
     variants: {variant: VariantMetadata or None} (dev metric, size); rows: a run's HEADERS rows, of which the
     rows of concurrency `level` (default: the run's lowest) give each variant's p50 (at the run's batch size).
     A variant without a successful request at that level has no p50 and is not recommended, nor one whose dev
-    metric was measured on another number of examples than the baseline's (`sample_size_mismatch`)."""
+    metric was measured on another dev sample than the baseline's (`dyngate_build.metadata.dev_sample_mismatch`)."""
     level = min((r[1] for r in rows), default=1) if level is None else level
     at_level = {r[0]: r for r in rows if r[1] == level}
     candidates = []
     reference = variants.get(baseline)
     for variant, row in at_level.items():
         meta = variants.get(variant)
-        unusable = (sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, baseline, metric_name)
+        unusable = (dev_sample_mismatch(meta.accuracy.n, meta.accuracy.examples_sha256, reference.accuracy.n,
+                                        reference.accuracy.examples_sha256, baseline, metric_name)
                     if meta and reference else None)
         candidates.append(Candidate(variant, meta.accuracy.value if meta else None, row[5],
                                     meta.size_mb if meta else None, unusable=unusable))

@@ -16,8 +16,8 @@ Policies (POLICIES):
   `latency_in_process`) for all. Live round trips include Triton's, in-process times do not: mixed, the variant
   with live samples would always look slower. The answer's reason names the source.
 - `most-accurate`: the READY variant with the highest measured accuracy (ties: the faster one).
-  `fastest` and `most-accurate` leave out a variant whose accuracy was measured on another number of dev
-  examples than the reference's (fp32), the rule of `dyngate recommend` (`recommend.sample_size_mismatch`).
+  `fastest` and `most-accurate` leave out a variant whose accuracy was measured on another dev sample than the
+  reference's (fp32), the rule of `dyngate recommend` (`dyngate_build.metadata.dev_sample_mismatch`).
 - `ab`: a weighted random split from the config (`ab_weights[model] = {variant: weight}`, equal weights when
   the model has none), drawn from one seeded RNG, so a seed gives a reproducible sequence. Its answers carry
   `arms`: per arm the requests it answered, their p50/p99 round trips, and its agreement with the next arm on
@@ -48,9 +48,10 @@ import numpy as np
 
 from dyngate_build import runtime
 from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUnreachable
+from dyngate_build.metadata import dev_sample_mismatch
 from dyngate_build.runtime import answer_confidence as confidence  # the rule the build's dev scores use too
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
-from dyngate_measure.recommend import reference_metadata, sample_size_mismatch
+from dyngate_measure.recommend import reference_metadata
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
 MIN_LIVE_SAMPLES = 5
@@ -87,13 +88,14 @@ def _accuracy(view: ModelView, variant: str) -> float | None:
 
 def _metric_mismatch(view: ModelView, variant: str) -> str | None:
     """Why the variant's dev metric cannot be set beside the model's reference (fp32, else its first variant):
-    measured on another number of dev examples (`dyngate_measure.recommend.sample_size_mismatch`, the rule
-    `dyngate recommend` applies); None when comparable."""
+    measured on another dev sample (`dyngate_build.metadata.dev_sample_mismatch`, the rule `dyngate recommend`
+    applies); None when comparable."""
     meta = view.variants[variant].metadata
     reference = reference_metadata(list(view.variants.values()))
     if meta is None or reference is None:
         return None
-    return sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, reference.variant, meta.accuracy.name)
+    return dev_sample_mismatch(meta.accuracy.n, meta.accuracy.examples_sha256, reference.accuracy.n,
+                               reference.accuracy.examples_sha256, reference.variant, meta.accuracy.name)
 
 
 def _build_p50(view: ModelView, variant: str) -> float | None:

@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 
 from dyngate_build.errors import ConfigError, InputError, ServingError
 from dyngate_build.evaluate import summarize_ms
-from dyngate_serving.client import grpc_address
+from dyngate_serving.client import TritonClient, grpc_address
 from dyngate_serving.net import DIRECT
 
 TARGETS = ("triton", "gateway")
@@ -73,6 +73,15 @@ class LoadRun:
     mean_ms: float | None = None
     throughput_rps: float = 0.0
     triton: dict = field(default_factory=dict)  # deltas of Triton's statistics for triton_model
+
+    def summarize(self, times: list[float]) -> None:
+        """Fill p50/p90/p99/mean (ms, 3 decimals, dyngate_build.evaluate.summarize_ms; None without answers) and
+        throughput_rps (answers / wall_s) from `times`, the answered requests' round trips in ms."""
+        if times:
+            lat = summarize_ms(times)
+            self.p50_ms, self.p90_ms, self.p99_ms, self.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
+                                                                   round(lat.p99_ms, 3), round(lat.mean_ms, 3))
+        self.throughput_rps = round(len(times) / self.wall_s, 2) if self.wall_s > 0 else 0.0
 
 
 def check_loopback(url: str, what: str) -> str:
@@ -147,30 +156,37 @@ def load_inputs(client_input: str, data: str | None, limit: int = 200) -> list[b
 
 # ------------------------------------------------------------------------------------------------ Triton
 
-async def triton_stats(client, model: str) -> dict[str, int]:
-    """Cumulative counts of `model`: inference_count, execution_count, success (requests), queue_ns, infer_ns."""
-    stats = await client.get_inference_statistics(model, as_json=True)
-    out = {"inference_count": 0, "execution_count": 0, "success": 0, "queue_ns": 0, "compute_infer_ns": 0}
-    for entry in stats.get("model_stats", []):
+STAT_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def triton_stats(client: TritonClient, model: str) -> dict[str, int]:
+    """Triton's cumulative statistics of `model` (its statistics API, gRPC or HTTP), summed over its versions:
+    inference_count (items inferred), execution_count (model executions), success (requests answered) and, per
+    phase of STAT_PHASES, the time Triton spent in it, `<phase>_ns` (ns, summed over requests)."""
+    out = {"inference_count": 0, "execution_count": 0, "success": 0, **{f"{p}_ns": 0 for p in STAT_PHASES}}
+    for entry in client.statistics(model).get("model_stats", []):
         inference = entry.get("inference_stats") or {}
         out["inference_count"] += int(entry.get("inference_count", 0) or 0)
         out["execution_count"] += int(entry.get("execution_count", 0) or 0)
         out["success"] += int((inference.get("success") or {}).get("count", 0) or 0)
-        out["queue_ns"] += int((inference.get("queue") or {}).get("ns", 0) or 0)
-        out["compute_infer_ns"] += int((inference.get("compute_infer") or {}).get("ns", 0) or 0)
+        for phase in STAT_PHASES:
+            out[f"{phase}_ns"] += int((inference.get(phase) or {}).get("ns", 0) or 0)
     return out
 
 
-async def settled_stats(client, model: str, before: dict, answered: int, wait_s: float = 2.0) -> dict:
-    """triton_stats once Triton has counted the `answered` one-item requests since `before` as inferred items (or
-    after `wait_s`): Triton records a request when it releases it, which can be just after the client has its
-    answer. Items, not requests: the gateway merges concurrent requests into fewer Triton requests."""
+def settled_stats(client: TritonClient, model: str, before: dict, answered: int, counted: str = "inference_count",
+                  wait_s: float = 2.0) -> dict:
+    """triton_stats once Triton's `counted` count has grown by `answered` since `before` (or after `wait_s` s):
+    Triton records a request when it releases it, which can be just after the client has its answer, so read at
+    once the last request or two of a run may be missing. counted: "inference_count" (items; the gateway merges
+    concurrent requests into fewer Triton requests, each answer is still one item) or "success" (requests, for a
+    client that sends its own batches). Polls every 50 ms. The one wait for the load test and the Compare tab."""
     deadline = time.monotonic() + wait_s
     while True:
-        after = await triton_stats(client, model)
-        if after["inference_count"] - before["inference_count"] >= answered or time.monotonic() > deadline:
+        after = triton_stats(client, model)
+        if after[counted] - before[counted] >= answered or time.monotonic() > deadline:
             return after
-        await asyncio.sleep(0.05)
+        time.sleep(0.05)
 
 
 def stats_delta(before: dict, after: dict) -> dict:
@@ -220,11 +236,7 @@ async def _drive(send_factory, clients: int, duration_s: float, max_requests: in
     run.wall_s = round(time.perf_counter() - started, 3)
     run.requests, run.errors, run.ok = counter["sent"], counter["errors"], len(times)
     run.error_messages = list(messages)
-    if times:
-        lat = summarize_ms(times)
-        run.p50_ms, run.p90_ms, run.p99_ms, run.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
-                                                           round(lat.p99_ms, 3), round(lat.mean_ms, 3))
-    run.throughput_rps = round(len(times) / run.wall_s, 2) if run.wall_s > 0 else 0.0
+    run.summarize(times)
     return times
 
 
@@ -251,6 +263,7 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
 
     triton_model = f"{model}__{variant}"
     control = grpcaio.InferenceServerClient(triton_url)
+    stats_client = TritonClient(triton_url, "grpc", timeout_s=timeout_s)
     try:
         input_name, outputs = await _model_signature(control, triton_model)
 
@@ -298,12 +311,14 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
                       max_requests=max_requests)
         if warmup:
             await _drive(factory, 1, duration_s, warmup, timeout_s, LoadRun(target, url, triton_model, 1, 0, 0))
-        before = await triton_stats(control, triton_model)
+        # Triton's statistics through one blocking client, read in a thread (one at a time) off the event loop
+        before = await asyncio.to_thread(triton_stats, stats_client, triton_model)
         times = await _drive(factory, clients, duration_s, max_requests, timeout_s, run)
-        after = await settled_stats(control, triton_model, before, run.ok)
+        after = await asyncio.to_thread(settled_stats, stats_client, triton_model, before, run.ok)
         run.triton = stats_delta(before, after)
         return run, times, {k: after[k] - before[k] for k in before}
     finally:
+        stats_client.close()
         await control.close()
 
 
@@ -318,11 +333,7 @@ def combine(parts: list[tuple[LoadRun, list[float], dict]]) -> LoadRun:
     run.requests, run.ok, run.errors = (sum(p[0].requests for p in parts), len(times),
                                         sum(p[0].errors for p in parts))
     run.error_messages = list(dict.fromkeys(m for p in parts for m in p[0].error_messages))[:MAX_ERROR_MESSAGES]
-    if times:
-        lat = summarize_ms(times)
-        run.p50_ms, run.p90_ms, run.p99_ms, run.mean_ms = (round(lat.p50_ms, 3), round(lat.p90_ms, 3),
-                                                           round(lat.p99_ms, 3), round(lat.mean_ms, 3))
-    run.throughput_rps = round(len(times) / run.wall_s, 2) if run.wall_s > 0 else 0.0
+    run.summarize(times)
     run.triton = _stats_summary({k: sum(p[2][k] for p in parts) for k in parts[0][2]})
     return run
 

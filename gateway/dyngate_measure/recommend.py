@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.metadata import DevScores, metric_from_counts
+from dyngate_build.metadata import DevScores, dev_sample_mismatch, metric_from_counts
 
 BASELINE_VARIANT = "fp32"
 _EPS = 1e-9
@@ -156,21 +156,6 @@ def this_machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
-def sample_size_mismatch(n: int | None, reference_n: int | None, reference: str = BASELINE_VARIANT,
-                         metric_name: str = "accuracy") -> str | None:
-    """Why a dev metric measured on `n` examples cannot be set beside the reference's, measured on
-    `reference_n`; None when the counts are equal (or either is unknown).
-
-    Two builds with another `--eval-limit` score different dev examples, so the Δ in points between them says
-    nothing (found in a trial: an early-exit variant scored on 200 examples read +1.08 pt beside fp32 on 872
-    while it was −0.50 pt against its own FP32 reference). The one rule for `build_candidates`, the gateway's
-    policies and the Compare tab and report's recommendations."""
-    if n is None or reference_n is None or int(n) == int(reference_n):
-        return None
-    return (f"{metric_name} measured on {n} dev examples, {reference}'s on {reference_n}: not comparable; "
-            f"rebuild both with the same --eval-limit")
-
-
 def reference_metadata(entries: list, baseline: str = BASELINE_VARIANT):
     """The metadata (VariantMetadata or None) a model's variants are compared with: the `baseline` entry's,
     else the first entry's (as `recommend` picks its baseline). entries: objects with .variant, .metadata."""
@@ -183,7 +168,7 @@ def build_candidates(entries: list, machine: dict | None = None, baseline: str =
     in-process p50 at batch 1, size. Unusable (the reason is shown by `Recommendation.explain`):
     a variant whose numbers were measured on another machine (its recorded cpu/cores differ from `machine`,
     default: this one): its p50 says nothing about this machine; one whose dev metric was measured on another
-    number of examples than the `baseline` variant's (`sample_size_mismatch`); one without metadata (no
+    dev sample than the `baseline` variant's (`metadata.dev_sample_mismatch`); one without metadata (no
     numbers)."""
     machine = machine or this_machine()
     reference = reference_metadata(entries, baseline)
@@ -197,8 +182,8 @@ def build_candidates(entries: list, machine: dict | None = None, baseline: str =
         if meta.machine is not None and (meta.machine.cpu, meta.machine.cores) != (machine["cpu"], machine["cores"]):
             unusable = f"measured on another machine ({meta.machine.cpu}, {meta.machine.cores} cores); rebuild it here"
         elif reference is not None:
-            unusable = sample_size_mismatch(meta.accuracy.n, reference.accuracy.n, reference.variant,
-                                            meta.accuracy.name)
+            unusable = dev_sample_mismatch(meta.accuracy.n, meta.accuracy.examples_sha256, reference.accuracy.n,
+                                           reference.accuracy.examples_sha256, reference.variant, meta.accuracy.name)
         candidates.append(Candidate(variant=entry.variant, metric=meta.accuracy.value,
                                     p50_ms=meta.latency_in_process.p50_ms, size_mb=meta.size_mb, unusable=unusable))
     return candidates
@@ -274,7 +259,7 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
     Give one target: within_pt, points (0.01 of the metric) below the last (most expensive) variant's own dev
     metric, ≥ 0; or at_least, an absolute dev metric in [0, 1].
     Raises ConfigError for no or both targets, a target out of range, fewer than two steps, a variant named twice,
-    or steps whose scores were measured on different dev examples (another --eval-limit or data) or metrics.
+    or steps whose scores were measured on different dev samples (`metadata.dev_sample_mismatch`) or metrics.
     Confidence-based cascading of cheap and expensive models: Wang et al., "IDK Cascades" (2017).
     """
     if len(steps) < 2:
@@ -291,7 +276,8 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
                           "at_least (an absolute dev metric, e.g. 0.80)")
     first = steps[0][1]
     for variant, scores in steps[1:]:
-        if (scores.examples_sha256, scores.n, scores.metric) != (first.examples_sha256, first.n, first.metric):
+        if scores.metric != first.metric or dev_sample_mismatch(scores.n, scores.examples_sha256, first.n,
+                                                                first.examples_sha256, names[0], scores.metric):
             raise ConfigError(f"the dev scores of {names[0]} ({first.n} examples, {first.metric}) and {variant} "
                               f"({scores.n} examples, {scores.metric}) were not measured on the same dev examples; "
                               "rebuild both with the same --eval-limit and --data")

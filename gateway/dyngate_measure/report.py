@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from dyngate_build.errors import ConfigError, ServingError
+from dyngate_build.metadata import dev_sample_mismatch
 from dyngate_build.repository import RepositoryEntry, directory_size, python_variants_by_model
 from dyngate_measure.machine import ResourceSampler, library_versions, machine_info, server_version
-from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend, sample_size_mismatch
+from dyngate_measure.recommend import BASELINE_VARIANT, Candidate, Recommendation, recommend
 
 BATCH_SIZES = (1, 8)
 PATH = "grpc"
@@ -126,11 +127,13 @@ def add_changes(rows: list[dict], baseline: dict) -> None:
 
 def recommendation(rows: list[dict], baseline: str, budget_pt: float) -> Recommendation:
     """`dyngate_measure.recommend.recommend` over the report's rows: the fastest variant at batch 1 (Triton gRPC
-    p50) whose dev metric is within `budget_pt` points of `baseline`'s, measured on as many dev examples
-    (`accuracy_n`; `sample_size_mismatch`)."""
-    base_n = next((r["accuracy_n"] for r in rows if r["variant"] == baseline), None)
+    p50) whose dev metric is within `budget_pt` points of `baseline`'s, measured on the same dev sample
+    (`accuracy_n`, `accuracy_sha256`; `dyngate_build.metadata.dev_sample_mismatch`)."""
+    base = next((r for r in rows if r["variant"] == baseline), None)
+    base_n, base_sha256 = (base["accuracy_n"], base["accuracy_sha256"]) if base else (None, None)
     candidates = [Candidate(r["variant"], r["accuracy"], r["latency"]["batch1"]["p50_ms"], r["size_mb"],
-                            unusable=sample_size_mismatch(r["accuracy_n"], base_n, baseline, r["metric"]))
+                            unusable=dev_sample_mismatch(r["accuracy_n"], r["accuracy_sha256"], base_n, base_sha256,
+                                                         baseline, r["metric"]))
                   for r in rows]
     return recommend(candidates, baseline, budget_pt, rows[0]["metric"], latency=f"Triton {PATH} p50 at batch 1")
 
@@ -206,7 +209,8 @@ def _measure_variant(server, entry: RepositoryEntry, raws: list[bytes], options:
                       "layers": (build_exit or {}).get("layers"), "threshold": (build_exit or {}).get("threshold")}
     return {"variant": entry.variant, "triton_name": entry.name, "technique": meta.technique,
             "engine": meta.engine, "metric": meta.accuracy.name, "accuracy": meta.accuracy.value,
-            "accuracy_n": meta.accuracy.n, "reference_accuracy": meta.reference_accuracy.value,
+            "accuracy_n": meta.accuracy.n, "accuracy_sha256": meta.accuracy.examples_sha256,
+            "reference_accuracy": meta.reference_accuracy.value,
             "size_bytes": size, "size_mb": round(size / 1e6, 3), "metadata_size_bytes": meta.size_bytes,
             "num_parameters": meta.num_parameters, "latency": latency, "resources": resources,
             "early_exit": early_exit}
