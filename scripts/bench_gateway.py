@@ -10,6 +10,7 @@ loopback ports and runs two checks on SST-2 dev sentences at natural length, bat
    - direct gRPC: dyngate_serving.client.TritonClient.predict (tritonclient's gRPC client, as a user's would);
    - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
      (one kept-alive connection, as a real client would hold);
+   - gateway, no inference: the same body for a model the repository lacks (404 without Triton): the HTTP hop;
    - per --before-pythonpath, the same through another gateway run with that PYTHONPATH.
    Prints p50/p90/p99 of each and the p50 each gateway adds over direct gRPC, in ms.
 2. Compare tab vs a plain loop: the Compare tab's driver (dyngate_gateway.compare.run_benchmark, concurrency 1) and a
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
             call, close = gateway_call(url, entry)
             stack.callback(close)
             paths[name] = lambda text, call=call: call([text.encode()])
+            if name == "gateway":
+                paths["gateway, no inference"] = no_inference_call(stack, url)
         times = {name: [] for name in paths}
         texts = [ex.raw.decode() for ex in examples]
         for text in texts[:10]:
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | {s.p99_ms:.2f} |")
     for name in gateways:
         print(f"{name} overhead at p50: {stats[name].p50_ms - stats['direct gRPC'].p50_ms:+.2f} ms over direct gRPC")
+    print(f"of which the gateway's HTTP round trip without inference (same body, an unknown model: 404): "
+          f"{stats['gateway, no inference'].p50_ms:.2f} ms")
     print(f"\nCompare tab driver vs plain tritonclient.grpc loop, {len(texts)} requests per block, concurrency 1")
     print("| round | Compare p50 ms | plain loop p50 ms | ratio |\n| --- | --- | --- | --- |")
     for i, (ours, plain) in enumerate(agreement):
@@ -102,6 +107,27 @@ def main(argv=None) -> int:
     verdict = "agree" if abs(ratio - 1) <= 0.10 else "DISAGREE"
     print(f"median ratio {ratio:.3f}: the two {verdict} within 10%")
     return 0
+
+
+def no_inference_call(stack: contextlib.ExitStack, url: str):
+    """A call posting the same body as the gateway path but for a model the repository lacks: the gateway parses
+    and checks it and answers 404 without asking Triton, so its round trip is the HTTP hop and the route's
+    first checks (the floor under the gateway's overhead)."""
+    import http.client
+    import json
+
+    host, port = url.split("://")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    stack.callback(connection.close)
+
+    def call(text: str) -> None:
+        body = json.dumps({"model": "no-such-model", "text": text, "policy": "variant", "variant": "fp32"})
+        connection.request("POST", "/api/predict", body, {"content-type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 404:
+            raise RuntimeError(f"the gateway answered {response.status} for an unknown model, not 404")
+    return call
 
 
 def plain_loop_p50_ms(url: str, model: str, raws: list[bytes]) -> float:
