@@ -42,6 +42,8 @@ CONTROL_TIMEOUT_S = 600.0  # a load answers once the model is READY or failed: a
 # distilbert-tiny fp32, one instance, 2 cores): 2 gave 96% of direct Triton's throughput at 32 and 100 clients,
 # 1 gave 86% / 81% (Triton idles between calls), 4 gave 85% / 83% (smaller merged requests).
 COALESCE_IN_FLIGHT = 2
+# ms: the longest a gRPC channel waits between attempts to reach a Triton that went away (gRPC's default: 120 s)
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 @dataclass
@@ -673,22 +675,28 @@ def short_reason(reason: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _grpc_channel_args(module, address: str) -> list[tuple] | None:
-    """tritonclient's default channel options, plus, for a server on this machine: no HTTP proxy (gRPC honours
-    `http_proxy`, and a proxy cannot reach our 127.0.0.1), and a connection pool of the channel's own, so a
-    client made after Triton restarted connects at once instead of inheriting the process-wide pool's
-    reconnect back-off (measured: two more failed requests after the restart without it)."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host not in ("localhost", "::1") and not host.startswith("127."):
-        return None
+def _grpc_channel_args(module, address: str) -> list[tuple]:
+    """tritonclient's default channel options, plus a reconnect back-off capped at RECONNECT_BACKOFF_MAX_MS (gRPC's
+    default grows to 120 s: a channel that saw Triton down for minutes may wait that long after Triton is back;
+    the gateway makes a new client after TritonUnreachable, but channels to a remote address share gRPC's global
+    subchannel pool and its back-off). For a server on this machine also: no HTTP proxy (gRPC honours
+    `http_proxy`, and a proxy cannot reach our 127.0.0.1), and a connection pool of the channel's own, so a client
+    made after Triton restarted connects at once instead of inheriting the process-wide pool's back-off
+    (measured: two more failed requests after the restart without it)."""
     keepalive = module.KeepAliveOptions()
     size = module.MAX_GRPC_MESSAGE_SIZE
-    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+    args = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
             ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-            ("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS // 4),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS // 4),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "::1") or host.startswith("127."):
+        args += [("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
+    return args
 
 
 def _message(e: Exception) -> str:
