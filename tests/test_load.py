@@ -83,9 +83,15 @@ def test_load_test_refuses_other_hosts_and_bad_bounds():
         load_test.run_load("127.0.0.1:8001", MODEL, clients=0)
     with pytest.raises(ConfigError, match="duration"):
         load_test.run_load("127.0.0.1:8001", MODEL, duration_s=0)
+    with pytest.raises(ConfigError, match="needs its scheme"):
+        load_test.run_load("127.0.0.1:8001", MODEL, gateway_url="127.0.0.1:7860", clients=1, duration_s=1)
     done = subprocess.run([sys.executable, "-m", "dyngate_cli", "load", "--triton", "192.0.2.1:8001"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "only targets servers on this machine" in done.stderr
+    # found in a trial: an --out that cannot be written failed with a traceback after the whole run
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", "load", "--out", "/proc/dyngate-nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--out /proc/dyngate-nope" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_load_drives_a_gateway_with_a_login(built_repository, triton, data_dir, tmp_path):

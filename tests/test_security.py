@@ -164,6 +164,9 @@ def test_gateway_refuses_unknown_and_malicious_model_names(gateway, model):
     ({"model": TEXT_MODEL, "text": "fine", "accuracy_budget": [1]}, 400, "accuracy_budget must be a number"),
     ({"model": TEXT_MODEL, "text": "fine", "accuracy_budget": "1"}, 400, "accuracy_budget must be a number"),
     ({"model": TEXT_MODEL, "text": "fine", "image_base64": "aGk="}, 400, "not both"),
+    ({"model": TEXT_MODEL, "image_base64": "aGk="}, 400, "is a text model"),
+    ({"model": TEXT_MODEL, "text": "fine", "exit_threshold": "0.5"}, 400, "exit_threshold must be a number"),
+    ({"text": "fine"}, 400, "model is required"),
     ({"model": TEXT_MODEL, "text": "caf\ud800"}, 400, "lone surrogate"),
 ])
 def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message):
@@ -175,12 +178,14 @@ def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message)
 @pytest.mark.parametrize("method, path, status, message", [
     ("GET", "/api/predict", 405, "send POST"),
     ("PUT", "/api/predict", 405, "send POST"),
+    ("POST", "/api/status", 405, "send GET"),
+    ("POST", "/api/cascade", 405, "send GET"),
     ("GET", "/api/shadow?model=nope", 404, "unknown model 'nope'"),
     ("GET", "/api/cascade", 400, "model is required"),
     ("GET", "/api/cascade?model=nope", 404, "unknown model 'nope'"),
 ])
 def test_gateway_api_edges_answer_json_errors(gateway, method, path, status, message):
-    code, answer = request(gateway.url, path, b"" if method == "PUT" else None, method=method)
+    code, answer = request(gateway.url, path, b"" if method in ("PUT", "POST") else None, method=method)
     assert code == status and message in json.loads(answer)["error"], answer
 
 
@@ -445,3 +450,16 @@ def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
     assert status == 200
     with TritonClient(triton.endpoints["grpc"]) as ok:
         assert ok.predict(f"{TEXT_MODEL}__fp32", b"a fine film").answer["label"]
+
+
+@pytest.mark.parametrize("command, message", [
+    (["gateway", "--port", "99999"], "--port 99999 is not a TCP port"),
+    (["deploy", "kubernetes", "--out", "/proc/dyngate-nope"], "--out /proc/dyngate-nope: cannot write there"),
+])
+def test_cli_mistakes_are_messages_not_tracebacks(built_repository, command, message):
+    """Found in a trial: a port out of range (OverflowError from bind) and an unwritable --out (FileNotFoundError
+    from mkdtemp) ended in tracebacks."""
+    if command[0] == "deploy":
+        command = command + ["--repository", str(built_repository)]
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", *command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -145,6 +145,8 @@ def cmd_gateway(args) -> int:
     if not Path(args.repository).is_dir():
         raise ConfigError(f"repository {args.repository} is not a folder; build one first (dyngate build --model M "
                           "--techniques ... --repository FOLDER) or pass --repository")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port; use an integer in [1, 65535]")
     if not port_is_free(args.port, args.host):
         raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
                           "choose another with --port")

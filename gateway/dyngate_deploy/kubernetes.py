@@ -582,8 +582,12 @@ def write_kubernetes(options: DeployOptions, log=print) -> Path:
                           "new folder (its files are never overwritten)")
     version = options.triton_version or image.embedded_server_version()
     image.container_tag(version)  # checks the version before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror}); give a folder in a writable "
+                          "place") from None
     try:
         objects = {**triton_objects(options, facts), **gateway_objects(options, facts)}
         _write(staging / "base", objects)

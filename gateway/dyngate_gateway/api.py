@@ -7,7 +7,7 @@ gateway's Prometheus metrics, dyngate_gateway/telemetry.py).
 POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget" (points),
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
 body over limits.max_body_bytes (any route) -> 413, Triton down -> 503, another method -> 405. It is answered
-ahead of FastAPI's stack (`PredictFirst`). With a login, every route but
+ahead of FastAPI's stack (`ApiFront`). With a login, every route but
 Gradio's login page and static files asks for it (HTTP basic auth here; Gradio's login cookie too on the routes
 Gradio itself would answer without it, `GRADIO_UNGUARDED`).
 """
@@ -95,6 +95,8 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return error(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
         state.refresh()
         model = body.get("model")
+        if model is None:
+            return error(400, f"model is required: one of the repository's models ({', '.join(state.catalog)})")
         if not isinstance(model, str):
             return error(400, f"model must be a string naming one of the repository's models "
                               f"({', '.join(state.catalog)}), not {type(model).__name__}")
@@ -103,13 +105,18 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         for key in ("text", "image_base64", "policy", "variant"):
             if body.get(key) is not None and not isinstance(body[key], str):
                 return error(400, f"{key} must be a string, not {type(body[key]).__name__}")
-        for key in ("accuracy_budget", "threshold"):  # exit_threshold: the router applies Triton's own rule
+        if isinstance(body.get("exit_threshold"), str):  # other types: the router applies Triton's own rule
+            return error(400, f"exit_threshold must be a number (a JSON number such as 0.9, not \"0.9\"), not str "
+                              f"{body['exit_threshold']!r}")
+        for key in ("accuracy_budget", "threshold"):
             value = body.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 return error(400, f"{key} must be a number (a JSON number such as 1.0, not \"1.0\"), not "
                                   f"{type(value).__name__} {value!r}")
         if body.get("text") is not None and body.get("image_base64") is not None:
             return error(400, "send one input: text (text models) or image_base64 (image models), not both")
+        if body.get("image_base64") is not None and state.catalog[model].is_text:
+            return error(400, f"{model} is a text model: send \"text\", not \"image_base64\"")
         image = None
         if body.get("image_base64"):
             try:
@@ -209,26 +216,37 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     app = gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
                               footer_links=["api"], max_file_size=limits.max_image_bytes)
     mounted["gradio"] = next(r.app for r in app.routes if isinstance(r, Mount))
-    return PredictFirst(app, BodySizeLimit(predict_endpoint, max_bytes=limits.max_body_bytes))
+    return ApiFront(app, BodySizeLimit(predict_endpoint, max_bytes=limits.max_body_bytes))
 
 
-class PredictFirst:
-    """ASGI: POST /api/predict goes straight to `predict` (the route's own function behind the same body limit);
-    every other request to `app` (FastAPI: its middleware stack, its router, the Gradio page). FastAPI's stack
-    in front of a route (error, body-limit, telemetry, exception and exit-stack middlewares, the route table,
-    Starlette's request/response wrapper) measured ~0.1 ms a request on this route, a tenth of what the gateway
-    adds to a Triton round trip. Same answers: the route's checks (login, body, fields) are all in `predict`;
-    an unexpected error is uvicorn's 500, as ServerErrorMiddleware's would be."""
+# The JSON routes and the methods they answer; another method gets 405 {"error"} (without this, the Gradio page
+# mounted at "/" would answer it 404 {"detail"}).
+API_METHODS = {"/api/predict": ("POST",), "/api/status": ("GET", "HEAD"), "/api/models": ("GET", "HEAD"),
+               "/api/shadow": ("GET", "HEAD"), "/api/cascade": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
+
+
+class ApiFront:
+    """ASGI in front of the FastAPI app: POST /api/predict goes straight to `predict` (the route's own function
+    behind the same body limit); a JSON route asked with another method than API_METHODS lists gets 405 with
+    Allow; every other request goes to `app` (FastAPI: its middleware stack, its router, the Gradio page).
+    FastAPI's stack in front of a route (error, body-limit, telemetry, exception and exit-stack middlewares, the
+    route table, Starlette's request/response wrapper) was ~5-8% of the gateway's CPU samples per predict
+    (py-spy); with this and a cheaper repository check the gateway's added round trip fell 0.26-0.35 ms
+    (scripts/bench_gateway.py --before-pythonpath). Same answers: the route's checks (login, body, fields) are
+    all in `predict`; an unexpected error is uvicorn's 500, as ServerErrorMiddleware's would be."""
 
     def __init__(self, app, predict):
         self.app, self.predict = app, predict
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] == "/api/predict":
-            if scope["method"] == "POST":
+        if scope["type"] == "http" and scope["path"] in API_METHODS:
+            if scope["path"] == "/api/predict" and scope["method"] == "POST":
                 return await self.predict(scope, receive, send)
-            response = JSONResponse({"error": f"{scope['method']} /api/predict: send POST with a JSON body "
-                                              "{\"model\": ..., \"text\" | \"image_base64\": ...}"},
-                                    status_code=405, headers={"Allow": "POST"})
-            return await response(scope, receive, send)
+            allowed = API_METHODS[scope["path"]]
+            if scope["method"] not in allowed:
+                usage = ("send POST with a JSON body {\"model\": ..., \"text\" | \"image_base64\": ...}"
+                         if allowed == ("POST",) else "send GET")
+                response = JSONResponse({"error": f"{scope['method']} {scope['path']}: {usage}"},
+                                        status_code=405, headers={"Allow": ", ".join(allowed)})
+                return await response(scope, receive, send)
         return await self.app(scope, receive, send)

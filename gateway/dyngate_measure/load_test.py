@@ -358,6 +358,8 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
     if "gateway" in targets:
         if not gateway_url:
             raise ConfigError("target 'gateway' needs --gateway http://127.0.0.1:PORT (or leave it out of --targets)")
+        if not gateway_url.startswith("http://"):
+            raise ConfigError(f"gateway={gateway_url!r} needs its scheme: http://HOST:PORT, e.g. http://127.0.0.1:7860")
         check_loopback(gateway_url, "gateway")
         check_gateway_login(gateway_url, gateway_auth, timeout_s)
 
@@ -448,6 +450,12 @@ def run_from_args(args, command: str, gateway_auth: tuple[str, str] | None = Non
     """Run the load test the parsed options describe, print and write its report; exit status 1 when any
     request failed. Raises ConfigError/InputError/ServingError. `command`: the command line, for the report.
     gateway_auth: the gateway's login (user, password) or None (see `run_load`)."""
+    out = Path(args.out)
+    try:  # before the run, not after it: a report that cannot be written would lose the whole run
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: the report cannot be written there ({e.strerror}); give a writable "
+                          "folder") from None
     targets = tuple(t.strip() for t in (args.targets or ("triton,gateway" if args.gateway else "triton")).split(",")
                     if t.strip())
     runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
