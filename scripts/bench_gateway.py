@@ -1,8 +1,8 @@
 """Gateway checks against plain tritonclient, same variant, same Triton, one run.
 
-    python scripts/bench_gateway.py --repository model_repository --variant distilbert-tiny__fp32 --requests 300
+    .venv/bin/python scripts/bench_gateway.py --repository model_repository --variant distilbert-tiny__fp32 --requests 300
     # before/after: a second gateway from another checkout (git worktree add /tmp/before <commit>), same run
-    python scripts/bench_gateway.py --repository R --before-pythonpath /tmp/before/build:/tmp/before/gateway
+    .venv/bin/python scripts/bench_gateway.py --repository R --before-pythonpath /tmp/before/build:/tmp/before/gateway
 
 Starts an embedded Triton and `dyngate gateway` (page + JSON routes, a process of its own, as deployed) on free
 loopback ports and runs two checks on SST-2 dev sentences at natural length, batch 1:
