@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -229,6 +231,21 @@ def test_gateway_status_names_the_http_port_given_as_grpc(server):
     assert f"{http.rsplit(':', 1)[0]}:8001" in line and f"http://{http}" in line
     ready, line = triton_status(ClientPool(f"127.0.0.1:{free_ports(1)[0]}"), {})  # nothing there: down
     assert not ready and "down or restarting" in line and "answers HTTP" not in line
+
+
+def test_a_port_that_is_not_triton_is_named_so(server):
+    """Found in a trial: `dyngate predict --triton HOST:8002` (Triton's metrics port) or a gateway's port was
+    called "Triton's HTTP port" with an http:// url as the fix, which failed too; and `dyngate load --triton
+    HOST:8000` said only that the model was not ready."""
+    from dyngate_serving.client import protocol_mismatch
+
+    metrics = server.endpoints["metrics"].split("://", 1)[1].split("/", 1)[0]
+    hint = protocol_mismatch(metrics, "grpc")
+    assert "not as Triton does" in hint and "answers HTTP, not gRPC" not in hint
+    http = server.endpoints["http"].split("://", 1)[1]
+    done = subprocess.run([sys.executable, "-m", "dyngate_cli", "load", "--triton", http, "--clients", "1",
+                           "--duration", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{http} answers HTTP, not gRPC" in done.stderr, done.stderr
 
 
 def test_http_scheme_on_the_grpc_port_says_so(server, capsys):

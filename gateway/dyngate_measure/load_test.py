@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 
 from dyngate_build.errors import ConfigError, InputError, ServingError
 from dyngate_build.evaluate import summarize_ms
-from dyngate_serving.client import TritonClient, grpc_address
+from dyngate_serving.client import TritonClient, grpc_address, protocol_mismatch
 from dyngate_serving.net import DIRECT
 
 TARGETS = ("triton", "gateway")
@@ -240,10 +240,13 @@ async def _drive(send_factory, clients: int, duration_s: float, max_requests: in
     return times
 
 
-async def _model_signature(client, model: str) -> tuple[str, list[str]]:
+async def _model_signature(client, model: str, address: str) -> tuple[str, list[str]]:
     try:
         meta = await client.get_model_metadata(model, as_json=True)
     except Exception as e:
+        wrong_port = await asyncio.to_thread(protocol_mismatch, address, "grpc")
+        if wrong_port:
+            raise ConfigError(f"--triton {address}: {wrong_port}") from e
         raise ServingError(f"model {model!r} is not ready on Triton: {e}") from e
     inputs = meta.get("inputs") or []
     if len(inputs) != 1 or inputs[0].get("datatype") != "BYTES":
@@ -265,7 +268,7 @@ async def run_target(target: str, triton_url: str, gateway_url: str | None, mode
     control = grpcaio.InferenceServerClient(triton_url)
     stats_client = TritonClient(triton_url, "grpc", timeout_s=timeout_s)
     try:
-        input_name, outputs = await _model_signature(control, triton_model)
+        input_name, outputs = await _model_signature(control, triton_model, triton_url)
 
         if target == "triton":
             url = triton_url
@@ -368,7 +371,7 @@ def run_load(triton_url: str, model: str, variant: str = "fp32", gateway_url: st
 
         probe = grpcaio.InferenceServerClient(triton_url)
         try:
-            input_name, _ = await _model_signature(probe, f"{model}__{variant}")
+            input_name, _ = await _model_signature(probe, f"{model}__{variant}", triton_url)
         finally:
             await probe.close()
         raws = load_inputs(input_name, data)

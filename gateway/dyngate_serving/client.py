@@ -711,7 +711,12 @@ def protocol_mismatch(address: str, protocol: str, timeout_s: float = 2.0) -> st
     expected, or an http:// url on its gRPC port). One sentence with the fix, or None when the port does not
     answer the other protocol (down, or something else listens there). Probes the port: for error paths only."""
     host = address.rsplit(":", 1)[0]
-    if protocol == "grpc" and _answers_http(address, timeout_s):
+    status = _http_status(address, timeout_s) if protocol == "grpc" else None
+    if status is not None and status != 200:
+        return (f"{address} answers HTTP but not as Triton does (GET /v2: HTTP {status}): it is no "
+                f"Triton port (Triton's metrics port, default 8002, or a dyngate gateway?); give Triton's gRPC port, "
+                f"e.g. {host}:{DEFAULT_PORTS['grpc']} (`dyngate serve` prints it as grpc://...)")
+    if status == 200:
         return (f"{address} answers HTTP, not gRPC: it may be Triton's HTTP port (default "
                 f"{DEFAULT_PORTS['http']}) where its gRPC port is expected; give Triton's gRPC port, e.g. "
                 f"{host}:{DEFAULT_PORTS['grpc']} (`dyngate serve` prints it as grpc://...), or, where HTTP is taken "
@@ -739,20 +744,26 @@ def _answers_grpc(address: str, timeout_s: float = 2.0) -> bool:
     return len(head) == 9 and head[3] == 0x04
 
 
-def _answers_http(address: str, timeout_s: float = 2.0) -> bool:
-    """Whether `address` ("host:port") answers an HTTP/1.1 request (any status): a gRPC client given Triton's
-    HTTP port only hears "Socket closed"."""
+def _http_status(address: str, timeout_s: float = 2.0) -> int | None:
+    """How `address` ("host:port") answers Triton's server metadata request GET /v2 over HTTP/1.1: 200 when the
+    answer is Triton's ({"name", "version", "extensions"}: Triton's HTTP port), the status of any other answer
+    (a 200 that is not Triton's, as its metrics port gives for every path, counts as 404), None when it does
+    not answer HTTP/1.1 (a gRPC client given Triton's HTTP port only hears "Socket closed")."""
     import urllib.error
 
     from dyngate_serving.net import DIRECT
 
     try:
-        with DIRECT.open(f"http://{address}/v2/health/live", timeout=timeout_s):
-            return True
-    except urllib.error.HTTPError:
-        return True
+        with DIRECT.open(f"http://{address}/v2", timeout=timeout_s) as response:
+            body = response.read(65536)
+    except urllib.error.HTTPError as e:
+        return e.code
     except Exception:
-        return False
+        return None
+    try:
+        return 200 if "extensions" in json.loads(body) else 404
+    except (ValueError, TypeError):
+        return 404
 
 
 def _unreachable_error(url: str, e: Exception, hint: str | None) -> TritonUnreachable:
