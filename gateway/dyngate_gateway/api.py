@@ -23,6 +23,7 @@ import gradio as gr
 import orjson
 from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved from here
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.routing import Mount
 
 from dyngate_build.errors import ConfigError, InputError, RepositoryError, ServingError
@@ -153,7 +154,6 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         response = await api_predict(Request(scope, receive))
         await response(scope, receive, send)
 
-
     @app.get("/api/status")
     def api_status(request: Request):
         def status():
@@ -213,36 +213,33 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                                  for r in models_view.model_rows(state.repository, state.clients)])
         return guarded(rows)(request)
 
+    json_routes = {route.path: tuple(sorted(route.methods)) for route in app.routes if isinstance(route, APIRoute)}
+    json_routes["/api/predict"] = ("POST",)
     app = gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, auth=auth, ssr_mode=False,
                               footer_links=["api"], max_file_size=limits.max_image_bytes)
     mounted["gradio"] = next(r.app for r in app.routes if isinstance(r, Mount))
-    return ApiFront(app, BodySizeLimit(predict_endpoint, max_bytes=limits.max_body_bytes))
-
-
-# The JSON routes and the methods they answer; another method gets 405 {"error"} (without this, the Gradio page
-# mounted at "/" would answer it 404 {"detail"}).
-API_METHODS = {"/api/predict": ("POST",), "/api/status": ("GET", "HEAD"), "/api/models": ("GET", "HEAD"),
-               "/api/shadow": ("GET", "HEAD"), "/api/cascade": ("GET", "HEAD"), "/metrics": ("GET", "HEAD")}
+    return ApiFront(app, BodySizeLimit(predict_endpoint, max_bytes=limits.max_body_bytes), json_routes)
 
 
 class ApiFront:
     """ASGI in front of the FastAPI app: POST /api/predict goes straight to `predict` (the route's own function
-    behind the same body limit); a JSON route asked with another method than API_METHODS lists gets 405 with
-    Allow; every other request goes to `app` (FastAPI: its middleware stack, its router, the Gradio page).
+    behind the same body limit); a JSON route (`methods`: path -> the methods it answers) asked with another
+    method gets 405 {"error"} with Allow (behind it, the Gradio page mounted at "/" would answer 404 {"detail"});
+    every other request goes to `app` (FastAPI: its middleware stack, its router, the Gradio page).
     FastAPI's stack in front of a route (error, body-limit, telemetry, exception and exit-stack middlewares, the
     route table, Starlette's request/response wrapper) was ~5-8% of the gateway's CPU samples per predict
     (py-spy); with this and a cheaper repository check the gateway's added round trip fell 0.26-0.35 ms
     (scripts/bench_gateway.py --before-pythonpath). Same answers: the route's checks (login, body, fields) are
     all in `predict`; an unexpected error is uvicorn's 500, as ServerErrorMiddleware's would be."""
 
-    def __init__(self, app, predict):
-        self.app, self.predict = app, predict
+    def __init__(self, app, predict, methods: dict[str, tuple[str, ...]]):
+        self.app, self.predict, self.methods = app, predict, methods
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] in API_METHODS:
+        if scope["type"] == "http" and scope["path"] in self.methods:
             if scope["path"] == "/api/predict" and scope["method"] == "POST":
                 return await self.predict(scope, receive, send)
-            allowed = API_METHODS[scope["path"]]
+            allowed = self.methods[scope["path"]]
             if scope["method"] not in allowed:
                 usage = ("send POST with a JSON body {\"model\": ..., \"text\" | \"image_base64\": ...}"
                          if allowed == ("POST",) else "send GET")
