@@ -34,7 +34,8 @@ serve_stopped() {  # serve has exited: stop the gateway and end with serve's rea
   sleep 0.5  # tail prints serve's last lines first
   echo >&2
   echo "dyngate serve stopped (exit status $code), so the demo stops (gateway included). serve said:" >&2
-  if grep -q '^error: ' "$SERVE_OUT"; then sed -n '/^error: /,$p' "$SERVE_OUT" >&2; else tail -n 20 "$SERVE_OUT" >&2; fi
+  # its error line only: serve's messages (Triton's log tail included) were shown above as they came
+  if grep -q '^error: ' "$SERVE_OUT"; then grep -m1 '^error: ' "$SERVE_OUT" >&2; else tail -n 20 "$SERVE_OUT" >&2; fi
   exit 1
 }
 

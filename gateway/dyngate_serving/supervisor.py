@@ -139,7 +139,7 @@ class Supervisor:
         if len(self._deaths) > self.max_restarts:
             raise ServingError(f"{what}; it died {len(self._deaths)} times within {self.window_s:.0f} s, more than "
                                f"the {self.max_restarts} restart(s) allowed (--max-restarts / --restart-window): "
-                               f"giving up. Look at the log for the cause." + log)
+                               f"giving up. Look at the log for the cause ({self.server.log_path})." + log)
         print(f"{what}; restarting it ({len(self._deaths)}/{self.max_restarts} within {self.window_s:.0f} s)"
               + log, file=self.out, flush=True)
         time.sleep(min(0.5 * len(self._deaths), 5.0))  # let the ports and shared memory go
