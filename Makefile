@@ -39,7 +39,7 @@ serve: setup
 	$(DYNGATE) serve --repository $(REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 gateway: setup
-	$(DYNGATE) gateway --repository $(REPOSITORY) --triton 127.0.0.1:$(GRPC_PORT) --port $(GATEWAY_PORT) \
+	$(DYNGATE) gateway --repository $(REPOSITORY) --triton 127.0.0.1:$(GRPC_PORT) --triton-http 127.0.0.1:$(HTTP_PORT) --port $(GATEWAY_PORT) \
 	  --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics
 
 # Builds the presets' variants unless the repository has them all, built alike (`make build` rebuilds), then starts

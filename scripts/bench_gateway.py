@@ -9,9 +9,12 @@ loopback ports and runs two checks on SST-2 dev sentences at natural length, bat
 1. Overhead: for each sentence, every path in rotating order:
    - direct gRPC: dyngate_serving.client.TritonClient.predict (tritonclient's gRPC client, as a user's would);
    - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
-     (one kept-alive connection, as a real client would hold);
+     (one kept-alive connection, as a real client would hold), the gateway started as `make demo` starts it
+     (inference to Triton's HTTP endpoint, `--triton-http`);
+   - gateway, inference over gRPC: the same gateway code started without `--triton-http`;
    - gateway, no inference: the same body for a model the repository lacks (404 without Triton): the HTTP hop;
-   - per --before-pythonpath, the same through another gateway run with that PYTHONPATH.
+   - per --before-pythonpath, the same through another gateway run with that PYTHONPATH (started with `--triton`
+     only: older checkouts lack `--triton-http`).
    Prints p50/p90/p99 of each and the p50 each gateway adds over direct gRPC, in ms.
 2. Compare tab vs a plain loop: the Compare tab's driver (dyngate_gateway.compare.run_benchmark, concurrency 1) and a
    loop written directly on tritonclient.grpc (InferInput / infer, nothing of dyngate's), alternating in
@@ -63,15 +66,15 @@ def main(argv=None) -> int:
                                 metrics_port=metrics_port,
                                 models=[entry.name])
     with TritonServer(config) as server, contextlib.ExitStack() as stack:
-        gateways = {"gateway": {}}
+        gateways = {"gateway": ({}, server.endpoints["http"]), "gateway, inference over gRPC": ({}, None)}
         for i, pythonpath in enumerate(args.before_pythonpath):
-            gateways[f"gateway (before {i + 1})"] = {"PYTHONPATH": pythonpath}
+            gateways[f"gateway (before {i + 1})"] = ({"PYTHONPATH": pythonpath}, None)
         client = stack.enter_context(contextlib.closing(TritonClient(server.endpoints["grpc"])))
         paths = {"direct gRPC": lambda text: client.predict(entry.name, text.encode())}
-        for name, env in gateways.items():
-            url = stack.enter_context(gateway_process(args.repository, server.endpoints["grpc"],
-                                                      ROOT / "reports" / f"bench-{name.replace(' ', '-')}.log",
-                                                      env=env))
+        for name, (env, http_url) in gateways.items():
+            log = ROOT / "reports" / f"bench-{name.replace(' ', '-').replace(',', '')}.log"
+            url = stack.enter_context(gateway_process(args.repository, server.endpoints["grpc"], log, env=env,
+                                                      http_url=http_url))
             call, close = gateway_call(url, entry)
             stack.callback(close)
             paths[name] = lambda text, call=call: call([text.encode()])

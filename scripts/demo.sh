@@ -52,7 +52,7 @@ echo
 echo "Triton   HTTP http://127.0.0.1:$HTTP_PORT  gRPC 127.0.0.1:$GRPC_PORT  metrics http://127.0.0.1:$METRICS_PORT/metrics"
 echo "Gateway  http://127.0.0.1:$GATEWAY_PORT"
 echo
-"$DYNGATE" gateway --repository "$REPOSITORY" --triton "127.0.0.1:$GRPC_PORT" --port "$GATEWAY_PORT" \
+"$DYNGATE" gateway --repository "$REPOSITORY" --triton "127.0.0.1:$GRPC_PORT" --triton-http "127.0.0.1:$HTTP_PORT" --port "$GATEWAY_PORT" \
   --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" &
 GATEWAY=$!
 code=0

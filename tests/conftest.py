@@ -106,11 +106,13 @@ def running_triton(repository: Path, log_file: Path, models: list[str] | None = 
 @contextlib.contextmanager
 def running_gateway(repository: Path, triton, **settings):
     """The gateway (page + JSON routes) on a free loopback port in front of `triton` (a running TritonServer),
-    reading its metrics; `settings` are more GatewayConfig fields (limits, server_pid, intervals, ...)."""
+    reading its metrics, inference over Triton's HTTP endpoint as `make demo` runs it; `settings` are more
+    GatewayConfig fields (limits, server_pid, intervals, triton_http_url=None for inference over gRPC, ...)."""
     from dyngate_gateway import app as gateway_app
     from dyngate_gateway.config import GatewayConfig
     from dyngate_serving.net import free_port
 
+    settings = {"triton_http_url": triton.endpoints["http"], **settings}
     config = GatewayConfig(metrics_url=triton.endpoints["metrics"], **settings)
     running = gateway_app.serve(Path(repository), triton.endpoints["grpc"], port=free_port(), config=config)
     try:

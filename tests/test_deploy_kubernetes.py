@@ -134,6 +134,7 @@ def test_gateway_reaches_triton_by_its_service_name(deployed, kubectl):
     triton = one(objects, "Service", "dyngate-triton")
     ports = {p["name"]: p["port"] for p in triton["spec"]["ports"]}
     assert host == triton["metadata"]["name"] and int(port) == ports["grpc"]
+    assert flags["--triton-http"] == f"{triton['metadata']['name']}:{ports['http']}"  # inference over HTTP
     assert flags["--metrics-url"] == f"http://{triton['metadata']['name']}:{ports['metrics']}/metrics"
     # the catalog the gateway reads is the repository's own model folders (config.pbtxt + metadata.json)
     catalog = one(objects, "Deployment", "dyngate-gateway")["spec"]["template"]["spec"]["volumes"][0]["configMap"]

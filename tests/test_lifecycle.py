@@ -398,6 +398,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_past_its_budget(
         built_repository, tmp_path):
     from dyngate_gateway.app import serve as serve_gateway
+    from dyngate_gateway.config import GatewayConfig
 
     repository = _copy_model(built_repository, tmp_path / "repo")
     http, grpc, metrics = free_ports(3)
@@ -416,7 +417,8 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
         assert serve.poll() is None, out_path.read_text()
         first = pids()[0]
-        gateway = serve_gateway(repository, f"127.0.0.1:{grpc}", port=free_port())
+        gateway = serve_gateway(repository, f"127.0.0.1:{grpc}", port=free_port(),  # inference over HTTP, as deployed
+                                config=GatewayConfig(triton_http_url=f"127.0.0.1:{http}"))
         body = {"model": MODEL, "text": "a fine film"}
         assert _post(f"{gateway.url}/api/predict", body)[0] == 200
 

@@ -7,6 +7,7 @@ native-flavour `echo__native` config the embedded server must not try to load.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -184,6 +185,86 @@ def test_loading_a_native_model_names_the_reason(server):
     with pytest.raises(ServingError, match=r"echo__native.*onnxruntime"):
         server.load_model("echo__native")
     assert server.ready_models() == ["echo"]
+
+
+# AsyncTritonClient's inference routes: gRPC stub, HTTP beside a gRPC url (infer_url, as the gateway runs with
+# --triton-http), and an http:// url
+ASYNC_ROUTES = {"grpc": lambda s: {"url": s.endpoints["grpc"]},
+                "http beside grpc": lambda s: {"url": s.endpoints["grpc"], "infer_url": s.endpoints["http"]},
+                "http": lambda s: {"url": s.endpoints["http"]}}
+
+
+@pytest.mark.parametrize("route", ASYNC_ROUTES)
+def test_async_client_answers_alike_on_every_route(server, route):
+    """Same answers, parameters with their JSON types, merged requests and errors whichever way inference goes."""
+    async def main():
+        client = AsyncTritonClient(**ASYNC_ROUTES[route](server), timeout_s=10)
+        try:
+            answer = await client.predict("echo", "héllo".encode(), {"scale": 2.5, "mode": "fast", "steps": 3,
+                                                                      "on": True})
+            merged = await asyncio.gather(*(client.predict("echo", t) for t in [b"a", b"bb", b"ccc"] * 4))
+            errors = []
+            for model, raw, params in (("echo", b"\xff\xfe", None), ("nope", b"x", None),
+                                       ("echo", b"x", {"scale": float("nan")})):
+                try:
+                    await client.predict(model, raw, params)
+                except Exception as e:
+                    errors.append(e)
+            after = await client.predict("echo", b"still here")
+            return answer, merged, errors, after
+        finally:
+            await client.close()
+
+    answer, merged, errors, after = run_in_own_loop(main())
+    assert answer.answer == {"text": "HÉLLO", "params": {"scale": 2.5, "mode": "fast", "steps": 3, "on": True}}
+    np.testing.assert_array_equal(answer.logits, np.array([5, 2.5], dtype=np.float32))
+    assert [a.answer["text"] for a in merged] == ["A", "BB", "CCC"] * 4
+    assert [float(a.logits[0]) for a in merged] == [1, 2, 3] * 4
+    assert isinstance(errors[0], InputError) and "TEXT is not UTF-8" in str(errors[0])
+    assert isinstance(errors[1], ServingError) and "model 'nope' is not ready" in str(errors[1])
+    assert isinstance(errors[2], InputError) and "finite float" in str(errors[2])
+    assert after.answer["text"] == "STILL HERE"
+
+
+def test_async_client_keeps_its_http_connections(server):
+    """Sequential calls share one kept-alive connection; concurrent ones open one each and keep them; a kept
+    connection the server closed meanwhile is replaced without failing the call."""
+    async def main():
+        client = AsyncTritonClient(server.endpoints["grpc"], infer_url=server.endpoints["http"], timeout_s=10,
+                                   in_flight=0)
+        try:
+            for _ in range(5):
+                await client.predict("echo", b"x")
+            sequential = len(client._http._idle)
+            await asyncio.gather(*(client.predict("echo", b"x") for _ in range(3)))
+            concurrent = len(client._http._idle)
+            for _, writer in client._http._idle:  # as if the server had closed them while idle
+                writer.transport.abort()
+            answer = await client.predict("echo", b"again")
+            return sequential, concurrent, answer
+        finally:
+            await client.close()
+
+    sequential, concurrent, answer = run_in_own_loop(main())
+    assert (sequential, concurrent) == (1, 3)
+    assert answer.answer["text"] == "AGAIN"
+
+
+def test_async_client_names_an_unreachable_http_endpoint(server):
+    (port,) = free_ports(1)
+    grpc_port = server.endpoints["grpc"].rsplit(":", 1)[1]
+
+    async def main(infer_url):
+        client = AsyncTritonClient(server.endpoints["grpc"], infer_url=infer_url, timeout_s=5)
+        try:
+            await client.predict("echo", b"x")
+        except TritonUnreachable as e:
+            return str(e)
+        finally:
+            await client.close()
+
+    assert f"Triton at http://127.0.0.1:{port} is not reachable" in run_in_own_loop(main(f"127.0.0.1:{port}"))
+    assert "answers gRPC (HTTP/2), not HTTP/1.1" in run_in_own_loop(main(f"127.0.0.1:{grpc_port}"))
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

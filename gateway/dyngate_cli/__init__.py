@@ -5,7 +5,7 @@ bench, load, zero-report, deploy. This module is the one place that wires the pa
     dyngate serve --repository model_repository
     dyngate build --model distilbert-tiny --techniques fp32 --triton 127.0.0.1:8001   # hot rebuild (gRPC)
     dyngate reload --model distilbert-tiny --variant fp32 --triton 127.0.0.1:8001
-    dyngate gateway --triton 127.0.0.1:8001
+    dyngate gateway --triton 127.0.0.1:8001 --triton-http 127.0.0.1:8000   # inference over HTTP, control gRPC
     dyngate predict --model distilbert-tiny --variant fp32 --text "a gripping film"
     dyngate recommend --model distilbert-tiny --budget 1.0
     dyngate recommend --model distilbert-tiny --cascade int8-dynamic,fp32 --budget 0.5
@@ -13,7 +13,8 @@ bench, load, zero-report, deploy. This module is the one place that wires the pa
     dyngate deploy kubernetes --repository model_repository --out deploy/k8s
 
 Every `--triton` takes Triton's address as HOST:PORT (gRPC; without a port, 8001), parsed by one function
-(`dyngate_serving.client.parse_address`); only `predict` also takes http://HOST:PORT.
+(`dyngate_serving.client.parse_address`); only `predict` also takes http://HOST:PORT (and the gateway's
+`--triton-http` is Triton's HTTP port, for inference only).
 Settings also come from the environment: DYNGATE_REPOSITORY, DYNGATE_CACHE, DYNGATE_DATA.
 Errors dyngate raises on purpose print as one line `error: ...` and exit with status 2. A closed stdout
 (`dyngate recommend ... | head -1`) ends the command quietly with status 141, as SIGPIPE would.
@@ -138,7 +139,7 @@ def cmd_serve(args) -> int:
 
 def cmd_gateway(args) -> int:
     from dyngate_gateway.app import launch
-    from dyngate_serving.client import grpc_address
+    from dyngate_serving.client import grpc_address, parse_address
     from dyngate_serving.net import port_is_free
 
     triton = grpc_address(args.triton)
@@ -157,6 +158,8 @@ def cmd_gateway(args) -> int:
     config = GatewayConfig.load(args.config)
     if args.metrics_url:
         config = replace(config, metrics_url=args.metrics_url)
+    if args.triton_http:
+        config = replace(config, triton_http_url=parse_address(args.triton_http, "http", "--triton-http")[0])
     launch(repository=Path(args.repository), triton_url=triton, host=args.host, port=args.port, config=config)
     return 0
 
@@ -311,6 +314,9 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="gateway JSON config: limits, routing, login (default: "
                                     "$DYNGATE_GATEWAY_CONFIG)")
     p.add_argument("--metrics-url", help="Triton's Prometheus metrics URL (default: the gRPC port + 1)")
+    p.add_argument("--triton-http", metavar="[http://]HOST:PORT",
+                   help="Triton's HTTP endpoint: inference goes there (less time per request than gRPC: "
+                        "scripts/bench_gateway.py), model control stays on --triton (default: all over gRPC)")
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("predict", help="send one input to a variant through Triton")

@@ -351,7 +351,7 @@ def gateway_objects(options: DeployOptions, facts: RepositoryFacts) -> dict[str,
     container = {
         "name": "gateway", "image": options.object_name("gateway"),
         "args": ["gateway", "--repository", CATALOG_MOUNT, "--triton", f"{triton}:{ports['grpc']}",
-                 "--host", "0.0.0.0", "--port", str(port),
+                 "--triton-http", f"{triton}:{ports['http']}", "--host", "0.0.0.0", "--port", str(port),
                  "--metrics-url", f"http://{triton}:{ports['metrics']}/metrics"],
         "env": [{"name": env, "valueFrom": {"secretKeyRef": {"name": options.secret, "key": key}}}
                 for env, key in ((USER_ENV, "user"), (PASSWORD_ENV, "password"))],

@@ -590,7 +590,7 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
     the choices the gateway started with). The shared state is `demo.dyngate` (a GatewayState)."""
     config = config or GatewayConfig.load()
     catalog = handlers.load_catalog(Path(repository))
-    clients = ClientPool(triton_url)
+    clients = ClientPool(triton_url, infer_url=config.triton_http_url)
     router = Router(catalog, clients, config.routing, config.limits)
     monitor = metrics.MetricsMonitor(config.metrics_url or metrics.default_metrics_url(triton_url), config.server_pid)
     router.shadow = Shadow(clients)  # off until a model's shadow is started (Shadow tab, API "shadow_start")

@@ -161,12 +161,16 @@ def all_variant_names(catalog: dict[str, ModelView]) -> list[str]:
 class ClientPool:
     """The Triton clients of one Triton url: per event loop one `AsyncTritonClient` that every request on the
     loop shares (`aio()`: the JSON route, the page's handlers), and per thread one `TritonClient` for code that
-    runs in threads (`get()`: tritonclient clients are not thread-safe).
+    runs in threads (`get()`: tritonclient clients are not thread-safe). infer_url: Triton's HTTP endpoint
+    ("host:port"), where the loop's client sends inference (`AsyncTritonClient`'s infer_url: less time per
+    request than gRPC); None: everything over `url`.
     """
 
-    def __init__(self, url: str, protocol: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S):
+    def __init__(self, url: str, protocol: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S,
+                 infer_url: str | None = None):
         self.url, self.timeout_s = url, timeout_s
         self.protocol = parse_address(url, protocol)[1]
+        self.infer_url = None if infer_url is None else parse_address(infer_url, "http", "--triton-http")[0]
         self._local = threading.local()
         self._aio: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> AsyncTritonClient
 
@@ -175,7 +179,8 @@ class ClientPool:
         loop = asyncio.get_running_loop()
         client = self._aio.get(loop)
         if client is None:
-            client = self._aio[loop] = AsyncTritonClient(self.url, protocol=self.protocol, timeout_s=self.timeout_s)
+            client = self._aio[loop] = AsyncTritonClient(self.url, protocol=self.protocol, timeout_s=self.timeout_s,
+                                                         infer_url=self.infer_url)
         return client
 
     async def areset(self) -> None:
@@ -221,6 +226,16 @@ def triton_status(clients: ClientPool, catalog: dict[str, ModelView]) -> tuple[b
             return False, f"**Triton at `{clients.url}` answered with an error:** {e}"
     finally:
         client.close()
+    if clients.infer_url is not None:
+        inference = TritonClient(clients.infer_url, protocol="http", timeout_s=STATUS_TIMEOUT_S)
+        try:
+            if not inference.is_ready():
+                wrong_port = protocol_mismatch(clients.infer_url, "http")
+                return False, (f"⚠️ **Triton's HTTP endpoint `http://{clients.infer_url}` (inference) is not "
+                               f"reachable**" + (f": {wrong_port}." if wrong_port else
+                                                 " while its gRPC endpoint answers: check --triton-http."))
+        finally:
+            inference.close()
     wanted = [e.name for v in catalog.values() for e in v.variants.values()]
     missing = [n for n in wanted if n not in ready]
     line = f"Triton at `{clients.url}` is ready · {len(wanted) - len(missing)}/{len(wanted)} variants loaded"

@@ -303,10 +303,11 @@ def concurrent_run(make_call: Callable[[], tuple[Callable, Callable]], requests:
 
 @contextlib.contextmanager
 def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: float = 180,
-                    env: dict[str, str] | None = None):
-    """`dyngate gateway` for `repository` in front of the Triton at `grpc_url`, on a free loopback port, in a
-    process of its own (its event loop shares no GIL with the bench's clients); yields its url. env: variables
-    set for that process on top of this one's (e.g. PYTHONPATH of another checkout, for a before/after run).
+                    env: dict[str, str] | None = None, http_url: str | None = None):
+    """`dyngate gateway` for `repository` in front of the Triton at `grpc_url` (and `http_url`, its HTTP endpoint
+    for inference: `--triton-http`, as `make demo` runs it), on a free loopback port, in a process of its own
+    (its event loop shares no GIL with the bench's clients); yields its url. env: variables set for that process
+    on top of this one's (e.g. PYTHONPATH of another checkout, for a before/after run).
     ServingError with the log's tail when it does not answer within `timeout_s`."""
     import os
     import subprocess
@@ -321,7 +322,8 @@ def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "dyngate_cli", "gateway", "--repository", str(repository),
-                                    "--triton", grpc_url.split("://")[-1], "--port", str(port)],
+                                    "--triton", grpc_url.split("://")[-1], "--port", str(port)]
+                                   + (["--triton-http", http_url.split("://")[-1]] if http_url else []),
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env={**os.environ, **(env or {})})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -954,7 +956,8 @@ def run_bench(options: BenchOptions, log=print) -> dict:
                     endpoints = dict(server.endpoints)
                     if options.overhead and options.gateway:
                         endpoints["gateway"] = stack.enter_context(gateway_process(
-                            served, server.endpoints["grpc"], options.out / "bench-gateway.log"))
+                            served, server.endpoints["grpc"], options.out / "bench-gateway.log",
+                            http_url=server.endpoints["http"]))
                     for model, group in groups.items():
                         (tmp / model).mkdir()
                         result["sections"].append(preset_section(model, group, source_data, options,
