@@ -271,9 +271,9 @@ class AsyncTritonClient:
 
     Inference over HTTP (`infer_url`, or an http:// `url`) goes through `_HttpConnections`: kept-alive HTTP/1.1
     connections on the event loop itself, Triton's binary tensor extension, answers read by httptools. Measured on
-    2 cores (distilbert-tiny fp32, batch 1, one asyncio process): 1.83 ms p50 against 2.86 ms for the same request
-    as a grpc.aio call (whose answers reach the loop from gRPC's poller thread) and 2.71 ms for tritonclient's
-    blocking gRPC client. Model control and metadata stay on `url`.
+    2 cores (distilbert-tiny fp32, batch 1, one process, the three in turn, three runs): 1.65-1.83 ms p50 against
+    1.91-2.22 ms for the same requests as grpc.aio calls (whose answers reach the loop from gRPC's poller thread)
+    and 1.98-2.31 ms for tritonclient's blocking gRPC client. Model control and metadata stay on `url`.
 
     url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (the gRPC deadline of `predict`,
     asyncio.wait_for elsewhere). in_flight: calls in flight per (model, parameters) before requests are merged;
