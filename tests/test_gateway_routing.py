@@ -220,6 +220,19 @@ def test_bad_policy_and_limits_are_input_errors(catalog, clients):
         router.route("gpt-17", "fine", "fastest")
 
 
+def test_variant_beside_a_choosing_policy_is_an_input_error(catalog, clients):
+    """Found in a new user's trial: policy "fastest" with a variant answered from the fastest variant and ignored
+    the one asked for. `variant` belongs to policy 'variant'; beside another policy it is refused, naming both."""
+    router = Router(catalog, clients)
+    first, second = catalog[TEXT_MODEL].variant_names[:2]
+    for policy in ("fastest", "most-accurate", "ab", "cascade"):
+        with pytest.raises(InputError, match=f"variant='{first}' conflicts with policy='{policy}'"):
+            router.route(TEXT_MODEL, "fine", policy, variant=first)
+    with pytest.raises(InputError, match=f"policy='{first}' and variant='{second}' name two variants"):
+        router.route(TEXT_MODEL, "fine", first, variant=second)
+    assert router.route(TEXT_MODEL, "fine", variant=second)["served_by"] == second  # no policy: that variant
+
+
 # ------------------------------------------------------------------------------------- JSON and gradio
 
 def test_json_route_answers_and_says_why(gateway, catalog, triton):
@@ -260,6 +273,8 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
     ({"model": TEXT_MODEL, "text": "x" * 3000}, 400, "limit is 2000"),
     ({"model": TEXT_MODEL, "text": "x", "policy": "cheapest"}, 400, "policy='cheapest'"),
     ({"model": TEXT_MODEL, "text": "x", "policy": "variant", "variant": "int3"}, 400, "unknown variant 'int3'"),
+    ({"model": TEXT_MODEL, "text": "x", "policy": "fastest", "variant": "fp32"}, 400,
+     "variant='fp32' conflicts with policy='fastest'"),
     ({"model": TEXT_MODEL, "text": "x", "exit_threshold": True}, 400, "exit_threshold=True is a boolean"),
     ({"model": TEXT_MODEL, "text": "x", "colour": "red"}, 400, "unknown field"),
     ({"model": IMAGE_MODEL, "image_base64": "***"}, 400, "base64"),
