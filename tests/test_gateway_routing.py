@@ -278,6 +278,11 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
     ({"model": TEXT_MODEL, "text": "x", "exit_threshold": True}, 400, "exit_threshold=True is a boolean"),
     ({"model": TEXT_MODEL, "text": "x", "colour": "red"}, 400, "unknown field"),
     ({"model": IMAGE_MODEL, "image_base64": "***"}, 400, "base64"),
+    # found in a new user's trial: an API client was told to "upload" a file, and WEBP was left out
+    ({"model": IMAGE_MODEL}, 400, 'image_base64 is missing: vit-tiny is an image model; send the image file\'s bytes '
+                                  'in base64 as "image_base64" (PNG, JPEG, BMP, GIF, WEBP'),
+    ({"model": IMAGE_MODEL, "text": "a cat"}, 400, '(PNG, JPEG, BMP, GIF, WEBP), not "text"'),
+    ({"model": IMAGE_MODEL, "image_base64": ""}, 400, 'as "image_base64" (PNG, JPEG, BMP, GIF, WEBP)'),
 ])
 def test_json_route_bad_input_is_a_4xx_with_the_message(gateway, body, status, message):
     code, answer = post(gateway.url, body)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
+from dyngate_build.runtime import IMAGE_FORMATS
 from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address, protocol_mismatch
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
+IMAGE_FORMATS_TEXT = ", ".join(IMAGE_FORMATS)  # what a served variant decodes (dyngate_build.runtime), in words
 STATUS_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0  # a predict fails after this, never hangs (a restarting Triton answers at once)
 
@@ -277,7 +279,7 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
             raise InputError(f"the text holds U+{ord(bad):04X} at character {e.start}, a lone surrogate that is "
                              "not a Unicode character; send valid Unicode text") from None
     if image is None or image == "" or image == b"":
-        raise InputError(f"no image: {view.name} is an image model, upload a PNG, JPEG, BMP or GIF file")
+        raise InputError(f"no image: {view.name} is an image model, upload a {IMAGE_FORMATS_TEXT} file")
     if isinstance(image, (bytes, bytearray)):
         if len(image) > limits.max_image_bytes:
             raise InputError(f"the image has {len(image)} bytes; the gateway's limit is {limits.max_image_bytes} "
@@ -293,7 +295,7 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
     except OSError as e:
         raise InputError(f"cannot read the uploaded image {path.name}: {e}") from e
     if not raw:
-        raise InputError(f"the uploaded file {path.name} is empty; upload a PNG, JPEG, BMP or GIF file")
+        raise InputError(f"the uploaded file {path.name} is empty; upload a {IMAGE_FORMATS_TEXT} file")
     return raw
 
 
