@@ -263,6 +263,10 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
         with TritonClient(triton.endpoints["grpc"]) as client:
             direct = client.predict(catalog[IMAGE_MODEL].variants[answer["served_by"]].name, png).answer
         assert answer["answer"]["label"] == direct["label"]
+        # a data URI, as a browser's FileReader.readAsDataURL gives it (found in a new user's trial: "not valid base64")
+        status, from_uri = post(gateway.url, {"model": IMAGE_MODEL, "policy": "variant", "variant": answer["served_by"],
+                                              "image_base64": "data:image/png;base64," + base64.b64encode(png).decode()})
+        assert status == 200 and from_uri["answer"] == answer["answer"], from_uri
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -283,6 +287,9 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
                                   'in base64 as "image_base64" (PNG, JPEG, BMP, GIF, WEBP'),
     ({"model": IMAGE_MODEL, "text": "a cat"}, 400, '(PNG, JPEG, BMP, GIF, WEBP), not "text"'),
     ({"model": IMAGE_MODEL, "image_base64": ""}, 400, 'as "image_base64" (PNG, JPEG, BMP, GIF, WEBP)'),
+    ({"model": IMAGE_MODEL, "image_base64": "data:text/plain;base64,aGk="}, 400,
+     "data URI of media type 'text/plain', not an image"),
+    ({"model": IMAGE_MODEL, "image_base64": "data:image/png,rawbytes"}, 400, "data URI without ';base64,'"),
 ])
 def test_json_route_bad_input_is_a_4xx_with_the_message(gateway, body, status, message):
     code, answer = post(gateway.url, body)

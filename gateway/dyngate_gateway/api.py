@@ -30,7 +30,7 @@ from starlette.routing import Mount
 from dyngate_build.errors import ConfigError, InputError, RepositoryError, ServingError
 from dyngate_gateway import models_view
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT
-from dyngate_gateway.handlers import IMAGE_FORMATS_TEXT
+from dyngate_gateway.handlers import IMAGE_FORMATS_TEXT, image_from_base64
 from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub, LoginRequired
 
 # Routes Gradio answers without its login; with a login set, the gateway asks for it there too.
@@ -131,9 +131,9 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         image = None
         if body.get("image_base64"):
             try:
-                image = base64.b64decode(body["image_base64"], validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                return error(400, "image_base64 is not valid base64")
+                image = image_from_base64(body["image_base64"])
+            except InputError as e:
+                return error(400, str(e))
         elif not state.catalog[model].is_text:
             return error(400, f"image_base64 is missing: {model} is an image model; send the image file's bytes in "
                               f"base64 as \"image_base64\" ({IMAGE_FORMATS_TEXT})"
