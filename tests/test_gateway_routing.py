@@ -220,6 +220,19 @@ def test_bad_policy_and_limits_are_input_errors(catalog, clients):
         router.route("gpt-17", "fine", "fastest")
 
 
+def test_variant_beside_a_choosing_policy_is_an_input_error(catalog, clients):
+    """Found in a new user's trial: policy "fastest" with a variant answered from the fastest variant and ignored
+    the one asked for. `variant` belongs to policy 'variant'; beside another policy it is refused, naming both."""
+    router = Router(catalog, clients)
+    first, second = catalog[TEXT_MODEL].variant_names[:2]
+    for policy in ("fastest", "most-accurate", "ab", "cascade"):
+        with pytest.raises(InputError, match=f"variant='{first}' conflicts with policy='{policy}'"):
+            router.route(TEXT_MODEL, "fine", policy, variant=first)
+    with pytest.raises(InputError, match=f"policy='{first}' and variant='{second}' name two variants"):
+        router.route(TEXT_MODEL, "fine", first, variant=second)
+    assert router.route(TEXT_MODEL, "fine", variant=second)["served_by"] == second  # no policy: that variant
+
+
 # ------------------------------------------------------------------------------------- JSON and gradio
 
 def test_json_route_answers_and_says_why(gateway, catalog, triton):
@@ -250,6 +263,10 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
         with TritonClient(triton.endpoints["grpc"]) as client:
             direct = client.predict(catalog[IMAGE_MODEL].variants[answer["served_by"]].name, png).answer
         assert answer["answer"]["label"] == direct["label"]
+        # a data URI, as a browser's FileReader.readAsDataURL gives it (found in a new user's trial: "not valid base64")
+        status, from_uri = post(gateway.url, {"model": IMAGE_MODEL, "policy": "variant", "variant": answer["served_by"],
+                                              "image_base64": "data:image/png;base64," + base64.b64encode(png).decode()})
+        assert status == 200 and from_uri["answer"] == answer["answer"], from_uri
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -260,9 +277,19 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
     ({"model": TEXT_MODEL, "text": "x" * 3000}, 400, "limit is 2000"),
     ({"model": TEXT_MODEL, "text": "x", "policy": "cheapest"}, 400, "policy='cheapest'"),
     ({"model": TEXT_MODEL, "text": "x", "policy": "variant", "variant": "int3"}, 400, "unknown variant 'int3'"),
+    ({"model": TEXT_MODEL, "text": "x", "policy": "fastest", "variant": "fp32"}, 400,
+     "variant='fp32' conflicts with policy='fastest'"),
     ({"model": TEXT_MODEL, "text": "x", "exit_threshold": True}, 400, "exit_threshold=True is a boolean"),
     ({"model": TEXT_MODEL, "text": "x", "colour": "red"}, 400, "unknown field"),
     ({"model": IMAGE_MODEL, "image_base64": "***"}, 400, "base64"),
+    # found in a new user's trial: an API client was told to "upload" a file, and WEBP was left out
+    ({"model": IMAGE_MODEL}, 400, 'image_base64 is missing: vit-tiny is an image model; send the image file\'s bytes '
+                                  'in base64 as "image_base64" (PNG, JPEG, BMP, GIF, WEBP'),
+    ({"model": IMAGE_MODEL, "text": "a cat"}, 400, '(PNG, JPEG, BMP, GIF, WEBP), not "text"'),
+    ({"model": IMAGE_MODEL, "image_base64": ""}, 400, 'as "image_base64" (PNG, JPEG, BMP, GIF, WEBP)'),
+    ({"model": IMAGE_MODEL, "image_base64": "data:text/plain;base64,aGk="}, 400,
+     "data URI of media type 'text/plain', not an image"),
+    ({"model": IMAGE_MODEL, "image_base64": "data:image/png,rawbytes"}, 400, "data URI without ';base64,'"),
 ])
 def test_json_route_bad_input_is_a_4xx_with_the_message(gateway, body, status, message):
     code, answer = post(gateway.url, body)

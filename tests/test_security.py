@@ -182,6 +182,11 @@ def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message)
     ("GET", "/api/shadow?model=nope", 404, "unknown model 'nope'"),
     ("GET", "/api/cascade", 400, "model is required"),
     ("GET", "/api/cascade?model=nope", 404, "unknown model 'nope'"),
+    # found in a new user's trial: a misspelt query parameter was ignored (here: the target, so the default was used)
+    ("GET", f"/api/cascade?model={TEXT_MODEL}&within=1", 400,
+     "unknown query parameter(s) ['within'] for GET /api/cascade; allowed: ['model', 'within_pt', 'at_least']"),
+    ("GET", "/api/shadow?modle=x&model=y", 400, "['modle'] for GET /api/shadow; allowed: ['model']"),
+    ("GET", "/api/status?verbose=1", 400, "['verbose'] for GET /api/status; allowed: none"),
 ])
 def test_gateway_api_edges_answer_json_errors(gateway, method, path, status, message):
     code, answer = request(gateway.url, path, b"" if method in ("PUT", "POST") else None, method=method)

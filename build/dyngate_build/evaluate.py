@@ -4,19 +4,21 @@
   inputs (token tasks compare every real token position).
 - `task_metric`: accuracy (classification) or exact-span entity F1 (CoNLL-style, as seqeval computes it).
 - `latency`: in-process per-request latency (ms), batch 1, p50/p90/p99 over real inputs.
+They answer with the records metadata.json stores (`dyngate_build.metadata`: AgreementRecord, MetricRecord,
+LatencyRecord): one type per concept, written as measured.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from dyngate_build import errors
-from dyngate_build.metadata import DevScores, dev_sample_digest, metric_from_counts
+from dyngate_build.metadata import (AgreementRecord, DevScores, LatencyRecord, MetricRecord, dev_sample_digest,
+                                    metric_from_counts)
 from dyngate_build.runtime import InputError, Predictor, answer_confidence
 
 
@@ -45,46 +47,6 @@ class TorchReferenceEngine:
             return {"logits": self.model(**inputs).logits.float().numpy()}
 
 
-@dataclass
-class Agreement:
-    """max_abs_logit: largest |Δlogit| (over items and token positions); top1: fraction of equal argmax."""
-
-    max_abs_logit: float
-    top1: float
-    n: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Metric:
-    """A task metric on a dev split: name ("accuracy" | "entity_f1"), value in [0, 1], n examples, examples_sha256
-    the sample's digest (metadata.dev_sample_digest)."""
-
-    name: str
-    value: float
-    n: int
-    examples_sha256: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Latency:
-    """Per-request latency in milliseconds over `n` timed requests."""
-
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    n: int
-
-    def as_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
-
-
 def run_predictor(predictor: Predictor, raws: list[bytes], batch_size: int = 32, options: dict | None = None):
     """Predictions for `raws` in batches. A runtime InputError here means the data set itself is bad: it is
     raised as `dyngate_build.errors.InputError` (a DyngateError the CLI prints as one `error:` line), naming the
@@ -100,8 +62,9 @@ def run_predictor(predictor: Predictor, raws: list[bytes], batch_size: int = 32,
     return results
 
 
-def agreement(candidate: list, reference: list) -> Agreement:
-    """Compare two lists of runtime Predictions item by item (logits [C] or [L, C])."""
+def agreement(candidate: list, reference: list) -> AgreementRecord:
+    """Compare two lists of runtime Predictions item by item (logits [C] or [L, C]): the largest |Δlogit| over
+    items and token positions, the share of equal argmax, and n = the number of items."""
     worst, equal, total = 0.0, 0, 0
     for cand, ref in zip(candidate, reference, strict=True):
         a, b = cand.logits, ref.logits
@@ -109,7 +72,7 @@ def agreement(candidate: list, reference: list) -> Agreement:
         top_a, top_b = np.argmax(a, axis=-1), np.argmax(b, axis=-1)
         equal += int(np.sum(top_a == top_b))
         total += int(np.size(top_a))
-    return Agreement(max_abs_logit=worst, top1=equal / max(total, 1), n=len(candidate))
+    return AgreementRecord(max_abs_logit=worst, top1=equal / max(total, 1), n=len(candidate))
 
 
 def entity_scores(predicted: list[set], gold: list[set]) -> dict:
@@ -139,11 +102,12 @@ def example_counts(task: str, predictions: list, examples: list, labels: list[st
     return hits, [1] * len(hits), [1] * len(hits)
 
 
-def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> Metric:
-    """Accuracy for classification, entity F1 for token classification, from runtime answers."""
+def task_metric(task: str, predictions: list, examples: list, labels: list[str]) -> MetricRecord:
+    """Accuracy for classification, entity F1 for token classification, from runtime answers, with the dev sample's
+    size and digest."""
     name = "entity_f1" if task == "token-classification" else "accuracy"
-    return Metric(name, metric_from_counts(name, *example_counts(task, predictions, examples, labels)), len(examples),
-                  dev_sample_digest(ex.raw for ex in examples))
+    return MetricRecord(name, metric_from_counts(name, *example_counts(task, predictions, examples, labels)),
+                        len(examples), dev_sample_digest(ex.raw for ex in examples))
 
 
 def dev_scores(task: str, predictions: list, examples: list, labels: list[str]) -> DevScores:
@@ -156,8 +120,9 @@ def dev_scores(task: str, predictions: list, examples: list, labels: list[str]) 
                      hits=hits, predicted=predicted, gold=gold)
 
 
-def latency(predictor: Predictor, raws: list[bytes], warmup: int = 5, options: dict | None = None) -> Latency:
-    """Time `predictor.predict([raw])` (preprocessing + graph + answer) once per raw, batch 1, in ms."""
+def latency(predictor: Predictor, raws: list[bytes], warmup: int = 5, options: dict | None = None) -> LatencyRecord:
+    """Time `predictor.predict([raw])` (preprocessing + graph + answer) once per raw, batch 1, in ms (`threads` left
+    None: the caller knows what the predictor was given)."""
     for raw in raws[:warmup]:
         predictor.predict([raw], options)
     times = []
@@ -168,8 +133,9 @@ def latency(predictor: Predictor, raws: list[bytes], warmup: int = 5, options: d
     return summarize_ms(times)
 
 
-def summarize_ms(times_ms: list[float]) -> Latency:
-    """p50/p90/p99/mean of a list of millisecond timings."""
+def summarize_ms(times_ms: list[float]) -> LatencyRecord:
+    """p50/p90/p99/mean (ms) and n of a list of millisecond timings, as a metadata LatencyRecord (its batch_size 1
+    and threads None are the defaults; a caller that timed otherwise and records it sets them)."""
     values = np.asarray(times_ms, dtype=np.float64)
-    return Latency(p50_ms=float(np.percentile(values, 50)), p90_ms=float(np.percentile(values, 90)),
+    return LatencyRecord(p50_ms=float(np.percentile(values, 50)), p90_ms=float(np.percentile(values, 90)),
                    p99_ms=float(np.percentile(values, 99)), mean_ms=float(values.mean()), n=len(values))

@@ -32,8 +32,7 @@ from typing import Callable
 
 from dyngate_build import __version__
 from dyngate_build.errors import ConfigError, ExportError
-from dyngate_build.evaluate import (Agreement, Latency, Metric, agreement, dev_scores, latency, run_predictor,
-                                    task_metric, torch_threads_kept)
+from dyngate_build.evaluate import agreement, dev_scores, latency, run_predictor, task_metric, torch_threads_kept
 from dyngate_build.metadata import (AgreementRecord, LatencyRecord, MachineRecord, MetricRecord, ServingRecord,
                                     SourceRecord, ToleranceRecord, VariantMetadata)
 from dyngate_build.repository import (Published, ServingOptions, directory_size, finish_model, keep_previous_version,
@@ -101,14 +100,15 @@ class VariantReport:
     variant: str
     technique: str
     size_bytes: int
-    metric: Metric
-    agreement: Agreement
-    latency: Latency
+    metric: MetricRecord
+    agreement: AgreementRecord
+    latency: LatencyRecord
     native_name: str | None = None
 
 
-def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metric: Metric, reference: Metric,
-              agree: Agreement, lat: Latency, serving: ServingOptions) -> VariantMetadata:
+def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metric: MetricRecord,
+              reference: MetricRecord, agree: AgreementRecord, lat: LatencyRecord,
+              serving: ServingOptions) -> VariantMetadata:
     family = source.family
     return VariantMetadata(
         model=source.name, variant=variant.name, triton_name=name, flavour=flavour,
@@ -118,11 +118,10 @@ def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metr
         labels=source.labels, client_input=family.client_input,
         size_bytes=size, size_mb=round(size / 1e6, 3),
         num_parameters=variant.num_parameters or int(sum(p.numel() for p in source.model.parameters())),
-        accuracy=MetricRecord(**metric.as_dict()), reference_accuracy=MetricRecord(**reference.as_dict()),
-        agreement=AgreementRecord(**agree.as_dict()),
+        accuracy=metric, reference_accuracy=reference, agreement=agree,
         tolerance=ToleranceRecord(max_abs_logit=variant.tolerance.max_abs_logit,
                                   min_top1_agreement=variant.tolerance.min_top1_agreement),
-        latency_in_process=LatencyRecord(**lat.as_dict(), batch_size=1, threads=serving.threads),
+        latency_in_process=dataclasses.replace(lat, batch_size=1, threads=serving.threads),
         serving=ServingRecord(**serving.as_dict()),
         notes=variant.notes,
         technique_report=variant.report,
@@ -132,7 +131,7 @@ def _metadata(source, variant: Variant, name: str, flavour: str, size: int, metr
     )
 
 
-def check_agreement(variant: Variant, agree: Agreement) -> None:
+def check_agreement(variant: Variant, agree: AgreementRecord) -> None:
     """ExportError when `agree` is outside the variant's tolerance (nothing is written then)."""
     tol = variant.tolerance
     if agree.max_abs_logit > tol.max_abs_logit or agree.top1 < tol.min_top1_agreement:
@@ -269,12 +268,12 @@ class _Measure:
 
     examples: list
     reference_predictions: list
-    reference_metric: Metric
+    reference_metric: MetricRecord
     check_raws: list[bytes]
     latency_raws: list[bytes]
 
 
-def summary_table(model: str, reference: Metric, reports: list[VariantReport]) -> str:
+def summary_table(model: str, reference: MetricRecord, reports: list[VariantReport]) -> str:
     """The end-of-build table: one row per variant with metric, agreement (top-1 and max |Δlogit| against the
     FP32 reference on `n` dev examples), size, p50 and its speed-up over the fp32 variant (fp32 p50 / row p50;
     "–" when fp32 was not built)."""

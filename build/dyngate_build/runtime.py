@@ -24,6 +24,9 @@ import numpy as np
 RUNTIME_FILE = "runtime.json"
 TOKENIZER_FILE = "tokenizer.json"
 RUNTIME_SCHEMA_VERSION = 1  # of runtime.json; a folder written with another one is refused (rebuild it)
+# The image file formats a served variant decodes (PIL format names: `Image.open(..., formats=...)`): never EPS
+# (Ghostscript), PSD, ICO, ... for bytes from the network. The one list; the gateway's messages name it too.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 
 
 class InputError(ValueError):
@@ -57,8 +60,7 @@ class ImageSpec:
     min_side: int = 8
     max_side: int = 4096
     max_bytes: int = 20 * 1024 * 1024  # encoded file size; larger inputs are refused before decoding
-    # decoders PIL may use: never EPS (Ghostscript), PSD, ICO, ... for bytes from the network
-    formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+    formats: tuple[str, ...] = IMAGE_FORMATS  # decoders PIL may use
 
 
 @dataclass
@@ -214,7 +216,7 @@ class ImagePreprocessor:
         pixel is decoded, so a small file that declares huge dimensions costs no memory."""
         Image, spec = self.Image, self.spec
         if not raw:
-            raise InputError("IMAGE is empty; send the bytes of a PNG, JPEG, BMP or GIF file")
+            raise InputError(f"IMAGE is empty; send the bytes of a {', '.join(spec.formats)} file")
         if len(raw) > spec.max_bytes:
             raise InputError(f"IMAGE has {len(raw)} bytes; the limit is {spec.max_bytes} bytes")
         try:

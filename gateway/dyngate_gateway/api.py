@@ -2,7 +2,8 @@
 GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow), GET /api/cascade (?model=M and
 within_pt=P or at_least=A: the `cascade` threshold for that dev-metric target, its expected metric and share of
 requests escalating; 400 for a bad target, 409 for variants built without dev scores), GET /metrics (the
-gateway's Prometheus metrics, dyngate_gateway/telemetry.py).
+gateway's Prometheus metrics, dyngate_gateway/telemetry.py). A GET route answers a query parameter it does not
+read with 400 naming the ones it reads (its function's parameters).
 
 POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget" (points),
 "threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
@@ -29,6 +30,7 @@ from starlette.routing import Mount
 from dyngate_build.errors import ConfigError, InputError, RepositoryError, ServingError
 from dyngate_gateway import models_view
 from dyngate_gateway.config import DEFAULT_HOST, DEFAULT_PORT
+from dyngate_gateway.handlers import IMAGE_FORMATS_TEXT, image_from_base64
 from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub, LoginRequired
 
 # Routes Gradio answers without its login; with a login set, the gateway asks for it there too.
@@ -81,8 +83,19 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                             status_code=401, headers={"WWW-Authenticate": 'Basic realm="dyngate"'})
 
     def guarded(fn):
+        """fn() behind the login, and 400 for a query parameter the route does not read: the route's function
+        declares the ones it reads, and FastAPI's view of that signature (the matched route's `dependant`) is the
+        one list; a misspelt parameter would otherwise be ignored silently."""
         def wrapper(request: Request):
-            return fn() if authorized(request) else unauthorized()
+            if not authorized(request):
+                return unauthorized()
+            route = request.scope["route"]
+            allowed = [p.name for p in route.dependant.query_params]
+            unknown = [key for key in dict.fromkeys(request.query_params) if key not in allowed]
+            if unknown:
+                return error(400, f"unknown query parameter(s) {unknown} for GET {route.path}; allowed: "
+                                  f"{allowed or 'none'}: drop or correct the others")
+            return fn()
         return wrapper
 
     async def predict(body) -> JSONResponse:
@@ -118,9 +131,13 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         image = None
         if body.get("image_base64"):
             try:
-                image = base64.b64decode(body["image_base64"], validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                return error(400, "image_base64 is not valid base64")
+                image = image_from_base64(body["image_base64"])
+            except InputError as e:
+                return error(400, str(e))
+        elif not state.catalog[model].is_text:
+            return error(400, f"image_base64 is missing: {model} is an image model; send the image file's bytes in "
+                              f"base64 as \"image_base64\" ({IMAGE_FORMATS_TEXT})"
+                              + (", not \"text\"" if body.get("text") is not None else ""))
         text = body.get("text")
         try:
             answer = await state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.aroute(
@@ -160,9 +177,8 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         return guarded(status)(request)
 
     @app.get("/api/shadow")
-    def api_shadow(request: Request):
+    def api_shadow(request: Request, model: str | None = None):
         def stats():
-            model = request.query_params.get("model")
             if model is not None:
                 state.refresh()
                 if model not in state.catalog:
@@ -171,10 +187,9 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         return guarded(stats)(request)
 
     @app.get("/api/cascade")
-    def api_cascade(request: Request):
+    def api_cascade(request: Request, model: str | None = None, within_pt: str | None = None,
+                    at_least: str | None = None):
         def choose():
-            query = request.query_params
-            model = query.get("model")
             if not model:
                 return error(400, f"model is required: /api/cascade?model=M&within_pt=P (M one of "
                                   f"{', '.join(state.catalog)})")
@@ -182,12 +197,12 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             if model not in state.catalog:
                 return unknown_model(model)
             targets = {}
-            for key in ("within_pt", "at_least"):
-                if query.get(key) is not None:
+            for key, value in (("within_pt", within_pt), ("at_least", at_least)):
+                if value is not None:
                     try:
-                        targets[key] = float(query[key])
+                        targets[key] = float(value)
                     except ValueError:
-                        return error(400, f"{key}={query[key]!r} is not a number")
+                        return error(400, f"{key}={value!r} is not a number")
             try:
                 return JSONResponse(state.cascade_choice(model, **targets).as_dict())
             except ConfigError as e:

@@ -95,7 +95,7 @@ def _predict_tab(catalog: dict[str, ModelView], clients: ClientPool, state: "Gat
         text = gr.Textbox(label="Text", lines=3, placeholder=answers_view.placeholder(first),
                           visible=first.is_text if first else True, elem_id="text")
         with gr.Row(visible=bool(first and not first.is_text)) as image_row:
-            image = gr.File(label="Image (PNG, JPEG, BMP, GIF)", file_types=["image"], type="filepath",
+            image = gr.File(label=f"Image ({handlers.IMAGE_FORMATS_TEXT})", file_types=["image"], type="filepath",
                             elem_id="image")
             preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
         predict = gr.Button("Predict", variant="primary", elem_id="predict")

@@ -8,8 +8,11 @@
 For each concurrency level, each variant is driven by that many threads, each with its own TritonClient
 (tritonclient clients are not thread-safe), sending `requests` requests of `batch_size` dev inputs in total;
 the order of the variants rotates from level to level so drift of the machine does not always hit the same
-one. Round trips are timed around one `predict_batch` call, summarized with dyngate_build.evaluate.summarize_ms (the
-same percentiles as gateway/dyngate_measure/benchmark.py and the build's own measurement).
+one. The clients are made once per run (as many as the highest level) and warmed on every variant before the
+first timed request (connection open, model signature fetched), so no timed round trip pays for a connection
+or a metadata lookup; thread i of every level uses client i. Round trips are timed around one `predict_batch`
+call, summarized with dyngate_build.evaluate.summarize_ms (the same percentiles as
+gateway/dyngate_measure/benchmark.py and the build's own measurement).
 """
 
 from __future__ import annotations
@@ -98,36 +101,33 @@ def split_row(variant: str, before: dict, after: dict) -> list:
             round(ms["compute_output"], 4), round(share, 4)]
 
 
-def _drive(url: str, protocol: str, model: str, batches: list[list[bytes]], concurrency: int, timeout_s: float,
+def _drive(clients: list[TritonClient], model: str, batches: list[list[bytes]],
            tick) -> tuple[list[float], list[str], float]:
-    """Send `batches` with `concurrency` threads (one client each); (round trips ms, errors, wall seconds)."""
+    """Send `batches` with one thread per client of `clients` (warmed ones, each used by its thread only); (round
+    trips ms, errors, wall seconds)."""
     times: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     cursor = iter(range(len(batches)))
 
-    def worker():
-        client = TritonClient(url, protocol, timeout_s=timeout_s)
-        try:
-            while True:
+    def worker(client: TritonClient):
+        while True:
+            with lock:
+                index = next(cursor, None)
+            if index is None:
+                return
+            start = time.perf_counter()
+            try:
+                client.predict_batch(model, batches[index])
+                elapsed = (time.perf_counter() - start) * 1000
                 with lock:
-                    index = next(cursor, None)
-                if index is None:
-                    return
-                start = time.perf_counter()
-                try:
-                    client.predict_batch(model, batches[index])
-                    elapsed = (time.perf_counter() - start) * 1000
-                    with lock:
-                        times.append(elapsed)
-                except Exception as e:  # counted per variant, the run goes on
-                    with lock:
-                        errors.append(str(e))
-                tick()
-        finally:
-            client.close()
+                    times.append(elapsed)
+            except Exception as e:  # counted per variant, the run goes on
+                with lock:
+                    errors.append(str(e))
+            tick()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(client,), daemon=True) for client in clients]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -141,6 +141,7 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
                   progress=None) -> BenchResult:
     """Benchmark `variants` ({label: triton model}) on `raws` (cycled); see the module docstring.
 
+    warmup: untimed requests per variant before the first timed one, at least one per client.
     progress(fraction, text) is called as requests complete (e.g. a gr.Progress)."""
     if not variants:
         raise InputError("no variant chosen: tick at least one variant to benchmark")
@@ -159,20 +160,21 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
             progress(n / total, f"{n}/{total} requests")
 
     result = BenchResult()
-    control = TritonClient(url, protocol, timeout_s=timeout_s)
+    clients = [TritonClient(url, protocol, timeout_s=timeout_s) for _ in range(max(concurrency))]
+    control = clients[0]  # also Triton's statistics, read between the timed runs
     try:
         labels = list(variants)
-        for label in labels:  # warm-up: first requests load lazily-initialised state
-            for batch in batches[:warmup]:
+        for label in labels:  # warm-up: Triton's lazily-initialised state, and each client's connection and signature
+            for i in range(max(warmup, len(clients))):
                 try:
-                    control.predict_batch(variants[label], batch)
+                    clients[i % len(clients)].predict_batch(variants[label], batches[i % len(batches)])
                 except Exception:
                     break
         before = {label: triton_stats(control, variants[label]) for label in labels}
         for level_index, level in enumerate(concurrency):
             rotation = labels[level_index % len(labels):] + labels[: level_index % len(labels)]
             for label in rotation:
-                times, errors, wall = _drive(url, protocol, variants[label], batches, level, timeout_s, tick)
+                times, errors, wall = _drive(clients[:level], variants[label], batches, tick)
                 result.latencies[f"{label}@{level}"] = times
                 if errors:
                     result.errors.setdefault(label, [])
@@ -190,7 +192,8 @@ def run_benchmark(url: str, protocol: str, variants: dict[str, str], raws: list[
             after = settled_stats(control, variants[label], before[label], answered, counted="success")
             result.server.append(split_row(label, before[label], after))
     finally:
-        control.close()
+        for client in clients:
+            client.close()
     return result
 
 

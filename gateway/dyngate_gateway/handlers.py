@@ -17,6 +17,8 @@ the problem; `user_errors` turns those into `gr.Error` for the page.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import os
 import threading
@@ -26,10 +28,12 @@ from pathlib import Path
 
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
+from dyngate_build.runtime import IMAGE_FORMATS
 from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address, protocol_mismatch
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
+IMAGE_FORMATS_TEXT = ", ".join(IMAGE_FORMATS)  # what a served variant decodes (dyngate_build.runtime), in words
 STATUS_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0  # a predict fails after this, never hangs (a restarting Triton answers at once)
 
@@ -292,7 +296,7 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
             raise InputError(f"the text holds U+{ord(bad):04X} at character {e.start}, a lone surrogate that is "
                              "not a Unicode character; send valid Unicode text") from None
     if image is None or image == "" or image == b"":
-        raise InputError(f"no image: {view.name} is an image model, upload a PNG, JPEG, BMP or GIF file")
+        raise InputError(f"no image: {view.name} is an image model, upload a {IMAGE_FORMATS_TEXT} file")
     if isinstance(image, (bytes, bytearray)):
         if len(image) > limits.max_image_bytes:
             raise InputError(f"the image has {len(image)} bytes; the gateway's limit is {limits.max_image_bytes} "
@@ -308,8 +312,32 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
     except OSError as e:
         raise InputError(f"cannot read the uploaded image {path.name}: {e}") from e
     if not raw:
-        raise InputError(f"the uploaded file {path.name} is empty; upload a PNG, JPEG, BMP or GIF file")
+        raise InputError(f"the uploaded file {path.name} is empty; upload a {IMAGE_FORMATS_TEXT} file")
     return raw
+
+
+def image_from_base64(value: str) -> bytes:
+    """The image file's bytes from the JSON route's `image_base64` field: standard base64 (RFC 4648, no line
+    breaks), or a data URI `data:<image media type>;base64,<base64>` as a browser's FileReader.readAsDataURL gives
+    it (RFC 2397; the prefix is stripped, its media type must be `image/...`). The format itself is decided by the
+    bytes where the variant decodes them (IMAGE_FORMATS).
+
+    Raises InputError naming the field, the bad part and the accepted forms.
+    """
+    if value[:5].lower() == "data:":
+        header, comma, value = value[5:].partition(",")
+        media_type, *parameters = [part.strip().lower() for part in header.split(";")]
+        if not comma or "base64" not in parameters:
+            raise InputError(f"image_base64 is a data URI without ';base64,' (data:{header[:40]}...): send "
+                             "data:image/png;base64,<base64> or the plain base64 of the file")
+        if not media_type.startswith("image/"):
+            raise InputError(f"image_base64 is a data URI of media type {media_type or 'none'!r}, not an image: "
+                             f"send the base64 of a {IMAGE_FORMATS_TEXT} file (data:image/...;base64,...)")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image_base64 is not valid base64: send the file's bytes in standard base64 (RFC 4648, "
+                         "no line breaks), optionally as a data URI data:image/png;base64,...") from None
 
 
 def check_variants(view: ModelView, variants: list[str] | None) -> list[str]:

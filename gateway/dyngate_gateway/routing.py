@@ -8,7 +8,10 @@
         "reason": "...", "answer": {...}, "latency_ms": ...}
 
 Policies (POLICIES):
-- `variant`: the variant named in `variant` (a variant name given as the policy means the same).
+- `variant`: the variant named in `variant` (a variant name given as the policy means the same). `variant` is
+  this policy's argument only: with a policy that chooses the variant itself (`fastest`, `most-accurate`, `ab`,
+  `cascade`), or with a variant name as the policy that names another variant, it is an InputError naming both
+  (neither wins silently: each is an explicit request the other would discard).
 - `fastest`: lowest p50 among READY variants whose accuracy is within `accuracy_budget` points of the model's
   best (points: 0.01 of the metric's [0, 1] scale, the unit of `dyngate recommend --budget`; 1.0 = one point).
   One source of p50 for all candidates of one decision (`Router.p50s`): this gateway's live round trips when
@@ -255,7 +258,7 @@ class Router:
 
     # ---- the entry point
 
-    def route(self, model: str, raw: bytes | str | None = None, policy: str = "fastest", variant: str | None = None,
+    def route(self, model: str, raw: bytes | str | None = None, policy: str | None = None, variant: str | None = None,
               accuracy_budget: float | None = None, threshold: float | None = None,
               exit_threshold: float | None = None, image=None) -> dict:
         """`aroute` for plain (not async) callers: scripts, tests. It runs on an event loop of its own in a
@@ -271,12 +274,14 @@ class Router:
         with concurrent.futures.ThreadPoolExecutor(1) as worker:
             return worker.submit(lambda: asyncio.run(once())).result()
 
-    async def aroute(self, model: str, raw: bytes | str | None = None, policy: str = "fastest",
+    async def aroute(self, model: str, raw: bytes | str | None = None, policy: str | None = None,
                      variant: str | None = None, accuracy_budget: float | None = None, threshold: float | None = None,
                      exit_threshold: float | None = None, image=None) -> dict:
         """Answer one input of `model` by `policy`; the answer names the variant(s) that served it and why.
 
         raw: text (str) or the encoded bytes; image: a file path or bytes for image models (instead of raw).
+        policy: one of POLICIES or a variant name; None or blank: 'variant' when `variant` is given, else
+        'fastest' (the JSON route's rule). InputError for a `variant` beside a policy that chooses the variant.
         Runs on the event loop: Triton is asked through the loop's shared async client, nothing blocks.
         Once answered, the request is offered to `self.shadow` (when set), which may mirror it to a candidate
         variant in the background; the answer is neither changed nor delayed by that.
@@ -315,12 +320,19 @@ class Router:
             except UnicodeDecodeError as e:
                 raise InputError(f"the text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
         data = read_input(view, text, image, self.limits)
-        policy = (policy or "fastest").strip()
+        policy = (policy or "").strip() or ("variant" if variant else "fastest")
         if policy in view.variants:  # a variant name as the policy
+            if variant and variant != policy:
+                raise InputError(f"policy={policy!r} and variant={variant!r} name two variants; send one of them "
+                                 f"(as variant, with policy 'variant' or no policy)")
             policy, variant = "variant", policy
         if policy not in POLICIES:
             raise InputError(f"policy={policy!r} is not known; choose one of: {', '.join(POLICIES)} "
                              f"(or a variant name of {view.name}: {', '.join(view.variant_names)})")
+        if variant and policy != "variant":
+            raise InputError(f"variant={variant!r} conflicts with policy={policy!r}: {policy!r} chooses the variant "
+                             f"itself and would ignore it; send policy 'variant' (or no policy) to be answered by "
+                             f"{variant!r}, or leave variant out to let {policy!r} choose")
         params = None
         if exit_threshold is not None and str(exit_threshold).strip() != "":  # blank: the variant's default
             try:

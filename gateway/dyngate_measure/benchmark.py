@@ -47,7 +47,8 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from dyngate_build.errors import ConfigError
-from dyngate_build.evaluate import Latency, summarize_ms, torch_threads_kept
+from dyngate_build.evaluate import summarize_ms, torch_threads_kept
+from dyngate_build.metadata import LatencyRecord
 from dyngate_build.repository import directory_size, list_models, newest_version_dir, python_variants_by_model
 
 PATHS = ("in-process", "http", "grpc")
@@ -103,7 +104,7 @@ class Row:
     parsed answers of every timed request per path when `measure(..., keep_answers=True)` (Triton paths)."""
 
     model: str
-    latencies: dict[str, Latency]
+    latencies: dict[str, LatencyRecord]
     times: dict[str, list[float]] = field(default_factory=dict)
     answers: dict[str, list[dict]] = field(default_factory=dict)
 
