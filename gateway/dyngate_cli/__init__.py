@@ -249,7 +249,11 @@ def cmd_deploy(args) -> int:
 
 
 def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from dyngate_build import __version__
+
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"dyngate {__version__}",
+                        help="print dyngate's version (the one build metadata records as dyngate_version) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     repository = _default("DYNGATE_REPOSITORY", "model_repository")
 
