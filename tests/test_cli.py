@@ -15,3 +15,23 @@ def test_version_prints_the_installed_distribution_version(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"dyngate {version('dyngate')}"
+
+
+def test_a_misspelt_preset_is_refused_before_any_build_or_network(tmp_path, capsys):
+    """Found in a trial: `--model distilbert-tinyy` (or a PRESETS= typo in make) went to the Hugging Face hub and
+    failed with a network error. Now every --model is checked first: nothing is built, not even the good one."""
+    from dyngate_build.errors import ConfigError
+    from dyngate_build.sources import check_location
+
+    repository = tmp_path / "repo"
+    code = main(["build", "--model", "distilbert-tiny", "--model", "distilbert-tinyy", "--techniques", "fp32",
+                 "--repository", str(repository), "--cache-dir", str(tmp_path / "cache")])
+    error = capsys.readouterr().err
+    assert code == 2 and not repository.exists() and not (tmp_path / "cache").exists(), error
+    assert "model='distilbert-tinyy' is not a known preset (did you mean 'distilbert-tiny'?)" in error
+    assert "known presets: deberta-tiny, distilbert-6l, distilbert-tiny, vit-tiny" in error and "PRESETS=" in error
+    with pytest.raises(ConfigError):
+        check_location("vit-tin")
+    # hub ids, with or without an owner, are left to from_pretrained
+    assert check_location("distilbert/distilbert-base-uncased") == check_location("distilbert-base-uncased") == "hub"
+    assert check_location("deberta-tiny") == "preset"

@@ -83,6 +83,10 @@ def cmd_build(args) -> int:
     options = parse_options(args.option)
     serving = ServingOptions(**{k: v for k, v in (("threads", args.threads), ("instances", args.instances),
                                                    ("queue_delay_us", args.queue_delay_us)) if v is not None})
+    builds = [BuildOptions(  # every --model checked (a misspelt preset refused) before any build starts
+        model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
+        cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
+        serving=serving, native=not args.no_native) for model in args.model]
     hook = None
     if args.triton:
         from dyngate_serving.client import model_control_client
@@ -91,10 +95,6 @@ def cmd_build(args) -> int:
         client = model_control_client(args.triton)
         client.index()  # TritonUnreachable now, not after the work
         hook = after_publish(client)
-    builds = [BuildOptions(
-        model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
-        cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-        serving=serving, native=not args.no_native) for model in args.model]
     if args.skip_existing:
         skipped = [b.model for b in builds if not not_built_alike(b)]
         if skipped:
