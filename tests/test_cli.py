@@ -35,3 +35,14 @@ def test_a_misspelt_preset_is_refused_before_any_build_or_network(tmp_path, caps
     # hub ids, with or without an owner, are left to from_pretrained
     assert check_location("distilbert/distilbert-base-uncased") == check_location("distilbert-base-uncased") == "hub"
     assert check_location("deberta-tiny") == "preset"
+
+
+def test_predict_refuses_an_unknown_request_parameter_before_asking_triton(capsys):
+    """Found in a trial: `--param foo=1` was sent along and ignored. Port 9 (discard) has no Triton: the
+    parameter's error comes first."""
+    code = main(["predict", "--model", "distilbert-tiny", "--text", "a fine film", "--param", "foo=1",
+                 "--triton", "127.0.0.1:9"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith("error: --param 'foo=1': 'foo' is no request parameter") and "allowed: exit_threshold" \
+        in error, error

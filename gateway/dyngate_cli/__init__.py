@@ -53,12 +53,18 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def parse_params(items: list[str]) -> dict:
-    """`key=value` request parameters -> dict (numbers and booleans parsed as JSON)."""
+    """`key=value` request parameters -> dict (numbers and booleans parsed as JSON); ConfigError for a key that
+    is not one of the parameters a served variant reads (`dyngate_build.runtime.REQUEST_PARAMETERS`)."""
+    from dyngate_build.runtime import REQUEST_PARAMETERS
+
     params = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--param {item!r} must look like key=value (e.g. exit_threshold=0.9)")
+        if key not in REQUEST_PARAMETERS:
+            raise ConfigError(f"--param {item!r}: {key!r} is no request parameter a variant reads; allowed: "
+                              f"{', '.join(REQUEST_PARAMETERS)} (e.g. --param exit_threshold=0.9)")
         try:
             params[key] = json.loads(value)
         except ValueError:
@@ -178,6 +184,7 @@ def cmd_predict(args) -> int:
     from dyngate_serving.client import TritonClient, parse_address
 
     raw = read_input(args)
+    params = parse_params(args.param)  # refused before Triton is asked anything
     client = TritonClient(*parse_address(args.triton, args.protocol, "--triton"))
     name = triton_name(args.model, args.variant)
     expected = client.model_input_name(name)
@@ -185,7 +192,7 @@ def cmd_predict(args) -> int:
     if expected != given:
         flag = "--text" if expected == "TEXT" else "--image"
         raise ConfigError(f"{name} takes {'text' if expected == 'TEXT' else 'an image'}; use {flag}")
-    result = client.predict(name, raw, parse_params(args.param))
+    result = client.predict(name, raw, params)
     print(json.dumps({"model": result.model, "latency_ms": round(result.latency_ms, 3), **result.answer},
                      indent=2, ensure_ascii=False))
     return 0
