@@ -46,3 +46,13 @@ def test_predict_refuses_an_unknown_request_parameter_before_asking_triton(capsy
     assert code == 2
     assert error.startswith("error: --param 'foo=1': 'foo' is no request parameter") and "allowed: exit_threshold" \
         in error, error
+
+
+def test_recommend_refuses_two_accuracy_targets_for_one_cascade(tmp_path, capsys):
+    """Found in a trial: `--cascade A,B --at-least X --budget Y` ignored --budget. A cascade has one target (as
+    choose_cascade_threshold takes it), so the pair is refused before the repository is read."""
+    code = main(["recommend", "--model", "distilbert-tiny", "--cascade", "int8-dynamic,fp32", "--at-least", "0.8",
+                 "--budget", "0.5", "--repository", str(tmp_path / "no-repository")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith("error: --budget 0.5 and --at-least 0.8 are two accuracy targets; give one"), error

@@ -212,16 +212,22 @@ def cmd_recommend(args) -> int:
     """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32;
     with --cascade, the cascade threshold for the target (--budget points below the last variant, or
     --at-least) and the share of requests that escalate, from the build's per-example dev scores."""
-    from dyngate_measure.recommend import cascade_from_repository, recommend_from_repository
+    from dyngate_measure.recommend import DEFAULT_BUDGET_PT, cascade_from_repository, recommend_from_repository
 
+    if args.at_least is not None and args.budget is not None:
+        # one target per cascade, as choose_cascade_threshold takes it: refused rather than one silently ignored
+        raise ConfigError(f"--budget {args.budget:g} and --at-least {args.at_least:g} are two accuracy targets; "
+                          "give one: --budget (points below the cascade's last variant) or --at-least (an absolute "
+                          "dev metric)")
+    budget = DEFAULT_BUDGET_PT if args.budget is None else args.budget
     if args.cascade:
         order = [v.strip() for v in args.cascade.split(",") if v.strip()]
-        within = None if args.at_least is not None else args.budget
+        within = None if args.at_least is not None else budget
         print(cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least).explain())
         return 0
     if args.at_least is not None:
         raise ConfigError("--at-least sets a cascade target: give --cascade CHEAP,EXPENSIVE with it")
-    print(recommend_from_repository(Path(args.repository), args.model, args.budget).explain())
+    print(recommend_from_repository(Path(args.repository), args.model, budget).explain())
     return 0
 
 
@@ -340,9 +346,9 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="the fastest variant built on this machine within an accuracy budget "
                                          "of FP32, and why (from the build's metadata)")
     p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
-    p.add_argument("--budget", type=float, default=1.0,
+    p.add_argument("--budget", type=float, default=None,
                    help="points of the dev metric the variant may lose against FP32 (default 1.0); with "
-                        "--cascade, against the cascade's last variant")
+                        "--cascade, against the cascade's last variant (not with --at-least: one target)")
     p.add_argument("--cascade", metavar="CHEAP,...,EXPENSIVE",
                    help="choose the cascade policy's threshold for these variants (cheapest first) from the dev "
                         "scores the build stored: the lowest one within --budget (or --at-least), and the share "
