@@ -9,9 +9,15 @@ REPOSITORY=${REPOSITORY:-model_repository}
 HTTP_PORT=${HTTP_PORT:-8000}; GRPC_PORT=${GRPC_PORT:-8001}; METRICS_PORT=${METRICS_PORT:-8002}
 GATEWAY_PORT=${GATEWAY_PORT:-7860}
 
-if curl -s -o /dev/null "http://127.0.0.1:$HTTP_PORT/"; then
-  echo "something already listens on port $HTTP_PORT; stop it or run with HTTP_PORT=<free port>" >&2; exit 1
-fi
+# Every port is checked before anything starts (a taken gateway port used to fail only after Triton was up); the
+# message names the variable, the same for `make demo` and this script.
+for var in HTTP_PORT GRPC_PORT METRICS_PORT GATEWAY_PORT; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/${!var}") 2>/dev/null; then
+    echo "port ${!var} on 127.0.0.1 ($var) is already in use; stop what listens there or choose another:" \
+      "make demo $var=<free port>" >&2
+    exit 1
+  fi
+done
 SERVE_OUT=$(mktemp -t dyngate-serve-XXXXXX.out)
 GATEWAY=
 stop_all() {

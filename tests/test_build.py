@@ -224,3 +224,24 @@ def test_skip_existing_builds_nothing_when_every_variant_is_built_alike(text_rep
     for reason, options in otherwise.items():
         reasons = not_built_alike(options)
         assert reasons and reasons[0].startswith(reason), (reason, reasons)
+
+
+def test_exports_print_no_library_notes(preset_checkpoint, tmp_path):
+    """Found in a trial: `dyngate build` of deberta-tiny printed torch.onnx's "Skipping constant folding for op
+    LayerNormalization" and transformers' "`loss_type=None` was set in the config" (torch.jit.trace probing the
+    base model's loss_function). Both exports run in a fresh process: transformers warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from dyngate_build.sources import load_source; "
+              "from dyngate_build.export import export_onnx, export_torchscript; "
+              "s = load_source(sys.argv[1], Path(sys.argv[2])); out = Path(sys.argv[2]); "
+              "export_onnx(s.model, s.family, out / 'm.onnx'); export_torchscript(s.model, s.family, out / 'm.pt')")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "build"), str(root / "gateway")])}
+    done = subprocess.run([sys.executable, "-c", script, str(preset_checkpoint("deberta-tiny")), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.pt").is_file()
+    assert "constant folding" not in done.stderr and "loss_type" not in done.stderr, done.stderr

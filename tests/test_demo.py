@@ -96,3 +96,26 @@ def test_demo_stops_the_gateway_and_says_why_when_serve_gives_up(text_repository
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGTERM)
             demo.wait(60)
+
+
+def test_demo_refuses_a_taken_gateway_port_before_starting_anything(tmp_path):
+    """Found in a trial: with the gateway's port taken, `make demo` started Triton first and then failed with a
+    message about `--port`. Every port is checked first, and the message names the make variable."""
+    import socket
+
+    dyngate = tmp_path / "dyngate"  # records any start: nothing may be started
+    dyngate.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path / "started"}"\n')
+    dyngate.chmod(0o755)
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "DYNGATE": str(dyngate), "REPOSITORY": str(tmp_path / "repo"), "HTTP_PORT": str(http),
+               "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics), "GATEWAY_PORT": str(port)}
+        done = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip() == (f"port {port} on 127.0.0.1 (GATEWAY_PORT) is already in use; "
+                                   "stop what listens there or choose another: make demo GATEWAY_PORT=<free port>")
+    assert not (tmp_path / "started").exists()

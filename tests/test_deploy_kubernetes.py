@@ -219,7 +219,8 @@ def test_object_store_repository(text_repository, tmp_path, kubectl):
 
 @pytest.mark.parametrize("case", ["overlay", "missing", "empty", "http", "ftp", "bucketless", "name", "memory",
                                   "cpu", "memory-zero", "memory-no-unit", "memory-milli", "gateway-memory-no-unit",
-                                  "memory-not-above-shm"])
+                                  "memory-not-above-shm", "registry-space", "registry-uppercase-path",
+                                  "registry-scheme"])
 def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository, tmp_path):
     empty = tmp_path / "empty-repo"
     empty.mkdir()
@@ -230,7 +231,9 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository
                 "cpu": {"gateway_cpu": "2 cores"}, "memory-zero": {"triton_memory": "0"},
                 "memory-no-unit": {"triton_memory": "512"}, "memory-milli": {"triton_memory": "512m"},
                 "gateway-memory-no-unit": {"gateway_memory": "1024"},
-                "memory-not-above-shm": {"triton_memory": "shm"}}[case]
+                "memory-not-above-shm": {"triton_memory": "shm"}, "registry-space": {"registry": "bad reg"},
+                "registry-uppercase-path": {"registry": "registry.example.com/Team"},
+                "registry-scheme": {"registry": "https://registry.example.com/team"}}[case]
     shm = f"{math.ceil(read_repository(text_repository).shm_bytes / 2**20 / 64) * 64}Mi"  # the manifest's sizeLimit
     if settings.get("triton_memory") == "shm":  # equal to the /dev/shm volume: not above it
         settings = {"triton_memory": shm}
@@ -246,7 +249,10 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(case, text_repository
             "memory-no-unit": "--triton-memory='512' has no memory unit (Kubernetes reads it as 512 bytes)",
             "memory-milli": "thousandths of a byte", "gateway-memory-no-unit": "--gateway-memory='1024' has no memory",
             "memory-not-above-shm": f"--triton-memory='{shm}' is not above the python backend's shared memory for "
-                                    f"this repository ({shm}, the /dev/shm volume"}[case]
+                                    f"this repository ({shm}, the /dev/shm volume",
+            "registry-space": "--registry 'bad reg' is no image registry/repository prefix",
+            "registry-uppercase-path": "'registry.example.com/Team'",
+            "registry-scheme": "without spaces or a scheme"}[case]
     if case.startswith(("memory", "gateway-memory")) and case != "memory-not-above-shm":
         assert "512Mi" in message and "CPU" not in message and "500m" not in message, message  # a memory example
     assert word in message and ("choose" in message or "use" in message or "build" in message), message

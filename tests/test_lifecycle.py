@@ -466,6 +466,45 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
             serve.wait(60)
 
 
+def test_supervisor_leaves_a_model_alone_while_a_new_version_of_it_loads(text_repository, tmp_path):
+    """Found in a trial: `dyngate reload` after a build without --triton made `dyngate serve` say the model's python
+    stub had died while Triton reported it READY, and load the model once more: a load runs a model-level stub that
+    exits when the load is done, and the old version's stubs go while the new version's come. Watched every 50 ms
+    through a roll-out to version 2, the supervisor reloads nothing; a stub killed afterwards is still reloaded."""
+    import io
+
+    from dyngate_serving.launcher import TritonServerConfig
+    from dyngate_serving.supervisor import Supervisor
+
+    repository = _copy_model(text_repository, tmp_path / "repo")
+    folder = repository / NAME
+    http, grpc, metrics = free_ports(3)
+    out = io.StringIO()
+    supervisor = Supervisor(TritonServerConfig(repository, http, grpc, metrics, models=[NAME],
+                                               log_file=tmp_path / "triton.log"), out=out, poll_s=0.05)
+    supervisor.start()
+    watcher = threading.Thread(target=supervisor.watch, daemon=True)
+    watcher.start()
+    try:
+        shutil.copytree(folder / "1", folder / "2")  # what a build without --triton leaves: a newer version folder
+        with model_control_client(supervisor.server.endpoints["grpc"]) as client:
+            assert roll_out(client, folder, log=lambda line: None).version == 2
+        time.sleep(1.0)  # twenty polls after the roll-out: a stub counted missing would be reported by now
+        assert "died" not in out.getvalue(), out.getvalue()
+        assert _served_versions(supervisor.server) == ["2"]
+
+        stubs = [p for p in psutil.Process(supervisor.server.pid).children(recursive=True)
+                 if p.name().startswith("triton_python")]
+        assert len(stubs) == 1, stubs
+        stubs[0].kill()
+        _wait_for(lambda: f"model {NAME}: loaded again" in out.getvalue(), "the killed stub's model to be reloaded",
+                  detail=lambda: f"; the supervisor said:\n{out.getvalue()}")
+        assert f"model {NAME}: python stub {NAME}_0_0 died while Triton reports it READY" in out.getvalue()
+    finally:
+        supervisor.stop()
+        watcher.join(60)
+
+
 def test_gateway_routes_to_a_variant_built_after_it_started(built_repository, tmp_path, browser):
     """A variant that appears in the repository while the gateway runs (a build with --triton) is routable
     without restarting the gateway: its catalog is re-read when the repository changes, and a page opened then

@@ -94,6 +94,20 @@ def test_load_test_refuses_other_hosts_and_bad_bounds():
     assert done.returncode == 2 and "--out /proc/dyngate-nope" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_report_folder_is_made_in_one_place_before_the_run(tmp_path):
+    """`run_from_args` and `write_report` each created --out; `report_folder` is the one place now, called before
+    the run (an --out that cannot be written is refused then), and write_report writes into what it made."""
+    out = load_test.report_folder(tmp_path / "reports" / "today")
+    assert out.is_dir()
+    run = load_test.LoadRun("triton", "127.0.0.1:8001", f"{MODEL}__{VARIANT}", clients=1, duration_s=1, max_requests=1)
+    json_path, md_path = load_test.write_report([run], out, "x", "dyngate load")
+    assert json.loads(json_path.read_text())["runs"][0]["target"] == "triton" and md_path.parent == out
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"--out {afile / 'sub'}: the report cannot be written there"):
+        load_test.report_folder(afile / "sub")
+
+
 def test_load_drives_a_gateway_with_a_login(built_repository, triton, data_dir, tmp_path):
     """Found by a new user: `dyngate load` sent no login, so a gateway started with one (README's login section)
     answered 401 to every request. It now reads the login as `dyngate gateway` does (environment, else the

@@ -74,17 +74,32 @@ def dynamic_shapes(model: torch.nn.Module, family: FamilySpec) -> dict:
             for name in family.onnx_inputs}
 
 
+# Loggers that speak during an export and say nothing a dyngate user can act on; quiet_exporters raises them to
+# ERROR for the export only:
+# - torch: the exporters' own progress notes.
+# - onnxscript.optimizer._constant_folding: torch.onnx's optimize step warns "Skipping constant folding for op
+#   LayerNormalization with multiple outputs" (DeBERTa); the op is kept as it is, which is correct.
+# - transformers.modeling_utils: torch.jit.trace probes every submodule with hasattr() for exported methods, which
+#   reads a base model's `loss_function` property, and transformers warns "`loss_type=None` was set in the config
+#   but it is unrecognized" (DeBERTa); no loss is computed in an export.
+EXPORT_QUIET_LOGGERS = ("torch", "onnxscript.optimizer._constant_folding", "transformers.modeling_utils")
+
+
 @contextlib.contextmanager
 def quiet_exporters():
-    """Silence the exporters' progress prints and warnings (they go to stdout/stderr, not logging)."""
-    level = logging.getLogger("torch").level
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    """Silence the exporters' progress prints and warnings and the EXPORT_QUIET_LOGGERS' notes below ERROR for the
+    duration of the export; the loggers' levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in EXPORT_QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             yield
         finally:
-            logging.getLogger("torch").setLevel(level)
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def export_onnx(model: torch.nn.Module, family: FamilySpec, path: Path) -> Path:

@@ -80,6 +80,9 @@ class BuildOptions:
     serving: ServingOptions = field(default_factory=ServingOptions)
 
     def __post_init__(self):
+        from dyngate_build.sources import check_location
+
+        check_location(self.model)  # a misspelt preset is refused here, before any work or network
         if not self.techniques:
             raise ConfigError("techniques is empty; name at least one, e.g. fp32")
         for name, value in (("check_limit", self.check_limit), ("latency_samples", self.latency_samples)):

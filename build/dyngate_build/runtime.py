@@ -337,6 +337,11 @@ class TorchScriptEngine:
         return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in items}
 
 
+# The request parameters a served variant reads (Triton request parameters; `Predictor.predict`'s options): the
+# one list `dyngate predict --param` checks names against.
+REQUEST_PARAMETERS = ("exit_threshold",)
+
+
 def check_exit_threshold(value) -> float:
     """The one rule for an `exit_threshold` value, applied by the served runtime and the gateway alike.
 

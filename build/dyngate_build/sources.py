@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dyngate_build.errors import SourceError
+from dyngate_build.errors import ConfigError, SourceError
 from dyngate_build.families import FamilySpec, family_for
 from dyngate_build.repository import model_name_for
 from dyngate_build.runtime import ImageSpec
@@ -51,22 +51,50 @@ class Source:
         return int(min(limit, tokenizer_limit, 512))
 
 
-def resolve_checkpoint(location: str, cache_dir: Path, data_source=None) -> str:
-    """Folder or hub id for `location`: presets are trained (or reused) in `cache_dir/presets/<name>`."""
-    from dyngate_build.presets import PRESETS, ensure_preset
+PRESET_TYPO_CUTOFF = 0.85  # difflib ratio above which a name that is no preset reads as a misspelt one
+
+
+def check_location(location: str) -> str:
+    """What `location` names, checked without training, loading or any network: "preset", "folder" or "hub".
+
+    A name that is no preset and no existing path but close to a preset's name (difflib ratio ≥
+    PRESET_TYPO_CUTOFF, case ignored: `distilbert-tinyy`, `vit-tin`, `DistilBERT-tiny`) is a misspelt preset, not a
+    hub id: ConfigError naming the closest preset and the known ones, before from_pretrained tries the hub. Other
+    names without a path prefix are hub ids (`owner/name`, or a legacy one such as `distilbert-base-uncased`).
+    Raises SourceError for a path that is a file, a folder without config.json, or a missing folder.
+    """
+    import difflib
+
+    from dyngate_build.presets import PRESETS
 
     if location in PRESETS:
-        return str(ensure_preset(location, Path(cache_dir), data_source))
+        return "preset"
     path = Path(location).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"checkpoint {location!r} is a file; give the folder that holds config.json")
         if not (path / "config.json").is_file():
             raise SourceError(f"checkpoint folder {location!r} has no config.json; is it a save_pretrained folder?")
-        return str(path)
+        return "folder"
     if location.startswith((".", "/", "~")) or os.sep in location.strip("/").replace("/", "", 1):
         raise SourceError(f"checkpoint folder {location!r} does not exist")
-    return location  # a hub id; from_pretrained says whether it can be fetched
+    close = difflib.get_close_matches(location.lower(), list(PRESETS), n=1, cutoff=PRESET_TYPO_CUTOFF)
+    if close:
+        raise ConfigError(f"model={location!r} is not a known preset (did you mean {close[0]!r}?); known presets: "
+                          f"{', '.join(sorted(PRESETS))}. Fix --model (PRESETS= for make build / make demo); a "
+                          "checkpoint folder must exist, a hub id reads owner/name")
+    return "hub"  # from_pretrained says whether it can be fetched
+
+
+def resolve_checkpoint(location: str, cache_dir: Path, data_source=None) -> str:
+    """Folder or hub id for `location` (checked by `check_location`): presets are trained (or reused) in
+    `cache_dir/presets/<name>`."""
+    from dyngate_build.presets import ensure_preset
+
+    kind = check_location(location)
+    if kind == "preset":
+        return str(ensure_preset(location, Path(cache_dir), data_source))
+    return str(Path(location).expanduser()) if kind == "folder" else location
 
 
 def _image_spec(processor) -> ImageSpec:

@@ -54,12 +54,18 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def parse_params(items: list[str]) -> dict:
-    """`key=value` request parameters -> dict (numbers and booleans parsed as JSON)."""
+    """`key=value` request parameters -> dict (numbers and booleans parsed as JSON); ConfigError for a key that
+    is not one of the parameters a served variant reads (`dyngate_build.runtime.REQUEST_PARAMETERS`)."""
+    from dyngate_build.runtime import REQUEST_PARAMETERS
+
     params = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--param {item!r} must look like key=value (e.g. exit_threshold=0.9)")
+        if key not in REQUEST_PARAMETERS:
+            raise ConfigError(f"--param {item!r}: {key!r} is no request parameter a variant reads; allowed: "
+                              f"{', '.join(REQUEST_PARAMETERS)} (e.g. --param exit_threshold=0.9)")
         try:
             params[key] = json.loads(value)
         except ValueError:
@@ -84,6 +90,10 @@ def cmd_build(args) -> int:
     options = parse_options(args.option)
     serving = ServingOptions(**{k: v for k, v in (("threads", args.threads), ("instances", args.instances),
                                                    ("queue_delay_us", args.queue_delay_us)) if v is not None})
+    builds = [BuildOptions(  # every --model checked (a misspelt preset refused) before any build starts
+        model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
+        cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
+        serving=serving, native=not args.no_native) for model in args.model]
     hook = None
     if args.triton:
         from dyngate_serving.client import model_control_client
@@ -92,10 +102,6 @@ def cmd_build(args) -> int:
         client = model_control_client(args.triton)
         client.index()  # TritonUnreachable now, not after the work
         hook = after_publish(client)
-    builds = [BuildOptions(
-        model=model, techniques=techniques, technique_options=options, repository=Path(args.repository),
-        cache_dir=Path(args.cache_dir), data=args.data, eval_limit=args.eval_limit or None,
-        serving=serving, native=not args.no_native) for model in args.model]
     if args.skip_existing:
         skipped = [b.model for b in builds if not not_built_alike(b)]
         if skipped:
@@ -181,6 +187,7 @@ def cmd_predict(args) -> int:
     from dyngate_serving.client import TritonClient, parse_address
 
     raw = read_input(args)
+    params = parse_params(args.param)  # refused before Triton is asked anything
     client = TritonClient(*parse_address(args.triton, args.protocol, "--triton"))
     name = triton_name(args.model, args.variant)
     expected = client.model_input_name(name)
@@ -188,7 +195,7 @@ def cmd_predict(args) -> int:
     if expected != given:
         flag = "--text" if expected == "TEXT" else "--image"
         raise ConfigError(f"{name} takes {'text' if expected == 'TEXT' else 'an image'}; use {flag}")
-    result = client.predict(name, raw, parse_params(args.param))
+    result = client.predict(name, raw, params)
     print(json.dumps({"model": result.model, "latency_ms": round(result.latency_ms, 3), **result.answer},
                      indent=2, ensure_ascii=False))
     return 0
@@ -208,16 +215,22 @@ def cmd_recommend(args) -> int:
     """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32;
     with --cascade, the cascade threshold for the target (--budget points below the last variant, or
     --at-least) and the share of requests that escalate, from the build's per-example dev scores."""
-    from dyngate_measure.recommend import cascade_from_repository, recommend_from_repository
+    from dyngate_measure.recommend import DEFAULT_BUDGET_PT, cascade_from_repository, recommend_from_repository
 
+    if args.at_least is not None and args.budget is not None:
+        # one target per cascade, as choose_cascade_threshold takes it: refused rather than one silently ignored
+        raise ConfigError(f"--budget {args.budget:g} and --at-least {args.at_least:g} are two accuracy targets; "
+                          "give one: --budget (points below the cascade's last variant) or --at-least (an absolute "
+                          "dev metric)")
+    budget = DEFAULT_BUDGET_PT if args.budget is None else args.budget
     if args.cascade:
         order = [v.strip() for v in args.cascade.split(",") if v.strip()]
-        within = None if args.at_least is not None else args.budget
+        within = None if args.at_least is not None else budget
         print(cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least).explain())
         return 0
     if args.at_least is not None:
         raise ConfigError("--at-least sets a cascade target: give --cascade CHEAP,EXPENSIVE with it")
-    print(recommend_from_repository(Path(args.repository), args.model, args.budget).explain())
+    print(recommend_from_repository(Path(args.repository), args.model, budget).explain())
     return 0
 
 
@@ -252,7 +265,11 @@ def cmd_deploy(args) -> int:
 
 
 def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from dyngate_build import __version__
+
     parser = argparse.ArgumentParser(prog="dyngate", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"dyngate {__version__}",
+                        help="print dyngate's version (the one build metadata records as dyngate_version) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     repository = _default("DYNGATE_REPOSITORY", "model_repository")
 
@@ -335,9 +352,9 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", help="the fastest variant built on this machine within an accuracy budget "
                                          "of FP32, and why (from the build's metadata)")
     p.add_argument("--model", required=True, help="model name in the repository (e.g. distilbert-tiny)")
-    p.add_argument("--budget", type=float, default=1.0,
+    p.add_argument("--budget", type=float, default=None,
                    help="points of the dev metric the variant may lose against FP32 (default 1.0); with "
-                        "--cascade, against the cascade's last variant")
+                        "--cascade, against the cascade's last variant (not with --at-least: one target)")
     p.add_argument("--cascade", metavar="CHEAP,...,EXPENSIVE",
                    help="choose the cascade policy's threshold for these variants (cheapest first) from the dev "
                         "scores the build stored: the lowest one within --budget (or --at-least), and the share "

@@ -71,6 +71,14 @@ SHM_DEFAULT_BYTES = 16 * MiB
 INSTANCE_BYTES = {"onnxruntime": 128 * MiB, "torchscript": 320 * MiB}
 SERVER_BYTES = 256 * MiB
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# An image name as distribution/reference (the grammar docker, containerd and registries parse) reads one: an
+# optional registry host (domain components or a bracketed IPv6 address, optional :port), then lowercase path
+# components separated by '/'. `--registry` is checked as the prefix of such a name.
+_HOST_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_NAME = re.compile(rf"(?:(?:{_HOST_PART}(?:\.{_HOST_PART})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?"
+                         rf"{_PATH_PART}(?:/{_PATH_PART})*")
+_IMAGE_NAME_MAX = 255  # characters of an image name (distribution/reference's NameTotalLengthMax)
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -140,6 +148,11 @@ class DeployOptions:
             if value is not None and (not _DNS_NAME.fullmatch(value) or len(value) > 40):
                 raise ConfigError(f"{key}={value!r} is not a Kubernetes name; use lowercase letters, digits and '-', "
                                   "starting and ending with a letter or digit, at most 40 characters")
+        if self.registry and not all(_IMAGE_NAME.fullmatch(_image_name(self, part)) and
+                                     len(_image_name(self, part)) <= _IMAGE_NAME_MAX for part in ("triton", "gateway")):
+            raise ConfigError(f"--registry {self.registry!r} is no image registry/repository prefix; use "
+                              "[HOST[:PORT]/]PATH without spaces or a scheme, the path in lowercase letters, digits "
+                              "and . _ - separated by /, e.g. registry.example.com/team or localhost:5000/dyngate")
         store_scheme(self.model_store)
         for key in ("triton_cpu", "gateway_cpu"):
             value = getattr(self, key)

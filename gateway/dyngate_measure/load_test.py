@@ -419,11 +419,21 @@ def markdown(runs: list[LoadRun], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(runs: list[LoadRun], out: Path, name: str = "load", command: str = "") -> tuple[Path, Path]:
-    """Write `<out>/<name>.json` and `<out>/<name>.md`; returns both paths."""
+def report_folder(out: Path) -> Path:
+    """Create the report folder `out` (parents too) before a run, so a folder that cannot be written is refused
+    before the run rather than losing it: ConfigError naming --out and the reason. The one place it is made."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: the report cannot be written there ({e.strerror}); give a writable "
+                          "folder") from None
+    return out
+
+
+def write_report(runs: list[LoadRun], out: Path, name: str = "load", command: str = "") -> tuple[Path, Path]:
+    """Write `<out>/<name>.json` and `<out>/<name>.md` into the folder `report_folder` made; returns both paths."""
+    json_path, md_path = Path(out) / f"{name}.json", Path(out) / f"{name}.md"
     json_path.write_text(json.dumps({"command": command, "runs": [asdict(r) for r in runs]}, indent=2))
     md_path.write_text(markdown(runs, command))
     return json_path, md_path
@@ -453,17 +463,12 @@ def run_from_args(args, command: str, gateway_auth: tuple[str, str] | None = Non
     """Run the load test the parsed options describe, print and write its report; exit status 1 when any
     request failed. Raises ConfigError/InputError/ServingError. `command`: the command line, for the report.
     gateway_auth: the gateway's login (user, password) or None (see `run_load`)."""
-    out = Path(args.out)
-    try:  # before the run, not after it: a report that cannot be written would lose the whole run
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: the report cannot be written there ({e.strerror}); give a writable "
-                          "folder") from None
+    out = report_folder(args.out)  # before the run, not after it: a report that cannot be written would lose it
     targets = tuple(t.strip() for t in (args.targets or ("triton,gateway" if args.gateway else "triton")).split(",")
                     if t.strip())
     runs = run_load(args.triton, args.model, args.variant, args.gateway, targets, args.clients, args.duration,
                     args.max_requests, args.timeout, args.data, args.rounds, gateway_auth)
-    json_path, md_path = write_report(runs, Path(args.out), args.name, command)
+    json_path, md_path = write_report(runs, out, args.name, command)
     print(markdown(runs, command))
     print(f"written: {json_path}, {md_path}", file=sys.stderr)
     return 1 if any(r.errors for r in runs) else 0

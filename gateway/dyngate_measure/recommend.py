@@ -35,6 +35,7 @@ from dyngate_build.errors import ConfigError
 from dyngate_build.metadata import DevScores, dev_sample_mismatch, metric_from_counts
 
 BASELINE_VARIANT = "fp32"
+DEFAULT_BUDGET_PT = 1.0  # points of the dev metric a recommendation may lose when no budget is given
 _EPS = 1e-9
 
 
@@ -99,8 +100,9 @@ class Recommendation:
         return {**asdict(self), "explanation": self.explain()}
 
 
-def recommend(candidates: list[Candidate], baseline: str = BASELINE_VARIANT, budget_pt: float = 1.0,
-              metric_name: str = "accuracy", latency: str = "p50 batch 1") -> Recommendation:
+def recommend(candidates: list[Candidate], baseline: str = BASELINE_VARIANT,
+              budget_pt: float = DEFAULT_BUDGET_PT, metric_name: str = "accuracy",
+              latency: str = "p50 batch 1") -> Recommendation:
     """The fastest candidate (lowest p50_ms; then smaller size, then name) whose metric is at most `budget_pt`
     points below the baseline's, among those with a metric and a p50 and not `unusable`.
 

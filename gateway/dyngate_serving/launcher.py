@@ -366,7 +366,9 @@ class TritonServer:
         Each python-backend model instance is one stub process whose command line names its `model.py`
         (`<repository>/<model>/<version>/model.py`) and its instance (`<model>_<group>_<index>`); a stub
         that died (killed, out of memory) is missing here while Triton still reports its model READY.
-        Empty when the server is not running.
+        The model-level stub the python backend runs while it loads a model (its instance argument is the model
+        name itself: it auto-completes the config and exits, seen here for ~1.3 s per load) is no instance and
+        is left out. Empty when the server is not running.
         """
         if not self.is_alive():
             return {}
@@ -384,7 +386,9 @@ class TritonServer:
             except psutil.Error:
                 continue  # exited while we looked
             if len(args) > 8 and args[1].endswith("model.py"):
-                instances[args[8]] = Path(args[1]).parent.parent.name
+                model = Path(args[1]).parent.parent.name
+                if args[8] != model:
+                    instances[args[8]] = model
         return instances
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:

@@ -20,6 +20,8 @@ from dyngate_build.errors import ConfigError, ServingError
 from dyngate_serving.client import short_reason
 from dyngate_serving.launcher import TritonServer, TritonServerConfig, repository_models
 
+_CHANGING = ("LOADING", "UNLOADING")  # index states of a version Triton is loading or unloading
+
 
 class Supervisor:
     """Keeps one embedded Triton serving: when its process dies, restart it (bounded), else give up loudly.
@@ -44,6 +46,7 @@ class Supervisor:
         self._loaded: list[str] | None = None
         self._instances: dict[str, str] = {}  # stub instance -> model, as last seen alive
         self._missing: set[str] = set()  # instances missing at the previous poll
+        self._states: dict[str, set] = {}  # model -> {(version, state)} in Triton's index at the previous poll
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -85,8 +88,8 @@ class Supervisor:
         self.server.start(append_log=append_log)
         print(f"Triton {self.server.pid} ready in {time.monotonic() - started:.1f} s (log: {self.server.log_path})",
               file=self.out, flush=True)
-        self._loaded = self.server.ready_models()
         self._instances, self._missing = self.server.stub_instances(), set()  # a stub may die before the first poll
+        self._states = self._read_index()
 
     def _wait_for_exit(self) -> int | None:
         """The exit code once the process dies; None when stop() was called first."""
@@ -97,20 +100,28 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
             try:
-                self._loaded = self.server.ready_models()
-                self._reload_dead_stubs(self._loaded)
+                self._reload_dead_stubs()
             except (ServingError, OSError):
                 pass  # busy or dying: keep the last answer
         return None
 
-    def _reload_dead_stubs(self, ready: list[str]) -> None:
-        """Load again each READY model that has lost a stub process for two polls in a row.
+    def _reload_dead_stubs(self) -> None:
+        """Load again each settled READY model that has lost a stub process for two polls in a row.
 
-        Two polls, because a reload or a new version briefly changes the stubs; after a reload the instances
-        alive then are the new reference (a version with fewer instances costs one needless reload at most).
+        A model is settled when none of its versions is LOADING or UNLOADING in Triton's repository index and its
+        index entries (version -> state) are the same as at the previous poll: while a new version loads
+        (`dyngate reload`, `dyngate build --triton`) the old version's stubs go away and the new version's come
+        up, and right after the change the stubs alive then are the new reference. Two polls, because a stub
+        may be caught between exiting and being replaced. The stubs are read before the index, so a stub seen
+        during a load is seen with the load's index entries.
         """
         alive = self.server.stub_instances()
-        missing = {i for i, model in self._instances.items() if model in ready and i not in alive}
+        states = self._read_index()
+        settled = {model for model, versions in states.items()
+                   if versions == self._states.get(model) and not any(s in _CHANGING for _, s in versions)}
+        self._states = states
+        missing = {i for i, model in self._instances.items()
+                   if model in self._loaded and model in settled and i not in alive}
         dead = missing & self._missing
         for model in sorted({self._instances[i] for i in dead}):
             names = ", ".join(sorted(i for i in dead if self._instances[i] == model))
@@ -125,9 +136,18 @@ class Supervisor:
             except ServingError as e:
                 print(f"model {model}: reload failed: {e}", file=self.out, flush=True)
         if dead:
-            alive, missing = self.server.stub_instances(), set()
+            alive, missing, self._states = self.server.stub_instances(), set(), self._read_index()
         self._missing = missing
         self._instances = {i: m for i, m in self._instances.items() if i in missing} | alive
+
+    def _read_index(self) -> dict[str, set]:
+        """Model -> {(version, state)} from Triton's repository index; sets `_loaded` to the READY models."""
+        index = self.server.repository_index()
+        self._loaded = sorted({m["name"] for m in index if m.get("state") == "READY"})
+        states: dict[str, set] = {}
+        for entry in index:
+            states.setdefault(entry["name"], set()).add((entry.get("version"), entry.get("state")))
+        return states
 
     def _died(self, what: str, with_log: bool = True) -> None:
         """Count one death; raise ServingError past the budget, else report it and pause before the restart."""
