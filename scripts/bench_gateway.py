@@ -8,6 +8,7 @@ Starts an embedded Triton and `dyngate gateway` (page + JSON routes, a process o
 loopback ports and runs two checks on SST-2 dev sentences at natural length, batch 1:
 1. Overhead: for each sentence, every path in rotating order:
    - direct gRPC: dyngate_serving.client.TritonClient.predict (tritonclient's gRPC client, as a user's would);
+   - direct HTTP: the same over tritonclient's HTTP client (binary tensors);
    - gateway: POST /api/predict {"model", "text", "policy": "variant", "variant"} to the gateway over HTTP
      (one kept-alive connection, as a real client would hold), the gateway started as `make demo` starts it
      (inference to Triton's HTTP endpoint, `--triton-http`);
@@ -70,7 +71,9 @@ def main(argv=None) -> int:
         for i, pythonpath in enumerate(args.before_pythonpath):
             gateways[f"gateway (before {i + 1})"] = ({"PYTHONPATH": pythonpath}, None)
         client = stack.enter_context(contextlib.closing(TritonClient(server.endpoints["grpc"])))
-        paths = {"direct gRPC": lambda text: client.predict(entry.name, text.encode())}
+        http_client = stack.enter_context(contextlib.closing(TritonClient(server.endpoints["http"])))
+        paths = {"direct gRPC": lambda text: client.predict(entry.name, text.encode()),
+                 "direct HTTP": lambda text: http_client.predict(entry.name, text.encode())}
         for name, (env, http_url) in gateways.items():
             log = ROOT / "reports" / f"bench-{name.replace(' ', '-').replace(',', '')}.log"
             url = stack.enter_context(gateway_process(args.repository, server.endpoints["grpc"], log, env=env,
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | {s.p99_ms:.2f} |")
     for name in gateways:
         print(f"{name} overhead at p50: {stats[name].p50_ms - stats['direct gRPC'].p50_ms:+.2f} ms over direct gRPC")
+    print(f"gateway overhead at p50 over direct HTTP (the protocol it sends inference on): "
+          f"{stats['gateway'].p50_ms - stats['direct HTTP'].p50_ms:+.2f} ms")
     print(f"of which the gateway's HTTP round trip without inference (same body, an unknown model: 404): "
           f"{stats['gateway, no inference'].p50_ms:.2f} ms")
     print(f"\nCompare tab driver vs plain tritonclient.grpc loop, {len(texts)} requests per block, concurrency 1")
