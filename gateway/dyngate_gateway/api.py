@@ -141,7 +141,7 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         text = body.get("text")
         try:
             answer = await state.telemetry.routed(state.catalog[model], body.get("policy"), lambda: state.router.aroute(
-                model, text, body.get("policy") or ("variant" if body.get("variant") else "fastest"),
+                model, text, body.get("policy"),  # None: the router's default ('variant' with a variant, else fastest)
                 variant=body.get("variant"),
                 accuracy_budget=body.get("accuracy_budget"), threshold=body.get("threshold"),
                 exit_threshold=body.get("exit_threshold"), image=image))

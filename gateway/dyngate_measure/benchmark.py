@@ -350,9 +350,11 @@ def gateway_process(repository: Path, grpc_url: str, log_file: Path, timeout_s: 
             process.kill()
 
 
-def gateway_call(url: str, entry) -> tuple[Callable, Callable]:
+def gateway_call(url: str, entry, model: str | None = None, expected_status: int = 200) -> tuple[Callable, Callable]:
     """(call, close): POST /api/predict {"model", "text" | "image_base64", "policy": "variant", "variant"} of
-    one request (a list with one raw input) over one kept-alive connection, as a client of the gateway would."""
+    one request (a list with one raw input) over one kept-alive connection, as a client of the gateway would.
+    model: the body's "model" instead of the entry's (a name the repository lacks measures the gateway's HTTP
+    hop without inference: answered 404); ServingError when the answer's status is not `expected_status`."""
     import base64
     import http.client
 
@@ -365,12 +367,13 @@ def gateway_call(url: str, entry) -> tuple[Callable, Callable]:
     def call(batch: list[bytes]) -> bytes:
         raw = batch[0]
         field = {"text": raw.decode()} if text else {"image_base64": base64.b64encode(raw).decode()}
-        body = json.dumps({"model": entry.model, **field, "policy": "variant", "variant": entry.variant})
+        body = json.dumps({"model": model or entry.model, **field, "policy": "variant", "variant": entry.variant})
         connection.request("POST", "/api/predict", body, {"content-type": "application/json"})
         response = connection.getresponse()
         data = response.read()
-        if response.status != 200:
-            raise ServingError(f"gateway answered HTTP {response.status}: {data[:200]!r}")
+        if response.status != expected_status:
+            raise ServingError(f"gateway answered HTTP {response.status} (expected {expected_status}): "
+                               f"{data[:200]!r}")
         return data
 
     return call, connection.close
