@@ -267,6 +267,12 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
         status, from_uri = post(gateway.url, {"model": IMAGE_MODEL, "policy": "variant", "variant": answer["served_by"],
                                               "image_base64": "data:image/png;base64," + base64.b64encode(png).decode()})
         assert status == 200 and from_uri["answer"] == answer["answer"], from_uri
+        # base64 wrapped at 76 characters, as the `base64` command prints it (found in a new user's trial: a 400)
+        encoded = base64.b64encode(png).decode()
+        wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+        status, from_wrapped = post(gateway.url, {"model": IMAGE_MODEL, "policy": "variant",
+                                                  "variant": answer["served_by"], "image_base64": wrapped})
+        assert status == 200 and from_wrapped["answer"] == answer["answer"], from_wrapped
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -290,6 +296,9 @@ def test_json_route_answers_and_says_why(gateway, catalog, triton):
     ({"model": IMAGE_MODEL, "image_base64": "data:text/plain;base64,aGk="}, 400,
      "data URI of media type 'text/plain', not an image"),
     ({"model": IMAGE_MODEL, "image_base64": "data:image/png,rawbytes"}, 400, "data URI without ';base64,'"),
+    # found in a new user's trial: an empty data URI was told to "upload" a file
+    ({"model": IMAGE_MODEL, "image_base64": "data:image/png;base64,"}, 400,
+     "image_base64 is empty: send the base64 of a PNG, JPEG, BMP, GIF, WEBP"),
 ])
 def test_json_route_bad_input_is_a_4xx_with_the_message(gateway, body, status, message):
     code, answer = post(gateway.url, body)

@@ -263,8 +263,63 @@ def test_async_client_names_an_unreachable_http_endpoint(server):
         finally:
             await client.close()
 
-    assert f"Triton at http://127.0.0.1:{port} is not reachable" in run_in_own_loop(main(f"127.0.0.1:{port}"))
-    assert "answers gRPC (HTTP/2), not HTTP/1.1" in run_in_own_loop(main(f"127.0.0.1:{grpc_port}"))
+    closed = run_in_own_loop(main(f"127.0.0.1:{port}"))
+    assert f"Triton at http://127.0.0.1:{port} is not reachable" in closed and "--triton-http" in closed
+    wrong = run_in_own_loop(main(f"127.0.0.1:{grpc_port}"))
+    assert "its answer is not HTTP/1.1" in wrong and "it is Triton's gRPC port, not its HTTP port" in wrong
+
+
+def test_triton_metrics_port_as_http_endpoint_is_named_so(server):
+    """Found in a new user's trial: --triton-http on the metrics port showed a green status (it answers every GET
+    with 200) while every predict failed with "Triton at <gRPC address> ... Method Not Allowed"."""
+    from dyngate_gateway.handlers import ClientPool, triton_status
+
+    metrics = server.endpoints["metrics"].split("://")[1].split("/")[0]
+
+    async def main():
+        client = AsyncTritonClient(server.endpoints["grpc"], infer_url=metrics, timeout_s=5)
+        try:
+            await client.predict("echo", b"x")
+        except ServingError as e:
+            return str(e)
+        finally:
+            await client.close()
+
+    message = run_in_own_loop(main())
+    assert f"http://{metrics} answered HTTP 405" in message and "not as Triton does (GET /v2" in message, message
+    ready, line = triton_status(ClientPool(server.endpoints["grpc"], infer_url=metrics), {})
+    assert not ready and "--triton-http" in line and "metrics port" in line, line
+    ready, line = triton_status(ClientPool(server.endpoints["grpc"], infer_url=server.endpoints["http"]), {})
+    assert ready, line
+
+
+def test_a_call_the_server_cancels_is_triton_unreachable_not_a_crash(server):
+    """Found in a new user's trial: while Triton shut down, grpc.aio raised asyncio.CancelledError out of a
+    metadata call (a BaseException: no `except Exception` caught it) and the gateway answered a plain-text 500.
+    A cancellation of the calling task itself stays a cancellation."""
+    async def cancelled_by_the_server():
+        raise asyncio.CancelledError()
+
+    async def main():
+        client = AsyncTritonClient(server.endpoints["grpc"], timeout_s=5)
+        try:
+            try:
+                await client._call(cancelled_by_the_server())
+            except TritonUnreachable as e:
+                served = str(e)
+            task = asyncio.ensure_future(client._call(asyncio.sleep(10)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return served, "cancelled"
+            return served, "not cancelled"
+        finally:
+            await client.close()
+
+    served, own = run_in_own_loop(main())
+    assert "cancelled the call (shutting down or restarting)" in served and own == "cancelled"
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

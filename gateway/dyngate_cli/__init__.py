@@ -164,7 +164,7 @@ def cmd_gateway(args) -> int:
     config = GatewayConfig.load(args.config)
     if args.metrics_url:
         config = replace(config, metrics_url=args.metrics_url)
-    if args.triton_http:
+    if args.triton_http is not None:
         config = replace(config, triton_http_url=parse_address(args.triton_http, "http", "--triton-http")[0])
     launch(repository=Path(args.repository), triton_url=triton, host=args.host, port=args.port, config=config)
     return 0

@@ -29,7 +29,8 @@ from pathlib import Path
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
 from dyngate_build.runtime import IMAGE_FORMATS
-from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address, protocol_mismatch
+from dyngate_serving.client import (AsyncTritonClient, TritonClient, http_endpoint_problem, parse_address,
+                                    protocol_mismatch)
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]
@@ -230,16 +231,11 @@ def triton_status(clients: ClientPool, catalog: dict[str, ModelView]) -> tuple[b
             return False, f"**Triton at `{clients.url}` answered with an error:** {e}"
     finally:
         client.close()
-    if clients.infer_url is not None:
-        inference = TritonClient(clients.infer_url, protocol="http", timeout_s=STATUS_TIMEOUT_S)
-        try:
-            if not inference.is_ready():
-                wrong_port = protocol_mismatch(clients.infer_url, "http")
-                return False, (f"⚠️ **Triton's HTTP endpoint `http://{clients.infer_url}` (inference) is not "
-                               f"reachable**" + (f": {wrong_port}." if wrong_port else
-                                                 " while its gRPC endpoint answers: check --triton-http."))
-        finally:
-            inference.close()
+    if clients.infer_url is not None:  # Triton's GET /v2 there, not only readiness: its metrics port answers any GET
+        problem = http_endpoint_problem(clients.infer_url, STATUS_TIMEOUT_S)
+        if problem:
+            return False, (f"⚠️ **Triton's HTTP endpoint `http://{clients.infer_url}` (inference, --triton-http) is "
+                           f"not reachable** while its gRPC endpoint answers: {problem}.")
     wanted = [e.name for v in catalog.values() for e in v.variants.values()]
     missing = [n for n in wanted if n not in ready]
     line = f"Triton at `{clients.url}` is ready · {len(wanted) - len(missing)}/{len(wanted)} variants loaded"
@@ -317,8 +313,8 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
 
 
 def image_from_base64(value: str) -> bytes:
-    """The image file's bytes from the JSON route's `image_base64` field: standard base64 (RFC 4648, no line
-    breaks), or a data URI `data:<image media type>;base64,<base64>` as a browser's FileReader.readAsDataURL gives
+    """The image file's bytes from the JSON route's `image_base64` field: standard base64 (RFC 4648; line breaks
+    and spaces, as the `base64` command wraps its output, are dropped), or a data URI `data:<image media type>;base64,<base64>` as a browser's FileReader.readAsDataURL gives
     it (RFC 2397; the prefix is stripped, its media type must be `image/...`). The format itself is decided by the
     bytes where the variant decodes them (IMAGE_FORMATS).
 
@@ -334,10 +330,13 @@ def image_from_base64(value: str) -> bytes:
             raise InputError(f"image_base64 is a data URI of media type {media_type or 'none'!r}, not an image: "
                              f"send the base64 of a {IMAGE_FORMATS_TEXT} file (data:image/...;base64,...)")
     try:
-        return base64.b64decode(value, validate=True)
+        data = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise InputError("image_base64 is not valid base64: send the file's bytes in standard base64 (RFC 4648, "
-                         "no line breaks), optionally as a data URI data:image/png;base64,...") from None
+        raise InputError("image_base64 is not valid base64: send the file's bytes in standard base64 (RFC 4648), "
+                         "optionally as a data URI data:image/png;base64,...") from None
+    if not data:
+        raise InputError(f"image_base64 is empty: send the base64 of a {IMAGE_FORMATS_TEXT} file")
+    return data
 
 
 def check_variants(view: ModelView, variants: list[str] | None) -> list[str]:

@@ -402,6 +402,8 @@ class AsyncTritonClient:
         started = time.perf_counter()
         try:
             response = await self._stub.ModelInfer(request, timeout=self.timeout_s)
+        except asyncio.CancelledError as e:
+            raise self._cancelled(e) from e
         except Exception as e:
             raise await self._infer_error(lean.model, _grpc_error(e)) from e
         return lean.answers(response, len(raws), (time.perf_counter() - started) * 1000)
@@ -410,11 +412,14 @@ class AsyncTritonClient:
         """`_infer` over Triton's HTTP endpoint (binary tensor extension)."""
         request = lean.http_request(raws, params)
         started = time.perf_counter()
+        url = f"http://{self._http.address}"
         try:
             status, headers, body = await asyncio.wait_for(self._http.post(request), self.timeout_s)
         except (OSError, EOFError, TimeoutError, httptools.HttpParserError) as e:
-            hint = await asyncio.to_thread(protocol_mismatch, self._http.address, "http")
-            raise _unreachable_error(f"http://{self._http.address}", e, hint) from e
+            problem = await asyncio.to_thread(http_endpoint_problem, self._http.address)
+            reason = "its answer is not HTTP/1.1" if isinstance(e, httptools.HttpParserError) else _message(e)
+            raise TritonUnreachable(f"Triton at {url} is not reachable: {reason}"
+                                    + (f"; {problem}" if problem else "")) from e
         if status != 200:
             from tritonclient.utils import InferenceServerException
 
@@ -422,6 +427,10 @@ class AsyncTritonClient:
                 message = json.loads(body)["error"]
             except (ValueError, KeyError, TypeError):
                 message = body[:400].decode("utf-8", "replace") or f"HTTP {status}"
+            if status != 400:  # Triton answers a bad input or an unknown model with 400; is this Triton at all?
+                problem = await asyncio.to_thread(http_endpoint_problem, self._http.address)
+                if problem:
+                    raise ServingError(f"{url} answered HTTP {status} ({message}) to an inference request: {problem}")
             raise await self._infer_error(lean.model, InferenceServerException(msg=message, status=str(status)))
         return lean.http_answers(headers, body, len(raws), (time.perf_counter() - started) * 1000)
 
@@ -437,11 +446,24 @@ class AsyncTritonClient:
     async def _call(self, awaitable):
         try:
             return await asyncio.wait_for(awaitable, self.timeout_s)
+        except asyncio.CancelledError as e:
+            raise self._cancelled(e) from e
         except Exception as e:
             if _unreachable(e):
                 hint = await asyncio.to_thread(protocol_mismatch, self.url, self.protocol)
                 raise _unreachable_error(self.url, e, hint) from e
             raise ServingError(f"Triton at {self.url} answered with an error: {_message(e)}") from e
+
+    def _cancelled(self, e: asyncio.CancelledError) -> BaseException:
+        """What to raise for a CancelledError out of a grpc.aio call: grpc.aio raises it when the *server*
+        cancels the RPC (Triton shutting down), which is TritonUnreachable (the JSON route's 503); a cancellation
+        of the calling task itself (its client hung up, the loop is stopping) stays a CancelledError
+        (Task.cancelling(), Python 3.11)."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return e
+        return TritonUnreachable(f"Triton at {self.url} cancelled the call (shutting down or restarting); "
+                                 "the gateway reconnects once it is back")
 
     async def _signature(self, model: str) -> _Signature:
         if model in self._signatures:
@@ -454,6 +476,8 @@ class AsyncTritonClient:
             else:
                 meta = await asyncio.wait_for(self._client.get_model_metadata(model), self.timeout_s)
                 config = await asyncio.wait_for(self._client.get_model_config(model), self.timeout_s)
+        except asyncio.CancelledError as e:
+            raise self._cancelled(e) from e
         except Exception as e:
             raise await self._model_error(model, e) from e
         self._signatures[model] = _signature_from(model, meta, config)
@@ -716,7 +740,8 @@ def parse_address(text: str, protocol: str | None = None, what: str = "url") -> 
     (https://, grpcs://: TLS is not supported), a path, a port that is not a number in 1-65535, a protocol
     other than grpc/http, or a scheme that contradicts `protocol`.
     """
-    shape = "HOST:PORT, e.g. 127.0.0.1:8001 (Triton's gRPC port; its HTTP port is 8000, as http://HOST:PORT)"
+    shape = ("HOST:PORT, e.g. 127.0.0.1:8000 (Triton's HTTP port)" if protocol == "http" else
+             "HOST:PORT, e.g. 127.0.0.1:8001 (Triton's gRPC port; its HTTP port is 8000, as http://HOST:PORT)")
     rest, scheme_protocol = str(text or "").strip(), None
     scheme, sep, after = rest.partition("://")
     if sep:
@@ -729,7 +754,8 @@ def parse_address(text: str, protocol: str | None = None, what: str = "url") -> 
         raise ConfigError(f"protocol={protocol!r} is not supported; choose one of: {', '.join(PROTOCOLS)} "
                           "(or give the url a grpc:// or http:// scheme)")
     if scheme_protocol and scheme_protocol != protocol:
-        raise ConfigError(f"{what}={text!r} says {scheme_protocol} but protocol={protocol!r}; make them agree")
+        raise ConfigError(f"{what}={text!r} is a {scheme_protocol} address, but {what} takes Triton's "
+                          f"{protocol} endpoint; give {shape}")
     if rest.count(":") > 1 and not rest.startswith("["):
         raise ConfigError(f"{what}={text!r}: write an IPv6 host in brackets, e.g. [::1]:8001")
     end = rest.find("]") + 1 if rest.startswith("[") else 0  # after an IPv6 host's closing bracket
@@ -880,6 +906,25 @@ def protocol_mismatch(address: str, protocol: str, timeout_s: float = 2.0) -> st
                 f"{DEFAULT_PORTS['grpc']}) given with an http:// scheme; drop http:// to talk gRPC to it "
                 f"({address}), or give Triton's HTTP port, e.g. http://{host}:{DEFAULT_PORTS['http']}")
     return None
+
+
+def http_endpoint_problem(address: str, timeout_s: float = 2.0) -> str | None:
+    """Why `address` ("host:port"), given as Triton's HTTP endpoint for inference (the gateway's --triton-http,
+    `AsyncTritonClient`'s infer_url), is not one: it speaks gRPC (Triton's gRPC port) or answers HTTP but not
+    Triton's GET /v2 (its metrics port answers every GET with 200), or nothing answers there. One sentence with
+    the fix, or None when it is Triton's HTTP port. Probes the port: for error paths and status checks."""
+    fix = (f"give Triton's HTTP port as --triton-http (default {DEFAULT_PORTS['http']}), or leave --triton-http "
+           "out to send inference over gRPC")
+    status = _http_status(address, timeout_s)
+    if status == 200:
+        return None
+    if status is not None:
+        return (f"{address} answers HTTP but not as Triton does (GET /v2: HTTP {status}; Triton's metrics port, "
+                f"default {DEFAULT_PORTS['grpc'] + 1}?); {fix}")
+    if _answers_grpc(address, timeout_s):
+        return f"{address} answers gRPC (HTTP/2): it is Triton's gRPC port, not its HTTP port; {fix}"
+    return (f"nothing answers HTTP at {address} (Triton down or restarting, or not its address); if Triton runs, "
+            f"{fix}")
 
 
 def _answers_grpc(address: str, timeout_s: float = 2.0) -> bool:
