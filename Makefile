@@ -44,10 +44,12 @@ gateway: setup
 
 # Builds the presets' variants unless the repository has them all, built alike (`make build` rebuilds), then starts
 # Triton and the gateway; both stop on Ctrl-C or when Triton cannot be kept serving.
+DEMO_ENV = REPOSITORY=$(REPOSITORY) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
+	GATEWAY_PORT=$(GATEWAY_PORT) DYNGATE=$(DYNGATE)
 demo: setup
+	$(DEMO_ENV) bash scripts/demo.sh --check-ports
 	$(BUILD) --skip-existing
-	REPOSITORY=$(REPOSITORY) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
-	GATEWAY_PORT=$(GATEWAY_PORT) DYNGATE=$(DYNGATE) bash scripts/demo.sh
+	$(DEMO_ENV) bash scripts/demo.sh
 
 test: setup browser
 	DYNGATE_DATA=$(DATA) $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -9,15 +9,22 @@ REPOSITORY=${REPOSITORY:-model_repository}
 HTTP_PORT=${HTTP_PORT:-8000}; GRPC_PORT=${GRPC_PORT:-8001}; METRICS_PORT=${METRICS_PORT:-8002}
 GATEWAY_PORT=${GATEWAY_PORT:-7860}
 
-# Every port is checked before anything starts (a taken gateway port used to fail only after Triton was up); the
-# message names the variable, the same for `make demo` and this script.
+# Every port is checked before anything starts (a taken gateway port used to fail only after Triton was up; `make
+# demo` runs `demo.sh --check-ports` before its build too); the messages name every bad variable at once, the same
+# for `make demo` and this script.
+bad=0
 for var in HTTP_PORT GRPC_PORT METRICS_PORT GATEWAY_PORT; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/${!var}") 2>/dev/null; then
+  if ! [[ ${!var} =~ ^[0-9]+$ ]] || (( 10#${!var} < 1 || 10#${!var} > 65535 )); then
+    echo "$var=${!var} is not a TCP port; use an integer in [1, 65535]: make demo $var=<free port>" >&2
+    bad=1
+  elif (exec 3<>"/dev/tcp/127.0.0.1/${!var}") 2>/dev/null; then
     echo "port ${!var} on 127.0.0.1 ($var) is already in use; stop what listens there or choose another:" \
       "make demo $var=<free port>" >&2
-    exit 1
+    bad=1
   fi
 done
+[ $bad = 0 ] || exit 1
+[ "${1:-}" != "--check-ports" ] || exit 0
 SERVE_OUT=$(mktemp -t dyngate-serve-XXXXXX.out)
 GATEWAY=
 stop_all() {

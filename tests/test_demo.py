@@ -119,3 +119,25 @@ def test_demo_refuses_a_taken_gateway_port_before_starting_anything(tmp_path):
     assert done.stderr.strip() == (f"port {port} on 127.0.0.1 (GATEWAY_PORT) is already in use; "
                                    "stop what listens there or choose another: make demo GATEWAY_PORT=<free port>")
     assert not (tmp_path / "started").exists()
+
+
+def test_demo_names_every_bad_port_variable_before_the_build(tmp_path):
+    """Found in a new user's trial: `make demo` checked ports only after its build, named only the first taken
+    port, and GATEWAY_PORT=abc started Triton before failing (HTTP_PORT=99999 named `http_port`, not the
+    variable). The check runs before the build and names every bad variable."""
+    dyngate = tmp_path / "dyngate"
+    dyngate.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path / "started"}"\n')
+    dyngate.chmod(0o755)
+    (grpc,) = free_ports(1)
+    env = {**os.environ, "DYNGATE": str(dyngate), "REPOSITORY": str(tmp_path / "repo"), "HTTP_PORT": "99999",
+           "GRPC_PORT": str(grpc), "METRICS_PORT": "0", "GATEWAY_PORT": "abc"}
+    done = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and not (tmp_path / "started").exists()
+    lines = done.stderr.strip().splitlines()
+    assert [line.split("=")[0] for line in lines] == ["HTTP_PORT", "METRICS_PORT", "GATEWAY_PORT"], lines
+    assert all("is not a TCP port; use an integer in [1, 65535]: make demo" in line for line in lines)
+    plan = subprocess.run(["make", "-n", "demo", "DYNGATE=dyngate"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout.splitlines()
+    check = next(i for i, line in enumerate(plan) if "demo.sh --check-ports" in line)
+    build = next(i for i, line in enumerate(plan) if "dyngate build" in line)
+    assert check < build, plan
