@@ -56,3 +56,17 @@ def test_recommend_refuses_two_accuracy_targets_for_one_cascade(tmp_path, capsys
     error = capsys.readouterr().err
     assert code == 2
     assert error.startswith("error: --budget 0.5 and --at-least 0.8 are two accuracy targets; give one"), error
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cascade", "int8-dynamic,fp32", "--budget", "-1"], "--budget -1 must be a number of points ≥ 0"),
+    (["--budget", "nan"], "--budget nan must be a number of points ≥ 0"),
+    (["--cascade", "int8-dynamic,fp32", "--at-least", "80"], "--at-least 80 must be in [0, 1]"),
+    (["--budget", "1", "--at-least", "0.8"], "--at-least sets a cascade target: give --cascade"),
+])
+def test_recommend_names_its_flags_in_their_errors(tmp_path, capsys, flags, message):
+    """Found in a new user's trial: the errors named internal fields (within_pt=-1.0, at_least=80.0), and
+    --at-least with --budget but no --cascade spoke of two targets instead of the missing --cascade."""
+    code = main(["recommend", "--model", "distilbert-tiny", *flags, "--repository", str(tmp_path / "no-repository")])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith(f"error: {message}"), error

@@ -75,7 +75,7 @@ def test_cli_refuses_a_repeated_cascade_variant_a_missing_folder_and_a_bad_targe
     assert "the cascade order fp32,fp32 names fp32 more than once" in err and "name each variant once" in err
     assert cli_main([*base, "--cascade", "fp32,torchscript", "--at-least", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "at_least=1.5 must be in [0, 1]: the accuracy the cascade must reach" in err and "a accuracy" not in err
+    assert "--at-least 1.5 must be in [0, 1]: the dev metric the cascade must reach" in err and "a accuracy" not in err
     missing = tmp_path / "no-repository"
     assert cli_main(["recommend", "--model", "distilbert-tiny", "--repository", str(missing)]) == 2
     err = capsys.readouterr().err

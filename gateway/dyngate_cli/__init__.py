@@ -217,6 +217,16 @@ def cmd_recommend(args) -> int:
     --at-least) and the share of requests that escalate, from the build's per-example dev scores."""
     from dyngate_measure.recommend import DEFAULT_BUDGET_PT, cascade_from_repository, recommend_from_repository
 
+    # the flags' own checks first, named as the user typed them (found in a trial: within_pt=-1.0, at_least=80.0)
+    if args.at_least is not None and not args.cascade:
+        raise ConfigError("--at-least sets a cascade target: give --cascade CHEAP,EXPENSIVE with it (without "
+                          "--cascade, --budget sets how far below FP32 the fastest variant may be)")
+    if args.budget is not None and not (args.budget >= 0 and args.budget != float("inf")):
+        raise ConfigError(f"--budget {args.budget:g} must be a number of points ≥ 0 (1.0 = one point of the dev "
+                          "metric below the reference)")
+    if args.at_least is not None and not 0 <= args.at_least <= 1:
+        raise ConfigError(f"--at-least {args.at_least:g} must be in [0, 1]: the dev metric the cascade must reach, "
+                          "e.g. 0.80 (not 80)")
     if args.at_least is not None and args.budget is not None:
         # one target per cascade, as choose_cascade_threshold takes it: refused rather than one silently ignored
         raise ConfigError(f"--budget {args.budget:g} and --at-least {args.at_least:g} are two accuracy targets; "
@@ -228,8 +238,6 @@ def cmd_recommend(args) -> int:
         within = None if args.at_least is not None else budget
         print(cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least).explain())
         return 0
-    if args.at_least is not None:
-        raise ConfigError("--at-least sets a cascade target: give --cascade CHEAP,EXPENSIVE with it")
     print(recommend_from_repository(Path(args.repository), args.model, budget).explain())
     return 0
 
