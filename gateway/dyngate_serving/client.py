@@ -286,7 +286,7 @@ class AsyncTritonClient:
                  in_flight: int = COALESCE_IN_FLIGHT, infer_url: str | None = None):
         if not isinstance(in_flight, int) or in_flight < 0:
             raise ConfigError(f"in_flight={in_flight!r} must be an integer ≥ 0 (0 sends every request on its own)")
-        self.url, self.protocol, self._module, self._client = _make(url, protocol, timeout_s, aio=True)
+        self.url, self.protocol, _, self._client = _make(url, protocol, timeout_s, aio=True)
         self.timeout_s = timeout_s
         self.in_flight = in_flight
         self._lanes: dict[tuple, _Lane] = {}
@@ -821,7 +821,7 @@ def _signature_from(model: str, meta: dict, config: dict) -> _Signature:
 
 def _request(module, protocol: str, signature: _Signature, raws: list[bytes]) -> tuple:
     """(input tensor [n, 1] BYTES, requested outputs) of one request, for a tritonclient grpc/http module
-    (sync or aio: they share these classes)."""
+    (`TritonClient`; `AsyncTritonClient` makes its requests with `_LeanInfer`)."""
     data = np.array([[r] for r in raws], dtype=np.object_)
     tensor = module.InferInput(signature.input_name, list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
