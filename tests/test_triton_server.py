@@ -250,22 +250,28 @@ def test_async_client_keeps_its_http_connections(server):
     assert answer.answer["text"] == "AGAIN"
 
 
-def test_async_client_names_an_unreachable_http_endpoint(server):
-    (port,) = free_ports(1)
-    grpc_port = server.endpoints["grpc"].rsplit(":", 1)[1]
-
-    async def main(infer_url):
+def _predict_error(server, infer_url: str) -> ServingError:
+    """The error of one predict of `echo` with inference sent to `infer_url` (metadata from the server's gRPC)."""
+    async def main():
         client = AsyncTritonClient(server.endpoints["grpc"], infer_url=infer_url, timeout_s=5)
         try:
             await client.predict("echo", b"x")
-        except TritonUnreachable as e:
-            return str(e)
+        except ServingError as e:
+            return e
         finally:
             await client.close()
+        raise AssertionError(f"a predict with inference to {infer_url} was answered")
 
-    closed = run_in_own_loop(main(f"127.0.0.1:{port}"))
-    assert f"Triton at http://127.0.0.1:{port} is not reachable" in closed and "--triton-http" in closed
-    wrong = run_in_own_loop(main(f"127.0.0.1:{grpc_port}"))
+    return run_in_own_loop(main())
+
+
+def test_async_client_names_an_unreachable_http_endpoint(server):
+    (port,) = free_ports(1)
+    grpc_port = server.endpoints["grpc"].rsplit(":", 1)[1]
+    closed = _predict_error(server, f"127.0.0.1:{port}")
+    assert isinstance(closed, TritonUnreachable)
+    assert f"Triton at http://127.0.0.1:{port} is not reachable" in str(closed) and "--triton-http" in str(closed)
+    wrong = str(_predict_error(server, f"127.0.0.1:{grpc_port}"))
     assert "its answer is not HTTP/1.1" in wrong and "it is Triton's gRPC port, not its HTTP port" in wrong
 
 
@@ -275,17 +281,7 @@ def test_triton_metrics_port_as_http_endpoint_is_named_so(server):
     from dyngate_gateway.handlers import ClientPool, triton_status
 
     metrics = server.endpoints["metrics"].split("://")[1].split("/")[0]
-
-    async def main():
-        client = AsyncTritonClient(server.endpoints["grpc"], infer_url=metrics, timeout_s=5)
-        try:
-            await client.predict("echo", b"x")
-        except ServingError as e:
-            return str(e)
-        finally:
-            await client.close()
-
-    message = run_in_own_loop(main())
+    message = str(_predict_error(server, metrics))
     assert f"http://{metrics} answered HTTP 405" in message and "not as Triton does (GET /v2" in message, message
     ready, line = triton_status(ClientPool(server.endpoints["grpc"], infer_url=metrics), {})
     assert not ready and "--triton-http" in line and "metrics port" in line, line
