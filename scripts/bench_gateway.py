@@ -21,6 +21,10 @@ loopback ports and runs two checks on SST-2 dev sentences at natural length, bat
    loop written directly on tritonclient.grpc (InferInput / infer, nothing of dyngate's), alternating in
    `--rounds` blocks of `--requests` requests. Prints both p50s per round, their median ratio, and whether
    they agree within 10%.
+3. The gateway's Triton client in one process (no gateway, no HTTP hop in front): for each sentence in turn,
+   dyngate_serving.client.AsyncTritonClient with inference over Triton's HTTP port (`infer_url`, what
+   `--triton-http` gives the gateway) and over gRPC (grpc.aio), both on one event loop, and tritonclient's
+   blocking gRPC client (TritonClient). Prints each one's p50: what the route to Triton costs by itself.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 paths[name](text)
                 times[name].append((time.perf_counter() - start) * 1000)
+        routes = client_routes_p50(server.endpoints, entry.name, [t.encode() for t in texts])
         agreement = compare_with_plain_loop(server.endpoints["grpc"], entry.name,
                                             [t.encode() for t in texts], args.rounds)
     stats = {name: summarize_ms(values) for name, values in times.items()}
@@ -116,6 +121,10 @@ def main(argv=None) -> int:
     ratio = statistics.median(ours / plain for ours, plain in agreement)
     verdict = "agree" if abs(ratio - 1) <= 0.10 else "DISAGREE"
     print(f"median ratio {ratio:.3f}: the two {verdict} within 10%")
+    print(f"\nThe gateway's Triton client in one process, {len(texts)} sentences, each route in turn")
+    print("| route | p50 ms |\n| --- | --- |")
+    for name, p50 in routes.items():
+        print(f"| {name} | {p50:.3f} |")
     return 0
 
 
@@ -139,6 +148,42 @@ def plain_loop_p50_ms(url: str, model: str, raws: list[bytes]) -> float:
     finally:
         client.close()
     return summarize_ms(times).p50_ms
+
+
+def client_routes_p50(endpoints: dict[str, str], model: str, raws: list[bytes]) -> dict[str, float]:
+    """p50 round trip (ms) of `raws` one by one on each route the gateway's client can take to Triton, in turn
+    per input: AsyncTritonClient over HTTP (infer_url) and over gRPC on one event loop, TritonClient (blocking
+    gRPC). Requests are never merged here (in_flight=0, one at a time)."""
+    import asyncio
+
+    from dyngate_build.evaluate import summarize_ms
+    from dyngate_serving.client import AsyncTritonClient, TritonClient
+
+    async def measure() -> dict[str, list[float]]:
+        routes = {"AsyncTritonClient, HTTP (--triton-http)":
+                  AsyncTritonClient(endpoints["grpc"], infer_url=endpoints["http"], in_flight=0),
+                  "AsyncTritonClient, gRPC (grpc.aio)": AsyncTritonClient(endpoints["grpc"], in_flight=0)}
+        blocking = TritonClient(endpoints["grpc"])
+        times: dict[str, list[float]] = {name: [] for name in [*routes, "TritonClient, gRPC (blocking)"]}
+        try:
+            for client in routes.values():
+                await client.predict(model, raws[0])
+            blocking.predict(model, raws[0])
+            for raw in raws:
+                for name, client in routes.items():
+                    start = time.perf_counter()
+                    await client.predict(model, raw)
+                    times[name].append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                blocking.predict(model, raw)
+                times["TritonClient, gRPC (blocking)"].append((time.perf_counter() - start) * 1000)
+        finally:
+            for client in routes.values():
+                await client.close()
+            blocking.close()
+        return times
+
+    return {name: summarize_ms(values).p50_ms for name, values in asyncio.run(measure()).items()}
 
 
 def compare_with_plain_loop(url: str, model: str, raws: list[bytes], rounds: int) -> list[tuple[float, float]]:

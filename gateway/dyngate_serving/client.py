@@ -271,9 +271,10 @@ class AsyncTritonClient:
 
     Inference over HTTP (`infer_url`, or an http:// `url`) goes through `_HttpConnections`: kept-alive HTTP/1.1
     connections on the event loop itself, Triton's binary tensor extension, answers read by httptools. Measured on
-    2 cores (distilbert-tiny fp32, batch 1, one process, the three in turn, three runs): 1.65-1.83 ms p50 against
-    1.91-2.22 ms for the same requests as grpc.aio calls (whose answers reach the loop from gRPC's poller thread)
-    and 1.98-2.31 ms for tritonclient's blocking gRPC client. Model control and metadata stay on `url`.
+    2 cores (scripts/bench_gateway.py's third check: distilbert-tiny fp32, batch 1, one process, the routes in
+    turn, three runs of 800): 1.50-2.26 ms p50 against 1.76-2.58 ms for the same requests as grpc.aio calls
+    (whose answers reach the loop from gRPC's poller thread; 0.23-0.31 ms more in each run) and 1.69-2.55 ms for
+    tritonclient's blocking gRPC client. Model control and metadata stay on `url`.
 
     url, protocol, timeout_s: as for `TritonClient`; timeout_s bounds each call (the gRPC deadline of `predict`,
     asyncio.wait_for elsewhere). in_flight: calls in flight per (model, parameters) before requests are merged;
