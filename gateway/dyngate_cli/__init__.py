@@ -145,7 +145,7 @@ def cmd_serve(args) -> int:
 
 def cmd_gateway(args) -> int:
     from dyngate_gateway.app import launch
-    from dyngate_serving.client import grpc_address, parse_address
+    from dyngate_serving.client import grpc_address
     from dyngate_serving.net import port_is_free
 
     triton = grpc_address(args.triton)
@@ -164,8 +164,8 @@ def cmd_gateway(args) -> int:
     config = GatewayConfig.load(args.config)
     if args.metrics_url:
         config = replace(config, metrics_url=args.metrics_url)
-    if args.triton_http is not None:
-        config = replace(config, triton_http_url=parse_address(args.triton_http, "http", "--triton-http")[0])
+    if args.triton_http is not None:  # checked where the gateway's clients are made (ClientPool)
+        config = replace(config, triton_http_url=args.triton_http)
     launch(repository=Path(args.repository), triton_url=triton, host=args.host, port=args.port, config=config)
     return 0
 

@@ -314,8 +314,9 @@ def read_input(view: ModelView, text: str | None, image: str | bytes | None, lim
 
 def image_from_base64(value: str) -> bytes:
     """The image file's bytes from the JSON route's `image_base64` field: standard base64 (RFC 4648; line breaks
-    and spaces, as the `base64` command wraps its output, are dropped), or a data URI `data:<image media type>;base64,<base64>` as a browser's FileReader.readAsDataURL gives
-    it (RFC 2397; the prefix is stripped, its media type must be `image/...`). The format itself is decided by the
+    and spaces, as the `base64` command wraps its output, are dropped), or a data URI
+    `data:<image media type>;base64,<base64>` as a browser's FileReader.readAsDataURL gives it (RFC 2397; the
+    prefix is stripped, its media type must be `image/...`). The format itself is decided by the
     bytes where the variant decodes them (IMAGE_FORMATS).
 
     Raises InputError naming the field, the bad part and the accepted forms.
