@@ -1,9 +1,11 @@
 """End to end for the quantization variants: build the distilbert-tiny preset with every quantization technique
 into a temporary repository, serve it with the embedded Triton, and ask every variant over gRPC.
 
-Each variant's labels on 16 SST-2 dev sentences must agree with the fp32 variant's on at least the share its
-build tolerance demands (`min_top1_agreement` in its metadata). Small evaluation counts and a 3-step XTC
-distillation keep the build short; no timings are asserted.
+Each variant's labels on the first 128 SST-2 dev sentences must agree with the fp32 variant's on at least the share
+its build tolerance demands (`min_top1_agreement` in its metadata); the build checks the same sentences against
+PyTorch. 128, not fewer: on 16 one near-tie flip is 6% (it refused zeroquant-w4a8 in one CI run, 15 of 16), and
+on the full dev split these variants flip 0-1 of 872 (xtc after 3 distillation steps: 21, 2.4%). A 3-step XTC
+distillation keeps the build short; no timings are asserted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tests.conftest import running_triton
 QUANTIZATION_VARIANTS = ("fp16", "fp16-torchscript", "int8-dynamic", "int8-static", "smoothquant", "zeroquant-w8a8", "zeroquant-w4a8",
                          "xtc")
 MODEL = "distilbert-tiny"
+CHECKED = 128  # dev sentences compared, in the build and over gRPC (see the module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def quantized_repository(tmp_path_factory, preset_checkpoint, cache_dir, data_di
     repository = tmp_path_factory.mktemp("qrepo") / "model_repository"
     reports = build(BuildOptions(
         model=MODEL, techniques=("fp32", *QUANTIZATION_VARIANTS), repository=repository, cache_dir=cache_dir,
-        data=str(data_dir), eval_limit=32, check_limit=16, latency_samples=3, native=False,
+        data=str(data_dir), eval_limit=CHECKED, check_limit=CHECKED, latency_samples=3, native=False,
         technique_options={"int8-static": {"samples": 32}, "smoothquant": {"samples": 32},
                            "xtc": {"kd_steps": 3, "kd_samples": 48, "kd_batch_size": 16}}),
         log=lambda *a: None)
@@ -45,7 +48,7 @@ def server(quantized_repository, tmp_path_factory):
 def dev_texts(data_source):
     from dyngate_build.data import load_examples
 
-    examples, _ = load_examples("text-classification", "dev", data_source, limit=16)
+    examples, _ = load_examples("text-classification", "dev", data_source, limit=CHECKED)
     return [ex.raw for ex in examples]
 
 
@@ -59,9 +62,12 @@ def test_every_quantization_variant_answers_over_grpc_like_fp32(quantized_reposi
         ready = set(client.ready_models())
         names = {v: triton_name(MODEL, v) for v in reports}
         assert set(names.values()) <= ready, f"not ready: {set(names.values()) - ready}"
-        fp32 = [a.answer["label"] for a in client.predict_batch(names["fp32"], dev_texts)]
+        def answers_of(name):  # 32 per request: within every config's max_batch_size
+            return [a for i in range(0, len(dev_texts), 32) for a in client.predict_batch(name, dev_texts[i:i + 32])]
+
+        fp32 = [a.answer["label"] for a in answers_of(names["fp32"])]
         for variant in QUANTIZATION_VARIANTS:
-            answers = client.predict_batch(names[variant], dev_texts)
+            answers = answers_of(names[variant])
             assert len(answers) == len(dev_texts) and all(a.logits.shape == (2,) for a in answers)
             metadata = json.loads((repository / names[variant] / "metadata.json").read_text())
             required = metadata["tolerance"]["min_top1_agreement"]
