@@ -369,7 +369,7 @@ def test_a_port_that_is_not_triton_is_named_so(server):
     """Found in a trial: `dyngate predict --triton HOST:8002` (Triton's metrics port) or a gateway's port was
     called "Triton's HTTP port" with an http:// url as the fix, which failed too; and `dyngate load --triton
     HOST:8000` said only that the model was not ready."""
-    from dyngate_serving.client import protocol_mismatch
+    from dyngate_serving.endpoints import protocol_mismatch
 
     metrics = server.endpoints["metrics"].split("://", 1)[1].split("/", 1)[0]
     hint = protocol_mismatch(metrics, "grpc")

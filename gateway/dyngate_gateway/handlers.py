@@ -29,8 +29,8 @@ from pathlib import Path
 from dyngate_build.errors import ConfigError, DyngateError, InputError, ServingError, TritonUnreachable
 from dyngate_build.repository import RepositoryEntry, list_models
 from dyngate_build.runtime import IMAGE_FORMATS
-from dyngate_serving.client import (AsyncTritonClient, TritonClient, http_endpoint_problem, parse_address,
-                                    protocol_mismatch)
+from dyngate_serving.client import AsyncTritonClient, TritonClient, parse_address
+from dyngate_serving.endpoints import http_endpoint_problem, protocol_mismatch
 
 TEXT, IMAGE = "TEXT", "IMAGE"
 RESULT_HEADERS = ["variant", "triton model", "prediction", "score", "round trip ms"]

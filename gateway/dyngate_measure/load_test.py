@@ -42,7 +42,8 @@ from urllib.parse import urlparse
 
 from dyngate_build.errors import ConfigError, InputError, ServingError
 from dyngate_build.evaluate import summarize_ms
-from dyngate_serving.client import TritonClient, grpc_address, protocol_mismatch
+from dyngate_serving.client import TritonClient, grpc_address
+from dyngate_serving.endpoints import protocol_mismatch
 from dyngate_serving.net import DIRECT
 
 TARGETS = ("triton", "gateway")
