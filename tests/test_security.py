@@ -184,9 +184,12 @@ def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message)
     ("GET", "/api/cascade?model=nope", 404, "unknown model 'nope'"),
     # found in a new user's trial: a misspelt query parameter was ignored (here: the target, so the default was used)
     ("GET", f"/api/cascade?model={TEXT_MODEL}&within=1", 400,
-     "unknown query parameter(s) ['within'] for GET /api/cascade; allowed: ['model', 'within_pt', 'at_least']"),
-    ("GET", "/api/shadow?modle=x&model=y", 400, "['modle'] for GET /api/shadow; allowed: ['model']"),
-    ("GET", "/api/status?verbose=1", 400, "['verbose'] for GET /api/status; allowed: none"),
+     "unknown query parameter(s) ['within'] for GET /api/cascade: it reads only ['model', 'within_pt', 'at_least']; "
+     "correct or drop the unknown one(s)"),
+    ("GET", "/api/shadow?modle=x&model=y", 400, "['modle'] for GET /api/shadow: it reads only ['model']; correct"),
+    # the same trial: this one read "allowed: none: drop or correct the others"
+    ("GET", "/api/status?verbose=1", 400,
+     "unknown query parameter(s) ['verbose'] for GET /api/status: it reads no query parameters; drop them"),
 ])
 def test_gateway_api_edges_answer_json_errors(gateway, method, path, status, message):
     code, answer = request(gateway.url, path, b"" if method in ("PUT", "POST") else None, method=method)

@@ -93,8 +93,9 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             allowed = [p.name for p in route.dependant.query_params]
             unknown = [key for key in dict.fromkeys(request.query_params) if key not in allowed]
             if unknown:
-                return error(400, f"unknown query parameter(s) {unknown} for GET {route.path}; allowed: "
-                                  f"{allowed or 'none'}: drop or correct the others")
+                reads = f"it reads only {allowed}; correct or drop the unknown one(s)" if allowed else \
+                    "it reads no query parameters; drop them"
+                return error(400, f"unknown query parameter(s) {unknown} for GET {route.path}: {reads}")
             return fn()
         return wrapper
 
