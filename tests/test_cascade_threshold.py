@@ -4,7 +4,8 @@ them, and the real cascade served by Triton through the Router escalates and ans
 
 A real build of distilbert-tiny (early exit and fp32; the less accurate of the two on the dev sample goes first:
 presets trained on another machine differ, and on 200 examples early exit has scored above fp32), a real
-embedded Triton, no mocks, no timing assertions.
+embedded Triton, no mocks, no timing assertions. The same repository serves the gateway's rule for `exit_threshold`
+(read by the early-exit variant only).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dyngate_build.repository import newest_version_dir, python_variants_by_mode
 from dyngate_gateway.handlers import ClientPool, load_catalog
 from dyngate_gateway.routing import Router, RoutingConfig
 from dyngate_measure.recommend import cascade_from_repository, cascade_steps, choose_cascade_threshold
-from tests.conftest import ROOT, running_triton
+from tests.conftest import ROOT, post_predict, running_gateway, running_triton
 
 MODEL = "distilbert-tiny"
 VARIANTS = ("early-exit", "fp32")
@@ -165,18 +166,50 @@ def test_recommend_cascade_prints_the_threshold_and_escalation(repository, steps
     assert f"{strict.escalation_share:.1%} of requests escalate past {order[0]}" in out.stdout
 
 
-def test_the_served_cascade_escalates_and_answers_as_chosen(repository, steps, order, data_source, tmp_path):
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    with running_triton(repository, tmp_path_factory.mktemp("cascade-triton") / "triton.log") as server:
+        yield server
+
+
+def test_the_served_cascade_escalates_and_answers_as_chosen(repository, steps, order, data_source, triton):
     choice = choose_cascade_threshold(steps, within_pt=0.0)
     examples, _ = load_examples("text-classification", "dev", data_source, limit=EVAL_LIMIT)
     catalog = load_catalog(repository)
     labels = catalog[MODEL].labels
-    with running_triton(repository, tmp_path / "triton.log") as triton:
-        router = Router(catalog, ClientPool(triton.endpoints["grpc"]),
-                        RoutingConfig(cascade_order={MODEL: order}))
-        escalated = correct = 0
-        for ex in examples:
-            answer = router.route(MODEL, ex.raw.decode(), "cascade", threshold=choice.threshold)
-            escalated += len(answer["route"]) > 1
-            correct += answer["answer"]["label"] == labels[ex.target]
+    router = Router(catalog, ClientPool(triton.endpoints["grpc"]), RoutingConfig(cascade_order={MODEL: order}))
+    escalated = correct = 0
+    for ex in examples:
+        answer = router.route(MODEL, ex.raw.decode(), "cascade", threshold=choice.threshold)
+        escalated += len(answer["route"]) > 1
+        correct += answer["answer"]["label"] == labels[ex.target]
     assert escalated == round(choice.escalation_share * len(examples))
     assert correct / len(examples) == pytest.approx(choice.metric)
+
+
+def test_exit_threshold_is_refused_for_a_variant_without_early_exit(repository, triton):
+    """Found in a new user's trial: POST /api/predict accepted (and echoed) exit_threshold for fp32, where it does
+    nothing. Now a 400 naming the parameter, the variant and the variants that read it, on the JSON route and the
+    page (one rule: the router's); a cascade that may escalate from early exit to fp32 still takes it."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    first_ramp = min(VariantMetadata.load(repository / f"{MODEL}__early-exit").params["exit_layers"])
+    assert load_catalog(repository)[MODEL].readers("exit_threshold") == ["early-exit"]
+    body = {"model": MODEL, "text": "a fine film", "exit_threshold": 0.0}
+    with running_gateway(repository, triton,
+                         routing=RoutingConfig(cascade_order={MODEL: ["early-exit", "fp32"]})) as gateway:
+        status, answer = post_predict(gateway.url, {**body, "variant": "fp32"})
+        assert status == 400, answer
+        assert answer["error"] == (f"exit_threshold=0.0 does nothing for variant 'fp32' of {MODEL}: it does not read "
+                                   f"exit_threshold; the variants of {MODEL} that read it: early-exit; send one of "
+                                   f"them as variant, or leave exit_threshold out")
+        status, answer = post_predict(gateway.url, {**body, "variant": "early-exit"})
+        assert status == 200 and answer["route"][0]["exit_layer"] == first_ramp, answer  # threshold 0: first ramp
+        status, answer = post_predict(gateway.url, {**body, "policy": "cascade", "threshold": 1.0})
+        assert status == 200, answer
+        assert [(s["variant"], s.get("exit_layer")) for s in answer["route"]] == [("early-exit", first_ramp),
+                                                                                    ("fp32", None)]
+        api = Client(gateway.url, verbose=False)
+        with pytest.raises(AppError, match="exit_threshold=0.5 does nothing for variant 'fp32'.*: early-exit;"):
+            api.predict(MODEL, "a fine film", None, "variant", "fp32", 1.0, 0.9, "0.5", api_name="/route")

@@ -199,15 +199,20 @@ def test_cascade_escalates_exactly_the_low_confidence_inputs(catalog, clients, t
     assert escalated == expected
 
 
-def test_exit_threshold_is_passed_to_triton_and_checked(catalog, clients):
+def test_exit_threshold_is_checked_and_refused_where_no_variant_reads_it(catalog, clients):
+    """This repository has no early-exit variant: a valid exit_threshold would do nothing, with any policy (found in a
+    new user's trial: it was accepted and echoed). Passed to the early-exit variants that read it:
+    tests/test_cascade_threshold.py."""
     router = Router(catalog, clients)
-    answer = router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=0.5)
-    assert answer["parameters"] == {"exit_threshold": 0.5}
-    never = router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=1.5)  # ≥ 1: never exit
-    assert never["parameters"] == {"exit_threshold": 1.5}
-    for bad in (True, -0.1, "high", "nan"):
-        with pytest.raises(InputError, match="exit_threshold"):
+    assert catalog[TEXT_MODEL].readers("exit_threshold") == []
+    for policy in ("most-accurate", "fastest", "cascade", "ab", catalog[TEXT_MODEL].variant_names[0]):
+        with pytest.raises(InputError, match=f"exit_threshold=0.5 does nothing .*no variant of {TEXT_MODEL} reads it"):
+            router.route(TEXT_MODEL, "a fine film", policy, exit_threshold=0.5)
+    for bad in (True, -0.1, "high", "nan"):  # the value's own rule comes first
+        with pytest.raises(InputError, match="exit_threshold=.* (boolean|not a number|finite number)"):
             router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=bad)
+    answer = router.route(TEXT_MODEL, "a fine film", "most-accurate", exit_threshold=" ")  # blank (the page): default
+    assert answer["parameters"] == {}
 
 
 def test_bad_policy_and_limits_are_input_errors(catalog, clients):

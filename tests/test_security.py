@@ -184,13 +184,33 @@ def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message)
     ("GET", "/api/cascade?model=nope", 404, "unknown model 'nope'"),
     # found in a new user's trial: a misspelt query parameter was ignored (here: the target, so the default was used)
     ("GET", f"/api/cascade?model={TEXT_MODEL}&within=1", 400,
-     "unknown query parameter(s) ['within'] for GET /api/cascade; allowed: ['model', 'within_pt', 'at_least']"),
-    ("GET", "/api/shadow?modle=x&model=y", 400, "['modle'] for GET /api/shadow; allowed: ['model']"),
-    ("GET", "/api/status?verbose=1", 400, "['verbose'] for GET /api/status; allowed: none"),
+     "unknown query parameter(s) ['within'] for GET /api/cascade: it reads only ['model', 'within_pt', 'at_least']; "
+     "correct or drop the unknown one(s)"),
+    ("GET", "/api/shadow?modle=x&model=y", 400, "['modle'] for GET /api/shadow: it reads only ['model']; correct"),
+    # the same trial: this one read "allowed: none: drop or correct the others"
+    ("GET", "/api/status?verbose=1", 400,
+     "unknown query parameter(s) ['verbose'] for GET /api/status: it reads no query parameters; drop them"),
+    # the same trial: a repeated query parameter kept its last value silently
+    ("GET", f"/api/shadow?model=nope&model={TEXT_MODEL}", 400,
+     f"query parameter(s) given more than once for GET /api/shadow: model (['nope', '{TEXT_MODEL}']); send each once"),
+    ("GET", f"/api/cascade?model={TEXT_MODEL}&within_pt=1&at_least=0.5&within_pt=5", 400,
+     "given more than once for GET /api/cascade: within_pt (['1', '5']); send each once"),
 ])
 def test_gateway_api_edges_answer_json_errors(gateway, method, path, status, message):
     code, answer = request(gateway.url, path, b"" if method in ("PUT", "POST") else None, method=method)
     assert code == status and message in json.loads(answer)["error"], answer
+
+
+def test_gateway_repeated_json_field_is_a_400(gateway):
+    """Found in a new user's trial: json keeps a repeated key's last value silently (here the variant)."""
+    raw = f'{{"model": "{TEXT_MODEL}", "text": "fine", "variant": "fp32", "variant": "torchscript"}}'.encode()
+    code, answer = request(gateway.url, "/api/predict", raw, {"content-type": "application/json"})
+    assert code == 400 and json.loads(answer)["error"] == (
+        "the body gives field(s) more than once: variant ('fp32', 'torchscript'); JSON would keep only the last: "
+        "send each field once, with the value you mean"), answer
+    code, answer = request(gateway.url, "/api/predict", raw.replace(b'"variant": "torchscript"', b'"policy": "fp32"'),
+                           {"content-type": "application/json"})
+    assert code == 200 and json.loads(answer)["served_by"] == "fp32", answer
 
 
 def test_gateway_deeply_nested_json_is_a_400(gateway):

@@ -35,6 +35,7 @@ Triton to ask, kept for `KEEP_PREVIOUS_VERSIONS` more builds (`keep_previous_ver
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -47,7 +48,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from dyngate_build.errors import ConfigError, RepositoryError
-from dyngate_build.metadata import METADATA_FILE, VariantMetadata
+from dyngate_build.metadata import METADATA_FILE, VariantMetadata, rebuild_hint
+from dyngate_build.runtime import RUNTIME_FILE, RuntimeSpec, request_parameters
 
 SEPARATOR = "__"
 NATIVE_SUFFIX = "native"
@@ -489,6 +491,21 @@ class RepositoryEntry:
     def versions(self) -> list[int]:
         """Its version folders on disk, ascending (the newest is what Triton loads)."""
         return version_numbers(self.folder)
+
+    @functools.cached_property
+    def request_parameters(self) -> tuple[str, ...] | None:
+        """The request parameters its newest version reads (`dyngate_build.runtime.request_parameters` of that
+        folder's runtime.json, e.g. ("exit_threshold",) for early exit); None when there is no runtime.json (a
+        model folder dyngate build did not write: unknown). Read once per entry (`list_models` makes new ones).
+        Raises RepositoryError when the runtime.json cannot be read (stale or broken)."""
+        versions = self.versions
+        folder = self.folder / str(versions[-1]) if versions else None
+        if folder is None or not (folder / RUNTIME_FILE).exists():
+            return None
+        try:
+            return request_parameters(RuntimeSpec.load(str(folder)))
+        except (OSError, ValueError, TypeError) as e:  # RuntimeSpecVersionError and JSON errors are ValueErrors
+            raise RepositoryError(f"cannot read {folder / RUNTIME_FILE}: {e}; {rebuild_hint(self.model)}") from None
 
 
 def list_models(repository: Path) -> list[RepositoryEntry]:

@@ -338,8 +338,17 @@ class TorchScriptEngine:
 
 
 # The request parameters a served variant reads (Triton request parameters; `Predictor.predict`'s options): the
-# one list `dyngate predict --param` checks names against.
+# one list `dyngate predict --param` checks names against. Which variant reads which: `request_parameters`.
 REQUEST_PARAMETERS = ("exit_threshold",)
+
+
+def request_parameters(spec: RuntimeSpec) -> tuple[str, ...]:
+    """The REQUEST_PARAMETERS a variant run from `spec` reads: ("exit_threshold",) for early exit (the segment
+    engine `early-exit-onnx`, or a TorchScript module with a threshold input, `extra["threshold_input"]`), () for
+    every other variant (it accepts a valid `exit_threshold` and ignores it)."""
+    if spec.engine == "early-exit-onnx" or spec.extra.get("threshold_input"):
+        return ("exit_threshold",)
+    return ()
 
 
 def check_exit_threshold(value) -> float:

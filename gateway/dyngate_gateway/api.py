@@ -3,13 +3,14 @@ GET /api/shadow (?model=M: the shadow traffic counts of dyngate_gateway.shadow),
 within_pt=P or at_least=A: the `cascade` threshold for that dev-metric target, its expected metric and share of
 requests escalating; 400 for a bad target, 409 for variants built without dev scores), GET /metrics (the
 gateway's Prometheus metrics, dyngate_gateway/telemetry.py). A GET route answers a query parameter it does not
-read with 400 naming the ones it reads (its function's parameters).
+read with 400 naming the ones it reads (its function's parameters), and one given twice with 400 naming it
+(FastAPI would keep the last value).
 
 POST /api/predict with JSON {"model", "text" | "image_base64", "policy", "variant", "accuracy_budget" (points),
-"threshold", "exit_threshold"} -> the route answer; bad input -> 400 {"error": ...}, unknown model -> 404, a
-body over limits.max_body_bytes (any route) -> 413, Triton down -> 503, another method -> 405. It is answered
-ahead of FastAPI's stack (`ApiFront`). With a login, every route but
-Gradio's login page and static files asks for it (HTTP basic auth here; Gradio's login cookie too on the routes
+"threshold", "exit_threshold"} -> the route answer; bad input (a field given twice too) -> 400 {"error": ...},
+unknown model -> 404, a body over limits.max_body_bytes (any route) -> 413, Triton down -> 503, another method
+-> 405. It is answered ahead of FastAPI's stack (`ApiFront`). With a login, every route but Gradio's login page
+and static files asks for it (HTTP basic auth here; Gradio's login cookie too on the routes
 Gradio itself would answer without it, `GRADIO_UNGUARDED`).
 """
 
@@ -35,6 +36,34 @@ from dyngate_gateway.middleware import BodySizeLimit, LoginPageScrub, LoginRequi
 
 # Routes Gradio answers without its login; with a login set, the gateway asks for it there too.
 GRADIO_UNGUARDED = ("/openapi.json", "/gradio_api/startup-events")
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict; InputError when it has a key twice (json would keep the last value silently)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = {key: [_short(v) for k, v in pairs if k == key] for key in obj if keys.count(key) > 1}
+        raise InputError("the body gives field(s) more than once: "
+                         + ", ".join(f"{key} ({', '.join(values)})" for key, values in repeated.items())
+                         + "; JSON would keep only the last: send each field once, with the value you mean")
+    return obj
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# made once: json.loads with object_pairs_hook makes a decoder per call (+1.7-2.6 µs a small body here); json_body
+# parsed predict bodies as fast as plain json.loads (within ±1.5 µs, noise)
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+
+
+def json_body(raw: bytes):
+    """json.loads(raw) (UTF-8/16/32 as json detects it; ValueError for what is not JSON) that raises InputError for
+    an object with a repeated key."""
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
 def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
@@ -93,8 +122,15 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             allowed = [p.name for p in route.dependant.query_params]
             unknown = [key for key in dict.fromkeys(request.query_params) if key not in allowed]
             if unknown:
-                return error(400, f"unknown query parameter(s) {unknown} for GET {route.path}; allowed: "
-                                  f"{allowed or 'none'}: drop or correct the others")
+                reads = f"it reads only {allowed}; correct or drop the unknown one(s)" if allowed else \
+                    "it reads no query parameters; drop them"
+                return error(400, f"unknown query parameter(s) {unknown} for GET {route.path}: {reads}")
+            repeated = {key: request.query_params.getlist(key) for key in dict.fromkeys(request.query_params)
+                        if len(request.query_params.getlist(key)) > 1}
+            if repeated:  # FastAPI would keep the last value silently
+                return error(400, f"query parameter(s) given more than once for GET {route.path}: "
+                                  + ", ".join(f"{key} ({values})" for key, values in repeated.items())
+                                  + "; send each once, with the value you mean")
             return fn()
         return wrapper
 
@@ -157,7 +193,9 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
         if not authorized(request):
             return unauthorized()
         try:  # json, not orjson: orjson reads integers over 64 bits as floats (other field types, other messages)
-            body = json.loads(await request.body() or b"null")
+            body = json_body(await request.body() or b"null")
+        except InputError as e:  # a repeated key
+            return error(400, str(e))
         except ValueError as e:
             return error(400, f"the body is not JSON: {e}")
         except RecursionError:

@@ -91,6 +91,12 @@ class ModelView:
     def is_text(self) -> bool:
         return self.client_input == TEXT
 
+    def readers(self, parameter: str) -> list[str]:
+        """Its variants that read the request parameter `parameter` (`RepositoryEntry.request_parameters`: from
+        each variant's runtime.json), and those whose folder does not say (not written by dyngate build)."""
+        return [name for name, entry in self.variants.items()
+                if entry.request_parameters is None or parameter in entry.request_parameters]
+
     def describe(self) -> str:
         """One Markdown line: task, input, and per variant its technique, size and measured accuracy."""
         parts = []

@@ -33,7 +33,10 @@ Policies (POLICIES):
 `exit_threshold` (any policy) is sent to Triton as the request parameter `exit_threshold`: early-exit variants
 leave at the first off-ramp whose confidence reaches it; other variants ignore it. It is checked here by the
 served runtime's own rule (`dyngate_build.runtime.check_exit_threshold`: a number ≥ 0, ≥ 1 = never exit, no
-booleans), so the gateway and Triton accept and refuse the same values.
+booleans), so the gateway and Triton accept and refuse the same values. A request parameter that would do nothing
+is an InputError naming the variants that read it (`ModelView.readers`, from each variant's runtime.json): with
+`variant`, the named variant must read it; a policy that chooses passes it to whichever variant answers (a cascade
+may escalate from an early-exit variant to fp32), so one of the variants it chooses from must read it.
 """
 
 from __future__ import annotations
@@ -354,6 +357,9 @@ class Router:
             if variant not in view.variants:
                 raise InputError(f"unknown variant {variant!r} for model {view.name}; its variants are: "
                                  f"{', '.join(view.variant_names)}")
+        if params:
+            self._check_parameters(view, policy, variant, params)
+        if policy == "variant":
             chosen, reason = variant, f"variant {variant!r} was asked for"
             step = await self._call(view, chosen, data, params)
             return self._answer(view, policy, [step], reason, params), data, params
@@ -373,6 +379,32 @@ class Router:
             if skipped:
                 reason += "; skipped " + "; ".join(skipped)
             return self._answer(view, policy, [step], reason, params), data, params
+
+    def _check_parameters(self, view: ModelView, policy: str, variant: str | None, params: dict) -> None:
+        """InputError for a request parameter that no variant `policy` may answer with reads (it would do nothing):
+        with policy 'variant' the named variant must read it; a policy that chooses passes it to whichever variant
+        answers, so one of those it chooses from (cascade's order, ab's arms, else all) must read it."""
+        if policy == "variant":
+            pool = [variant]
+        elif policy == "cascade":
+            pool = self.cascade_order(view)
+        elif policy == "ab":
+            pool = list(self._ab_weights(view))
+        else:
+            pool = view.variant_names
+        for name, value in params.items():
+            readers = view.readers(name)
+            if any(v in readers for v in pool):
+                continue
+            fix = (f"the variants of {view.name} that read it: {', '.join(readers)}; send one of them as variant, or "
+                   f"leave {name} out" if readers else
+                   f"no variant of {view.name} reads it (early exit does: dyngate build --techniques early-exit); "
+                   f"leave {name} out")
+            if policy == "variant":
+                raise InputError(f"{name}={value!r} does nothing for variant {variant!r} of {view.name}: it does "
+                                 f"not read {name}; {fix}")
+            raise InputError(f"{name}={value!r} does nothing with policy {policy!r} on {view.name}: none of the "
+                             f"variants it chooses from ({', '.join(pool)}) reads {name}; {fix}")
 
     # ---- policies
 
