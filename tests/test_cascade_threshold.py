@@ -213,3 +213,20 @@ def test_exit_threshold_is_refused_for_a_variant_without_early_exit(repository, 
         api = Client(gateway.url, verbose=False)
         with pytest.raises(AppError, match="exit_threshold=0.5 does nothing for variant 'fp32'.*: early-exit;"):
             api.predict(MODEL, "a fine film", None, "variant", "fp32", 1.0, 0.9, "0.5", api_name="/route")
+
+
+def test_an_unreadable_runtime_file_is_a_json_500_naming_it(repository, triton, tmp_path):
+    """The router reads which request parameters a variant takes from its runtime.json: a broken one (a stale or
+    hand-edited repository) is the server's fault, a JSON 500 naming the file, never a plain-text 500."""
+    import shutil
+
+    copy = tmp_path / "model_repository"
+    shutil.copytree(repository, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    broken = newest_version_dir(copy / f"{MODEL}__fp32") / "runtime.json"
+    broken.write_text("{not json")
+    with running_gateway(copy, triton) as gateway:
+        status, answer = post_predict(gateway.url, {"model": MODEL, "text": "a fine film", "variant": "fp32",
+                                                    "exit_threshold": 0.5})
+        assert status == 500 and f"cannot read {broken}" in answer["error"], answer
+        status, answer = post_predict(gateway.url, {"model": MODEL, "text": "a fine film", "variant": "fp32"})
+        assert status == 200, answer  # without the parameter the runtime file is not read: Triton answers

@@ -187,6 +187,8 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             return error(400, f"bad field value: {e}")
         except ServingError as e:
             return error(503, str(e))
+        except RepositoryError as e:  # a variant's runtime.json unreadable (stale or broken): the server's fault
+            return error(500, str(e))
         return Response(orjson.dumps(answer), media_type="application/json")  # 1 µs; JSONResponse (json) 17 µs
 
     async def api_predict(request: Request):
