@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -214,7 +215,8 @@ def cmd_report(args) -> int:
 def cmd_recommend(args) -> int:
     """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32;
     with --cascade, the cascade threshold for the target (--budget points below the last variant, or
-    --at-least) and the share of requests that escalate, from the build's per-example dev scores."""
+    --at-least) and the share of requests that escalate, from the build's per-example dev scores. No variant or
+    threshold that qualifies is a ConfigError (exit 2): a script gets no answer, so it must not read success."""
     from dyngate_measure.recommend import DEFAULT_BUDGET_PT, cascade_from_repository, recommend_from_repository
 
     # the flags' own checks first, named as the user typed them (found in a trial: within_pt=-1.0, at_least=80.0)
@@ -236,10 +238,26 @@ def cmd_recommend(args) -> int:
     if args.cascade:
         order = [v.strip() for v in args.cascade.split(",") if v.strip()]
         within = None if args.at_least is not None else budget
-        print(cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least).explain())
+        choice = cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least)
+        if choice.threshold is None:  # no answer for the target asked: an error, as a script expects
+            raise ConfigError(f"{choice.explain()}: {_reachable_target(choice, args.at_least is not None)}")
+        print(choice.explain())
         return 0
-    print(recommend_from_repository(Path(args.repository), args.model, budget).explain())
+    recommendation = recommend_from_repository(Path(args.repository), args.model, budget)
+    if recommendation.chosen is None:
+        raise ConfigError(recommendation.explain())
+    print(recommendation.explain())
     return 0
+
+
+def _reachable_target(choice, absolute: bool) -> str:
+    """The flag and value that `dyngate recommend --cascade` can reach, from the best threshold `choice` found
+    (rounded towards what it reaches: 4 decimals down for --at-least, 2 up for --budget points)."""
+    if absolute:
+        reachable = math.floor(choice.metric * 1e4 + 1e-6) / 1e4
+        return f"give --at-least {reachable:.4f} or lower"
+    points = math.ceil((choice.alone[choice.order[-1]] - choice.metric) * 1e4 - 1e-6) / 1e2
+    return f"give --budget {points:.2f} or more (points below {choice.order[-1]})"
 
 
 def cmd_bench(args) -> int:
