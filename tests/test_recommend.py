@@ -225,3 +225,20 @@ def test_a_plain_recommendation_nothing_qualifies_for_is_an_error(text_repositor
     assert captured.out == "" and captured.err.startswith("error: no variant qualifies: none is within 1 pt of fp32")
     assert "fp32: measured on another machine (some other cpu, 64 cores); rebuild it here" in captured.err
 
+
+def test_a_cascade_named_expensive_first_is_warned_about(text_repository, tmp_path, capsys):
+    """Found in a new user's trial: `--cascade fp32,int8-dynamic` (the slower variant first) said nothing. A
+    cascade is meant cheapest first; any order is still a valid cascade and p50s are measurements, so it is a
+    warning on stderr naming both p50s and the cheapest-first order, and the threshold is still printed."""
+    repository = _timed_copy(text_repository, tmp_path, {"fp32": 2.0, "torchscript": 0.5})
+    base = ["recommend", "--model", "distilbert-tiny", "--budget", "1", "--repository", str(repository)]
+    assert cli_main([*base, "--cascade", "fp32,torchscript"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("warning: the cascade fp32,torchscript asks fp32 (build p50 2.000 ms) before the faster "
+                            "torchscript (0.500 ms): a cascade is meant cheapest first (a variant is asked only for "
+                            "what the ones before it were not confident about), so here the requests that reach "
+                            "fp32 pay for it before the cheaper torchscript; cheapest first by the build's p50: "
+                            "--cascade torchscript,fp32\n")
+    assert captured.out.startswith("cascade threshold ")
+    assert cli_main([*base, "--cascade", "torchscript,fp32"]) == 0
+    assert capsys.readouterr().err == ""

@@ -217,7 +217,9 @@ def cmd_recommend(args) -> int:
     with --cascade, the cascade threshold for the target (--budget points below the last variant, or
     --at-least) and the share of requests that escalate, from the build's per-example dev scores. No variant or
     threshold that qualifies is a ConfigError (exit 2): a script gets no answer, so it must not read success."""
-    from dyngate_measure.recommend import DEFAULT_BUDGET_PT, cascade_from_repository, recommend_from_repository
+    from dyngate_build.repository import python_variants_by_model
+    from dyngate_measure.recommend import (DEFAULT_BUDGET_PT, cascade_from_repository, cascade_order_warning,
+                                           recommend_from_repository)
 
     # the flags' own checks first, named as the user typed them (found in a trial: within_pt=-1.0, at_least=80.0)
     if args.at_least is not None and not args.cascade:
@@ -239,6 +241,10 @@ def cmd_recommend(args) -> int:
         order = [v.strip() for v in args.cascade.split(",") if v.strip()]
         within = None if args.at_least is not None else budget
         choice = cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least)
+        warning = cascade_order_warning(python_variants_by_model(Path(args.repository), [args.model])[args.model],
+                                        order)
+        if warning:  # a warning, not an error: the p50s are measurements, and any order is a valid cascade
+            print(f"warning: {warning}", file=sys.stderr)
         if choice.threshold is None:  # no answer for the target asked: an error, as a script expects
             raise ConfigError(f"{choice.explain()}: {_reachable_target(choice, args.at_least is not None)}")
         print(choice.explain())
