@@ -71,7 +71,7 @@ def test_demo_stops_the_gateway_and_says_why_when_serve_gives_up(text_repository
         return out_path.read_text(errors="replace")
 
     def tritons() -> list[int]:
-        return [int(p) for p in re.findall(r"Triton (\d+) ready", said())]
+        return [int(p) for p in re.findall(r"Triton ready \(pid (\d+)\)", said())]
 
     try:
         _wait_for(lambda: _answers(f"http://127.0.0.1:{gateway_port}/") or demo.poll() is not None,

@@ -410,7 +410,7 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def pids() -> list[int]:
-        return [int(p) for p in re.findall(r"Triton (\d+) ready", out_path.read_text(errors="replace"))]
+        return [int(p) for p in re.findall(r"Triton ready \(pid (\d+)\)", out_path.read_text(errors="replace"))]
 
     gateway = None
     try:
@@ -447,13 +447,13 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         print(f"\nkill -9 of Triton {first}: restarted as {second}; gateway answered again after "
               f"{len(attempts)} attempt(s)")
         text = out_path.read_text()
-        assert f"Triton {first} exited on its own (exit code -9); restarting it (1/1 within 300 s)" in text
+        assert f"Triton (pid {first}) exited on its own (exit code -9); restarting it (1/1 within 300 s)" in text
 
         os.kill(second, signal.SIGKILL)  # fault 2: past the budget of one restart
         code = serve.wait(WAIT_S)
         text = out_path.read_text()
         assert code == 2, text
-        assert f"error: Triton {second} exited on its own (exit code -9); it died 2 times within 300 s" in text
+        assert f"error: Triton (pid {second}) exited on its own (exit code -9); it died 2 times within 300 s" in text
         assert "giving up" in text and "Last lines of" in text
         assert len(pids()) == 2 and _gone(second)
         status, answer = _post(f"{gateway.url}/api/predict", body)
@@ -463,6 +463,40 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
             gateway.close()
         if serve.poll() is None:
             serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+
+
+def _serve(repository: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, Path, int, int]:
+    """`dyngate serve` on free ports with its temporary files in tmp_path/tmp (TMPDIR), started and ready:
+    (process, file of its output, Triton's pid from its ready line, Triton's HTTP port)."""
+    http, grpc, metrics = free_ports(3)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    out_path = tmp_path / "serve.out"
+    command = [sys.executable, "-m", "dyngate_cli", "serve", "--repository", str(repository), "--http-port", str(http),
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics), *flags]
+    with open(out_path, "wb") as out:
+        serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
+    _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
+    assert serve.poll() is None, out_path.read_text()
+    ready = re.search(r"^Triton ready \(pid (\d+)\) in [0-9.]+ s \(log: ", out_path.read_text(), re.M)
+    assert ready, out_path.read_text()
+    return serve, out_path, int(ready.group(1)), http
+
+
+def test_serve_says_which_number_is_tritons_pid(text_repository, tmp_path):
+    """Found in a new user's trial: "Triton 12345 ready" read like a port. The line says pid, and it is the pid of
+    the tritonserver process (the ports are listed below it)."""
+    serve, out_path, pid, http = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path)
+    try:
+        assert psutil.Process(pid).name() == "tritonserver"
+        assert f"  http     http://127.0.0.1:{http}" in out_path.read_text()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(WAIT_S) == 0, out_path.read_text()
+        assert _gone(pid)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
             serve.wait(60)
 
 
