@@ -484,16 +484,37 @@ def _serve(repository: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Po
     return serve, out_path, int(ready.group(1)), http
 
 
-def test_serve_says_which_number_is_tritons_pid(text_repository, tmp_path):
-    """Found in a new user's trial: "Triton 12345 ready" read like a port. The line says pid, and it is the pid of
-    the tritonserver process (the ports are listed below it)."""
+def test_serve_says_which_number_is_tritons_pid_and_removes_its_log_after_a_clean_stop(text_repository, tmp_path):
+    """Found in a new user's trial: "Triton 12345 ready" read like a port, and every run left a
+    /tmp/dyngate-triton-<port>-*.log behind. The line says pid, and it is the pid of the tritonserver process (the
+    ports are listed below it); the temporary log it names is gone after SIGTERM, no dyngate file is left in TMPDIR."""
     serve, out_path, pid, http = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path)
     try:
         assert psutil.Process(pid).name() == "tritonserver"
         assert f"  http     http://127.0.0.1:{http}" in out_path.read_text()
+        log = Path(re.search(r"\(log: (\S+); removed after a clean stop, kept if Triton fails\)",
+                             out_path.read_text()).group(1))
+        assert log.parent == tmp_path / "tmp" and log.exists()
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(WAIT_S) == 0, out_path.read_text()
         assert _gone(pid)
+        assert list((tmp_path / "tmp").glob("dyngate-*")) == []
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(60)
+
+
+def test_serve_keeps_the_log_of_a_triton_that_died_and_names_it(text_repository, tmp_path):
+    """The other half of the rule: when serve gives up on a Triton that died, its error names the temporary log
+    and the log is still there to read."""
+    serve, out_path, pid, _ = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path, "--max-restarts", "0")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert serve.wait(WAIT_S) == 2, out_path.read_text()
+        (log,) = (tmp_path / "tmp").glob("dyngate-triton-*.log")
+        assert f"Look at the log for the cause ({log})" in out_path.read_text()
+        assert "Started GRPCInferenceService" in log.read_text()
     finally:
         if serve.poll() is None:
             serve.kill()

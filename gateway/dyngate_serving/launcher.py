@@ -16,7 +16,9 @@ the user lists).
         print(server.endpoints["grpc"], server.ready_models())
 
 The server listens on 127.0.0.1 unless `host` says otherwise. Its stdout and stderr (including what a
-`model.py` prints) go to `log_file`; errors raised here end with the tail of that log. Readiness, the
+`model.py` prints) go to `log_file`; errors raised here end with the tail of that log. Without a `log_file` the log
+is a temporary file: removed when `stop()` ends a server that ran, kept (errors name it) when Triton failed to
+start or exited on its own. Readiness, the
 repository index and model control go through `dyngate_serving.client.TritonClient` on the gRPC endpoint.
 Keeping a server alive is `dyngate_serving.supervisor`; moving a running server to new versions is
 `dyngate_serving.rollout`.
@@ -175,7 +177,8 @@ class TritonServerConfig:
     repository: the model repository (`--model-repository`).
     http_port, grpc_port, metrics_port: distinct TCP ports on `host` (127.0.0.1: this machine only).
     models: names to load at start; None loads every python-backend model in the repository, [] none.
-    log_file: where the server's output goes; None: a new file under the system temp folder.
+    log_file: where the server's output goes, kept; None: a new file under the system temp folder, removed after
+        a clean stop and kept when Triton failed (see `TritonServer`).
     startup_timeout_s: how long start() waits for the server and its models to be ready.
     strict: raise when a model in `models` fails to load (False: serve the others, see `model_errors()`).
     log_verbose: Triton's `--log-verbose` level (0 off, 1 some, 2+ a lot).
@@ -215,7 +218,9 @@ class TritonServer:
     `start()` returns once the server answers ready and every model it was asked to load is READY; it raises
     `ServingError` (with the tail of the log) when a port is busy, the process exits, or the timeout passes.
     `stop()` sends SIGTERM (Triton unloads its models, the python stubs exit) and SIGKILLs the whole process
-    group after `timeout_s`, so no `triton_python_backend_stub` outlives the server.
+    group after `timeout_s`, so no `triton_python_backend_stub` outlives the server. A temporary log (no
+    `config.log_file`) is removed by `stop()` unless the server failed: `start()` raised ServingError, or the
+    process had exited on its own before `stop()`; once failed, it is kept (a restart appends to it).
     """
 
     def __init__(self, config: TritonServerConfig):
@@ -224,6 +229,8 @@ class TritonServer:
         self._log_handle = None
         self.log_path: Path | None = config.log_file
         self._requested: list[str] = []
+        self._stopping = False  # stop() has been called since the last start(): an exit is ours, not a failure
+        self._keep_log = False  # Triton failed once: its log is kept even if it is a temporary one
 
     # ---- life cycle
 
@@ -246,6 +253,7 @@ class TritonServer:
                                "listens there or choose other ports (--http-port/--grpc-port/--metrics-port)")
         self._requested = list(models)
         command = self.command(models)
+        self._stopping = False
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"dyngate-triton-{c.http_port}-", suffix=".log")
             os.close(fd)
@@ -258,7 +266,8 @@ class TritonServer:
             preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
         try:
             self.wait_ready(c.startup_timeout_s)
-        except BaseException:
+        except BaseException as e:
+            self._keep_log |= isinstance(e, ServingError)  # its message names the log: keep it (not for a Ctrl-C)
             self.stop()
             raise
         return self
@@ -283,9 +292,13 @@ class TritonServer:
             raise ServingError(f"Triton started but {len(errors)} model(s) failed to load:\n{lines}" + self._tail())
 
     def stop(self, timeout_s: float = 30) -> None:
-        """SIGTERM, wait up to `timeout_s`, then SIGKILL the process group; idempotent."""
+        """SIGTERM, wait up to `timeout_s`, then SIGKILL the process group; remove a temporary log unless Triton
+        failed (see the class docstring); idempotent."""
         process = self._process
         if process is not None:
+            if process.poll() is not None and not self._stopping:
+                self._keep_log = True  # it exited on its own: the log says why
+            self._stopping = True
             pgid = process.pid  # session leader: its pid is the group id the stubs inherited
             if process.poll() is None:
                 try:
@@ -302,6 +315,8 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+        if self.log_is_temporary and not self._keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "TritonServer":
         return self.start()
@@ -314,6 +329,11 @@ class TritonServer:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    @property
+    def log_is_temporary(self) -> bool:
+        """Whether the log is a file of our own (no `config.log_file`), removed after a clean stop."""
+        return self.config.log_file is None
 
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -460,8 +480,11 @@ class TritonServer:
         return ServingError(f"Triton exited during start-up (exit code {code})." + self._tail())
 
     def _tail(self) -> str:
+        """The log's last lines for an error, named by its path (kept: see the class docstring)."""
+        if self.log_path is None:
+            return ""
         tail = self.log_tail()
-        return f"\nLast lines of {self.log_path}:\n{tail}" if tail else ""
+        return f"\nLast lines of {self.log_path}:\n{tail}" if tail else f"\nTriton's log {self.log_path} is empty."
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
