@@ -521,6 +521,38 @@ def test_serve_keeps_the_log_of_a_triton_that_died_and_names_it(text_repository,
             serve.wait(60)
 
 
+def test_an_idle_http_client_holds_a_stop_for_serves_exit_timeout_only(text_repository, tmp_path):
+    """Found in a new user's trial: SIGTERM to `dyngate serve` took ~10 s with no request in flight. Measured: an
+    idle keep-alive HTTP connection (the gateway with --triton-http keeps one) holds Triton's stop for all of its
+    --exit-timeout-secs, 10 then; gRPC connections do not. It is serve's --exit-timeout now (default 5 s): Triton's
+    log counts the wait down from the value given, no longer. A --log-file is kept after the clean stop."""
+    from http.client import HTTPConnection
+
+    from dyngate_serving.launcher import TritonServerConfig
+
+    with pytest.raises(ConfigError, match="exit_timeout_s=-1 must be whole seconds ≥ 0"):
+        TritonServerConfig(tmp_path, exit_timeout_s=-1)
+    log = tmp_path / "kept" / "triton.log"
+    serve, out_path, pid, http = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path,
+                                        "--exit-timeout", "2", "--log-file", str(log))
+    connection = HTTPConnection("127.0.0.1", http, timeout=60)
+    try:
+        connection.request("GET", "/v2/health/ready")  # HTTP/1.1: the connection stays open, idle
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+        assert f"(log: {log})" in out_path.read_text()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(WAIT_S) == 0, out_path.read_text()
+        waits = re.findall(r"Timeout (\d+): Found 1 HTTP service connections", log.read_text())
+        assert waits and int(waits[0]) == 2, log.read_text()
+    finally:
+        connection.close()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(60)
+
+
 def test_supervisor_leaves_a_model_alone_while_a_new_version_of_it_loads(text_repository, tmp_path):
     """Found in a trial: `dyngate reload` after a build without --triton made `dyngate serve` say the model's python
     stub had died while Triton reported it READY, and load the model once more: a load runs a model-level stub that

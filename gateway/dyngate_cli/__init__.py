@@ -140,7 +140,7 @@ def cmd_serve(args) -> int:
     serve_forever(TritonServerConfig(
         repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False,
-        log_file=args.log_file),
+        log_file=args.log_file, exit_timeout_s=args.exit_timeout),
         max_restarts=args.max_restarts, restart_window_s=args.restart_window)
     return 0
 
@@ -344,6 +344,10 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="restart a Triton that died at most this many times within --restart-window (0: never)")
     p.add_argument("--restart-window", type=float, default=300.0, metavar="SECONDS",
                    help="the window --max-restarts counts in (default 300 s)")
+    p.add_argument("--exit-timeout", type=int, default=5, metavar="SECONDS",
+                   help="on Ctrl-C/SIGTERM, how long Triton lets in-flight requests finish (--exit-timeout-secs; "
+                        "default 5). An idle keep-alive HTTP client, e.g. the gateway with --triton-http, holds a "
+                        "stop for all of it")
     p.add_argument("--log-file", type=Path, default=None, metavar="PATH",
                    help="Triton's log, kept (a restart appends to it); default: a temporary file, removed after a "
                         "clean stop (Ctrl-C, SIGTERM) and kept, its path printed, when Triton fails to start or dies")
