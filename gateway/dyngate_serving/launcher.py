@@ -186,9 +186,10 @@ class TritonServerConfig:
         the requests of HTTP connections already open) up to this long, waits for open HTTP connections to close,
         then unloads the models within what is left; past it, it exits anyway. An idle keep-alive HTTP client (the
         gateway with --triton-http) holds its connection open, so a stop then takes the whole timeout (Triton 2.51;
-        gRPC connections are not waited for). Measured here, `dyngate serve` of two distilbert-tiny variants from
-        SIGTERM to exit: 10.7-10.8 s at 10 s with an idle HTTP client, 5.6-5.9 s at 5 s, ~3 s without one either
-        way. Our requests take milliseconds: 5 s lets them finish.
+        gRPC connections are not waited for). `scripts/bench_serve_stop.py`, `dyngate serve` of two distilbert-tiny
+        variants, SIGTERM to exit, idle: 10.9-11.1 s at 10 s with an idle HTTP client, 5.9-6.0 s at 5 s; 2.8-3.1
+        s with a gRPC client or none either way (Triton unloading the models). Our requests take milliseconds: 5 s
+        lets them finish.
     """
 
     repository: Path
