@@ -477,10 +477,16 @@ def _serve(repository: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Po
     with open(out_path, "wb") as out:
         serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
-    _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
-    assert serve.poll() is None, out_path.read_text()
-    ready = re.search(r"^Triton ready \(pid (\d+)\) in [0-9.]+ s \(log: ", out_path.read_text(), re.M)
-    assert ready, out_path.read_text()
+    try:
+        _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
+        assert serve.poll() is None, out_path.read_text()
+        ready = re.search(r"^Triton ready \(pid (\d+)\) in [0-9.]+ s \(log: ", out_path.read_text(), re.M)
+        assert ready, out_path.read_text()
+    except BaseException:
+        if serve.poll() is None:  # Triton follows it (PR_SET_PDEATHSIG)
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+        raise
     return serve, out_path, int(ready.group(1)), http
 
 
