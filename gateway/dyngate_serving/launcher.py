@@ -18,8 +18,8 @@ the user lists).
 The server listens on 127.0.0.1 unless `host` says otherwise. Its stdout and stderr (including what a
 `model.py` prints) go to `log_file`; errors raised here end with the tail of that log. Without a `log_file` the log
 is a temporary file: removed when `stop()` ends a server that ran, kept (errors name it) when Triton failed to
-start or exited on its own. Readiness, the
-repository index and model control go through `dyngate_serving.client.TritonClient` on the gRPC endpoint.
+start or exited on its own. Readiness, the repository index and model control go through
+`dyngate_serving.client.TritonClient` on the gRPC endpoint.
 Keeping a server alive is `dyngate_serving.supervisor`; moving a running server to new versions is
 `dyngate_serving.rollout`.
 """
@@ -328,7 +328,7 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        if self.log_is_temporary and not self._keep_log and self.log_path is not None:
+        if self.removes_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "TritonServer":
@@ -344,9 +344,10 @@ class TritonServer:
         return self._process.pid if self._process is not None else None
 
     @property
-    def log_is_temporary(self) -> bool:
-        """Whether the log is a file of our own (no `config.log_file`), removed after a clean stop."""
-        return self.config.log_file is None
+    def removes_log(self) -> bool:
+        """Whether `stop()` will remove the log: a temporary one (no `config.log_file`) of a server that has not
+        failed (see the class docstring)."""
+        return self.config.log_file is None and not self._keep_log
 
     def is_alive(self) -> bool:
         return self._process is not None and self._process.poll() is None

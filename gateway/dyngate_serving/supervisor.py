@@ -86,7 +86,7 @@ class Supervisor:
             self.server.config.models = [m for m in self._loaded if m in known]
         started = time.monotonic()
         self.server.start(append_log=append_log)
-        kept = "; removed after a clean stop, kept if Triton fails" if self.server.log_is_temporary else ""
+        kept = "; removed after a clean stop, kept if Triton fails" if self.server.removes_log else ""
         print(f"Triton ready (pid {self.server.pid}) in {time.monotonic() - started:.1f} s (log: "
               f"{self.server.log_path}{kept})", file=self.out, flush=True)
         self._instances, self._missing = self.server.stub_instances(), set()  # a stub may die before the first poll
