@@ -59,6 +59,7 @@ def test_demo_stops_the_gateway_and_says_why_when_serve_gives_up(text_repository
     dyngate.chmod(0o755)
     http, grpc, metrics, gateway_port = free_ports(4)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DYNGATE": str(dyngate), "REPOSITORY": str(repository),
+           "TMPDIR": str(tmp_path),  # the kept logs of the killed Tritons stay here
            "PYTHONPATH": os.pathsep.join([str(ROOT / "build"), str(ROOT / "gateway")]),
            "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
            "GATEWAY_PORT": str(gateway_port)}

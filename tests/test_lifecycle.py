@@ -407,7 +407,8 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--models", NAME, "--max-restarts", "1"]
     with open(out_path, "wb") as out:
         serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                      "TMPDIR": str(tmp_path)})  # the kept log of the killed Triton stays here
 
     def pids() -> list[int]:
         return [int(p) for p in re.findall(r"Triton ready \(pid (\d+)\)", out_path.read_text(errors="replace"))]
