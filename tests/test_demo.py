@@ -59,6 +59,7 @@ def test_demo_stops_the_gateway_and_says_why_when_serve_gives_up(text_repository
     dyngate.chmod(0o755)
     http, grpc, metrics, gateway_port = free_ports(4)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DYNGATE": str(dyngate), "REPOSITORY": str(repository),
+           "TMPDIR": str(tmp_path),  # the kept logs of the killed Tritons stay here
            "PYTHONPATH": os.pathsep.join([str(ROOT / "build"), str(ROOT / "gateway")]),
            "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
            "GATEWAY_PORT": str(gateway_port)}
@@ -71,7 +72,7 @@ def test_demo_stops_the_gateway_and_says_why_when_serve_gives_up(text_repository
         return out_path.read_text(errors="replace")
 
     def tritons() -> list[int]:
-        return [int(p) for p in re.findall(r"Triton (\d+) ready", said())]
+        return [int(p) for p in re.findall(r"Triton ready \(pid (\d+)\)", said())]
 
     try:
         _wait_for(lambda: _answers(f"http://127.0.0.1:{gateway_port}/") or demo.poll() is not None,

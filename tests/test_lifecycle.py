@@ -407,10 +407,11 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--models", NAME, "--max-restarts", "1"]
     with open(out_path, "wb") as out:
         serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                      "TMPDIR": str(tmp_path)})  # the kept log of the killed Triton stays here
 
     def pids() -> list[int]:
-        return [int(p) for p in re.findall(r"Triton (\d+) ready", out_path.read_text(errors="replace"))]
+        return [int(p) for p in re.findall(r"Triton ready \(pid (\d+)\)", out_path.read_text(errors="replace"))]
 
     gateway = None
     try:
@@ -447,13 +448,13 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
         print(f"\nkill -9 of Triton {first}: restarted as {second}; gateway answered again after "
               f"{len(attempts)} attempt(s)")
         text = out_path.read_text()
-        assert f"Triton {first} exited on its own (exit code -9); restarting it (1/1 within 300 s)" in text
+        assert f"Triton (pid {first}) exited on its own (exit code -9); restarting it (1/1 within 300 s)" in text
 
         os.kill(second, signal.SIGKILL)  # fault 2: past the budget of one restart
         code = serve.wait(WAIT_S)
         text = out_path.read_text()
         assert code == 2, text
-        assert f"error: Triton {second} exited on its own (exit code -9); it died 2 times within 300 s" in text
+        assert f"error: Triton (pid {second}) exited on its own (exit code -9); it died 2 times within 300 s" in text
         assert "giving up" in text and "Last lines of" in text
         assert len(pids()) == 2 and _gone(second)
         status, answer = _post(f"{gateway.url}/api/predict", body)
@@ -463,6 +464,99 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
             gateway.close()
         if serve.poll() is None:
             serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+
+
+def _serve(repository: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, Path, int, int]:
+    """`dyngate serve` on free ports with its temporary files in tmp_path/tmp (TMPDIR), started and ready:
+    (process, file of its output, Triton's pid from its ready line, Triton's HTTP port)."""
+    http, grpc, metrics = free_ports(3)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    out_path = tmp_path / "serve.out"
+    command = [sys.executable, "-m", "dyngate_cli", "serve", "--repository", str(repository), "--http-port", str(http),
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics), *flags]
+    with open(out_path, "wb") as out:
+        serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
+        assert serve.poll() is None, out_path.read_text()
+        ready = re.search(r"^Triton ready \(pid (\d+)\) in [0-9.]+ s \(log: ", out_path.read_text(), re.M)
+        assert ready, out_path.read_text()
+    except BaseException:
+        if serve.poll() is None:  # Triton follows it (PR_SET_PDEATHSIG)
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+        raise
+    return serve, out_path, int(ready.group(1)), http
+
+
+def test_serve_says_which_number_is_tritons_pid_and_removes_its_log_after_a_clean_stop(text_repository, tmp_path):
+    """Found in a new user's trial: "Triton 12345 ready" read like a port, and every run left a
+    /tmp/dyngate-triton-<port>-*.log behind. The line says pid, and it is the pid of the tritonserver process (the
+    ports are listed below it); the temporary log it names is gone after SIGTERM, no dyngate file is left in TMPDIR."""
+    serve, out_path, pid, http = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path)
+    try:
+        assert psutil.Process(pid).name() == "tritonserver"
+        assert f"  http     http://127.0.0.1:{http}" in out_path.read_text()
+        log = Path(re.search(r"\(log: (\S+); removed after a clean stop, kept if Triton fails\)",
+                             out_path.read_text()).group(1))
+        assert log.parent == tmp_path / "tmp" and log.exists()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(WAIT_S) == 0, out_path.read_text()
+        assert _gone(pid)
+        assert list((tmp_path / "tmp").glob("dyngate-*")) == []
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(60)
+
+
+def test_serve_keeps_the_log_of_a_triton_that_died_and_names_it(text_repository, tmp_path):
+    """The other half of the rule: when serve gives up on a Triton that died, its error names the temporary log
+    and the log is still there to read."""
+    serve, out_path, pid, _ = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path, "--max-restarts", "0")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert serve.wait(WAIT_S) == 2, out_path.read_text()
+        (log,) = (tmp_path / "tmp").glob("dyngate-triton-*.log")
+        assert f"Look at the log for the cause ({log})" in out_path.read_text()
+        assert "Started GRPCInferenceService" in log.read_text()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(60)
+
+
+def test_an_idle_http_client_holds_a_stop_for_serves_exit_timeout_only(text_repository, tmp_path):
+    """Found in a new user's trial: SIGTERM to `dyngate serve` took ~10 s with no request in flight. Measured: an
+    idle keep-alive HTTP connection (the gateway with --triton-http keeps one) holds Triton's stop for all of its
+    --exit-timeout-secs, 10 then; gRPC connections do not. It is serve's --exit-timeout now (default 5 s): Triton's
+    log counts the wait down from the value given, no longer. A --log-file is kept after the clean stop."""
+    from http.client import HTTPConnection
+
+    from dyngate_serving.launcher import TritonServerConfig
+
+    with pytest.raises(ConfigError, match="exit_timeout_s=-1 must be whole seconds ≥ 0"):
+        TritonServerConfig(tmp_path, exit_timeout_s=-1)
+    log = tmp_path / "kept" / "triton.log"
+    serve, out_path, pid, http = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path,
+                                        "--exit-timeout", "2", "--log-file", str(log))
+    connection = HTTPConnection("127.0.0.1", http, timeout=60)
+    try:
+        connection.request("GET", "/v2/health/ready")  # HTTP/1.1: the connection stays open, idle
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+        assert f"(log: {log})" in out_path.read_text()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(WAIT_S) == 0, out_path.read_text()
+        waits = re.findall(r"Timeout (\d+): Found 1 HTTP service connections", log.read_text())
+        assert waits and int(waits[0]) == 2, log.read_text()
+    finally:
+        connection.close()
+        if serve.poll() is None:
+            serve.kill()
             serve.wait(60)
 
 

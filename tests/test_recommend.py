@@ -171,3 +171,74 @@ def _candidates(repository: Path) -> dict[str, Candidate]:
 def test_a_budget_that_is_not_a_finite_number_is_refused(budget):
     with pytest.raises(ConfigError, match="must be a number ≥ 0"):
         recommend([Candidate("fp32", 0.8, 1.0), Candidate("int8-dynamic", 0.8, 0.5)], budget_pt=budget)
+
+
+def _timed_copy(text_repository: Path, tmp_path: Path, p50_ms: dict[str, float]) -> Path:
+    """A copy of `text_repository` whose variants' build p50 (metadata.json) are `p50_ms`."""
+    repository = tmp_path / "repo"
+    shutil.copytree(text_repository, repository)
+    for variant, p50 in p50_ms.items():
+        path = repository / f"distilbert-tiny__{variant}" / "metadata.json"
+        meta = json.loads(path.read_text())
+        meta["latency_in_process"]["p50_ms"] = p50
+        path.write_text(json.dumps(meta))
+    return repository
+
+
+def test_a_cascade_target_no_threshold_reaches_is_an_error_naming_the_reachable_value(text_repository, tmp_path,
+                                                                                   capsys):
+    """Found in a new user's trial: `--cascade A,B --at-least 0.99` printed "no cascade threshold reaches" and
+    exited 0. Here torchscript's stored dev answers are made all wrong and all fully confident: no threshold
+    escalates them, so the cascade reaches 0 whatever the target; both flags' messages name what to give."""
+    repository = _timed_copy(text_repository, tmp_path, {"torchscript": 1.0, "fp32": 2.0})
+    version = newest_version_dir(repository / "distilbert-tiny__torchscript")
+    scores = DevScores.load(version)
+    DevScores(scores.metric, scores.examples_sha256, [1.0] * scores.n, [0] * scores.n, scores.predicted,
+              scores.gold).save(version)
+    base = ["recommend", "--model", "distilbert-tiny", "--cascade", "torchscript,fp32", "--repository",
+            str(repository)]
+    assert cli_main([*base, "--at-least", "0.5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: no cascade threshold reaches accuracy ≥ 0.5000"), captured.err
+    assert captured.err.rstrip().endswith("the best gives accuracy 0.0000 with 0.0% escalating: give --at-least "
+                                          "0.0000 or lower"), captured.err
+    fp32 = json.loads((repository / "distilbert-tiny__fp32" / "metadata.json").read_text())["accuracy"]["value"]
+    assert cli_main([*base, "--budget", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"give --budget {fp32 * 100:.2f} or more (points below fp32)"), err
+    assert cli_main([*base, "--at-least", "0"]) == 0  # reachable: the answer, on stdout
+    assert capsys.readouterr().out.startswith("cascade threshold 0: accuracy 0.0000")
+
+
+def test_a_plain_recommendation_nothing_qualifies_for_is_an_error(text_repository, tmp_path, capsys):
+    """The same convention without --cascade: no variant qualifies (here every one measured on another machine)
+    exits 2 with the reasons, not 0."""
+    repository = tmp_path / "repo"
+    shutil.copytree(text_repository, repository)
+    for path in repository.glob("distilbert-tiny__*/metadata.json"):
+        meta = json.loads(path.read_text())
+        meta["machine"] = {"cpu": "some other cpu", "cores": 64}
+        path.write_text(json.dumps(meta))
+    assert cli_main(["recommend", "--model", "distilbert-tiny", "--repository", str(repository)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: no variant qualifies: none is within 1 pt of fp32")
+    assert "fp32: measured on another machine (some other cpu, 64 cores); rebuild it here" in captured.err
+
+
+def test_a_cascade_named_expensive_first_is_warned_about(text_repository, tmp_path, capsys):
+    """Found in a new user's trial: `--cascade fp32,int8-dynamic` (the slower variant first) said nothing. A
+    cascade is meant cheapest first; any order is still a valid cascade and p50s are measurements, so it is a
+    warning on stderr naming both p50s and the cheapest-first order, and the threshold is still printed."""
+    repository = _timed_copy(text_repository, tmp_path, {"fp32": 2.0, "torchscript": 0.5})
+    base = ["recommend", "--model", "distilbert-tiny", "--budget", "1", "--repository", str(repository)]
+    assert cli_main([*base, "--cascade", "fp32,torchscript"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("warning: the cascade fp32,torchscript asks fp32 (build p50 2.000 ms) before the faster "
+                            "torchscript (0.500 ms): a cascade is meant cheapest first (a variant is asked only for "
+                            "what the ones before it were not confident about), so here the requests that reach "
+                            "fp32 pay for it before the cheaper torchscript; cheapest first by the build's p50: "
+                            "--cascade torchscript,fp32\n")
+    assert captured.out.startswith("cascade threshold ")
+    assert cli_main([*base, "--cascade", "torchscript,fp32"]) == 0
+    assert capsys.readouterr().err == ""

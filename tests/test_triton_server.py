@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -459,6 +461,32 @@ def test_strict_start_fails_on_a_broken_model_with_the_log_tail(repository, tmp_
     with pytest.raises(ServingError, match=r"(?s)failed to load.*broken.*planted failure.*Last lines of"):
         server.start()
     assert not server.is_alive()
+
+
+def test_a_temporary_log_is_removed_after_a_clean_stop_and_kept_when_triton_fails(repository, tmp_path,
+                                                                                  monkeypatch):
+    """Found in a new user's trial: every `dyngate serve` left a /tmp/dyngate-triton-<port>-*.log behind. Without
+    a log_file the log is a temporary file: gone after a stop of a server that ran; kept, and named in the error,
+    when the start fails or the server exits on its own (a log_file given is never removed: the other tests)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkstemp puts it
+    with TritonServer(_config(repository, models=["echo"])) as server:
+        log = server.log_path
+        assert log.parent == tmp_path and log.name.startswith("dyngate-triton-") and log.stat().st_size > 0
+    assert not log.exists()
+
+    server = TritonServer(_config(repository, models=["broken"]))
+    with pytest.raises(ServingError, match="failed to load") as failed:
+        server.start()
+    assert f"Last lines of {server.log_path}:" in str(failed.value) and server.log_path.exists()
+
+    server = TritonServer(_config(repository, models=["echo"])).start()
+    try:
+        server._process.send_signal(signal.SIGKILL)  # dies on its own, as far as the launcher knows
+        server._process.wait(30)
+    finally:
+        server.stop()
+    assert server.log_path.exists()
+    assert len(list(tmp_path.glob("dyngate-triton-*.log"))) == 2  # the two failures' logs, not the clean one's
 
 
 def test_reload_and_stop_leave_no_processes(repository, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -138,7 +139,8 @@ def cmd_serve(args) -> int:
 
     serve_forever(TritonServerConfig(
         repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False),
+        metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False,
+        log_file=args.log_file, exit_timeout_s=args.exit_timeout),
         max_restarts=args.max_restarts, restart_window_s=args.restart_window)
     return 0
 
@@ -214,8 +216,11 @@ def cmd_report(args) -> int:
 def cmd_recommend(args) -> int:
     """Print the fastest variant measured on this machine whose dev metric is within --budget points of FP32;
     with --cascade, the cascade threshold for the target (--budget points below the last variant, or
-    --at-least) and the share of requests that escalate, from the build's per-example dev scores."""
-    from dyngate_measure.recommend import DEFAULT_BUDGET_PT, cascade_from_repository, recommend_from_repository
+    --at-least) and the share of requests that escalate, from the build's per-example dev scores. No variant or
+    threshold that qualifies is a ConfigError (exit 2): a script gets no answer, so it must not read success."""
+    from dyngate_build.repository import python_variants_by_model
+    from dyngate_measure.recommend import (DEFAULT_BUDGET_PT, cascade_from_repository, cascade_order_warning,
+                                           recommend_from_repository)
 
     # the flags' own checks first, named as the user typed them (found in a trial: within_pt=-1.0, at_least=80.0)
     if args.at_least is not None and not args.cascade:
@@ -236,10 +241,30 @@ def cmd_recommend(args) -> int:
     if args.cascade:
         order = [v.strip() for v in args.cascade.split(",") if v.strip()]
         within = None if args.at_least is not None else budget
-        print(cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least).explain())
+        choice = cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least)
+        warning = cascade_order_warning(python_variants_by_model(Path(args.repository), [args.model])[args.model],
+                                        order)
+        if warning:  # a warning, not an error: the p50s are measurements, and any order is a valid cascade
+            print(f"warning: {warning}", file=sys.stderr)
+        if choice.threshold is None:  # no answer for the target asked: an error, as a script expects
+            raise ConfigError(f"{choice.explain()}: {_reachable_target(choice, args.at_least is not None)}")
+        print(choice.explain())
         return 0
-    print(recommend_from_repository(Path(args.repository), args.model, budget).explain())
+    recommendation = recommend_from_repository(Path(args.repository), args.model, budget)
+    if recommendation.chosen is None:
+        raise ConfigError(recommendation.explain())
+    print(recommendation.explain())
     return 0
+
+
+def _reachable_target(choice, absolute: bool) -> str:
+    """The flag and value that `dyngate recommend --cascade` can reach, from the best threshold `choice` found
+    (rounded towards what it reaches: 4 decimals down for --at-least, 2 up for --budget points)."""
+    if absolute:
+        reachable = math.floor(choice.metric * 1e4 + 1e-6) / 1e4
+        return f"give --at-least {reachable:.4f} or lower"
+    points = math.ceil((choice.alone[choice.order[-1]] - choice.metric) * 1e4 - 1e-6) / 1e2
+    return f"give --budget {points:.2f} or more (points below {choice.order[-1]})"
 
 
 def cmd_bench(args) -> int:
@@ -319,6 +344,13 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="restart a Triton that died at most this many times within --restart-window (0: never)")
     p.add_argument("--restart-window", type=float, default=300.0, metavar="SECONDS",
                    help="the window --max-restarts counts in (default 300 s)")
+    p.add_argument("--exit-timeout", type=int, default=5, metavar="SECONDS",
+                   help="on Ctrl-C/SIGTERM, how long Triton lets in-flight requests finish (--exit-timeout-secs; "
+                        "default 5). An idle keep-alive HTTP client, e.g. the gateway with --triton-http, holds a "
+                        "stop for all of it")
+    p.add_argument("--log-file", type=Path, default=None, metavar="PATH",
+                   help="Triton's log, kept (a restart appends to it); default: a temporary file, removed after a "
+                        "clean stop (Ctrl-C, SIGTERM) and kept, its path printed, when Triton fails to start or dies")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reload", help="make a running Triton serve a variant's newest version, remove the old")

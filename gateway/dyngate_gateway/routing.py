@@ -57,7 +57,7 @@ from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUn
 from dyngate_build.metadata import dev_sample_mismatch
 from dyngate_build.runtime import answer_confidence as confidence  # the rule the build's dev scores use too
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
-from dyngate_measure.recommend import reference_metadata
+from dyngate_measure.recommend import cost_order, reference_metadata
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
 MIN_LIVE_SAMPLES = 5
@@ -253,8 +253,7 @@ class Router:
         """Variants cheapest first (config order if given): the build's p50, then size, then name."""
         names = list(self.config.cascade_order.get(view.name) or [])
         if not names:
-            names = sorted(view.variants, key=lambda v: (_build_p50(view, v) if _build_p50(view, v) is not None
-                                                         else float("inf"), _size(view, v), v))
+            names = cost_order(list(view.variants.values()))
         if ready is not None:
             names = [v for v in names if view.variants[v].name in ready]
         return names

@@ -343,6 +343,38 @@ def cascade_steps(entries: list, order: list[str]) -> list[tuple[str, DevScores]
     return [(v, DevScores.load(newest_version_dir(by_name[v].folder))) for v in order]
 
 
+def cost_order(entries: list) -> list[str]:
+    """Variant names of `entries` (RepositoryEntry of one model) cheapest first, as the `cascade` policy calls them:
+    the build's in-process p50 (metadata.json; none: last), then size, then name."""
+
+    def cost(entry) -> tuple:
+        meta = entry.metadata
+        p50 = None if meta is None else meta.latency_in_process.p50_ms
+        return (float("inf") if p50 is None else float(p50), 0.0 if meta is None else float(meta.size_mb),
+                entry.variant)
+
+    return [e.variant for e in sorted(entries, key=cost)]
+
+
+def cascade_order_warning(entries: list, order: list[str]) -> str | None:
+    """Why `order` (a cascade, meant cheapest first) is not: a variant of it has a higher build p50 than the next
+    one. Names the pair and the order `cost_order` gives. None when no such pair, or a variant of `order` has no
+    p50 (unknown variants are `cascade_steps`' error)."""
+    by_name = {e.variant: e for e in entries}
+    p50 = {v: by_name[v].metadata.latency_in_process.p50_ms if v in by_name and by_name[v].metadata else None
+           for v in order}
+    if any(value is None for value in p50.values()):
+        return None
+    inverted = [(a, b) for a, b in zip(order, order[1:]) if p50[a] > p50[b]]
+    if not inverted:
+        return None
+    (slower, faster), cheapest = inverted[0], cost_order([by_name[v] for v in order])
+    return (f"the cascade {','.join(order)} asks {slower} (build p50 {p50[slower]:.3f} ms) before the faster "
+            f"{faster} ({p50[faster]:.3f} ms): a cascade is meant cheapest first (a variant is asked only for "
+            f"what the ones before it were not confident about), so here the requests that reach {slower} pay for "
+            f"it before the cheaper {faster}; cheapest first by the build's p50: --cascade {','.join(cheapest)}")
+
+
 def cascade_from_repository(repository: Path, model: str, order: list[str], within_pt: float | None = None,
                             at_least: float | None = None) -> CascadeChoice:
     """`choose_cascade_threshold` for `model`'s variants `order` (cheapest first) in `repository`, from the dev

@@ -61,7 +61,7 @@ class Supervisor:
                 code = self._wait_for_exit()
                 if code is None:
                     return
-                self._died(f"Triton {self.server.pid} exited on its own (exit code {code})")
+                self._died(f"Triton (pid {self.server.pid}) exited on its own (exit code {code})")
                 while not self._stop.is_set():
                     try:
                         self.start(append_log=True)
@@ -86,8 +86,9 @@ class Supervisor:
             self.server.config.models = [m for m in self._loaded if m in known]
         started = time.monotonic()
         self.server.start(append_log=append_log)
-        print(f"Triton {self.server.pid} ready in {time.monotonic() - started:.1f} s (log: {self.server.log_path})",
-              file=self.out, flush=True)
+        kept = "; removed after a clean stop, kept if Triton fails" if self.server.removes_log else ""
+        print(f"Triton ready (pid {self.server.pid}) in {time.monotonic() - started:.1f} s (log: "
+              f"{self.server.log_path}{kept})", file=self.out, flush=True)
         self._instances, self._missing = self.server.stub_instances(), set()  # a stub may die before the first poll
         self._states = self._read_index()
 
