@@ -43,10 +43,10 @@ class Supervisor:
         self.server = TritonServer(replace(config))  # its own copy: a restart changes `models`
         self.restarts = 0
         self._deaths: list[float] = []
-        self._loaded: list[str] | None = None
         self._instances: dict[str, str] = {}  # stub instance -> model, as last seen alive
         self._missing: set[str] = set()  # instances missing at the previous poll
-        self._states: dict[str, set] = {}  # model -> {(version, state)} in Triton's index at the previous poll
+        # model -> {(version, state)} in Triton's index at the previous poll; None before the first start
+        self._states: dict[str, set] | None = None
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -81,9 +81,9 @@ class Supervisor:
 
         Raises ServingError (with the log tail) when it does not come up.
         """
-        if self._loaded is not None:
+        if self._states is not None:  # a restart: the models that were READY at the last poll
             known = repository_models(self.config.repository)
-            self.server.config.models = [m for m in self._loaded if m in known]
+            self.server.config.models = [m for m in _ready(self._states) if m in known]
         started = time.monotonic()
         self.server.start(append_log=append_log)
         kept = "; removed after a clean stop, kept if Triton fails" if self.server.removes_log else ""
@@ -120,9 +120,8 @@ class Supervisor:
         states = self._read_index()
         settled = {model for model, versions in states.items()
                    if versions == self._states.get(model) and not any(s in _CHANGING for _, s in versions)}
-        self._states = states
-        missing = {i for i, model in self._instances.items()
-                   if model in self._loaded and model in settled and i not in alive}
+        self._states, ready = states, set(_ready(states))
+        missing = {i for i, model in self._instances.items() if model in ready and model in settled and i not in alive}
         dead = missing & self._missing
         for model in sorted({self._instances[i] for i in dead}):
             names = ", ".join(sorted(i for i in dead if self._instances[i] == model))
@@ -142,9 +141,8 @@ class Supervisor:
         self._instances = {i: m for i, m in self._instances.items() if i in missing} | alive
 
     def _read_index(self) -> dict[str, set]:
-        """Model -> {(version, state)} from Triton's repository index; sets `_loaded` to the READY models."""
+        """Model -> {(version, state)} from Triton's repository index."""
         index = self.server.repository_index()
-        self._loaded = sorted({m["name"] for m in index if m.get("state") == "READY"})
         states: dict[str, set] = {}
         for entry in index:
             states.setdefault(entry["name"], set()).add((entry.get("version"), entry.get("state")))
@@ -164,6 +162,11 @@ class Supervisor:
         print(f"{what}; restarting it ({len(self._deaths)}/{self.max_restarts} within {self.window_s:.0f} s)"
               + log, file=self.out, flush=True)
         time.sleep(min(0.5 * len(self._deaths), 5.0))  # let the ports and shared memory go
+
+
+def _ready(states: dict[str, set]) -> list[str]:
+    """The models with a READY version in `states` (model -> {(version, state)}, `Supervisor._read_index`)."""
+    return sorted(model for model, versions in states.items() if any(state == "READY" for _, state in versions))
 
 
 def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, restart_window_s: float = 300.0) -> None:
