@@ -477,12 +477,15 @@ def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
 
 
 @pytest.mark.parametrize("command, message", [
-    (["gateway", "--port", "99999"], "--port 99999 is not a TCP port"),
+    (["gateway", "--port", "99999"], "argument --port: '99999' is not a TCP port"),
+    (["serve", "--http-port", "99999"], "argument --http-port: '99999' is not a TCP port"),  # not http_port=
+    (["serve", "--exit-timeout", "-1"], "argument --exit-timeout: '-1' is not an integer ≥ 0 (seconds)"),
+    (["build", "--model", "distilbert-tiny", "--eval-limit", "-3"], "argument --eval-limit: '-3' is not an integer ≥ 0"),
     (["deploy", "kubernetes", "--out", "/proc/dyngate-nope"], "--out /proc/dyngate-nope: cannot write there"),
 ])
 def test_cli_mistakes_are_messages_not_tracebacks(built_repository, command, message):
     """Found in a trial: a port out of range (OverflowError from bind) and an unwritable --out (FileNotFoundError
-    from mkdtemp) ended in tracebacks."""
+    from mkdtemp) ended in tracebacks; a bad number is named by its flag, not by the internal field it fills."""
     if command[0] == "deploy":
         command = command + ["--repository", str(built_repository)]
     done = subprocess.run([sys.executable, "-m", "dyngate_cli", *command], capture_output=True, text=True, timeout=120)

@@ -154,8 +154,6 @@ def cmd_gateway(args) -> int:
     if not Path(args.repository).is_dir():
         raise ConfigError(f"repository {args.repository} is not a folder; build one first (dyngate build --model M "
                           "--techniques ... --repository FOLDER) or pass --repository")
-    if not 1 <= args.port <= 65535:
-        raise ConfigError(f"--port {args.port} is not a TCP port; use an integer in [1, 65535]")
     if not port_is_free(args.port, args.host):
         raise ConfigError(f"port {args.port} on {args.host} is already in use; stop what listens there or "
                           "choose another with --port")
@@ -297,6 +295,43 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def tcp_port(text: str) -> int:
+    """argparse type for a port flag: an integer in [1, 65535], else argparse's error naming the flag."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; use an integer in [1, 65535]")
+    return port
+
+
+def whole_number(minimum: int, unit: str = ""):
+    """argparse type for a count or duration flag: an integer ≥ `minimum` (`unit` ends the error, e.g. "seconds")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ≥ {minimum}"
+                                             + (f" ({unit})" if unit else ""))
+        return value
+    parse.__name__ = "whole number"  # argparse's fallback message names the type
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a time window: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from dyngate_build import __version__
 
@@ -315,12 +350,12 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=_default("DYNGATE_CACHE", ".cache"))
     p.add_argument("--data", default=None, help="data folder or hf:<datasets id> (default: $DYNGATE_DATA, "
                                                 "else ../shared/data)")
-    p.add_argument("--eval-limit", type=int, default=1000, help="dev examples for the metric (0 = all)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--eval-limit", type=whole_number(0), default=1000, help="dev examples for the metric (0 = all)")
+    p.add_argument("--threads", type=whole_number(1), default=None,
                    help="intra-op threads per model instance (default: from the machine's cores)")
-    p.add_argument("--instances", type=int, default=None,
+    p.add_argument("--instances", type=whole_number(1), default=None,
                    help="Triton model instances per variant (default: from the machine's cores)")
-    p.add_argument("--queue-delay-us", type=int, default=None,
+    p.add_argument("--queue-delay-us", type=whole_number(0, "microseconds"), default=None,
                    help="dynamic batching window in microseconds (default 0: a lone request never waits)")
     p.add_argument("--no-native", action="store_true", help="skip the native (NVIDIA container) flavour")
     p.add_argument("--skip-existing", action="store_true",
@@ -336,15 +371,15 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the embedded Triton Inference Server on the repository")
     p.add_argument("--repository", default=repository)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=tcp_port, default=8000)
+    p.add_argument("--grpc-port", type=tcp_port, default=8001)
+    p.add_argument("--metrics-port", type=tcp_port, default=8002)
     p.add_argument("--models", nargs="*", help="models to load (default: every python-backend model)")
-    p.add_argument("--max-restarts", type=int, default=3,
+    p.add_argument("--max-restarts", type=whole_number(0), default=3,
                    help="restart a Triton that died at most this many times within --restart-window (0: never)")
-    p.add_argument("--restart-window", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--restart-window", type=positive_seconds, default=300.0, metavar="SECONDS",
                    help="the window --max-restarts counts in (default 300 s)")
-    p.add_argument("--exit-timeout", type=int, default=5, metavar="SECONDS",
+    p.add_argument("--exit-timeout", type=whole_number(0, "seconds"), default=5, metavar="SECONDS",
                    help="on Ctrl-C/SIGTERM, how long Triton lets in-flight requests finish (--exit-timeout-secs; "
                         "default 5). An idle keep-alive HTTP client, e.g. the gateway with --triton-http, holds a "
                         "stop for all of it")
@@ -367,7 +402,7 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--triton", "--triton-url", dest="triton", default="127.0.0.1:8001", metavar="HOST:PORT",
                    help="Triton's gRPC address (port default 8001; an http:// URL is refused)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=tcp_port, default=7860)
     p.add_argument("--config", help="gateway JSON config: limits, routing, login (default: "
                                     "$DYNGATE_GATEWAY_CONFIG)")
     p.add_argument("--metrics-url", help="Triton's Prometheus metrics URL (default: the gRPC port + 1)")
