@@ -467,9 +467,11 @@ def test_serve_restarts_a_killed_triton_the_gateway_recovers_and_serve_gives_up_
             serve.wait(60)
 
 
-def _serve(repository: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, Path, int, int]:
+def _serve(repository: Path, tmp_path: Path, *flags: str, sigint_ignored: bool = False
+           ) -> tuple[subprocess.Popen, Path, int, int]:
     """`dyngate serve` on free ports with its temporary files in tmp_path/tmp (TMPDIR), started and ready:
-    (process, file of its output, Triton's pid from its ready line, Triton's HTTP port)."""
+    (process, file of its output, Triton's pid from its ready line, Triton's HTTP port). `sigint_ignored`: started
+    as a shell starts a background job (SIGINT ignored, inherited)."""
     http, grpc, metrics = free_ports(3)
     (tmp_path / "tmp").mkdir(exist_ok=True)
     out_path = tmp_path / "serve.out"
@@ -477,7 +479,9 @@ def _serve(repository: Path, tmp_path: Path, *flags: str) -> tuple[subprocess.Po
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), *flags]
     with open(out_path, "wb") as out:
         serve = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")})
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp")},
+                                 preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                 else None)
     try:
         _wait_for(lambda: "Ctrl-C stops" in out_path.read_text() or serve.poll() is not None, "dyngate serve")
         assert serve.poll() is None, out_path.read_text()
@@ -506,6 +510,20 @@ def test_serve_says_which_number_is_tritons_pid_and_removes_its_log_after_a_clea
         assert serve.wait(WAIT_S) == 0, out_path.read_text()
         assert _gone(pid)
         assert list((tmp_path / "tmp").glob("dyngate-*")) == []
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(60)
+
+
+def test_serve_started_in_the_background_stops_on_sigint(text_repository, tmp_path):
+    """Found in a new user's trial: `dyngate serve &` from a script inherits SIGINT ignored, so `kill -INT` did
+    nothing for 10 minutes (SIGTERM worked). serve now handles SIGINT itself, as it does SIGTERM."""
+    serve, out_path, pid, _ = _serve(_copy_model(text_repository, tmp_path / "repo"), tmp_path, sigint_ignored=True)
+    try:
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(WAIT_S) == 0, out_path.read_text()
+        assert "stopping Triton ..." in out_path.read_text() and _gone(pid)
     finally:
         if serve.poll() is None:
             serve.kill()

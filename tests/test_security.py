@@ -479,8 +479,16 @@ def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
 @pytest.mark.parametrize("command, message", [
     (["gateway", "--port", "99999"], "argument --port: '99999' is not a TCP port"),
     (["serve", "--http-port", "99999"], "argument --http-port: '99999' is not a TCP port"),  # not http_port=
-    (["serve", "--exit-timeout", "-1"], "argument --exit-timeout: '-1' is not an integer ≥ 0 (seconds)"),
+    (["serve", "--exit-timeout", "-1"], "argument --exit-timeout: '-1' is not an integer in [0, 3600] (seconds)"),
     (["build", "--model", "distilbert-tiny", "--eval-limit", "-3"], "argument --eval-limit: '-3' is not an integer ≥ 0"),
+    (["serve", "--exit-timeout", "99999999999"], "'99999999999' is not an integer in [0, 3600] (seconds)"),  # Triton's
+    (["serve", "--http-port", "18800", "--grpc-port", "18800"],  # bound, not its flag name
+     "--http-port, --grpc-port, --metrics-port must differ; got --http-port 18800, --grpc-port 18800"),
+    (["serve", "--log-file", "/tmp"], "--log-file '/tmp': cannot write a file there (Is a directory)"),  # traceback
+    (["serve", "--log-file", "/nonexistent-dyngate/triton.log"], "--log-file '/nonexistent-dyngate/triton.log': "
+                                                                 "cannot write a file there"),
+    (["predict", "--model", "m", "--text", "t", "--param", "exit_threshold=1", "--param", "exit_threshold=0.5"],
+     "--param exit_threshold is given more than once"),  # the gateway refuses a field given twice too
     (["deploy", "kubernetes", "--out", "/proc/dyngate-nope"], "--out /proc/dyngate-nope: cannot write there"),
 ])
 def test_cli_mistakes_are_messages_not_tracebacks(built_repository, command, message):

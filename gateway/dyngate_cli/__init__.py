@@ -67,6 +67,8 @@ def parse_params(items: list[str]) -> dict:
         if key not in REQUEST_PARAMETERS:
             raise ConfigError(f"--param {item!r}: {key!r} is no request parameter a variant reads; allowed: "
                               f"{', '.join(REQUEST_PARAMETERS)} (e.g. --param exit_threshold=0.9)")
+        if key in params:  # as the gateway refuses a field given twice
+            raise ConfigError(f"--param {key} is given more than once; give it once, with the value you mean")
         try:
             params[key] = json.loads(value)
         except ValueError:
@@ -137,6 +139,17 @@ def cmd_serve(args) -> int:
     from dyngate_serving.launcher import TritonServerConfig
     from dyngate_serving.supervisor import serve_forever
 
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    if len(set(ports.values())) < len(ports):
+        raise ConfigError(f"{', '.join(ports)} must differ; got "
+                          + ", ".join(f"{flag} {port}" for flag, port in ports.items()))
+    if args.log_file is not None:
+        try:
+            with open(args.log_file, "ab"):  # a probe: creates it if missing, writes nothing (Triton's start does)
+                pass
+        except OSError as e:
+            raise ConfigError(f"--log-file {str(args.log_file)!r}: cannot write a file there ({e.strerror}); give "
+                              "a file path in a folder that exists") from None
     serve_forever(TritonServerConfig(
         repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False,
@@ -306,16 +319,17 @@ def tcp_port(text: str) -> int:
     return port
 
 
-def whole_number(minimum: int, unit: str = ""):
-    """argparse type for a count or duration flag: an integer ≥ `minimum` (`unit` ends the error, e.g. "seconds")."""
+def whole_number(minimum: int, unit: str = "", maximum: int | None = None):
+    """argparse type for a count or duration flag: an integer in [`minimum`, `maximum`] (`unit` ends the error,
+    e.g. "seconds")."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ≥ {minimum}"
-                                             + (f" ({unit})" if unit else ""))
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bounds = f"≥ {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer {bounds}" + (f" ({unit})" if unit else ""))
         return value
     parse.__name__ = "whole number"  # argparse's fallback message names the type
     return parse
@@ -379,13 +393,14 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="restart a Triton that died at most this many times within --restart-window (0: never)")
     p.add_argument("--restart-window", type=positive_seconds, default=300.0, metavar="SECONDS",
                    help="the window --max-restarts counts in (default 300 s)")
-    p.add_argument("--exit-timeout", type=whole_number(0, "seconds"), default=5, metavar="SECONDS",
+    p.add_argument("--exit-timeout", type=whole_number(0, "seconds", maximum=3600), default=5, metavar="SECONDS",
                    help="on Ctrl-C/SIGTERM, how long Triton lets in-flight requests finish (--exit-timeout-secs; "
                         "default 5). An idle keep-alive HTTP client, e.g. the gateway with --triton-http, holds a "
                         "stop for all of it")
     p.add_argument("--log-file", type=Path, default=None, metavar="PATH",
-                   help="Triton's log, kept (a restart appends to it); default: a temporary file, removed after a "
-                        "clean stop (Ctrl-C, SIGTERM) and kept, its path printed, when Triton fails to start or dies")
+                   help="Triton's log, kept after the stop (written anew by each serve; a restart within one serve "
+                        "appends to it); default: a temporary file, removed after a clean stop (Ctrl-C, SIGTERM) and "
+                        "kept, its path printed, when Triton fails to start or dies")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reload", help="make a running Triton serve a variant's newest version, remove the old")

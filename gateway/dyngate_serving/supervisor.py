@@ -179,17 +179,20 @@ def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, r
     supervisor = Supervisor(config, max_restarts, restart_window_s, out)
     server = supervisor.server
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
+    # SIGINT too: a process started in the background of a shell inherits SIGINT ignored (no KeyboardInterrupt)
+    stopping = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, on_signal) for s in stopping} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         supervisor.start()
         for name, url in server.endpoints.items():
             print(f"  {name:8s} {url}", file=out)
         ready = server.ready_models()
-        print(f"  models   {', '.join(ready) if ready else 'none: run `dyngate build` first, or name them with --models'}", file=out)
+        models = ", ".join(ready) if ready else "none: run `dyngate build` first, or name them with --models"
+        print(f"  models   {models}", file=out)
         for name, reason in server.model_errors().items():
             print(f"  FAILED   {name}: {short_reason(reason)}", file=out)
         print(f"Ctrl-C stops the server; if it dies it is restarted (at most {max_restarts} times within "
@@ -199,5 +202,5 @@ def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, r
         print("stopping Triton ...", file=out, flush=True)
     finally:
         server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
