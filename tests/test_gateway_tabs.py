@@ -6,6 +6,7 @@ Gradio, no mocks, no timing assertions (only "fails fast" is bounded, by the cli
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +101,10 @@ def test_compare_api_files_and_caps(gateway, catalog):
 
     api = Client(gateway.url, verbose=False)
     variants = catalog[TEXT_MODEL].variant_names[:1]
+    leaked = set(Path(tempfile.gettempdir()).glob("dyngate-compare-*"))  # a folder per run was left there before
     table, server, _, _, csv_path, json_path = api.predict(TEXT_MODEL, variants, 6, "1", 2, api_name="/compare")
+    assert set(Path(tempfile.gettempdir()).glob("dyngate-compare-*")) == leaked
+    assert list(Path(gateway.state.scratch.name).glob("compare-*/benchmark.csv"))  # removed with the gateway
     data = json.loads(Path(json_path).read_text())
     assert data["settings"]["batch_size"] == 2 and data["rows"][0]["requests"] == 6
     assert len(data["latencies_ms"][f"{variants[0]}@1"]) == 6

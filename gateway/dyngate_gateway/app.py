@@ -287,7 +287,7 @@ def _compare_tab(catalog: dict[str, ModelView], state: "GatewayState"):
             raise ServingError(f"every benchmark request failed: {first_error}")
         settings = {"model": view.name, "variants": chosen, "requests": n_requests, "concurrency": level_list,
                     "batch_size": batch_size, "inputs": f"{len(raws)} dev inputs", "triton": state.clients.url}
-        folder = Path(tempfile.mkdtemp(prefix="dyngate-compare-"))
+        folder = Path(tempfile.mkdtemp(prefix="compare-", dir=state.scratch.name))
         (folder / "benchmark.csv").write_text(result.csv())
         (folder / "benchmark.json").write_text(compare.to_json(result, settings))
         rows = pd.DataFrame(result.rows, columns=compare.HEADERS)
@@ -535,6 +535,9 @@ class GatewayState:
     shadow: Shadow | None = None
 
     def __post_init__(self):
+        # the Compare tab's downloads, one folder per run (Gradio copies them into its cache, `delete_cache`): removed
+        # with the gateway (TemporaryDirectory's finalizer at exit), not left in the temp folder after each run
+        self.scratch = tempfile.TemporaryDirectory(prefix="dyngate-gateway-")
         self._dev: dict[str, list[bytes]] = {}
         self._dev_lock = threading.Lock()
         self._fingerprint = handlers.repository_fingerprint(self.repository)
@@ -596,7 +599,9 @@ def build_app(repository: Path, triton_url: str, config: GatewayConfig | None = 
     router.shadow = Shadow(clients)  # off until a model's shadow is started (Shadow tab, API "shadow_start")
     state = GatewayState(Path(repository), catalog, clients, router, monitor, config, shadow=router.shadow)
     state.telemetry.watch_shadow(router.shadow)
-    with gr.Blocks(title=TITLE) as demo:
+    # delete_cache: the files Gradio keeps for the page (uploads, Compare downloads) older than an hour, hourly, and
+    # all of this app's at shutdown (Gradio's resource-cleanup guide)
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\nModel repository `{repository}` · Triton `{clients.url}`")
         status = gr.Markdown(elem_id="triton-status")
         with gr.Tabs() as tabs:
@@ -649,6 +654,7 @@ class RunningGateway:
     def close(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+        self.state.scratch.cleanup()
 
     @property
     def state(self) -> GatewayState:
