@@ -57,7 +57,7 @@ from dyngate_build.errors import ConfigError, InputError, ServingError, TritonUn
 from dyngate_build.metadata import dev_sample_mismatch
 from dyngate_build.runtime import answer_confidence as confidence  # the rule the build's dev scores use too
 from dyngate_gateway.handlers import ClientPool, ModelView, read_input, summarize
-from dyngate_measure.recommend import cost_order, reference_metadata
+from dyngate_measure.recommend import build_p50, cost_order, reference_metadata
 
 POLICIES = ("variant", "fastest", "most-accurate", "ab", "cascade")
 MIN_LIVE_SAMPLES = 5
@@ -105,8 +105,7 @@ def _metric_mismatch(view: ModelView, variant: str) -> str | None:
 
 
 def _build_p50(view: ModelView, variant: str) -> float | None:
-    meta = view.variants[variant].metadata
-    return None if meta is None else float(meta.latency_in_process.p50_ms)
+    return build_p50(view.variants[variant])
 
 
 def _size(view: ModelView, variant: str) -> float:

@@ -343,14 +343,19 @@ def cascade_steps(entries: list, order: list[str]) -> list[tuple[str, DevScores]
     return [(v, DevScores.load(newest_version_dir(by_name[v].folder))) for v in order]
 
 
+def build_p50(entry) -> float | None:
+    """The build's in-process batch-1 p50 of `entry` (a RepositoryEntry) in ms, from its metadata.json; None
+    without one."""
+    return None if entry.metadata is None else float(entry.metadata.latency_in_process.p50_ms)
+
+
 def cost_order(entries: list) -> list[str]:
     """Variant names of `entries` (RepositoryEntry of one model) cheapest first, as the `cascade` policy calls them:
-    the build's in-process p50 (metadata.json; none: last), then size, then name."""
+    the build's in-process p50 (`build_p50`; none: last), then size, then name."""
 
     def cost(entry) -> tuple:
-        meta = entry.metadata
-        p50 = None if meta is None else meta.latency_in_process.p50_ms
-        return (float("inf") if p50 is None else float(p50), 0.0 if meta is None else float(meta.size_mb),
+        p50 = build_p50(entry)
+        return (float("inf") if p50 is None else p50, 0.0 if entry.metadata is None else float(entry.metadata.size_mb),
                 entry.variant)
 
     return [e.variant for e in sorted(entries, key=cost)]
@@ -361,8 +366,7 @@ def cascade_order_warning(entries: list, order: list[str]) -> str | None:
     one. Names the pair and the order `cost_order` gives. None when no such pair, or a variant of `order` has no
     p50 (unknown variants are `cascade_steps`' error)."""
     by_name = {e.variant: e for e in entries}
-    p50 = {v: by_name[v].metadata.latency_in_process.p50_ms if v in by_name and by_name[v].metadata else None
-           for v in order}
+    p50 = {v: build_p50(by_name[v]) if v in by_name else None for v in order}
     if any(value is None for value in p50.values()):
         return None
     inverted = [(a, b) for a, b in zip(order, order[1:]) if p50[a] > p50[b]]
