@@ -23,6 +23,15 @@ for var in HTTP_PORT GRPC_PORT METRICS_PORT GATEWAY_PORT; do
     bad=1
   fi
 done
+declare -A taken=()  # the four must differ: Triton binds three, the gateway the fourth
+for var in HTTP_PORT GRPC_PORT METRICS_PORT GATEWAY_PORT; do
+  if [ -n "${taken[${!var}]:-}" ]; then
+    echo "$var=${!var} is the same port as ${taken[${!var}]}; the four ports must differ: make demo $var=<free port>" >&2
+    bad=1
+  else
+    taken[${!var}]=$var
+  fi
+done
 [ $bad = 0 ] || exit 1
 [ "${1:-}" != "--check-ports" ] || exit 0
 SERVE_OUT=$(mktemp -t dyngate-serve-XXXXXX.out)

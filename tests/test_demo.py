@@ -137,6 +137,14 @@ def test_demo_names_every_bad_port_variable_before_the_build(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert [line.split("=")[0] for line in lines] == ["HTTP_PORT", "METRICS_PORT", "GATEWAY_PORT"], lines
     assert all("is not a TCP port; use an integer in [1, 65535]: make demo" in line for line in lines)
+    a, b = free_ports(2)  # equal ports (a trial: serve failed on them only after the build)
+    env.update(HTTP_PORT=str(a), GRPC_PORT=str(a), METRICS_PORT=str(b), GATEWAY_PORT=str(b))
+    done = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and not (tmp_path / "started").exists()
+    assert done.stderr.strip().splitlines() == [
+        f"GRPC_PORT={a} is the same port as HTTP_PORT; the four ports must differ: make demo GRPC_PORT=<free port>",
+        f"GATEWAY_PORT={b} is the same port as METRICS_PORT; the four ports must differ: make demo "
+        "GATEWAY_PORT=<free port>"], done.stderr
     plan = subprocess.run(["make", "-n", "demo", "DYNGATE=dyngate"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60).stdout.splitlines()
     check = next(i for i, line in enumerate(plan) if "demo.sh --check-ports" in line)
