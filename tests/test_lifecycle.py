@@ -523,7 +523,7 @@ def test_serve_started_in_the_background_stops_on_sigint(text_repository, tmp_pa
     try:
         serve.send_signal(signal.SIGINT)
         assert serve.wait(WAIT_S) == 0, out_path.read_text()
-        assert "stopping Triton ..." in out_path.read_text() and _gone(pid)
+        assert out_path.read_text().rstrip().endswith("stopping Triton ...\nTriton stopped") and _gone(pid)
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -485,8 +485,8 @@ def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
     (["serve", "--http-port", "18800", "--grpc-port", "18800"],  # bound, not its flag name
      "--http-port, --grpc-port, --metrics-port must differ; got --http-port 18800, --grpc-port 18800"),
     (["serve", "--log-file", "/tmp"], "--log-file '/tmp': cannot write a file there (Is a directory)"),  # traceback
-    (["serve", "--log-file", "/nonexistent-dyngate/triton.log"], "--log-file '/nonexistent-dyngate/triton.log': "
-                                                                 "cannot write a file there"),
+    (["serve", "--log-file", "/proc/dyngate/triton.log"], "--log-file '/proc/dyngate/triton.log': cannot write a "
+                                                           "file there"),
     (["predict", "--model", "m", "--text", "t", "--param", "exit_threshold=1", "--param", "exit_threshold=0.5"],
      "--param exit_threshold is given more than once"),  # the gateway refuses a field given twice too
     (["deploy", "kubernetes", "--out", "/proc/dyngate-nope"], "--out /proc/dyngate-nope: cannot write there"),

@@ -144,12 +144,13 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"{', '.join(ports)} must differ; got "
                           + ", ".join(f"{flag} {port}" for flag, port in ports.items()))
     if args.log_file is not None:
-        try:
-            with open(args.log_file, "ab"):  # a probe: creates it if missing, writes nothing (Triton's start does)
+        try:  # a probe, as the launcher opens it: its folder made, the file created if missing, nothing written
+            args.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.log_file, "ab"):
                 pass
         except OSError as e:
             raise ConfigError(f"--log-file {str(args.log_file)!r}: cannot write a file there ({e.strerror}); give "
-                              "a file path in a folder that exists") from None
+                              "the path of a file in a folder you can write") from None
     serve_forever(TritonServerConfig(
         repository=Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, host=args.host, models=args.models or None, strict=False,

@@ -180,6 +180,7 @@ def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, r
     server = supervisor.server
 
     def on_signal(signum, frame):
+        print("stopping Triton ...", file=out, flush=True)  # before the stop: it takes seconds
         raise KeyboardInterrupt
 
     # SIGINT too: a process started in the background of a shell inherits SIGINT ignored (no KeyboardInterrupt)
@@ -199,7 +200,8 @@ def serve_forever(config: TritonServerConfig, out=None, max_restarts: int = 3, r
               f"{restart_window_s:.0f} s).", file=out, flush=True)
         supervisor.watch()
     except KeyboardInterrupt:
-        print("stopping Triton ...", file=out, flush=True)
+        server.stop()
+        print("Triton stopped", file=out, flush=True)
     finally:
         server.stop()
         for signum, handler in previous.items():
