@@ -195,6 +195,8 @@ def test_gateway_bad_field_types_are_4xx_not_500(gateway, body, status, message)
      f"query parameter(s) given more than once for GET /api/shadow: model (['nope', '{TEXT_MODEL}']); send each once"),
     ("GET", f"/api/cascade?model={TEXT_MODEL}&within_pt=1&at_least=0.5&within_pt=5", 400,
      "given more than once for GET /api/cascade: within_pt (['1', '5']); send each once"),
+    ("POST", f"/api/predict?model={TEXT_MODEL}", 400,  # the same trial: accepted, and the body was still asked for
+     f"POST /api/predict reads no query parameters (got 'model={TEXT_MODEL}'); send every field in the JSON body"),
 ])
 def test_gateway_api_edges_answer_json_errors(gateway, method, path, status, message):
     code, answer = request(gateway.url, path, b"" if method in ("PUT", "POST") else None, method=method)

@@ -194,6 +194,10 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
     async def api_predict(request: Request):
         if not authorized(request):
             return unauthorized()
+        if request.scope["query_string"]:  # as the GET routes refuse what they do not read (a trial: ?x=1 passed)
+            return error(400, f"POST /api/predict reads no query parameters (got "
+                              f"{request.scope['query_string'].decode('latin-1')[:100]!r}); send every field in the "
+                              "JSON body")
         try:  # json, not orjson: orjson reads integers over 64 bits as floats (other field types, other messages)
             body = json_body(await request.body() or b"null")
         except InputError as e:  # a repeated key
