@@ -491,6 +491,8 @@ def test_triton_refuses_oversize_items_and_stays_healthy(triton, protocol):
                                                            "file there"),
     (["predict", "--model", "m", "--text", "t", "--param", "exit_threshold=1", "--param", "exit_threshold=0.5"],
      "--param exit_threshold is given more than once"),  # the gateway refuses a field given twice too
+    (["recommend", "--model", "distilbert-tiny", "--cascade", ",fp32"],  # was "got ['fp32']"
+     "--cascade ',fp32' has an empty variant name"),
     (["deploy", "kubernetes", "--out", "/proc/dyngate-nope"], "--out /proc/dyngate-nope: cannot write there"),
 ])
 def test_cli_mistakes_are_messages_not_tracebacks(built_repository, command, message):

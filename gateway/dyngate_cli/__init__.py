@@ -251,7 +251,10 @@ def cmd_recommend(args) -> int:
                           "dev metric)")
     budget = DEFAULT_BUDGET_PT if args.budget is None else args.budget
     if args.cascade:
-        order = [v.strip() for v in args.cascade.split(",") if v.strip()]
+        order = [v.strip() for v in args.cascade.split(",")]
+        if not all(order):
+            raise ConfigError(f"--cascade {args.cascade!r} has an empty variant name; give the variants cheapest "
+                              "first, separated by commas, e.g. --cascade int8-dynamic,fp32")
         within = None if args.at_least is not None else budget
         choice = cascade_from_repository(Path(args.repository), args.model, order, within, args.at_least)
         warning = cascade_order_warning(python_variants_by_model(Path(args.repository), [args.model])[args.model],
