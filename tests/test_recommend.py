@@ -207,6 +207,8 @@ def test_a_cascade_target_no_threshold_reaches_is_an_error_naming_the_reachable_
     assert cli_main([*base, "--budget", "1"]) == 2
     err = capsys.readouterr().err
     assert err.rstrip().endswith(f"give --budget {fp32 * 100:.2f} or more (points below fp32)"), err
+    assert cli_main([*base, "--at-least", "0.50005"]) == 2  # the target as given, not rounded to 4 decimals (trial)
+    assert capsys.readouterr().err.startswith("error: no cascade threshold reaches accuracy ≥ 0.50005 on")
     assert cli_main([*base, "--at-least", "0"]) == 0  # reachable: the answer, on stdout
     assert capsys.readouterr().out.startswith("cascade threshold 0: accuracy 0.0000")
 

@@ -297,7 +297,8 @@ def choose_cascade_threshold(steps: list[tuple[str, DevScores]], within_pt: floa
         if not math.isfinite(at_least) or not 0.0 <= at_least <= 1.0:
             raise ConfigError(f"at_least={at_least!r} must be in [0, 1]: the {metric_name} the cascade must reach, "
                               "e.g. 0.80")
-        target, rule = float(at_least), f"{metric_name} ≥ {at_least:.4f}"
+        shown = f"{at_least:.4f}" if round(at_least, 4) == at_least else f"{at_least:.8g}"  # 0.81423 stays so
+        target, rule = float(at_least), f"{metric_name} ≥ {shown}"
 
     columns = np.arange(first.n)
 
