@@ -335,7 +335,6 @@ def whole_number(minimum: int, unit: str = "", maximum: int | None = None):
             bounds = f"≥ {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer {bounds}" + (f" ({unit})" if unit else ""))
         return value
-    parse.__name__ = "whole number"  # argparse's fallback message names the type
     return parse
 
 

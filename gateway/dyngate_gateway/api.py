@@ -120,13 +120,13 @@ def create_app(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
                 return unauthorized()
             route = request.scope["route"]
             allowed = [p.name for p in route.dependant.query_params]
-            unknown = [key for key in dict.fromkeys(request.query_params) if key not in allowed]
+            keys = dict.fromkeys(request.query_params)  # each name once, in order
+            unknown = [key for key in keys if key not in allowed]
             if unknown:
                 reads = f"it reads only {allowed}; correct or drop the unknown one(s)" if allowed else \
                     "it reads no query parameters; drop them"
                 return error(400, f"unknown query parameter(s) {unknown} for GET {route.path}: {reads}")
-            repeated = {key: request.query_params.getlist(key) for key in dict.fromkeys(request.query_params)
-                        if len(request.query_params.getlist(key)) > 1}
+            repeated = {key: values for key in keys if len(values := request.query_params.getlist(key)) > 1}
             if repeated:  # FastAPI would keep the last value silently
                 return error(400, f"query parameter(s) given more than once for GET {route.path}: "
                                   + ", ".join(f"{key} ({values})" for key, values in repeated.items())

@@ -104,10 +104,6 @@ def _metric_mismatch(view: ModelView, variant: str) -> str | None:
                                reference.accuracy.examples_sha256, reference.variant, meta.accuracy.name)
 
 
-def _build_p50(view: ModelView, variant: str) -> float | None:
-    return build_p50(view.variants[variant])
-
-
 def _size(view: ModelView, variant: str) -> float:
     meta = view.variants[variant].metadata
     return 0.0 if meta is None else float(meta.size_mb)
@@ -231,7 +227,7 @@ class Router:
         source = "build p50 (in process) for all"
         if have:
             source += f": only {have} of {len(variants)} have {MIN_LIVE_SAMPLES} live requests"
-        return {v: _build_p50(view, v) for v in variants}, source
+        return {v: build_p50(view.variants[v]) for v in variants}, source
 
     def candidates(self, view: ModelView) -> dict[str, dict]:
         """Per variant: ready, accuracy, p50 and its source (one source for the READY variants), as the policies
