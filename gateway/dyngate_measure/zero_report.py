@@ -242,7 +242,12 @@ def run_stage(stage: int, model: str, steps: int = 24, micro_batch_size: int = 1
         root = Path(__file__).resolve().parents[2]
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+            lines = (done.stdout + done.stderr).splitlines()
+            # a rank's own last words (a C++ abort prints "terminate called ... what(): ..." long before torchrun's
+            # summary, which is all a plain tail shows: seen once in CI as SIGABRT in both ranks, cause unknown)
+            causes = [line for line in lines if any(mark in line for mark in ("terminate called", "what()", "Error:"))
+                      and "ChildFailedError" not in line][:12]
+            tail = "\n".join(causes + ["..."] + lines[-30:] if causes else lines[-30:])
             raise RuntimeError(f"torchrun for ZeRO stage {stage} failed (exit {done.returncode}):\n{tail}")
         rows = [RankMemory(**json.loads((Path(tmp) / f"rank{r}.json").read_text())) for r in range(ranks)]
     log(f"stage {stage}: {ranks} ranks, {rows[0].steps} steps, {max(r.seconds for r in rows):.1f} s")
